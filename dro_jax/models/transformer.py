@@ -1,0 +1,262 @@
+"""A functional Flax (Linen) decoder for the Llama family.
+
+The parameter tree mirrors Hugging Face names (`embed_tokens/weight`,
+`layers/self_attn/q_proj/weight`, ...) with weights in HF's [out, in] layout,
+so conversion is a rename plus stacking the layers along a leading axis (the
+layers run under `nn.scan`, which keeps compile time flat in depth).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dro_jax.models.config import ModelConfig
+from dro_jax.models.rope import apply_rotary, rotary_tables
+
+Params = Any  # a nested dict of arrays
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What `forward` returns.
+
+    last_hidden_state: [batch, seq, hidden], after the final RMSNorm (HF's
+        `hidden_states[-1]`).
+    hidden_states: [num_layers + 1, batch, seq, hidden] or None. Entry i is the
+        residual stream entering layer i (0 = input embeddings); the last entry
+        is the final layer's output before the final norm.
+    logits: [batch, seq, vocab] in float32, or None.
+    """
+
+    last_hidden_state: jax.Array
+    hidden_states: jax.Array | None = None
+    logits: jax.Array | None = None
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) with W stored as [out, in], like torch.nn.Linear."""
+
+    features: int
+    use_bias: bool
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.param_dtype)
+        y = jax.lax.dot_general(x, weight.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(x.dtype)
+        return y
+
+
+class Embedding(nn.Module):
+    """Token embedding table, also usable as a tied output head."""
+
+    num_embeddings: int
+    features: int
+    param_dtype: Any
+
+    def setup(self) -> None:
+        self.weight = self.param("weight", nn.initializers.normal(0.02), (self.num_embeddings, self.features), self.param_dtype)
+
+    def __call__(self, token_ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight, token_ids, axis=0)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        return jnp.einsum("bth,vh->btv", hidden, self.weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in the input dtype (as transformers does)."""
+
+    eps: float
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def attend(query: jax.Array, key: jax.Array, value: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    query [b, t, kv_heads, group, d]; key and value [b, s, kv_heads, d];
+    allowed [b, t, s] says which keys each query may see. Scores and softmax
+    run in float32. A query that may see no key gets a uniform average instead
+    of NaN (it only happens on padding rows, whose output is never used).
+    """
+    scale = query.shape[-1] ** -0.5
+    scores = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, value)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array) -> jax.Array:
+        c = self.config
+        batch, seq, _ = x.shape
+        group = c.num_heads // c.num_kv_heads
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, self.param_dtype, name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.param_dtype, name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.param_dtype, name="v_proj")(x)
+        q = apply_rotary(q.reshape(batch, seq, c.num_kv_heads, group, c.head_dim), cos, sin)
+        k = apply_rotary(k.reshape(batch, seq, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        out = attend(q, k, v, allowed).reshape(batch, seq, c.num_heads * c.head_dim)
+        return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        gate = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, name="gate_proj")(x)
+        up = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, name="up_proj")(x)
+        return Linear(c.hidden_size, c.mlp_bias, self.param_dtype, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block; a scan body, so it returns (carry, per-layer output)."""
+
+    config: ModelConfig
+    param_dtype: Any
+    collect_hidden: bool
+
+    @nn.compact
+    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array):
+        c, dt = self.config, self.param_dtype
+        h_in = h
+        h = h + Attention(c, dt, name="self_attn")(RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(h), cos, sin, allowed)
+        h = h + MLP(c, dt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(h))
+        return h, (h_in if self.collect_hidden else None)
+
+
+def attention_allowed(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
+    """[b, t, s] booleans: causal, not padding, and inside the sliding window."""
+    seq = attention_mask.shape[1]
+    index = jnp.arange(seq)
+    allowed = (index[:, None] >= index[None, :])[None] & attention_mask.astype(bool)[:, None, :]
+    if sliding_window is not None:
+        allowed &= (index[:, None] - index[None, :] < sliding_window)[None]
+    return allowed
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Position ids that count only real tokens, for left or right padding."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class Transformer(nn.Module):
+    """Llama / Mistral / Qwen2 decoder; see `forward` for the functional entry point."""
+
+    config: ModelConfig
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        *,
+        inputs_embeds: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        output_hidden_states: bool = False,
+        output_logits: bool = False,
+    ) -> ModelOutput:
+        c = self.config
+        embed = Embedding(c.vocab_size, c.hidden_size, self.param_dtype, name="embed_tokens")
+        if inputs_embeds is None:
+            h = embed(input_ids)
+        else:
+            h = inputs_embeds.astype(embed.weight.dtype)
+        if attention_mask is None:
+            attention_mask = jnp.ones(h.shape[:2], jnp.int32)
+        if positions is None:
+            positions = positions_from_mask(attention_mask)
+        cos, sin = rotary_tables(c, positions, h.dtype)
+        allowed = attention_allowed(attention_mask, c.sliding_window)
+
+        layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+        )(c, self.param_dtype, output_hidden_states, name="layers")
+        h, per_layer = layers(h, cos, sin, allowed)
+        hidden_states = jnp.concatenate([per_layer, h[None]], axis=0) if output_hidden_states else None
+        h_final = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h)
+
+        logits = None
+        if output_logits:
+            head = embed if c.tie_word_embeddings else Embedding(c.vocab_size, c.hidden_size, self.param_dtype, name="lm_head")
+            logits = head.attend(h_final)
+        return ModelOutput(last_hidden_state=h_final, hidden_states=hidden_states, logits=logits)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters (for tests and shape inference); real ones come from `dro_jax.loading`."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return Transformer(config, param_dtype=dtype).init(rng, ids, output_logits=True)["params"]
+
+
+def param_shapes(config: ModelConfig, dtype: Any = jnp.float32) -> Params:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    input_ids: jax.Array | None = None,
+    attention_mask: jax.Array | None = None,
+    *,
+    inputs_embeds: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    output_hidden_states: bool = False,
+    output_logits: bool = False,
+    remat: bool = False,
+) -> ModelOutput:
+    """Runs the model as a pure function of `params`.
+
+    Give `input_ids` [b, t] or `inputs_embeds` [b, t, hidden], and an
+    `attention_mask` [b, t] (1 = token, 0 = padding; left or right padding).
+    Position ids default to the count of real tokens before each position.
+    Wrap with `jax.jit(..., static_argnames=("config", "output_hidden_states",
+    "output_logits", "remat"))`; a fixed padded shape never retraces.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("give exactly one of input_ids and inputs_embeds")
+    model = Transformer(config, remat=remat)
+    return model.apply(
+        {"params": params},
+        input_ids,
+        attention_mask,
+        inputs_embeds=inputs_embeds,
+        positions=positions,
+        output_hidden_states=output_hidden_states,
+        output_logits=output_logits,
+    )
+
+
+def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
+    """Input embeddings of `token_ids`, e.g. to splice a soft prompt in before `forward`."""
+    return jnp.take(params["embed_tokens"]["weight"], token_ids, axis=0)
