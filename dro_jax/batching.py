@@ -1,0 +1,61 @@
+"""Padding token sequences into few, fixed shapes so `jit` compiles rarely."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+def bucket_length(length: int, minimum: int = 16) -> int:
+    """Rounds up to the next of 16, 24, 32, 48, 64, 96, ... (at most a third wasted)."""
+    bucket = minimum
+    while True:
+        if length <= bucket:
+            return bucket
+        if length <= bucket * 3 // 2:
+            return bucket * 3 // 2
+        bucket *= 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PaddedBatch:
+    """Left-padded token ids [batch, length] with mask; `index` maps rows to input order (-1 = filler)."""
+
+    token_ids: np.ndarray
+    attention_mask: np.ndarray
+    index: np.ndarray
+
+    @property
+    def num_real(self) -> int:
+        return int((self.index >= 0).sum())
+
+
+def left_padded_batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0, max_length: int | None = None
+) -> Iterator[PaddedBatch]:
+    """Batches of similar length (longest first), each padded to a bucketed length.
+
+    Every batch has exactly `batch_size` rows (filler rows repeat a real one and
+    have index -1), so each bucket compiles once.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        length = bucket_length(max(len(sequences[i]) for i in rows))
+        if max_length is not None:
+            length = min(length, max_length)
+        token_ids = np.full((batch_size, length), pad_id, dtype=np.int32)
+        mask = np.zeros((batch_size, length), dtype=np.int32)
+        index = np.full(batch_size, -1, dtype=np.int64)
+        for row in range(batch_size):
+            source = rows[row] if row < len(rows) else rows[0]
+            seq = sequences[source]
+            token_ids[row, length - len(seq) :] = seq
+            mask[row, length - len(seq) :] = 1
+            if row < len(rows):
+                index[row] = source
+        yield PaddedBatch(token_ids, mask, index)
