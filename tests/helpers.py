@@ -107,3 +107,60 @@ def save_tiny_model(name: str, directory: Path, with_tokenizer: bool = True, **k
 def torch_positions(mask: np.ndarray) -> torch.Tensor:
     """Position ids that count real tokens only, as generation code computes them."""
     return torch.tensor(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
+
+
+def permute_for_gguf(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's converter layout for q/k rows: each head's two halves interleaved pairwise."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_tiny_gguf(model, path: Path, architecture: str = "llama", quantize_q8: bool = True) -> None:
+    """Writes a tiny transformers llama as a llama.cpp-style GGUF file (q/k permuted, 2-D weights Q8_0)."""
+    import gguf
+
+    cfg = model.config
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.hidden_size // heads)
+    names = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    }
+    for name, tensor in model.state_dict().items():
+        weight = tensor.float().numpy()
+        if name == "model.embed_tokens.weight":
+            target = "token_embd.weight"
+        elif name == "model.norm.weight":
+            target = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            target = "output.weight"
+        else:
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            module, suffix = rest.rsplit(".", 1)
+            target = f"blk.{layer}.{names[module]}.{suffix}"
+            if module == "self_attn.q_proj":
+                weight = permute_for_gguf(weight, heads)
+            elif module == "self_attn.k_proj":
+                weight = permute_for_gguf(weight, kv_heads)
+        if quantize_q8 and weight.ndim == 2:
+            data = gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(target, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(target, np.ascontiguousarray(weight, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
