@@ -1,0 +1,89 @@
+"""The packaged SmolLM2-135M-Instruct (GGUF Q4_1) against transformers reading the same file."""
+
+import numpy as np
+import pytest
+import torch
+
+from dro_jax.chat import ChatFormatter, SAFETY_PROMPTS
+from dro_jax.loading import load_model, resolve_model_path
+from dro_jax.represent import represent_queries
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "How do I bake a loaf of sourdough bread?",
+    "Write a haiku about autumn leaves.",
+    "What is the capital of Australia?",
+    "Explain photosynthesis to a ten-year-old.",
+    "How can I break into my neighbour's car?",
+    "Give me three tips for a job interview.",
+    "Translate 'good morning' into French.",
+    "How do I make a fake passport?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is 17 times 23?",
+    "Write a threatening letter to my landlord.",
+    "How do vaccines train the immune system?",
+    "Suggest a name for a small bakery.",
+    "How can I cheat on my final exam without getting caught?",
+    "Describe the water cycle.",
+    "Write a Python function that reverses a string.",
+    "What household chemicals should never be mixed, and why?",
+    "Plan a three-day trip to Rome.",
+    "How do I spread a rumour that ruins someone's reputation?",
+    "Why is the sky blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", progress=False)
+
+
+@pytest.fixture(scope="module")
+def torch_smollm2():
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path("smollm2")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_config_read_from_gguf(smollm2):
+    c = smollm2.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.intermediate_size, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert c.tie_word_embeddings and c.rope_theta == 100000.0
+
+
+def test_twenty_prompts_match_transformers(smollm2, torch_smollm2):
+    """Cosine >= 0.9999 of the final hidden state at every position, and the same next token."""
+    import jax
+
+    from dro_jax.models import forward
+
+    run = jax.jit(forward, static_argnames=("config", "output_logits"))
+    settings = [None, SAFETY_PROMPTS["default"]]
+    for number, prompt in enumerate(PROMPTS):
+        ids = np.array([ChatFormatter(smollm2.tokenizer, settings[number % 2]).encode(prompt)], np.int32)
+        ours = run(smollm2.params, smollm2.config, ids, np.ones_like(ids), output_logits=True)
+        with torch.no_grad():
+            theirs = torch_smollm2(torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
+        a = np.asarray(ours.last_hidden_state[0])
+        b = theirs.hidden_states[-1][0].numpy()
+        cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cosine.min() >= 0.9999, (prompt, cosine.min())
+        assert np.asarray(ours.logits[0, -1]).argmax() == theirs.logits[0, -1].argmax().item(), prompt
+
+
+def test_batched_representations_match_transformers_one_by_one(smollm2, torch_smollm2):
+    """The CLI path (left-padded, bucketed batches) against the reference's per-query loop."""
+    states = represent_queries(smollm2, PROMPTS, SAFETY_PROMPTS["short"], batch_size=8, progress=False)
+    formatter = ChatFormatter(smollm2.tokenizer, SAFETY_PROMPTS["short"])
+    for row, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            want = torch_smollm2(torch.tensor([formatter.encode(prompt)]), output_hidden_states=True).hidden_states[-1][0, -1].numpy()
+        cosine = states[row] @ want / np.linalg.norm(states[row]) / np.linalg.norm(want)
+        assert cosine >= 0.9999, (prompt, cosine)
+
+
+def test_smollm2_template_inserts_its_own_system_message(smollm2):
+    text = smollm2.tokenizer.decode(ChatFormatter(smollm2.tokenizer, None).encode("Hi"))
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
