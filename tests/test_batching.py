@@ -4,10 +4,11 @@ import pytest
 from dro_jax.batching import bucket_length, left_padded_batches
 
 
-def test_bucket_lengths_waste_at_most_a_third():
-    assert [bucket_length(n) for n in (1, 16, 17, 24, 25, 33, 49, 65, 100)] == [16, 16, 24, 24, 32, 48, 64, 96, 128]
-    for n in range(1, 2000):
-        assert n <= bucket_length(n) <= max(16, n * 3 // 2 + 1)
+def test_bucket_lengths_waste_little_and_stay_few():
+    assert [bucket_length(n) for n in (1, 8, 9, 100, 129, 257, 300, 1000)] == [8, 8, 16, 104, 136, 272, 304, 1024]
+    for n in range(1, 5000):
+        assert n <= bucket_length(n) <= n + max(7, n // 16)
+    assert len({bucket_length(n) for n in range(100, 200)}) <= 13
 
 
 def test_batches_cover_every_sequence_once_left_padded():

@@ -1,0 +1,29 @@
+"""`python -m dro_jax.bench forward`: benchmark tables, baseline included."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dro_jax.bench import forward
+from dro_jax.errors import DroJaxError
+
+BENCHMARKS = {"forward": forward}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dro_jax.bench")
+    commands = parser.add_subparsers(dest="benchmark", required=True)
+    for name, module in BENCHMARKS.items():
+        module.add_arguments(commands.add_parser(name, help=(module.__doc__ or "").splitlines()[0]))
+    args = parser.parse_args(argv)
+    try:
+        BENCHMARKS[args.benchmark].run(args)
+    except DroJaxError as err:
+        print(f"dro_jax.bench: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Shared pieces of the benchmarks: timing, the matmul peak, the PyTorch baseline model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dro_jax.errors import DroJaxError
+
+
+def best_of(repeats: int, fn: Callable[[], object]) -> float:
+    """Fastest wall time of `repeats` calls (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def median_of(repeats: int, fn: Callable[[], object]) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:
+    """The machine's float32 matmul rate through XLA: the best of large square jnp matmuls."""
+    matmul = jax.jit(jnp.matmul)
+    best = 0.0
+    for size in sizes:
+        a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
+        matmul(a, b).block_until_ready()
+        seconds = best_of(repeats, lambda: matmul(a, b).block_until_ready())
+        best = max(best, 2 * size**3 / seconds / 1e9)
+    return best
+
+
+def import_torch(threads: int):
+    try:
+        import torch
+    except ImportError:
+        raise DroJaxError("the benchmarks need PyTorch for the baseline: pip install -r requirements-dev.txt") from None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def load_torch_model(model_source: str, torch):
+    """The same checkpoint in transformers (float32), for the baseline rows."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model_source)
+    if path.suffix.lower() == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return model.eval()
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
