@@ -87,3 +87,18 @@ def test_batched_representations_match_transformers_one_by_one(smollm2, torch_sm
 def test_smollm2_template_inserts_its_own_system_message(smollm2):
     text = smollm2.tokenizer.decode(ChatFormatter(smollm2.tokenizer, None).encode("Hi"))
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_cached_gguf_tokenizer_encodes_like_a_fresh_conversion(smollm2, tmp_path, monkeypatch):
+    from dro_jax.loading.registry import _load_tokenizer
+
+    monkeypatch.setenv("DRO_JAX_CACHE", str(tmp_path))
+    path = resolve_model_path("smollm2")
+    fresh = _load_tokenizer(path.parent, path.name)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+    cached = _load_tokenizer(path.parent, path.name)
+    for prompt in PROMPTS[:5]:
+        for system in (None, SAFETY_PROMPTS["mistral"]):
+            assert ChatFormatter(cached, system).encode(prompt) == ChatFormatter(fresh, system).encode(prompt)
+    assert cached.chat_template == fresh.chat_template
+    assert (cached.eos_token, cached.pad_token_id) == (fresh.eos_token, fresh.pad_token_id)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import importlib.metadata
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +100,41 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path))
 
 
+def tokenizer_cache_dir() -> Path:
+    """Where tokenizers converted from GGUF metadata are kept ($DRO_JAX_CACHE, else ~/.cache/dro-jax)."""
+    return Path(os.environ.get("DRO_JAX_CACHE", Path.home() / ".cache" / "dro-jax")) / "tokenizers"
+
+
 def _load_tokenizer(directory: Path, gguf_file: str | None = None):
-    """The tokenizer and chat template, from the HF directory or from the GGUF metadata."""
+    """The tokenizer and chat template, from the HF directory or from the GGUF metadata.
+
+    Building a tokenizer from GGUF metadata takes seconds, so the result is
+    saved once per file (keyed by path, size and modification time) and
+    reloaded from there.
+    """
+    if gguf_file is None:
+        return _tokenizer_from(directory)
+    stat = (directory / gguf_file).stat()
+    key = hashlib.sha256(f"{(directory / gguf_file).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = tokenizer_cache_dir() / key
+    if (cached / "tokenizer_config.json").is_file():
+        return _tokenizer_from(cached)
+    tokenizer = _tokenizer_from(directory, gguf_file)
+    _save_quietly(tokenizer, cached)
+    return tokenizer
+
+
+def _save_quietly(tokenizer, target: Path) -> None:
+    """Saves into a temporary folder renamed into place; a cache that cannot be written is skipped."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenizer_from(directory: Path, gguf_file: str | None = None):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
