@@ -44,6 +44,35 @@ def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int
     return best
 
 
+def layer_matmuls_gflops(config, rows: int, repeats: int = 3) -> float:
+    """Rate of the model's own projections alone (all layers, `rows` tokens, no attention or norms).
+
+    Small inner dimensions run below the square-matmul peak, so this is the
+    practical ceiling for a forward pass of this model at this batch shape.
+    """
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = [(q_dim, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, q_dim), (inter, hidden), (inter, hidden), (hidden, inter)]
+    keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
+    weights = [jax.random.normal(k, (config.num_layers, *shape), jnp.float32) * 0.02 for k, shape in zip(keys, shapes)]
+    x = jax.random.normal(keys[-1], (rows, hidden), jnp.float32)
+
+    @jax.jit
+    def projections(x, weights):
+        def layer(carry, w):
+            h, kv_total = carry
+            q, k, v, o, gate, up, down = w
+            kv_total = kv_total + (h @ k.T).mean() + (h @ v.T).mean()
+            return (h + (h @ q.T) @ o.T + ((h @ gate.T) * (h @ up.T)) @ down.T, kv_total), None
+
+        return jax.lax.scan(layer, (x, jnp.float32(0)), weights)[0]
+
+    jax.block_until_ready(projections(x, weights))
+    seconds = best_of(repeats, lambda: jax.block_until_ready(projections(x, weights)))
+    flops = 2.0 * rows * config.num_layers * sum(a * b for a, b in shapes)
+    return flops / seconds / 1e9
+
+
 def import_torch(threads: int):
     try:
         import torch
