@@ -28,6 +28,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype (default: %(default)s)")
 
 
+def _add_query_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--queries",
+        required=True,
+        help="a packaged set (harmful_train, harmless_train, harmful_test, harmless_test) or a file: "
+        ".txt (one query per line), .csv or .jsonl",
+    )
+    parser.add_argument("--field", help="column (.csv) or field (.jsonl) holding the query (default: query)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dro-jax", description="Directed Representation Optimization for safety prompts, in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="last-layer, final-norm hidden states at the last input position of chat-formatted queries",
     )
     _add_model_args(represent)
-    represent.add_argument("--queries", required=True, help="text file, one query per line (blank lines skipped)")
+    _add_query_args(represent)
     represent.add_argument(
         "--system-prompt",
         default="none",
@@ -59,7 +69,7 @@ def _run_represent(args: argparse.Namespace) -> None:
     from dro_jax.represent import represent_queries
 
     out = check_writable(args.out)
-    queries = read_queries(args.queries)
+    queries = read_queries(args.queries, args.field)
     system_prompt = resolve_system_prompt(args.system_prompt)
     model = load_model(args.model, args.dtype)
     states = represent_queries(model, queries, system_prompt, args.batch_size, source=args.queries)
