@@ -102,3 +102,24 @@ def test_cached_gguf_tokenizer_encodes_like_a_fresh_conversion(smollm2, tmp_path
             assert ChatFormatter(cached, system).encode(prompt) == ChatFormatter(fresh, system).encode(prompt)
     assert cached.chat_template == fresh.chat_template
     assert (cached.eos_token, cached.pad_token_id) == (fresh.eos_token, fresh.pad_token_id)
+
+
+def test_greedy_generation_equals_transformers_generate(smollm2, torch_smollm2):
+    """20 chat-formatted prompts x 32 new tokens, one left-padded batch, token for token."""
+    from dro_jax.batching import left_padded_batches
+    from dro_jax.generate import SamplingConfig, generate_tokens
+    from dro_jax.represent import encode_queries
+
+    pad = smollm2.tokenizer.pad_token_id
+    stop = [smollm2.tokenizer.eos_token_id]
+    batch = next(left_padded_batches(encode_queries(smollm2, PROMPTS, None), len(PROMPTS), pad))
+    tokens, _ = generate_tokens(smollm2.params, smollm2.config, batch.token_ids, batch.attention_mask, stop, SamplingConfig(max_new_tokens=32), pad_id=pad)
+    with torch.no_grad():
+        out = torch_smollm2.generate(
+            input_ids=torch.tensor(batch.token_ids, dtype=torch.long), attention_mask=torch.tensor(batch.attention_mask),
+            max_new_tokens=32, do_sample=False, eos_token_id=stop, pad_token_id=pad,
+        )
+    theirs = out[:, batch.token_ids.shape[1]:].numpy()
+    theirs = np.pad(theirs, ((0, 0), (0, 32 - theirs.shape[1])), constant_values=pad)
+    for row in range(len(PROMPTS)):
+        assert tokens[row].tolist() == theirs[row].tolist(), PROMPTS[batch.index[row]]

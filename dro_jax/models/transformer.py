@@ -22,6 +22,24 @@ Params = Any  # a nested dict of arrays
 
 
 @flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, [num_layers, batch, slots, kv_heads, head_dim].
+
+    Slots are sized for one generation (longest prompt + new tokens), not the
+    model's context. Slot i of every row holds the i-th token of the padded
+    batch, so all rows write at the same index.
+    """
+
+    key: jax.Array
+    value: jax.Array
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
+        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+@flax.struct.dataclass
 class ModelOutput:
     """What `forward` returns.
 
@@ -31,11 +49,13 @@ class ModelOutput:
         residual stream entering layer i (0 = input embeddings); the last entry
         is the final layer's output before the final norm.
     logits: [batch, seq, vocab] in float32, or None.
+    cache: the updated `KVCache` when one was given, else None.
     """
 
     last_hidden_state: jax.Array
     hidden_states: jax.Array | None = None
     logits: jax.Array | None = None
+    cache: KVCache | None = None
 
 
 class Linear(nn.Module):
@@ -105,7 +125,10 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array) -> jax.Array:
+    def __call__(self, x, cos, sin, allowed, cache: KVCache | None = None, cache_index=None, layer=None):
+        """Returns (output, cache). With a cache, the new keys and values are
+        written at slot `cache_index` of layer `layer` and the queries attend
+        over all slots (`allowed` is then [batch, seq, slots])."""
         c = self.config
         batch, seq, _ = x.shape
         group = c.num_heads // c.num_kv_heads
@@ -115,8 +138,15 @@ class Attention(nn.Module):
         q = apply_rotary(q.reshape(batch, seq, c.num_kv_heads, group, c.head_dim), cos, sin)
         k = apply_rotary(k.reshape(batch, seq, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        if cache is not None:
+            at = (layer, 0, cache_index, 0, 0)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.key, k[None].astype(cache.key.dtype), at),
+                jax.lax.dynamic_update_slice(cache.value, v[None].astype(cache.value.dtype), at),
+            )
+            k, v = cache.key[layer].astype(x.dtype), cache.value[layer].astype(x.dtype)
         out = attend(q, k, v, allowed).reshape(batch, seq, c.num_heads * c.head_dim)
-        return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out)
+        return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out), cache
 
 
 class MLP(nn.Module):
@@ -139,21 +169,31 @@ class DecoderLayer(nn.Module):
     collect_hidden: bool
 
     @nn.compact
-    def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, allowed: jax.Array):
+    def __call__(self, carry, cos, sin, allowed, cache_index, layer):
+        """carry = (residual stream, KVCache or None); `layer` is this layer's index."""
         c, dt = self.config, self.param_dtype
+        h, cache = carry
         h_in = h
-        h = h + Attention(c, dt, name="self_attn")(RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(h), cos, sin, allowed)
+        attn, cache = Attention(c, dt, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(h), cos, sin, allowed, cache, cache_index, layer
+        )
+        h = h + attn
         h = h + MLP(c, dt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(h))
-        return h, (h_in if self.collect_hidden else None)
+        return (h, cache), (h_in if self.collect_hidden else None)
 
 
-def attention_allowed(attention_mask: jax.Array, sliding_window: int | None) -> jax.Array:
-    """[b, t, s] booleans: causal, not padding, and inside the sliding window."""
-    seq = attention_mask.shape[1]
-    index = jnp.arange(seq)
-    allowed = (index[:, None] >= index[None, :])[None] & attention_mask.astype(bool)[:, None, :]
+def attention_allowed(key_mask: jax.Array, sliding_window: int | None, num_queries: int | None = None, first_query=0) -> jax.Array:
+    """[b, t, s] booleans: causal, not padding, and inside the sliding window.
+
+    Queries sit at slots first_query .. first_query + t - 1 of the s key slots
+    (without a cache, t = s and first_query = 0).
+    """
+    num_queries = key_mask.shape[1] if num_queries is None else num_queries
+    query_slot = first_query + jnp.arange(num_queries)[:, None]
+    key_slot = jnp.arange(key_mask.shape[1])[None, :]
+    allowed = (query_slot >= key_slot)[None] & key_mask.astype(bool)[:, None, :]
     if sliding_window is not None:
-        allowed &= (index[:, None] - index[None, :] < sliding_window)[None]
+        allowed &= (query_slot - key_slot < sliding_window)[None]
     return allowed
 
 
@@ -177,6 +217,8 @@ class Transformer(nn.Module):
         *,
         inputs_embeds: jax.Array | None = None,
         positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
         output_hidden_states: bool = False,
         output_logits: bool = False,
     ) -> ModelOutput:
@@ -187,21 +229,23 @@ class Transformer(nn.Module):
         else:
             h = inputs_embeds.astype(embed.weight.dtype)
         if attention_mask is None:
-            attention_mask = jnp.ones(h.shape[:2], jnp.int32)
+            attention_mask = jnp.ones(h.shape[:2] if cache is None else (h.shape[0], cache.key.shape[2]), jnp.int32)
         if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a cache")
             positions = positions_from_mask(attention_mask)
         cos, sin = rotary_tables(c, positions, h.dtype)
-        allowed = attention_allowed(attention_mask, c.sliding_window)
+        allowed = attention_allowed(attention_mask, c.sliding_window, h.shape[1], cache_index if cache is not None else 0)
 
         layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
         layers = nn.scan(
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
         )(c, self.param_dtype, output_hidden_states, name="layers")
-        h, per_layer = layers(h, cos, sin, allowed)
+        (h, cache), per_layer = layers((h, cache), cos, sin, allowed, cache_index, jnp.arange(c.num_layers))
         hidden_states = jnp.concatenate([per_layer, h[None]], axis=0) if output_hidden_states else None
         h_final = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h)
 
@@ -209,7 +253,7 @@ class Transformer(nn.Module):
         if output_logits:
             head = embed if c.tie_word_embeddings else Embedding(c.vocab_size, c.hidden_size, self.param_dtype, name="lm_head")
             logits = head.attend(h_final)
-        return ModelOutput(last_hidden_state=h_final, hidden_states=hidden_states, logits=logits)
+        return ModelOutput(last_hidden_state=h_final, hidden_states=hidden_states, logits=logits, cache=cache)
 
 
 def init_params(config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -231,6 +275,8 @@ def forward(
     *,
     inputs_embeds: jax.Array | None = None,
     positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    cache_index: jax.Array | int = 0,
     output_hidden_states: bool = False,
     output_logits: bool = False,
     remat: bool = False,
@@ -240,6 +286,9 @@ def forward(
     Give `input_ids` [b, t] or `inputs_embeds` [b, t, hidden], and an
     `attention_mask` [b, t] (1 = token, 0 = padding; left or right padding).
     Position ids default to the count of real tokens before each position.
+    With a `KVCache`, the inputs are written at slots `cache_index` onwards,
+    `attention_mask` covers all cache slots [b, slots], and `positions` must
+    be given.
     Wrap with `jax.jit(..., static_argnames=("config", "output_hidden_states",
     "output_logits", "remat"))`; a fixed padded shape never retraces.
     """
@@ -252,6 +301,8 @@ def forward(
         attention_mask,
         inputs_embeds=inputs_embeds,
         positions=positions,
+        cache=cache,
+        cache_index=cache_index,
         output_hidden_states=output_hidden_states,
         output_logits=output_logits,
     )
@@ -260,3 +311,9 @@ def forward(
 def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
     """Input embeddings of `token_ids`, e.g. to splice a soft prompt in before `forward`."""
     return jnp.take(params["embed_tokens"]["weight"], token_ids, axis=0)
+
+
+def compute_logits(params: Params, config: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """float32 logits of final-norm hidden states [b, t, hidden] (e.g. only the last position)."""
+    head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("bth,vh->btv", hidden, head["weight"].astype(hidden.dtype), preferred_element_type=jnp.float32)
