@@ -38,6 +38,14 @@ def _add_query_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--field", help="column (.csv) or field (.jsonl) holding the query (default: query)")
 
 
+def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--system-prompt",
+        default="none",
+        help=f"one of {', '.join(PROMPT_SETTINGS)}, or custom text (default: %(default)s)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dro-jax", description="Directed Representation Optimization for safety prompts, in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,14 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(represent)
     _add_query_args(represent)
-    represent.add_argument(
-        "--system-prompt",
-        default="none",
-        help=f"one of {', '.join(PROMPT_SETTINGS)}, or custom text (default: %(default)s)",
-    )
+    _add_prompt_args(represent)
     represent.add_argument("--batch-size", type=_positive_int, default=32, help="queries per forward pass (default: %(default)s)")
     represent.add_argument("--out", required=True, help="output .npy file: float32 [n_queries, hidden]")
     represent.set_defaults(run=_run_represent)
+
+    generate = commands.add_parser("generate", help="sample or greedily decode responses and judge each for refusal")
+    _add_model_args(generate)
+    _add_query_args(generate)
+    _add_prompt_args(generate)
+    decoding = generate.add_argument_group("decoding (default: sampling with temperature 1, top-p 0.9, top-k 50)")
+    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature, top-p, top-k)")
+    decoding.add_argument("--temperature", type=float, default=1.0)
+    decoding.add_argument("--top-p", type=float, default=0.9)
+    decoding.add_argument("--top-k", type=int, default=50, help="0 disables the top-k filter")
+    decoding.add_argument("--num-samples", type=_positive_int, default=1, help="responses per query (default: %(default)s)")
+    decoding.add_argument("--max-new-tokens", type=int, default=64)
+    decoding.add_argument("--min-new-tokens", type=int, default=0)
+    decoding.add_argument("--seed", type=int, default=0, help="fixes every sample (default: %(default)s)")
+    generate.add_argument("--batch-size", type=_positive_int, default=32, help="responses decoded together (default: %(default)s)")
+    generate.add_argument("--refusal-phrases", help="JSON file {\"refusal\": [...], \"not_refusal\": [...]} for the string judge")
+    generate.add_argument("--out", required=True, help="output .jsonl file, one response per line")
+    generate.set_defaults(run=_run_generate)
     return parser
 
 
@@ -77,6 +99,39 @@ def _run_represent(args: argparse.Namespace) -> None:
         with open(tmp, "wb") as handle:
             np.save(handle, states)
     print(f"wrote {out}: {states.shape[0]} x {states.shape[1]} float32", file=sys.stderr)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    import json
+
+    from dro_jax.chat import resolve_system_prompt
+    from dro_jax.files import atomic_output, check_writable
+    from dro_jax.generate import SamplingConfig
+    from dro_jax.judges import StringJudge
+    from dro_jax.loading import load_model
+    from dro_jax.queries import read_queries
+    from dro_jax.respond import generate_responses
+
+    out = check_writable(args.out)
+    sampling = SamplingConfig(
+        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+    )
+    judge = StringJudge.from_file(args.refusal_phrases) if args.refusal_phrases else StringJudge.default()
+    queries = read_queries(args.queries, args.field)
+    system_prompt = resolve_system_prompt(args.system_prompt)
+    model = load_model(args.model, args.dtype)
+    responses = generate_responses(
+        model, queries, system_prompt, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries
+    )
+    with atomic_output(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for r in responses:
+                record = {"query": r.query, "query_index": r.query_index, "sample": r.sample, "setting": args.system_prompt,
+                          "response": r.text, "num_tokens": r.num_tokens, "refusal": r.refusal}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    refused = sum(r.refusal for r in responses)
+    print(f"wrote {out}: {len(responses)} responses, {refused} judged refusals", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -129,3 +129,39 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "no such file or directory" in result.stderr
+
+
+def _generate_args(model_dir, query_file, out, *extra):
+    return ["generate", "--model", str(model_dir), "--queries", str(query_file), "--max-new-tokens", "6", "--out", str(out), *extra]
+
+
+def test_generate_writes_one_judged_response_per_sample(model_dir, query_file, tmp_path):
+    import json
+
+    out = tmp_path / "responses.jsonl"
+    assert main(_generate_args(model_dir, query_file, out, "--num-samples", "3", "--seed", "5", "--batch-size", "5")) == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == len(QUERIES) * 3
+    assert [(r["query_index"], r["sample"]) for r in records] == [(q, s) for q in range(len(QUERIES)) for s in range(3)]
+    assert {r["query"] for r in records} == set(QUERIES)
+    assert all(set(r) == {"query", "query_index", "sample", "setting", "response", "num_tokens", "refusal"} for r in records)
+    assert all(1 <= r["num_tokens"] <= 6 and isinstance(r["refusal"], bool) for r in records)
+    # The seed fixes every sample, whatever the batch size.
+    again = tmp_path / "again.jsonl"
+    assert main(_generate_args(model_dir, query_file, again, "--num-samples", "3", "--seed", "5", "--batch-size", "2")) == 0
+    assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (("--max-new-tokens", "0"), "max-new-tokens must be at least 1"),
+        (("--top-p", "1.5"), "top-p must be in (0, 1]"),
+        (("--top-p", "0"), "top-p must be in (0, 1]"),
+        (("--max-new-tokens", "125"), "exceeds the model's context of 128"),
+    ],
+)
+def test_generate_bad_settings(model_dir, query_file, tmp_path, capsys, extra, fragment):
+    out = tmp_path / "out.jsonl"
+    _run_failing(_generate_args(model_dir, query_file, out, *extra), capsys, fragment)
+    assert not out.exists()

@@ -1,0 +1,89 @@
+"""Responses to chat-formatted queries: batched generation, decoding and refusal judging."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from dro_jax.batching import left_padded_batches
+from dro_jax.errors import DroJaxError
+from dro_jax.generate import SamplingConfig, generate_tokens
+from dro_jax.judges import StringJudge
+from dro_jax.loading import LoadedModel
+from dro_jax.represent import encode_queries
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    query_index: int
+    query: str
+    sample: int
+    text: str
+    num_tokens: int
+    refusal: bool
+
+
+def stop_token_ids(model: LoadedModel) -> list[int]:
+    """The tokenizer's end-of-sequence token(s), which end a chat turn."""
+    eos = model.tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    ids = [i for i in ids if i is not None]
+    if not ids:
+        raise DroJaxError(f"{model.source}: the tokenizer defines no end-of-sequence token to stop generation")
+    return ids
+
+
+def sample_keys(seed: int, query_indices: np.ndarray, samples: np.ndarray) -> jax.Array:
+    """One PRNG key per (query, sample): results do not depend on batch size or order."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda q, s: jax.random.fold_in(jax.random.fold_in(base, q), s))(query_indices, samples)
+
+
+def generate_responses(
+    model: LoadedModel,
+    queries: Sequence[str],
+    system_prompt: str | None,
+    sampling: SamplingConfig,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    judge: StringJudge | None = None,
+    progress: bool = True,
+    source: str = "queries",
+) -> list[Response]:
+    """`num_samples` responses per query, ordered by query then sample."""
+    if num_samples < 1:
+        raise DroJaxError(f"num-samples must be at least 1, got {num_samples}")
+    judge = judge or StringJudge.default()
+    sequences = encode_queries(model, queries, system_prompt, source)
+    limit = model.config.max_position_embeddings
+    for number, ids in enumerate(sequences, start=1):
+        if len(ids) + sampling.max_new_tokens > limit:
+            raise DroJaxError(
+                f"{source}: query {number} is {len(ids)} tokens; with max-new-tokens {sampling.max_new_tokens} "
+                f"it exceeds the model's context of {limit}"
+            )
+    rows = [(q, s) for q in range(len(queries)) for s in range(num_samples)]
+    stops = stop_token_ids(model)
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else stops[0]
+    results: dict[int, Response] = {}
+    batch_size = min(batch_size, len(rows))
+    with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
+        for batch in left_padded_batches([sequences[q] for q, _ in rows], batch_size, pad_id):
+            row_ids = np.where(batch.index >= 0, batch.index, 0)
+            query_idx = np.array([rows[r][0] for r in row_ids])
+            sample_idx = np.array([rows[r][1] for r in row_ids])
+            keys = sample_keys(seed, query_idx, sample_idx)
+            tokens, lengths = generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, stops, sampling, keys, pad_id)
+            for row, source_row in enumerate(batch.index):
+                if source_row < 0:
+                    continue
+                q, s = rows[source_row]
+                text = model.tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip()
+                results[source_row] = Response(q, queries[q], s, text, int(lengths[row]), judge.is_refusal(text))
+            bar.update(batch.num_real)
+    return [results[i] for i in range(len(rows))]
