@@ -1,14 +1,14 @@
-"""`python -m dro_jax.bench forward|parity`: benchmark and parity tables, the transformers baseline included."""
+"""`python -m dro_jax.bench forward|generate|parity`: benchmark and parity tables, the transformers baseline included."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dro_jax.bench import forward, parity
+from dro_jax.bench import forward, generation, parity
 from dro_jax.errors import DroJaxError
 
-BENCHMARKS = {"forward": forward, "parity": parity}
+BENCHMARKS = {"forward": forward, "generate": generation, "parity": parity}
 
 
 def main(argv: list[str] | None = None) -> int:

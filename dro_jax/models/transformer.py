@@ -23,7 +23,8 @@ Params = Any  # a nested dict of arrays
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer, [num_layers, batch, slots, kv_heads, head_dim].
+    """Keys [layers, batch, kv_heads, head_dim, slots] (transposed, see `attend`) and
+    values [layers, batch, kv_heads, slots, head_dim] of every layer.
 
     Slots are sized for one generation (longest prompt + new tokens), not the
     model's context. Slot i of every row holds the i-th token of the padded
@@ -35,8 +36,8 @@ class KVCache:
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
-        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        heads = (config.num_layers, batch, config.num_kv_heads)
+        return cls(jnp.zeros(heads + (config.head_dim, slots), dtype), jnp.zeros(heads + (slots, config.head_dim), dtype))
 
 
 @flax.struct.dataclass
@@ -105,19 +106,24 @@ class RMSNorm(nn.Module):
         return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def attend(query: jax.Array, key: jax.Array, value: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention.
+def attend(query: jax.Array, key_t: jax.Array, value: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention in the head-major layout that CPU and GPU matmuls like.
 
-    query [b, t, kv_heads, group, d]; key and value [b, s, kv_heads, d];
-    allowed [b, t, s] says which keys each query may see. Scores and softmax
-    run in float32. A query that may see no key gets a uniform average instead
-    of NaN (it only happens on padding rows, whose output is never used).
+    query [b, kv_heads, group * t, d] (group-major: row g * t + i is query i
+    of head g); key_t [b, kv_heads, d, s] (keys transposed: XLA's CPU batched
+    matmul is many times faster without a transposed operand); value
+    [b, kv_heads, s, d]; allowed [b, t, s] says
+    which keys each query may see. Scores and softmax run in float32. A query
+    that may see no key gets a uniform average instead of NaN (it only happens
+    on padding rows, whose output is never used). Returns [b, kv_heads, group * t, d].
     """
-    scale = query.shape[-1] ** -0.5
-    scores = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32) * scale
+    batch, kv_heads, rows, dim = query.shape
+    steps, slots = allowed.shape[1:]
+    scores = jnp.einsum("bkqd,bkds->bkqs", query, key_t, preferred_element_type=jnp.float32) * dim**-0.5
+    scores = scores.reshape(batch, kv_heads, rows // steps, steps, slots)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, value)
+    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype).reshape(batch, kv_heads, rows, slots)
+    return jnp.einsum("bkqs,bksd->bkqd", probs, value)
 
 
 class Attention(nn.Module):
@@ -125,10 +131,14 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, cache: KVCache | None = None, cache_index=None, layer=None):
-        """Returns (output, cache). With a cache, the new keys and values are
-        written at slot `cache_index` of layer `layer` and the queries attend
-        over all slots (`allowed` is then [batch, seq, slots])."""
+    def __call__(self, x, cos, sin, allowed, layer_cache=None, cache_index=None):
+        """Returns (output, (keys [b, kv, d, t], values [b, kv, t, d]) of the inputs).
+
+        With `layer_cache` = this layer's cached (keys [b, kv, d, slots], values [b, kv, slots, d]),
+        the inputs' keys and values are placed at slot `cache_index` and the
+        queries attend over all slots (`allowed` is then [b, t, slots]); the
+        caller writes the returned new entries into the cache.
+        """
         c = self.config
         batch, seq, _ = x.shape
         group = c.num_heads // c.num_kv_heads
@@ -137,16 +147,20 @@ class Attention(nn.Module):
         v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.param_dtype, name="v_proj")(x)
         q = apply_rotary(q.reshape(batch, seq, c.num_kv_heads, group, c.head_dim), cos, sin)
         k = apply_rotary(k.reshape(batch, seq, c.num_kv_heads, c.head_dim), cos, sin)
-        v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim)
-        if cache is not None:
-            at = (layer, 0, cache_index, 0, 0)
-            cache = KVCache(
-                jax.lax.dynamic_update_slice(cache.key, k[None].astype(cache.key.dtype), at),
-                jax.lax.dynamic_update_slice(cache.value, v[None].astype(cache.value.dtype), at),
-            )
-            k, v = cache.key[layer].astype(x.dtype), cache.value[layer].astype(x.dtype)
-        out = attend(q, k, v, allowed).reshape(batch, seq, c.num_heads * c.head_dim)
-        return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out), cache
+        # Head-major layout: queries [b, kv, group * t, d], keys [b, kv, d, t], values [b, kv, t, d].
+        q = q.transpose(0, 2, 3, 1, 4).reshape(batch, c.num_kv_heads, group * seq, c.head_dim)
+        k = k.transpose(0, 2, 3, 1)
+        v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        keys, values = k, v
+        if layer_cache is not None:
+            cached_keys, cached_values = layer_cache
+            keys = jax.lax.dynamic_update_slice(cached_keys, k.astype(cached_keys.dtype), (0, 0, 0, cache_index))
+            values = jax.lax.dynamic_update_slice(cached_values, v.astype(cached_values.dtype), (0, 0, cache_index, 0))
+            keys, values = keys.astype(x.dtype), values.astype(x.dtype)
+        out = attend(q, keys, values, allowed)  # [b, kv, group * t, d]
+        out = out.reshape(batch, c.num_kv_heads, group, seq, c.head_dim).transpose(0, 3, 1, 2, 4)
+        out = out.reshape(batch, seq, c.num_heads * c.head_dim)
+        return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -169,17 +183,19 @@ class DecoderLayer(nn.Module):
     collect_hidden: bool
 
     @nn.compact
-    def __call__(self, carry, cos, sin, allowed, cache_index, layer):
-        """carry = (residual stream, KVCache or None); `layer` is this layer's index."""
+    def __call__(self, h, cos, sin, allowed, cache_index, layer_cache):
+        """Scanned over layers: `layer_cache` is this layer's slice of the KV cache (or None).
+
+        Returns the new residual stream and, per layer, (input stream or None,
+        the new keys and values or None)."""
         c, dt = self.config, self.param_dtype
-        h, cache = carry
         h_in = h
-        attn, cache = Attention(c, dt, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(h), cos, sin, allowed, cache, cache_index, layer
+        attn, new_entries = Attention(c, dt, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(h), cos, sin, allowed, layer_cache, cache_index
         )
         h = h + attn
         h = h + MLP(c, dt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(h))
-        return (h, cache), (h_in if self.collect_hidden else None)
+        return h, (h_in if self.collect_hidden else None, new_entries if layer_cache is not None else None)
 
 
 def attention_allowed(key_mask: jax.Array, sliding_window: int | None, num_queries: int | None = None, first_query=0) -> jax.Array:
@@ -229,7 +245,7 @@ class Transformer(nn.Module):
         else:
             h = inputs_embeds.astype(embed.weight.dtype)
         if attention_mask is None:
-            attention_mask = jnp.ones(h.shape[:2] if cache is None else (h.shape[0], cache.key.shape[2]), jnp.int32)
+            attention_mask = jnp.ones(h.shape[:2] if cache is None else (h.shape[0], cache.value.shape[3]), jnp.int32)
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required with a cache")
@@ -245,7 +261,14 @@ class Transformer(nn.Module):
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_layers,
         )(c, self.param_dtype, output_hidden_states, name="layers")
-        (h, cache), per_layer = layers((h, cache), cos, sin, allowed, cache_index, jnp.arange(c.num_layers))
+        layer_caches = None if cache is None else (cache.key, cache.value)
+        h, (per_layer, new_entries) = layers(h, cos, sin, allowed, cache_index, layer_caches)
+        if cache is not None:  # one in-place write of every layer's new keys and values
+            new_keys, new_values = new_entries
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.key, new_keys.astype(cache.key.dtype), (0, 0, 0, 0, cache_index)),
+                jax.lax.dynamic_update_slice(cache.value, new_values.astype(cache.value.dtype), (0, 0, 0, cache_index, 0)),
+            )
         hidden_states = jnp.concatenate([per_layer, h[None]], axis=0) if output_hidden_states else None
         h_final = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(h)
 
