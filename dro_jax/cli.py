@@ -46,6 +46,50 @@ def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _add_decoding_args(parser: argparse.ArgumentParser, samples_default: int, allow_zero_samples: bool = False) -> None:
+    decoding = parser.add_argument_group("decoding (default: sampling with temperature 1, top-p 0.9, top-k 50)")
+    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature, top-p, top-k)")
+    decoding.add_argument("--temperature", type=float, default=1.0)
+    decoding.add_argument("--top-p", type=float, default=0.9)
+    decoding.add_argument("--top-k", type=int, default=50, help="0 disables the top-k filter")
+    decoding.add_argument(
+        "--num-samples", type=_non_negative_int if allow_zero_samples else _positive_int, default=samples_default,
+        help="responses per query" + (" (0: log-odds only)" if allow_zero_samples else "") + " (default: %(default)s)",
+    )
+    decoding.add_argument("--max-new-tokens", type=int, default=64)
+    decoding.add_argument("--min-new-tokens", type=int, default=0)
+    decoding.add_argument("--seed", type=int, default=0, help="fixes every sample (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="sequences run together (default: %(default)s)")
+    parser.add_argument("--refusal-phrases", help='JSON file {"refusal": [...], "not_refusal": [...]} for the string judge')
+
+
+def _sampling_and_judge(args: argparse.Namespace):
+    from dro_jax.generate import SamplingConfig
+    from dro_jax.judges import StringJudge
+
+    sampling = SamplingConfig(
+        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+    )
+    judge = StringJudge.from_file(args.refusal_phrases) if args.refusal_phrases else StringJudge.default()
+    return sampling, judge
+
+
+def _write_jsonl(out, records) -> None:
+    import json
+
+    from dro_jax.files import atomic_output
+
+    with atomic_output(out) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dro-jax", description="Directed Representation Optimization for safety prompts, in JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,19 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(generate)
     _add_query_args(generate)
     _add_prompt_args(generate)
-    decoding = generate.add_argument_group("decoding (default: sampling with temperature 1, top-p 0.9, top-k 50)")
-    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature, top-p, top-k)")
-    decoding.add_argument("--temperature", type=float, default=1.0)
-    decoding.add_argument("--top-p", type=float, default=0.9)
-    decoding.add_argument("--top-k", type=int, default=50, help="0 disables the top-k filter")
-    decoding.add_argument("--num-samples", type=_positive_int, default=1, help="responses per query (default: %(default)s)")
-    decoding.add_argument("--max-new-tokens", type=int, default=64)
-    decoding.add_argument("--min-new-tokens", type=int, default=0)
-    decoding.add_argument("--seed", type=int, default=0, help="fixes every sample (default: %(default)s)")
-    generate.add_argument("--batch-size", type=_positive_int, default=32, help="responses decoded together (default: %(default)s)")
-    generate.add_argument("--refusal-phrases", help="JSON file {\"refusal\": [...], \"not_refusal\": [...]} for the string judge")
+    _add_decoding_args(generate, samples_default=1)
     generate.add_argument("--out", required=True, help="output .jsonl file, one response per line")
     generate.set_defaults(run=_run_generate)
+
+    label = commands.add_parser(
+        "label", help="per query and prompt setting: sampled compliance rate and refusal log-odds"
+    )
+    _add_model_args(label)
+    _add_query_args(label)
+    label.add_argument(
+        "--settings", nargs="+", default=list(PROMPT_SETTINGS),
+        help=f"prompt settings to label: {', '.join(PROMPT_SETTINGS)} or custom text (default: all four)",
+    )
+    _add_decoding_args(label, samples_default=5, allow_zero_samples=True)
+    label.add_argument("--out", required=True, help="output .jsonl file, one label per query and setting")
+    label.set_defaults(run=_run_label)
     return parser
 
 
@@ -102,36 +149,49 @@ def _run_represent(args: argparse.Namespace) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    import json
-
     from dro_jax.chat import resolve_system_prompt
-    from dro_jax.files import atomic_output, check_writable
-    from dro_jax.generate import SamplingConfig
-    from dro_jax.judges import StringJudge
+    from dro_jax.files import check_writable
     from dro_jax.loading import load_model
     from dro_jax.queries import read_queries
     from dro_jax.respond import generate_responses
 
     out = check_writable(args.out)
-    sampling = SamplingConfig(
-        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-    )
-    judge = StringJudge.from_file(args.refusal_phrases) if args.refusal_phrases else StringJudge.default()
+    sampling, judge = _sampling_and_judge(args)
     queries = read_queries(args.queries, args.field)
     system_prompt = resolve_system_prompt(args.system_prompt)
     model = load_model(args.model, args.dtype)
     responses = generate_responses(
         model, queries, system_prompt, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries
     )
-    with atomic_output(out) as tmp:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for r in responses:
-                record = {"query": r.query, "query_index": r.query_index, "sample": r.sample, "setting": args.system_prompt,
-                          "response": r.text, "num_tokens": r.num_tokens, "refusal": r.refusal}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    _write_jsonl(out, (
+        {"query": r.query, "query_index": r.query_index, "sample": r.sample, "setting": args.system_prompt,
+         "response": r.text, "num_tokens": r.num_tokens, "refusal": r.refusal}
+        for r in responses
+    ))
     refused = sum(r.refusal for r in responses)
     print(f"wrote {out}: {len(responses)} responses, {refused} judged refusals", file=sys.stderr)
+
+
+def _run_label(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from dro_jax.chat import resolve_system_prompt
+    from dro_jax.files import check_writable
+    from dro_jax.labels import label_queries
+    from dro_jax.loading import load_model
+    from dro_jax.queries import read_queries
+
+    out = check_writable(args.out)
+    sampling, judge = _sampling_and_judge(args)
+    for setting in args.settings:
+        resolve_system_prompt(setting)
+    queries = read_queries(args.queries, args.field)
+    model = load_model(args.model, args.dtype)
+    labels = label_queries(
+        model, queries, args.settings, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries
+    )
+    _write_jsonl(out, (dataclasses.asdict(label) for label in labels))
+    print(f"wrote {out}: {len(labels)} labels ({len(queries)} queries x {len(args.settings)} settings)", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

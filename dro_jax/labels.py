@@ -1,0 +1,62 @@
+"""Refusal labels per (query, prompt setting): the sampled compliance rate and the refusal log-odds."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from dro_jax.chat import resolve_system_prompt
+from dro_jax.generate import SamplingConfig
+from dro_jax.judges import StringJudge
+from dro_jax.loading import LoadedModel
+from dro_jax.refusal_score import Openings, refusal_log_odds
+from dro_jax.represent import encode_queries
+from dro_jax.respond import generate_responses
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """compliance_rate: share of sampled responses the string judge does not call a refusal
+    (None without samples); refusal_log_odds: see `dro_jax.refusal_score`."""
+
+    query_index: int
+    query: str
+    setting: str
+    num_samples: int
+    compliance_rate: float | None
+    refusal_log_odds: float
+
+
+def label_queries(
+    model: LoadedModel,
+    queries: Sequence[str],
+    settings: Sequence[str],
+    sampling: SamplingConfig,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    judge: StringJudge | None = None,
+    openings: Openings = Openings(),
+    progress: bool = True,
+    source: str = "queries",
+) -> list[Label]:
+    """Labels for every query under every setting (`none`, a safety prompt name, or custom text)."""
+    labels = []
+    for setting in settings:
+        system_prompt = resolve_system_prompt(setting)
+        log_odds = refusal_log_odds(model, encode_queries(model, queries, system_prompt, source), openings, batch_size, progress)
+        compliance: list[float | None] = [None] * len(queries)
+        if num_samples > 0:
+            responses = generate_responses(
+                model, queries, system_prompt, sampling, num_samples, seed, batch_size, judge, progress, source
+            )
+            refused = np.zeros(len(queries))
+            for response in responses:
+                refused[response.query_index] += response.refusal
+            compliance = list(1.0 - refused / num_samples)
+        labels += [
+            Label(i, q, setting, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
+        ]
+    return labels
