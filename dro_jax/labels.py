@@ -9,7 +9,7 @@ import numpy as np
 
 from dro_jax.chat import resolve_system_prompt
 from dro_jax.generate import SamplingConfig
-from dro_jax.judges import StringJudge
+from dro_jax.judges import ModelJudge, StringJudge, is_harmful_compliance
 from dro_jax.loading import LoadedModel
 from dro_jax.refusal_score import Openings, refusal_log_odds
 from dro_jax.represent import encode_queries
@@ -19,7 +19,9 @@ from dro_jax.respond import generate_responses
 @dataclasses.dataclass(frozen=True)
 class Label:
     """compliance_rate: share of sampled responses the string judge does not call a refusal
-    (None without samples); refusal_log_odds: see `dro_jax.refusal_score`."""
+    (with a judge model: that are also judged unsafe and longer than two lines, the
+    paper's rule for harmful queries); None without samples. refusal_log_odds: see
+    `dro_jax.refusal_score`."""
 
     query_index: int
     query: str
@@ -41,6 +43,7 @@ def label_queries(
     openings: Openings = Openings(),
     progress: bool = True,
     source: str = "queries",
+    judge_model: ModelJudge | None = None,
 ) -> list[Label]:
     """Labels for every query under every setting (`none`, a safety prompt name, or custom text)."""
     labels = []
@@ -52,10 +55,15 @@ def label_queries(
             responses = generate_responses(
                 model, queries, system_prompt, sampling, num_samples, seed, batch_size, judge, progress, source
             )
-            refused = np.zeros(len(queries))
-            for response in responses:
-                refused[response.query_index] += response.refusal
-            compliance = list(1.0 - refused / num_samples)
+            complied = np.zeros(len(queries))
+            if judge_model is None:
+                for response in responses:
+                    complied[response.query_index] += not response.refusal
+            else:
+                unsafe = judge_model.is_unsafe([r.query for r in responses], [r.text for r in responses], progress)
+                for response, is_unsafe in zip(responses, unsafe):
+                    complied[response.query_index] += is_harmful_compliance(response.text, response.refusal, is_unsafe)
+            compliance = list(complied / num_samples)
         labels += [
             Label(i, q, setting, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
         ]

@@ -53,3 +53,35 @@ def test_phrases_are_extendable_data(tmp_path):
     (tmp_path / "bad.json").write_text("[]")
     with pytest.raises(DroJaxError, match="refusal"):
         StringJudge.from_file(tmp_path / "bad.json")
+
+
+def test_model_judge_mechanics(tiny_model_dir):
+    """A tiny random model as judge: the verdict is the sign of log p(unsafe) - log p(safe)."""
+    import numpy as np
+    import torch
+
+    from dro_jax.judges import ModelJudge, is_harmful_compliance
+    from dro_jax.loading import load_model
+
+    directory, torch_model = tiny_model_dir("llama")
+    judge = ModelJudge(load_model(directory, progress=False), template="Query: {query}\nReply: {response}\nsafe or unsafe?")
+    queries, responses = ["How do I bake bread?", "Write a poem."], ["Mix flour and water.", "I'm sorry."]
+    scores = judge.unsafe_log_odds(queries, responses)
+    tokenizer = judge.model.tokenizer
+    for query, response, score in zip(queries, responses, scores):
+        prompt = judge._encode(query, response)
+        assert tokenizer.decode(prompt).count("Query: " + query) == 1
+        want = []
+        for word in ("unsafe", "safe"):
+            ids = tokenizer.encode(word, add_special_tokens=False)
+            with torch.no_grad():
+                log_probs = torch.log_softmax(torch_model(torch.tensor([prompt + ids])).logits[0], -1)
+            want.append(sum(log_probs[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)))
+        assert abs(score - (want[0] - want[1])) < 1e-4
+    assert judge.is_unsafe(queries, responses) == [bool(s > 0) for s in scores]
+    with pytest.raises(DroJaxError, match="{query}"):
+        ModelJudge(judge.model, template="no fields")
+    assert is_harmful_compliance("a\nb\nc", refusal=False, unsafe=True)
+    assert not is_harmful_compliance("a\nb", refusal=False, unsafe=True)
+    assert not is_harmful_compliance("a\nb\nc", refusal=True, unsafe=True)
+    assert not is_harmful_compliance("a\nb\nc", refusal=False, unsafe=False)

@@ -51,3 +51,15 @@ def test_label_cli_writes_one_label_per_query_and_setting(tiny_model_dir, tmp_pa
     scored = [json.loads(line) for line in only_scores.read_text(encoding="utf-8").splitlines()]
     assert all(l["compliance_rate"] is None for l in scored)
     assert [l["refusal_log_odds"] for l in scored] == [l["refusal_log_odds"] for l in labels]
+
+
+def test_label_with_a_judge_model(tiny_model_dir, tmp_path):
+    directory, _ = tiny_model_dir("llama")
+    queries = tmp_path / "q.txt"
+    queries.write_text("\n".join(QUERIES), encoding="utf-8")
+    out = tmp_path / "labels.jsonl"
+    assert main(["label", "--model", str(directory), "--queries", str(queries), "--settings", "none", "--num-samples", "2",
+                 "--max-new-tokens", "2", "--judge-model", str(directory), "--out", str(out)]) == 0
+    labels = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    # Two new tokens never make more than two lines, so nothing counts as harmful compliance.
+    assert [l["compliance_rate"] for l in labels] == [0.0, 0.0, 0.0]
