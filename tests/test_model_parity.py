@@ -1,5 +1,7 @@
 """Every layer, the final norm and the logits against transformers on the same tiny random weights."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,8 +83,7 @@ def test_bfloat16_close_to_float32_transformers(tiny_model_dir):
     ids, mask = _random_batch()
     ours = jit_forward(model.params, model.config, ids, mask, output_logits=True)
     reference = _torch_outputs(torch_model, ids, mask)
-    theirs_bf16 = _torch_outputs(torch_model.to(torch.bfloat16), ids, mask)
-    torch_model.to(torch.float32)
+    theirs_bf16 = _torch_outputs(copy.deepcopy(torch_model).to(torch.bfloat16), ids, mask)  # the fixture is shared
     real = mask.astype(bool)
     for candidate_hidden, candidate_logits in [
         (np.asarray(ours.last_hidden_state, np.float32), np.asarray(ours.logits)),
