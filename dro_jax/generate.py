@@ -87,8 +87,8 @@ def generate_from_embeddings(
 ) -> tuple[jax.Array, jax.Array]:
     """New tokens [b, max_new] (pad after a stop token) and their counts [b], stop token included.
 
-    prompt_embeds [b, p, hidden] and prompt_mask [b, p] are left-padded; stop_ids
-    [n] ends a row; row_keys [b] are PRNG keys, one per row.
+    prompt_embeds [b, p, hidden] and prompt_mask [b, p] are left-padded; any of
+    stop_ids [n] ends a row (n may be 0); row_keys [b] are PRNG keys, one per row.
     """
     batch, prompt_len = prompt_mask.shape
     max_new = sampling.max_new_tokens
@@ -100,7 +100,7 @@ def generate_from_embeddings(
     )
     logits = compute_logits(params, config, prefill.last_hidden_state[:, -1:])[:, 0]
     prompt_lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
-    is_stop = jnp.zeros(logits.shape[-1], bool).at[stop_ids].set(True)
+    is_stop = jnp.any(jnp.arange(logits.shape[-1])[:, None] == stop_ids[None, :], axis=1)  # ids outside the vocab never stop
 
     def keep_going(state):
         step, _, done, _, _ = state
@@ -140,6 +140,6 @@ def generate_tokens(
         row_keys = jax.random.split(jax.random.key(0), token_ids.shape[0])
     tokens, lengths = generate_from_embeddings(
         params, config, embed_tokens(params, jnp.asarray(token_ids)), jnp.asarray(attention_mask),
-        jnp.asarray(stop_ids or [pad_id], jnp.int32), row_keys, jnp.int32(pad_id), sampling,
+        jnp.asarray(list(stop_ids), jnp.int32).reshape(-1), row_keys, jnp.int32(pad_id), sampling,
     )
     return np.asarray(tokens), np.asarray(lengths)

@@ -124,3 +124,12 @@ def test_filtered_sampling_matches_its_distribution():
 def test_bad_sampling_settings(kwargs, message):
     with pytest.raises(DroJaxError, match=message):
         SamplingConfig(**kwargs)
+
+
+def test_no_stop_ids_makes_every_token(tiny_model_dir):
+    directory, torch_model = tiny_model_dir("llama")
+    model = load_model(directory, with_tokenizer=False, progress=False)
+    ids, mask = _left_padded_prompts()
+    tokens, lengths = generate_tokens(model.params, model.config, ids, mask, [], SamplingConfig(max_new_tokens=10), pad_id=PAD_ID)
+    assert (lengths == 10).all()
+    np.testing.assert_array_equal(tokens, _hf_greedy(torch_model, ids, mask, 10, [], PAD_ID))

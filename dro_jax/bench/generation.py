@@ -25,7 +25,6 @@ from dro_jax.loading import load_model
 from dro_jax.queries import read_queries
 from dro_jax.represent import encode_queries
 
-NEVER_STOPS = -1  # a stop id no token has, so every row makes all its tokens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
         prompt_len = batch.token_ids.shape[1]
 
         def ours():
-            return generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, [NEVER_STOPS], sampling, pad_id=pad)
+            return generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, [], sampling, pad_id=pad)  # no stop: all tokens
 
         def theirs():
             with torch.inference_mode():
