@@ -84,10 +84,9 @@ def opening_log_probs(
     for row, ids in enumerate(encoded):
         ending_ids[row, : len(ids)] = ids
         ending_mask[row, : len(ids)] = True
-    pad = model.tokenizer.pad_token_id or 0
     result = np.zeros((len(prompts), len(openings)))
     with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
-        for batch in left_padded_batches(prompts, min(batch_size, len(prompts)), pad):
+        for batch in left_padded_batches(prompts, min(batch_size, len(prompts)), model.pad_id):
             scores = np.asarray(continuation_log_probs(model.params, model.config, batch.token_ids, batch.attention_mask, ending_ids, ending_mask))
             real = batch.index >= 0
             result[batch.index[real]] = scores[real]

@@ -44,9 +44,8 @@ def represent_tokens(model: LoadedModel, sequences: Sequence[Sequence[int]], bat
     if not sequences:
         raise DroJaxError("nothing to represent: no sequences given")
     batch_size = min(batch_size, len(sequences))
-    pad_id = getattr(model.tokenizer, "pad_token_id", None) or 0
     states = np.zeros((len(sequences), model.config.hidden_size), np.float32)
-    batches = list(left_padded_batches(sequences, batch_size, pad_id, model.config.max_position_embeddings))
+    batches = list(left_padded_batches(sequences, batch_size, model.pad_id, model.config.max_position_embeddings))
     with tqdm(total=len(sequences), desc="representations", unit="query", disable=not progress) as bar:
         for batch in batches:
             out = np.asarray(last_position_states(model.params, model.config, batch.token_ids, batch.attention_mask))

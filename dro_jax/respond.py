@@ -69,16 +69,15 @@ def generate_responses(
             )
     rows = [(q, s) for q in range(len(queries)) for s in range(num_samples)]
     stops = stop_token_ids(model)
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else stops[0]
     results: dict[int, Response] = {}
     batch_size = min(batch_size, len(rows))
     with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
-        for batch in left_padded_batches([sequences[q] for q, _ in rows], batch_size, pad_id):
+        for batch in left_padded_batches([sequences[q] for q, _ in rows], batch_size, model.pad_id):
             row_ids = np.where(batch.index >= 0, batch.index, 0)
             query_idx = np.array([rows[r][0] for r in row_ids])
             sample_idx = np.array([rows[r][1] for r in row_ids])
             keys = sample_keys(seed, query_idx, sample_idx)
-            tokens, lengths = generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, stops, sampling, keys, pad_id)
+            tokens, lengths = generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, stops, sampling, keys, model.pad_id)
             for row, source_row in enumerate(batch.index):
                 if source_row < 0:
                     continue

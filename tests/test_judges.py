@@ -57,7 +57,6 @@ def test_phrases_are_extendable_data(tmp_path):
 
 def test_model_judge_mechanics(tiny_model_dir):
     """A tiny random model as judge: the verdict is the sign of log p(unsafe) - log p(safe)."""
-    import numpy as np
     import torch
 
     from dro_jax.judges import ModelJudge, is_harmful_compliance

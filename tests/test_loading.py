@@ -1,7 +1,6 @@
 """Loaders: sharded safetensors, GGUF, dtypes, config parsing, and clear errors on bad checkpoints."""
 
 import json
-import shutil
 
 import jax
 import jax.numpy as jnp

@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> None:
 
     peak = matmul_peak_gflops()
     torch_model = load_torch_model(model.source, torch)
-    pad_id = model.tokenizer.pad_token_id or 0
-    batches = list(left_padded_batches(sequences, args.batch_size, pad_id))
+    batches = list(left_padded_batches(sequences, args.batch_size, model.pad_id))
 
     def dro_jax_batched():
         return represent_tokens(model, sequences, args.batch_size, progress=False)

@@ -16,7 +16,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dro_jax.batching import left_padded_batches
 from dro_jax.bench.common import best_of, import_torch, load_torch_model, markdown_table, matmul_peak_gflops
@@ -54,7 +53,6 @@ def run(args: argparse.Namespace) -> None:
     config = model.config
     queries = read_queries("harmful_test") + read_queries("harmless_test")
     sequences = encode_queries(model, queries, None)
-    pad = model.tokenizer.pad_token_id or 0
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     peak = matmul_peak_gflops()
     bandwidth = memory_bandwidth_gbs()
@@ -65,11 +63,11 @@ def run(args: argparse.Namespace) -> None:
     rows = []
     for batch_size in args.batch_sizes:
         prompts = [sequences[i % len(sequences)] for i in range(batch_size)]
-        batch = next(left_padded_batches(prompts, batch_size, pad))
+        batch = next(left_padded_batches(prompts, batch_size, model.pad_id))
         prompt_len = batch.token_ids.shape[1]
 
         def ours():
-            return generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, [], sampling, pad_id=pad)  # no stop: all tokens
+            return generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, [], sampling, pad_id=model.pad_id)  # no stop: all tokens
 
         def theirs():
             with torch.inference_mode():
@@ -77,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
                 return torch_model.generate(
                     input_ids=torch.from_numpy(batch.token_ids[:, -width:]).long(),
                     attention_mask=torch.from_numpy(batch.attention_mask[:, -width:]).long(),
-                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=pad,
+                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=model.pad_id,
                 )
 
         start = time.perf_counter()

@@ -46,6 +46,12 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, or None when not requested
     source: str
 
+    @property
+    def pad_id(self) -> int:
+        """Token id used to fill padding positions (masked out, so any id works; 0 without one)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return 0 if pad is None else pad
+
 
 def packaged_model_path(name: str) -> Path:
     """Locates a packaged model file from the distribution's file list, without importing it."""
