@@ -21,11 +21,15 @@ def bucket_length(length: int, minimum: int = 8) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PaddedBatch:
-    """Left-padded token ids [batch, length] with mask; `index` maps rows to input order (-1 = filler)."""
+    """Left-padded token ids [batch, length] with mask; `index` maps rows to input order (-1 = filler).
+
+    `soft_offsets` [batch] is where each row's soft-prompt rows start (-1: none).
+    """
 
     token_ids: np.ndarray
     attention_mask: np.ndarray
     index: np.ndarray
+    soft_offsets: np.ndarray
 
     @property
     def num_real(self) -> int:
@@ -33,12 +37,17 @@ class PaddedBatch:
 
 
 def left_padded_batches(
-    sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int = 0, max_length: int | None = None
+    sequences: Sequence[Sequence[int]],
+    batch_size: int,
+    pad_id: int = 0,
+    max_length: int | None = None,
+    soft_starts: Sequence[int] | None = None,
 ) -> Iterator[PaddedBatch]:
     """Batches of similar length (longest first), each padded to a bucketed length.
 
     Every batch has exactly `batch_size` rows (filler rows repeat a real one and
-    have index -1), so each bucket compiles once.
+    have index -1), so each bucket compiles once. `soft_starts[i]` is where
+    sequence i's soft-prompt rows start before padding.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -51,11 +60,14 @@ def left_padded_batches(
         token_ids = np.full((batch_size, length), pad_id, dtype=np.int32)
         mask = np.zeros((batch_size, length), dtype=np.int32)
         index = np.full(batch_size, -1, dtype=np.int64)
+        soft_offsets = np.full(batch_size, -1, dtype=np.int32)
         for row in range(batch_size):
             source = rows[row] if row < len(rows) else rows[0]
             seq = sequences[source]
             token_ids[row, length - len(seq) :] = seq
             mask[row, length - len(seq) :] = 1
+            if soft_starts is not None:
+                soft_offsets[row] = length - len(seq) + soft_starts[source]
             if row < len(rows):
                 index[row] = source
-        yield PaddedBatch(token_ids, mask, index)
+        yield PaddedBatch(token_ids, mask, index, soft_offsets)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from dro_jax.errors import DroJaxError
 
 SAFETY_PROMPTS = {
@@ -39,6 +41,40 @@ def resolve_system_prompt(setting: str | None) -> str | None:
     if not setting.strip():
         raise DroJaxError("the system prompt is empty; use 'none' for no system message")
     return SAFETY_PROMPTS.get(setting, setting)
+
+
+# Stands in for the system text while locating the slot that soft-prompt rows fill;
+# plain words, so it tokenizes like ordinary prompt text at both ends.
+SLOT_PLACEHOLDER = "Follow these instructions."
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptSetting:
+    """What fills the system-message slot: nothing, human-written text, or soft-prompt rows.
+
+    `soft_prompt` is a float32 [N, hidden] array of input embeddings (a trained
+    or imported DRO prompt); `text` and `soft_prompt` are never both set.
+    """
+
+    name: str
+    text: str | None = None
+    soft_prompt: np.ndarray | None = None
+
+    @classmethod
+    def from_text(cls, setting: str | None) -> "PromptSetting":
+        """`none`, a safety-prompt name, or custom text."""
+        text = resolve_system_prompt(setting)
+        if text is None:
+            return cls(NO_PROMPT)
+        return cls(setting, text)
+
+    @classmethod
+    def soft(cls, name: str, soft_prompt: np.ndarray) -> "PromptSetting":
+        return cls(name, None, np.asarray(soft_prompt, np.float32))
+
+
+def as_prompt_setting(setting: "PromptSetting | str | None") -> PromptSetting:
+    return setting if isinstance(setting, PromptSetting) else PromptSetting.from_text(setting)
 
 
 def template_has_system_role(tokenizer: Any) -> bool:
@@ -81,3 +117,31 @@ class ChatFormatter:
             self.messages(query), add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"])
+
+    def encode_with_slot(self, query: str) -> tuple[list[int], int, int]:
+        """Token ids as `encode`, plus the [start, stop) range of the system text's tokens.
+
+        The range is found from character offsets, so it holds for any template
+        and tokenizer; a token that straddles the text's edge (a leading space
+        merged into its first word) belongs to the range.
+        """
+        if self.system_prompt is None:
+            raise ValueError("encode_with_slot needs a system prompt")
+        rendered = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True, tokenize=False)
+        content = self.system_prompt.strip()
+        begin = rendered.find(content)
+        if begin < 0:
+            raise DroJaxError("the chat template rewrites the system prompt, so its tokens cannot be located")
+        end = begin + len(content)
+        encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [i for i, (first, last) in enumerate(encoded["offset_mapping"]) if first < end and last > begin]
+        return list(encoded["input_ids"]), inside[0], inside[-1] + 1
+
+    def encode_setting(self, query: str, soft_rows: int, filler_id: int) -> tuple[list[int], int]:
+        """Ids with `soft_rows` filler tokens where the system text goes, and the first filler's index.
+
+        Use a formatter built with `SLOT_PLACEHOLDER` as its system prompt; the
+        fillers are replaced by soft-prompt rows at embedding time.
+        """
+        ids, start, stop = self.encode_with_slot(query)
+        return ids[:start] + [filler_id] * soft_rows + ids[stop:], start

@@ -39,11 +39,22 @@ def _add_query_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_prompt_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument(
         "--system-prompt",
         default="none",
         help=f"one of {', '.join(PROMPT_SETTINGS)}, or custom text (default: %(default)s)",
     )
+    prompt.add_argument(
+        "--soft-prompt", metavar="FILE", help="a trained soft prompt (safetensors, tensor 'soft_prompt' [N, hidden]) in the system slot"
+    )
+
+
+def _prompt_setting(args: argparse.Namespace):
+    """The setting from --system-prompt or --soft-prompt; a soft-prompt file is read (and checked) here."""
+    from dro_jax.soft_prompt import SOFT_PREFIX, parse_prompt_setting
+
+    return parse_prompt_setting(SOFT_PREFIX + args.soft_prompt if args.soft_prompt else args.system_prompt)
 
 
 def _non_negative_int(text: str) -> int:
@@ -120,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_query_args(label)
     label.add_argument(
         "--settings", nargs="+", default=list(PROMPT_SETTINGS),
-        help=f"prompt settings to label: {', '.join(PROMPT_SETTINGS)} or custom text (default: all four)",
+        help=f"prompt settings to label: {', '.join(PROMPT_SETTINGS)}, soft:FILE (a soft-prompt file) "
+        "or custom text (default: the four without a soft prompt)",
     )
+    label.add_argument("--soft-prompt", metavar="FILE", action="append", default=[], help="also label under this soft prompt (repeatable)")
     _add_decoding_args(label, samples_default=5, allow_zero_samples=True)
     label.add_argument(
         "--judge-model",
@@ -136,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_represent(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from dro_jax.chat import resolve_system_prompt
     from dro_jax.files import atomic_output, check_writable
     from dro_jax.loading import load_model
     from dro_jax.queries import read_queries
@@ -144,9 +156,9 @@ def _run_represent(args: argparse.Namespace) -> None:
 
     out = check_writable(args.out)
     queries = read_queries(args.queries, args.field)
-    system_prompt = resolve_system_prompt(args.system_prompt)
+    setting = _prompt_setting(args)
     model = load_model(args.model, args.dtype)
-    states = represent_queries(model, queries, system_prompt, args.batch_size, source=args.queries)
+    states = represent_queries(model, queries, setting, args.batch_size, source=args.queries)
     with atomic_output(out) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, states)
@@ -154,7 +166,6 @@ def _run_represent(args: argparse.Namespace) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from dro_jax.chat import resolve_system_prompt
     from dro_jax.files import check_writable
     from dro_jax.loading import load_model
     from dro_jax.queries import read_queries
@@ -163,13 +174,13 @@ def _run_generate(args: argparse.Namespace) -> None:
     out = check_writable(args.out)
     sampling, judge = _sampling_and_judge(args)
     queries = read_queries(args.queries, args.field)
-    system_prompt = resolve_system_prompt(args.system_prompt)
+    setting = _prompt_setting(args)
     model = load_model(args.model, args.dtype)
     responses = generate_responses(
-        model, queries, system_prompt, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries
+        model, queries, setting, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries
     )
     _write_jsonl(out, (
-        {"query": r.query, "query_index": r.query_index, "sample": r.sample, "setting": args.system_prompt,
+        {"query": r.query, "query_index": r.query_index, "sample": r.sample, "setting": setting.name,
          "response": r.text, "num_tokens": r.num_tokens, "refusal": r.refusal}
         for r in responses
     ))
@@ -180,26 +191,26 @@ def _run_generate(args: argparse.Namespace) -> None:
 def _run_label(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from dro_jax.chat import resolve_system_prompt
     from dro_jax.files import check_writable
     from dro_jax.judges import ModelJudge
     from dro_jax.labels import label_queries
     from dro_jax.loading import load_model
     from dro_jax.queries import read_queries
+    from dro_jax.soft_prompt import SOFT_PREFIX, parse_prompt_setting
 
     out = check_writable(args.out)
     sampling, judge = _sampling_and_judge(args)
-    for setting in args.settings:
-        resolve_system_prompt(setting)
+    specs = args.settings + [SOFT_PREFIX + path for path in args.soft_prompt]
+    settings = [parse_prompt_setting(spec) for spec in specs]
     queries = read_queries(args.queries, args.field)
     model = load_model(args.model, args.dtype)
     judge_model = ModelJudge(load_model(args.judge_model, args.dtype)) if args.judge_model else None
     labels = label_queries(
-        model, queries, args.settings, sampling, args.num_samples, args.seed, args.batch_size, judge,
+        model, queries, settings, sampling, args.num_samples, args.seed, args.batch_size, judge,
         source=args.queries, judge_model=judge_model,
     )
     _write_jsonl(out, (dataclasses.asdict(label) for label in labels))
-    print(f"wrote {out}: {len(labels)} labels ({len(queries)} queries x {len(args.settings)} settings)", file=sys.stderr)
+    print(f"wrote {out}: {len(labels)} labels ({len(queries)} queries x {len(settings)} settings)", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

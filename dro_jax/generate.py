@@ -18,6 +18,7 @@ import numpy as np
 from dro_jax.errors import DroJaxError
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import KVCache, Params, compute_logits, embed_tokens, forward, positions_from_mask
+from dro_jax.soft_prompt import input_embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +135,15 @@ def generate_tokens(
     sampling: SamplingConfig,
     row_keys: jax.Array | None = None,
     pad_id: int = 0,
+    soft_prompt: jax.Array | None = None,
+    soft_offsets: jax.Array | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id convenience wrapper around `generate_from_embeddings` (left-padded ids)."""
+    """Token-id wrapper around `generate_from_embeddings` (left-padded ids, optional soft prompt)."""
     if row_keys is None:
         row_keys = jax.random.split(jax.random.key(0), token_ids.shape[0])
+    embeds = input_embeddings(params, jnp.asarray(token_ids), soft_prompt, soft_offsets)
     tokens, lengths = generate_from_embeddings(
-        params, config, embed_tokens(params, jnp.asarray(token_ids)), jnp.asarray(attention_mask),
+        params, config, embeds, jnp.asarray(attention_mask),
         jnp.asarray(list(stop_ids), jnp.int32).reshape(-1), row_keys, jnp.int32(pad_id), sampling,
     )
     return np.asarray(tokens), np.asarray(lengths)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dro_jax.chat import resolve_system_prompt
+from dro_jax.chat import PromptSetting, as_prompt_setting
 from dro_jax.generate import SamplingConfig
 from dro_jax.judges import ModelJudge, StringJudge, is_harmful_compliance
 from dro_jax.loading import LoadedModel
@@ -34,7 +34,7 @@ class Label:
 def label_queries(
     model: LoadedModel,
     queries: Sequence[str],
-    settings: Sequence[str],
+    settings: Sequence[PromptSetting | str],
     sampling: SamplingConfig,
     num_samples: int,
     seed: int = 0,
@@ -45,15 +45,14 @@ def label_queries(
     source: str = "queries",
     judge_model: ModelJudge | None = None,
 ) -> list[Label]:
-    """Labels for every query under every setting (`none`, a safety prompt name, or custom text)."""
+    """Labels for every query under every setting (`none`, a safety prompt name, custom text, or a soft prompt)."""
     labels = []
-    for setting in settings:
-        system_prompt = resolve_system_prompt(setting)
-        log_odds = refusal_log_odds(model, encode_queries(model, queries, system_prompt, source), openings, batch_size, progress)
+    for setting in map(as_prompt_setting, settings):
+        log_odds = refusal_log_odds(model, encode_queries(model, queries, setting, source), openings, batch_size, progress)
         compliance: list[float | None] = [None] * len(queries)
         if num_samples > 0:
             responses = generate_responses(
-                model, queries, system_prompt, sampling, num_samples, seed, batch_size, judge, progress, source
+                model, queries, setting, sampling, num_samples, seed, batch_size, judge, progress, source
             )
             complied = np.zeros(len(queries))
             if judge_model is None:
@@ -65,6 +64,6 @@ def label_queries(
                     complied[response.query_index] += is_harmful_compliance(response.text, response.refusal, is_unsafe)
             compliance = list(complied / num_samples)
         labels += [
-            Label(i, q, setting, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
+            Label(i, q, setting.name, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
         ]
     return labels

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dro_jax.batching import left_padded_batches
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.errors import DroJaxError
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
+from dro_jax.represent import EncodedQueries
+from dro_jax.soft_prompt import input_embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,14 @@ class Openings:
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def continuation_log_probs(
-    params: Params, config: ModelConfig, prompt_ids: jax.Array, prompt_mask: jax.Array, ending_ids: jax.Array, ending_mask: jax.Array
+    params: Params,
+    config: ModelConfig,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    ending_ids: jax.Array,
+    ending_mask: jax.Array,
+    soft_prompt: jax.Array | None = None,
+    soft_offsets: jax.Array | None = None,
 ) -> jax.Array:
     """[b, n] log p(ending j | prompt i), each prompt run once.
 
@@ -50,7 +58,8 @@ def continuation_log_probs(
     dtype = params["embed_tokens"]["weight"].dtype
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, span), prompt_mask.dtype)], axis=1)
     prefill = forward(
-        params, config, prompt_ids, key_mask, positions=positions_from_mask(prompt_mask),
+        params, config, inputs_embeds=input_embeddings(params, prompt_ids, soft_prompt, soft_offsets),
+        attention_mask=key_mask, positions=positions_from_mask(prompt_mask),
         cache=KVCache.zeros(config, batch, prompt_len + span, dtype), cache_index=0,
     )
     first = jax.nn.log_softmax(compute_logits(params, config, prefill.last_hidden_state[:, -1:])[:, 0], axis=-1)  # [b, v]
@@ -69,12 +78,13 @@ def continuation_log_probs(
 
 
 def opening_log_probs(
-    model: LoadedModel, prompts: Sequence[Sequence[int]], openings: Sequence[str], batch_size: int = 16, progress: bool = True
+    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Sequence[str], batch_size: int = 16, progress: bool = True
 ) -> np.ndarray:
     """[n_prompts, n_openings] log-probabilities of each opening right after each chat prompt.
 
     `batch_size` prompts run together, with batch_size * n_openings opening rows.
     """
+    prompts = EncodedQueries.of(prompts)
     encoded = [model.tokenizer.encode(text, add_special_tokens=False) for text in openings]
     if any(not ids for ids in encoded):
         raise DroJaxError("an opening encodes to no tokens")
@@ -86,8 +96,11 @@ def opening_log_probs(
         ending_mask[row, : len(ids)] = True
     result = np.zeros((len(prompts), len(openings)))
     with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
-        for batch in left_padded_batches(prompts, min(batch_size, len(prompts)), model.pad_id):
-            scores = np.asarray(continuation_log_probs(model.params, model.config, batch.token_ids, batch.attention_mask, ending_ids, ending_mask))
+        for batch in prompts.batches(min(batch_size, len(prompts)), model.pad_id):
+            scores = np.asarray(continuation_log_probs(
+                model.params, model.config, batch.token_ids, batch.attention_mask, ending_ids, ending_mask,
+                *prompts.soft_inputs(batch),
+            ))
             real = batch.index >= 0
             result[batch.index[real]] = scores[real]
             bar.update(batch.num_real)
@@ -95,7 +108,7 @@ def opening_log_probs(
 
 
 def refusal_log_odds(
-    model: LoadedModel, prompts: Sequence[Sequence[int]], openings: Openings = Openings(), batch_size: int = 16, progress: bool = True
+    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Openings = Openings(), batch_size: int = 16, progress: bool = True
 ) -> np.ndarray:
     """[n_prompts] log of (probability of any refusal opening / probability of any compliant opening)."""
     log_probs = opening_log_probs(model, prompts, openings.refusal + openings.compliant, batch_size, progress)

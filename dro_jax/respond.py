@@ -9,11 +9,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dro_jax.batching import left_padded_batches
 from dro_jax.errors import DroJaxError
 from dro_jax.generate import SamplingConfig, generate_tokens
 from dro_jax.judges import StringJudge
 from dro_jax.loading import LoadedModel
+from dro_jax.chat import PromptSetting
 from dro_jax.represent import encode_queries
 
 
@@ -46,7 +46,7 @@ def sample_keys(seed: int, query_indices: np.ndarray, samples: np.ndarray) -> ja
 def generate_responses(
     model: LoadedModel,
     queries: Sequence[str],
-    system_prompt: str | None,
+    setting: PromptSetting | str | None,
     sampling: SamplingConfig,
     num_samples: int = 1,
     seed: int = 0,
@@ -59,25 +59,29 @@ def generate_responses(
     if num_samples < 1:
         raise DroJaxError(f"num-samples must be at least 1, got {num_samples}")
     judge = judge or StringJudge.default()
-    sequences = encode_queries(model, queries, system_prompt, source)
+    encoded = encode_queries(model, queries, setting, source)
     limit = model.config.max_position_embeddings
-    for number, ids in enumerate(sequences, start=1):
+    for number, ids in enumerate(encoded.sequences, start=1):
         if len(ids) + sampling.max_new_tokens > limit:
             raise DroJaxError(
                 f"{source}: query {number} is {len(ids)} tokens; with max-new-tokens {sampling.max_new_tokens} "
                 f"it exceeds the model's context of {limit}"
             )
     rows = [(q, s) for q in range(len(queries)) for s in range(num_samples)]
+    prompts = encoded.select([q for q, _ in rows])
     stops = stop_token_ids(model)
     results: dict[int, Response] = {}
     batch_size = min(batch_size, len(rows))
     with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
-        for batch in left_padded_batches([sequences[q] for q, _ in rows], batch_size, model.pad_id):
+        for batch in prompts.batches(batch_size, model.pad_id):
             row_ids = np.where(batch.index >= 0, batch.index, 0)
             query_idx = np.array([rows[r][0] for r in row_ids])
             sample_idx = np.array([rows[r][1] for r in row_ids])
             keys = sample_keys(seed, query_idx, sample_idx)
-            tokens, lengths = generate_tokens(model.params, model.config, batch.token_ids, batch.attention_mask, stops, sampling, keys, model.pad_id)
+            tokens, lengths = generate_tokens(
+                model.params, model.config, batch.token_ids, batch.attention_mask, stops, sampling, keys, model.pad_id,
+                *prompts.soft_inputs(batch),
+            )
             for row, source_row in enumerate(batch.index):
                 if source_row < 0:
                     continue

@@ -112,7 +112,7 @@ def test_greedy_generation_equals_transformers_generate(smollm2, torch_smollm2):
 
     pad = smollm2.tokenizer.pad_token_id
     stop = [smollm2.tokenizer.eos_token_id]
-    batch = next(left_padded_batches(encode_queries(smollm2, PROMPTS, None), len(PROMPTS), pad))
+    batch = next(left_padded_batches(encode_queries(smollm2, PROMPTS, None).sequences, len(PROMPTS), pad))
     tokens, _ = generate_tokens(smollm2.params, smollm2.config, batch.token_ids, batch.attention_mask, stop, SamplingConfig(max_new_tokens=32), pad_id=pad)
     with torch.no_grad():
         out = torch_smollm2.generate(

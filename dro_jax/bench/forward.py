@@ -17,7 +17,6 @@ import numpy as np
 
 from dro_jax.batching import left_padded_batches
 from dro_jax.bench.common import best_of, import_torch, layer_matmuls_gflops, load_torch_model, markdown_table, matmul_peak_gflops
-from dro_jax.chat import SAFETY_PROMPTS
 from dro_jax.loading import load_model
 from dro_jax.queries import read_queries
 from dro_jax.represent import encode_queries, represent_tokens
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
     queries = read_queries(args.queries) if args.queries else benchmark_queries(args.num_queries)
     model = load_model(args.model, "float32", progress=False)
     config = model.config
-    sequences = encode_queries(model, queries, SAFETY_PROMPTS.get(args.system_prompt, args.system_prompt))
+    sequences = encode_queries(model, queries, args.system_prompt).sequences
     lengths = np.array([len(s) for s in sequences])
     useful_flops = sum(config.forward_flops(int(n), int(n * (n + 1) // 2)) for n in lengths)
     print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters, float32")

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
     torch_model = load_torch_model(model.source, torch)
     config = model.config
     queries = read_queries("harmful_test") + read_queries("harmless_test")
-    sequences = encode_queries(model, queries, None)
+    sequences = encode_queries(model, queries, None).sequences
     sampling = SamplingConfig(max_new_tokens=args.new_tokens)
     peak = matmul_peak_gflops()
     bandwidth = memory_bandwidth_gbs()

@@ -15,7 +15,6 @@ import numpy as np
 
 from dro_jax.bench.common import import_torch, load_torch_model, markdown_table
 from dro_jax.bench.forward import benchmark_queries
-from dro_jax.chat import SAFETY_PROMPTS
 from dro_jax.loading import load_model
 from dro_jax.models import forward
 from dro_jax.represent import encode_queries
@@ -33,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
     torch_model = load_torch_model(model.source, torch)
     queries = benchmark_queries(args.num_prompts)
     half = args.num_prompts // 2
-    sequences = encode_queries(model, queries[:half], None) + encode_queries(model, queries[half:], SAFETY_PROMPTS["default"])
+    sequences = encode_queries(model, queries[:half], None).sequences + encode_queries(model, queries[half:], "default").sequences
     run_jax = jax.jit(forward, static_argnames=("config", "output_hidden_states", "output_logits"))
     layers = model.config.num_layers
     layer_error = np.zeros(layers)
