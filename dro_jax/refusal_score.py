@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -34,6 +36,19 @@ class Openings:
 
     refusal: tuple[str, ...] = ("I'm sorry", "I am sorry", "I cannot", "I can't", "I apologize", "As an AI")
     compliant: tuple[str, ...] = ("Sure", "Certainly", "Of course", "Here is", "Here's", "To")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Openings":
+        """Reads {"refusal": [...], "compliant": [...]} (two non-empty lists of strings) from a JSON file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            refusal, compliant = tuple(data["refusal"]), tuple(data["compliant"])
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise DroJaxError(f"{path}: not an openings file with 'refusal' and 'compliant' lists ({err})") from None
+        if not refusal or not compliant or not all(isinstance(t, str) and t for t in refusal + compliant):
+            raise DroJaxError(f"{path}: 'refusal' and 'compliant' must be non-empty lists of non-empty strings")
+        return cls(refusal, compliant)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

@@ -1,0 +1,218 @@
+"""The `anchor`, `train` and `export` commands of `dro-jax`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dro_jax.chat import PROMPT_SETTINGS
+from dro_jax.cli import _add_model_args, _positive_int
+from dro_jax.errors import DroJaxError
+
+ABLATIONS = {"norm": "norm", "refusal": "refusal", "harm": "harmfulness"}
+
+
+def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--harmful", default="harmful_train", help="harmful anchor/training queries: a packaged set or a file (default: %(default)s)")
+    parser.add_argument("--harmless", default="harmless_train", help="harmless queries, paired with the harmful ones (default: %(default)s)")
+    parser.add_argument("--field", help="column (.csv) or field (.jsonl) holding the query (default: query)")
+    parser.add_argument(
+        "--label", choices=("logodds", "sampled"), default="logodds",
+        help="refusal label: refusal log-odds (no generation) or the sampled compliance rate (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--openings", help='JSON file {"refusal": [...], "compliant": [...]}: reply openings for the log-odds label'
+    )
+    parser.add_argument("--num-samples", type=_positive_int, default=5, help="responses per query for --label sampled (default: %(default)s)")
+    parser.add_argument(
+        "--settings", nargs="+", default=list(PROMPT_SETTINGS),
+        help="prompt settings whose representations make the anchor space (default: %(default)s)",
+    )
+    parser.add_argument("--num-components", type=_positive_int, default=4, help="PCA components (default: %(default)s)")
+    parser.add_argument("--folds", type=_positive_int, default=10, help="k-fold splits for the two probes (default: %(default)s)")
+    parser.add_argument("--batch-size-eval", type=_positive_int, default=32, help="queries per forward pass when representing (default: %(default)s)")
+
+
+def add_commands(commands) -> None:
+    anchor = commands.add_parser("anchor", help="representations and labels of the anchor queries, PCA space, refusal and harmfulness probes")
+    _add_model_args(anchor)
+    _add_anchor_args(anchor)
+    anchor.add_argument("--out", required=True, help="output anchor file (.safetensors)")
+    anchor.set_defaults(run=_run_anchor)
+
+    train = commands.add_parser("train", help="train a DRO soft prompt (computes the anchor space first unless --anchors is given)")
+    _add_model_args(train)
+    _add_anchor_args(train)
+    train.add_argument("--anchors", help="an anchor file from `dro-jax anchor` (default: compute one into the output directory)")
+    init = train.add_mutually_exclusive_group()
+    init.add_argument(
+        "--init-prompt", default="short",
+        help=f"start from the token embeddings of this prompt: {', '.join(PROMPT_SETTINGS[1:])} or text (default: %(default)s)",
+    )
+    init.add_argument("--init-random", type=_positive_int, metavar="N", help="start from N random vocabulary embeddings instead")
+    train.add_argument("--epochs", type=_positive_int, default=40, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=_positive_int, default=50, help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=42, help="data order and random init (default: %(default)s)")
+    train.add_argument("--ablate", choices=sorted(ABLATIONS), action="append", default=[], help="drop a loss term (repeatable)")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=10, help="steps between checkpoints (default: %(default)s)")
+    train.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory, for large models)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--out", required=True, help="run directory: anchors, checkpoints/, metrics.jsonl, soft_prompt.safetensors")
+    train.set_defaults(run=_run_train)
+
+    export = commands.add_parser("export", help="write a checkpoint's soft prompt as safetensors (tensor 'soft_prompt' [N, hidden])")
+    export.add_argument("--checkpoint", required=True, help="a training run directory or its checkpoints/ directory")
+    export.add_argument("--step", type=_positive_int, help="which step (default: the latest)")
+    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.set_defaults(run=_run_export)
+
+
+def _anchor_config(args: argparse.Namespace):
+    from dro_jax.anchor_data import AnchorConfig
+    from dro_jax.anchors import FitConfig
+
+    from dro_jax.refusal_score import Openings
+
+    fit = FitConfig(num_components=args.num_components, folds=args.folds, seed=42)
+    openings = Openings.from_file(args.openings) if args.openings else Openings()
+    return AnchorConfig(settings=tuple(args.settings), label=args.label, num_samples=args.num_samples, fit=fit, openings=openings)
+
+
+def _read_pair(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    from dro_jax.queries import read_queries
+    from dro_jax.train import check_query_sets
+
+    harmful, harmless = read_queries(args.harmful, args.field), read_queries(args.harmless, args.field)
+    check_query_sets(harmful, harmless)
+    return harmful, harmless
+
+
+def _print_report(report: dict) -> None:
+    def metric(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    explained = ", ".join(f"{v:.3f}" for v in report["explained_variance_ratio"])
+    print(f"PCA explained variance: {explained}", file=sys.stderr)
+    for name in ("refusal", "harmfulness"):
+        probe = report[name]
+        print(
+            f"{name} probe, held out: accuracy {metric(probe['accuracy'])}, AUC {metric(probe['auc'])}, BCE {metric(probe['bce'])}",
+            file=sys.stderr,
+        )
+
+
+def _build_anchors(args: argparse.Namespace, model, harmful, harmless, out: Path):
+    from dro_jax.anchor_data import build_anchor_space
+    from dro_jax.files import atomic_output
+
+    space, report, _ = build_anchor_space(model, harmful, harmless, _anchor_config(args), args.batch_size_eval)
+    space.save(out)
+    with atomic_output(out.with_suffix(".report.json")) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    _print_report(report)
+    return space
+
+
+def _run_anchor(args: argparse.Namespace) -> None:
+    from dro_jax.files import check_writable
+    from dro_jax.loading import load_model
+
+    out = check_writable(args.out)
+    harmful, harmless = _read_pair(args)
+    model = load_model(args.model, args.dtype)
+    _build_anchors(args, model, harmful, harmless, out)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _run_config(args: argparse.Namespace) -> dict:
+    """Everything that must stay the same for --resume to continue a run."""
+    keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds", "anchors",
+            "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "ablate", "checkpoint_every", "remat")
+    return {key: getattr(args, key) for key in keys}
+
+
+def _prepare_run_dir(args: argparse.Namespace) -> Path:
+    from dro_jax.files import atomic_output
+
+    run_dir = Path(args.out)
+    config_path = run_dir / "config.json"
+    config = _run_config(args)
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        changed = sorted(k for k in config if saved.get(k) != config[k])
+        if changed:
+            raise DroJaxError(
+                f"{run_dir} holds a run with different settings ({', '.join(changed)}); "
+                "use the same ones to continue it, or choose a new --out"
+            )
+        if any((run_dir / "checkpoints").glob("*")) and not args.resume:
+            raise DroJaxError(f"{run_dir} already holds a training run: pass --resume to continue it, or choose a new --out")
+    else:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DroJaxError(f"{run_dir}: cannot create the run directory ({err.strerror})") from None
+        with atomic_output(config_path) as tmp:
+            tmp.write_text(json.dumps(config, indent=2))
+    return run_dir
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from dro_jax.anchors import AnchorSpace
+    from dro_jax.dro_loss import LossWeights
+    from dro_jax.loading import load_model
+    from dro_jax.soft_prompt import initial_soft_prompt, random_soft_prompt, save_soft_prompt
+    from dro_jax.train import TrainConfig, prepare_training_set, train_soft_prompt
+
+    weights = LossWeights().ablate(*(ABLATIONS[name] for name in args.ablate))
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        loss_weights=weights, checkpoint_every=args.checkpoint_every, remat=args.remat,
+    )
+    harmful, harmless = _read_pair(args)
+    if args.batch_size > len(harmful) + len(harmless):
+        raise DroJaxError(f"batch size {args.batch_size} is larger than the {len(harmful) + len(harmless)} training queries")
+    anchors = AnchorSpace.load(args.anchors) if args.anchors else None
+    run_dir = _prepare_run_dir(args)
+    model = load_model(args.model, args.dtype)
+    if anchors is None:
+        anchor_path = run_dir / "anchors.safetensors"
+        anchors = AnchorSpace.load(anchor_path) if anchor_path.exists() else _build_anchors(args, model, harmful, harmless, anchor_path)
+    if anchors.mean.shape[0] != model.config.hidden_size:
+        raise DroJaxError(f"the anchor space is {anchors.mean.shape[0]} wide but the model's hidden size is {model.config.hidden_size}")
+    if args.init_random:
+        initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
+    else:
+        initial, base_prompt = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt), args.init_prompt
+    data = prepare_training_set(model, harmful, harmless, base_prompt, len(initial))
+    result = train_soft_prompt(
+        model, data, anchors, initial, config, run_dir / "checkpoints", run_dir / "metrics.jsonl", resume=args.resume
+    )
+    out = save_soft_prompt(run_dir / "soft_prompt.safetensors", result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
+    last = result.metrics[-1] if result.metrics else {}
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "refusal", "harmfulness", "norm") if k in last)
+    print(f"trained {result.steps} steps ({summary}); wrote {out}", file=sys.stderr)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from dro_jax.checkpoints import TrainCheckpoints
+    from dro_jax.files import check_writable
+    from dro_jax.soft_prompt import save_soft_prompt
+
+    out = check_writable(args.out)
+    directory = Path(args.checkpoint)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise DroJaxError(f"{directory}: no such checkpoint directory")
+    checkpoints = TrainCheckpoints(directory)
+    try:
+        state, record = checkpoints.restore(None, args.step)
+    finally:
+        checkpoints.close()
+    soft_prompt = state[0]
+    save_soft_prompt(out, soft_prompt, {"step": str(record["step"])})
+    print(f"wrote {out}: step {record['step']}, soft prompt {tuple(soft_prompt.shape)}", file=sys.stderr)
