@@ -135,9 +135,9 @@ def make_train_step(
 ) -> Callable:
     """jit(soft_prompt, opt_state, batch, frozen) -> (soft_prompt, opt_state, metrics); state replicated."""
     def step(soft_prompt, opt_state, batch, frozen):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(soft_prompt, batch, frozen)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(soft_prompt, batch, frozen)
         updates, opt_state = optimizer.update(grads, opt_state, soft_prompt)
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return optax.apply_updates(soft_prompt, updates), opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated(mesh))
@@ -238,9 +238,9 @@ def train_soft_prompt(
             "step": step, "epoch": step // steps_per_epoch(len(data), config.batch_size), "seed": config.seed,
             "config": config.to_dict(), "model": fingerprint, "num_examples": len(data),
         }
-        checkpoints.save(step, (soft_prompt, opt_state), record)
-        if metrics_path is not None:
+        if metrics_path is not None:  # first: a resume drops lines beyond its checkpoint, never misses one
             _write_metrics(metrics_path, history)
+        checkpoints.save(step, (soft_prompt, opt_state), record)
 
     with tqdm(total=total, initial=start, desc="DRO training", unit="step", disable=not progress) as bar:
         step = start

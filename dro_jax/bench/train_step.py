@@ -1,0 +1,245 @@
+"""DRO training-step time: the jitted dro-jax step vs the same step in PyTorch/transformers, with forward-only rows.
+
+Both sides run one batch of the packaged training queries (`harmful_train` and
+`harmless_train`, drawn as the training loop draws its first batch and padded
+to the training set's single length), the soft prompt initialised from the
+short safety prompt, float32:
+
+* dro-jax: `make_train_step` (value_and_grad of `dro_loss`, optax clip 1.0 +
+  AdamW 1e-3) under `jax.jit`, as `train_soft_prompt` runs it;
+* PyTorch: `dro_jax.bench.torch_dro.torch_train_step` (the same loss through
+  transformers' `inputs_embeds`, backward, clip_grad_norm_ 1.0, AdamW 1e-3),
+  model parameters frozen.
+
+Forward-only rows time the loss alone (no gradient). The anchor space is a
+cheap stand-in, fine for timing: PCA of the batch's base states (4 axes,
+completed to a full basis) and random probe weights; the loss's cost does not
+depend on the probe values.
+
+GFLOP/s counts useful work only, as `forward` does: matmul FLOPs of the real
+(unpadded) tokens plus causal attention, 2 forward passes per training step
+(the backward pass forms input gradients only, no weight gradients: about one
+forward's matmuls) and 1 per forward-only call. Memory is the process's
+resident-set high-water mark (Linux VmHWM, reset through
+/proc/self/clear_refs after each warm-up, so each row's peak covers its timed
+calls only), given as the peak over the RSS when the row started (its working
+memory; both models stay loaded throughout) and as the absolute peak. Where
+the peak cannot be reset, the never-reset ru_maxrss is shown instead and
+says so. XLA device memory statistics, where the backend has them (not on
+CPU), are printed as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dro_jax.bench.common import import_torch, load_torch_model, markdown_table, matmul_peak_gflops
+from dro_jax.loading import load_model
+from dro_jax.queries import read_queries
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch-size", type=int, default=50, help="queries per step (default: %(default)s, the reference's)")
+    parser.add_argument("--num-queries", type=int, default=100, help="harmful/harmless training pairs to draw the batch from (default: all 100)")
+    parser.add_argument("--init-prompt", default="short", help="safety prompt the soft prompt starts from (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up step (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads (XLA uses every core)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random probe weights")
+
+
+class PeakMemory:
+    """Resident-set high-water mark of this process, resettable on Linux."""
+
+    STATUS = Path("/proc/self/status")
+    CLEAR = Path("/proc/self/clear_refs")
+
+    def __init__(self) -> None:
+        self.resettable = self._try_reset()
+
+    def _try_reset(self) -> bool:
+        try:
+            self.CLEAR.write_text("5")  # 5: reset the peak RSS to the current RSS (Linux >= 4.0)
+            return self._status("VmHWM") is not None
+        except OSError:
+            return False
+
+    def _status(self, field: str) -> int | None:
+        try:
+            for line in self.STATUS.read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def current(self) -> int:
+        return self._status("VmRSS") or 0
+
+    def start(self) -> int:
+        """Resets the peak (where possible); returns the RSS now."""
+        if self.resettable:
+            self._try_reset()
+        return self.current()
+
+    def peak(self) -> int:
+        if self.resettable:
+            return self._status("VmHWM") or 0
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+    @property
+    def kind(self) -> str:
+        return "VmHWM, reset per row" if self.resettable else "ru_maxrss, never reset: includes every earlier row"
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def run(args: argparse.Namespace) -> None:
+    torch = import_torch(args.threads)
+    import jax
+    import jax.numpy as jnp
+
+    from dro_jax.anchors import AnchorSpace, LinearProbe, complete_basis, fit_pca
+    from dro_jax.bench.torch_dro import freeze, make_torch_optimizer, torch_anchors, torch_dro_loss, torch_train_step
+    from dro_jax.dro_loss import LossWeights, dro_loss
+    from dro_jax.errors import DroJaxError
+    from dro_jax.sharding import data_mesh, padded_batch_size, replicate, shard_batch
+    from dro_jax.soft_prompt import initial_soft_prompt
+    from dro_jax.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step, prepare_training_set
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise DroJaxError("--steps and --batch-size must be at least 1")
+    harmful = read_queries("harmful_train")[: args.num_queries]
+    harmless = read_queries("harmless_train")[: args.num_queries]
+    model = load_model(args.model, "float32", progress=False)
+    config = model.config
+    init = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt)
+    data = prepare_training_set(model, harmful, harmless, args.init_prompt, init.shape[0], progress=False)
+    train_config = TrainConfig(batch_size=min(args.batch_size, len(data)))
+    mesh = data_mesh()
+    index = batch_indices(len(data), train_config, 0)
+    rows = padded_batch_size(len(index), mesh)
+    weights = np.zeros(rows, np.float32)
+    weights[: len(index)] = 1
+    batch = data.rows(np.concatenate([index, np.full(rows - len(index), index[0])]), weights)
+
+    # Cheap anchor space for timing: PCA axes of the batch's base states, random probes.
+    num_components = min(4, len(index), config.hidden_size)
+    mean, components, _ = fit_pca(batch.base_states[: len(index)], num_components, args.seed)
+    rng = np.random.default_rng(args.seed)
+    anchors = AnchorSpace(
+        mean, complete_basis(components, args.seed), num_components,
+        LinearProbe(rng.standard_normal(num_components).astype(np.float32), 0.0),
+        LinearProbe(rng.standard_normal(num_components).astype(np.float32), 0.0), {"benchmark": "PCA + random probes"},
+    )
+
+    real = batch.attention_mask[: len(index)].sum(axis=1).astype(np.int64)
+    forward_flops = sum(config.forward_flops(int(n), int(n * (n + 1) // 2)) for n in real)
+    padded_tokens = batch.token_ids.size
+    print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters, float32; soft prompt {init.shape[0]} rows "
+          f"from the {args.init_prompt!r} prompt")
+    print(f"batch {len(index)} of {len(data)} training queries, padded to {batch.token_ids.shape[1]} tokens "
+          f"({real.sum()} real of {padded_tokens}); {forward_flops / 1e9:.1f} GFLOP per forward pass (real tokens); "
+          f"XLA sees {os.cpu_count()} cores, PyTorch {args.threads} threads")
+
+    memory = PeakMemory()
+    results: dict[str, dict] = {}
+
+    def measure(name: str, warm_up, call) -> None:
+        start = time.perf_counter()
+        warm_up()
+        first = time.perf_counter() - start
+        base = memory.start()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        results[name] = {"first": first, "times": times, "start_rss": base, "peak_rss": memory.peak()}
+
+    # dro-jax: the training loop's own jitted step, state replicated and batch sharded as there.
+    loss_fn = functools.partial(dro_loss, config=config, weights=LossWeights())
+    optimizer = make_optimizer(train_config)
+    step_fn = make_train_step(loss_fn, optimizer, mesh)
+    frozen = replicate(frozen_inputs(model, anchors), mesh)
+    jax_batch = shard_batch(batch, mesh)
+    state = {"prompt": replicate(jnp.asarray(init), mesh)}
+    state["opt"] = replicate(optimizer.init(state["prompt"]), mesh)
+    jax_metrics = {}
+
+    def jax_step():
+        state["prompt"], state["opt"], metrics = step_fn(state["prompt"], state["opt"], jax_batch, frozen)
+        jax.block_until_ready(state["prompt"])
+        jax_metrics.setdefault("first", {k: float(v) for k, v in metrics.items()})
+
+    measure("jax_step", jax_step, jax_step)
+    jax_loss = jax.jit(loss_fn)
+    prompt_now = jnp.asarray(init)
+    forward_once = lambda: jax.block_until_ready(jax_loss(prompt_now, jax_batch, frozen))
+    measure("jax_forward", forward_once, forward_once)
+    device_stats = jax.devices()[0].memory_stats()
+
+    # PyTorch: the same step on the transformers model.
+    torch_model = freeze(load_torch_model(model.source, torch))
+    t_anchors = torch_anchors(anchors)
+    soft = torch.nn.Parameter(torch.from_numpy(init.copy()))
+    torch_optimizer = make_torch_optimizer(soft, train_config.learning_rate, train_config.weight_decay)
+    torch_metrics = {}
+
+    def torch_step():
+        metrics = torch_train_step(torch_model, soft, torch_optimizer, batch, t_anchors, clip_norm=train_config.clip_norm)
+        torch_metrics.setdefault("first", metrics)
+
+    measure("torch_step", torch_step, torch_step)
+    fixed = torch.from_numpy(init.copy())
+
+    def torch_forward():
+        with torch.no_grad():
+            torch_dro_loss(torch_model, fixed, batch, t_anchors)
+
+    measure("torch_forward", torch_forward, torch_forward)
+
+    peak = matmul_peak_gflops()
+    table = []
+    labels = {
+        "jax_step": ("dro-jax training step", 2, "jit; value_and_grad + optax clip/AdamW"),
+        "torch_step": ("PyTorch training step", 2, f"transformers {torch_model.config._attn_implementation} attention; backward + clip_grad_norm_ + AdamW"),
+        "jax_forward": ("dro-jax loss, forward only", 1, "jit"),
+        "torch_forward": ("PyTorch loss, forward only", 1, "torch.no_grad"),
+    }
+    for key in ("jax_step", "torch_step", "jax_forward", "torch_forward"):
+        label, passes, note = labels[key]
+        result = results[key]
+        seconds = min(result["times"])
+        gflops = passes * forward_flops / seconds / 1e9
+        table.append([
+            label, f"{seconds:.2f}", f"{statistics.mean(result['times']):.2f}", f"{gflops:.0f}", f"{gflops / peak:.0%}",
+            _gib(max(result["peak_rss"] - result["start_rss"], 0)), _gib(result["peak_rss"]), note,
+        ])
+    jax_step_s, torch_step_s = min(results["jax_step"]["times"]), min(results["torch_step"]["times"])
+    jax_fwd_s = min(results["jax_forward"]["times"])
+    print(f"float32 matmul peak (XLA, best square matmul): {peak:.0f} GFLOP/s; memory: process RSS peak ({memory.kind})\n")
+    print(markdown_table(
+        ["implementation", f"best s ({args.steps} calls)", "mean s", "GFLOP/s", "of peak", "peak RSS over start", "peak RSS", "note"], table
+    ))
+    print(f"\ndro-jax compile (first call minus the best timed call): training step "
+          f"{max(results['jax_step']['first'] - jax_step_s, 0):.1f} s, forward-only loss "
+          f"{max(results['jax_forward']['first'] - jax_fwd_s, 0):.1f} s")
+    print(f"dro-jax / PyTorch training step: {torch_step_s / jax_step_s:.2f}x; forward only: "
+          f"{min(results['torch_forward']['times']) / jax_fwd_s:.2f}x")
+    first_jax, first_torch = jax_metrics["first"], torch_metrics["first"]
+    print(f"first step, same inputs: loss {first_jax['loss']:.6f} (dro-jax) vs {first_torch['loss']:.6f} (PyTorch), "
+          f"gradient norm {first_jax['grad_norm']:.5f} vs {first_torch['grad_norm']:.5f}")
+    if device_stats:
+        print(f"XLA device memory: peak {_gib(device_stats.get('peak_bytes_in_use', 0))} in use")
