@@ -144,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--out", required=True, help="output .jsonl file, one label per query and setting")
     label.set_defaults(run=_run_label)
 
-    from dro_jax import cli_train
+    from dro_jax import cli_dro
 
-    cli_train.add_commands(commands)
+    cli_dro.add_commands(commands)
     return parser
 
 

@@ -143,7 +143,10 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated(mesh))
 
 
-def frozen_inputs(model: LoadedModel, anchors: AnchorSpace) -> Frozen:
+def frozen_inputs(model: LoadedModel, anchors: AnchorSpace | None) -> Frozen:
+    """The loss's fixed inputs; without an anchor space (the prompt-tuning baseline) only the parameters."""
+    if anchors is None:
+        return Frozen(model.params, None, None, None, None)
     return Frozen(
         model.params, jnp.asarray(anchors.mean), jnp.asarray(anchors.components),
         jnp.asarray(anchors.refusal.weight), jnp.asarray(anchors.harmfulness.weight),
@@ -194,7 +197,7 @@ def _write_metrics(path: Path, records: list[dict]) -> None:
 def train_soft_prompt(
     model: LoadedModel,
     data: TrainingSet,
-    anchors: AnchorSpace,
+    anchors: AnchorSpace | None,
     initial: np.ndarray,
     config: TrainConfig,
     checkpoint_dir: str | Path,
@@ -205,6 +208,10 @@ def train_soft_prompt(
     mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
     """Runs (or resumes) DRO training; checkpoints every `checkpoint_every` steps and at the end.
+
+    `data` is anything with `len()` and `rows(index, weights)` giving the
+    batch `loss_fn` expects (a `TrainingSet` for DRO, a `ResponseSet` with
+    `prompt_tuning_loss` for the baseline).
 
     NaN or inf in the loss or gradient stops training with an error; the
     last good checkpoint stays on disk.

@@ -269,3 +269,48 @@ def test_a_run_directory_refuses_other_settings(setup, tiny_model_dir, tmp_path,
     assert main(args) == 0
     args[args.index("--lr") + 1] = "0.5"
     _fails(args + ["--resume"], capsys, "different settings (lr)")
+
+
+def test_prompt_tuning_loss_is_likelihood_and_unlikelihood(setup):
+    from dro_jax.dro_loss import prompt_tuning_loss
+    from dro_jax.models import forward
+    from dro_jax.prompt_tuning import prepare_response_set
+
+    model, _, _, initial, _ = setup
+    responses = prepare_response_set(model, HARMFUL[:2], HARMLESS[:2], "short", len(initial), num_samples=2, max_response_tokens=6, progress=False)
+    assert len(responses) == 8 and responses.response_mask.sum(axis=1).max() <= 6
+    batch = jax.tree.map(jnp.asarray, responses.rows(np.arange(8), np.ones(8, np.float32)))
+    total, metrics = prompt_tuning_loss(jnp.asarray(initial), batch, frozen_inputs(model, None), model.config)
+    # By hand, from the plain forward pass: the soft prompt equals the prompt's own embeddings here.
+    from dro_jax.soft_prompt import input_embeddings
+
+    embeds = input_embeddings(model.params, batch.token_ids, jnp.asarray(initial), batch.soft_offsets)
+    logits = np.asarray(forward(model.params, model.config, inputs_embeds=embeds, attention_mask=batch.attention_mask, output_logits=True).logits)
+    log_p = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    per_sequence = []
+    for row in range(8):
+        scored = np.nonzero(responses.response_mask[row, 1:])[0]
+        token_log_p = np.array([log_p[row, i, responses.token_ids[row, i + 1]] for i in scored])
+        losses = -token_log_p if responses.wanted[row] else -np.log1p(-np.exp(token_log_p))
+        per_sequence.append(losses.mean())
+    np.testing.assert_allclose(total, np.mean(per_sequence), rtol=1e-5)
+    assert set(metrics) == {"loss", "likelihood", "unlikelihood"}
+
+
+def test_baseline_and_evaluate_commands(setup, tiny_model_dir, tmp_path, query_files):
+    directory, _ = tiny_model_dir("llama")
+    run = tmp_path / "pt"
+    args = ["train", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
+            "--baseline", "prompt-tuning", "--num-samples", "1", "--response-tokens", "8", "--epochs", "1", "--batch-size", "4", "--out", str(run)]
+    assert main(args) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and "likelihood" in metrics[0]
+    anchors = setup[1].save(tmp_path / "anchors.safetensors")
+    out = tmp_path / "eval.md"
+    assert main(["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
+                 "--settings", "none", "short", "--soft-prompt", str(run / "soft_prompt.safetensors"), "--anchors", str(anchors),
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["setting"], r["dataset"]) for r in rows][:3] == [("none", "harmful"), ("short", "harmful"), (f"soft:{run / 'soft_prompt.safetensors'}", "harmful")]
+    assert rows[0]["compliance_shift"] == 0 and all(r["num_queries"] == 6 for r in rows)
+    assert out.read_text().count("\n") == 2 + len(rows)

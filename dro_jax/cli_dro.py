@@ -1,4 +1,4 @@
-"""The `anchor`, `train` and `export` commands of `dro-jax`."""
+"""The `anchor`, `train`, `export` and `evaluate` commands of `dro-jax`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--openings", help='JSON file {"refusal": [...], "compliant": [...]}: reply openings for the log-odds label'
     )
-    parser.add_argument("--num-samples", type=_positive_int, default=5, help="responses per query for --label sampled (default: %(default)s)")
+    parser.add_argument("--num-samples", type=_positive_int, default=5, help="responses per query for --label sampled and --baseline prompt-tuning (default: %(default)s)")
     parser.add_argument(
         "--settings", nargs="+", default=list(PROMPT_SETTINGS),
         help="prompt settings whose representations make the anchor space (default: %(default)s)",
@@ -57,6 +57,12 @@ def add_commands(commands) -> None:
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     train.add_argument("--seed", type=int, default=42, help="data order and random init (default: %(default)s)")
     train.add_argument("--ablate", choices=sorted(ABLATIONS), action="append", default=[], help="drop a loss term (repeatable)")
+    train.add_argument(
+        "--baseline", choices=("prompt-tuning",),
+        help="train the vanilla prompt-tuning baseline instead of DRO: likelihood on wanted and unlikelihood on "
+        "unwanted sampled responses (the paper trains it for 5 epochs); --num-samples responses per query",
+    )
+    train.add_argument("--response-tokens", type=_positive_int, default=100, help="baseline responses are cut to this many tokens (default: %(default)s)")
     train.add_argument("--checkpoint-every", type=_positive_int, default=10, help="steps between checkpoints (default: %(default)s)")
     train.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory, for large models)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -68,6 +74,22 @@ def add_commands(commands) -> None:
     export.add_argument("--step", type=_positive_int, help="which step (default: the latest)")
     export.add_argument("--out", required=True, help="output .safetensors file")
     export.set_defaults(run=_run_export)
+
+    evaluate = commands.add_parser("evaluate", help="greedy refusals, refusal log-odds and refusal-direction shift per prompt setting")
+    _add_model_args(evaluate)
+    evaluate.add_argument("--harmful", default="harmful_test", help="held-out harmful queries (default: %(default)s)")
+    evaluate.add_argument("--harmless", default="harmless_test", help="held-out harmless queries (default: %(default)s)")
+    evaluate.add_argument("--field", help="column (.csv) or field (.jsonl) holding the query (default: query)")
+    evaluate.add_argument(
+        "--settings", nargs="+", default=list(PROMPT_SETTINGS),
+        help="prompt settings: none, default, short, mistral, soft:FILE or text (default: the four human ones)",
+    )
+    evaluate.add_argument("--soft-prompt", metavar="FILE", action="append", default=[], help="also evaluate this soft prompt (repeatable)")
+    evaluate.add_argument("--anchors", help="anchor file: adds the mean refusal-probe logit and its shift against no prompt")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=64, help="greedy response length (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    evaluate.add_argument("--out", required=True, help="output .md table; a .json with the same rows is written next to it")
+    evaluate.set_defaults(run=_run_evaluate)
 
 
 def _anchor_config(args: argparse.Namespace):
@@ -130,7 +152,7 @@ def _run_anchor(args: argparse.Namespace) -> None:
 def _run_config(args: argparse.Namespace) -> dict:
     """Everything that must stay the same for --resume to continue a run."""
     keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds", "anchors",
-            "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "ablate", "checkpoint_every", "remat")
+            "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "ablate", "baseline", "response_tokens", "checkpoint_every", "remat")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -161,9 +183,12 @@ def _prepare_run_dir(args: argparse.Namespace) -> Path:
 
 
 def _run_train(args: argparse.Namespace) -> None:
+    import functools
+
     from dro_jax.anchors import AnchorSpace
-    from dro_jax.dro_loss import LossWeights
+    from dro_jax.dro_loss import LossWeights, prompt_tuning_loss
     from dro_jax.loading import load_model
+    from dro_jax.prompt_tuning import prepare_response_set
     from dro_jax.soft_prompt import initial_soft_prompt, random_soft_prompt, save_soft_prompt
     from dro_jax.train import TrainConfig, prepare_training_set, train_soft_prompt
 
@@ -178,22 +203,29 @@ def _run_train(args: argparse.Namespace) -> None:
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
     run_dir = _prepare_run_dir(args)
     model = load_model(args.model, args.dtype)
-    if anchors is None:
-        anchor_path = run_dir / "anchors.safetensors"
-        anchors = AnchorSpace.load(anchor_path) if anchor_path.exists() else _build_anchors(args, model, harmful, harmless, anchor_path)
-    if anchors.mean.shape[0] != model.config.hidden_size:
-        raise DroJaxError(f"the anchor space is {anchors.mean.shape[0]} wide but the model's hidden size is {model.config.hidden_size}")
     if args.init_random:
         initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
     else:
         initial, base_prompt = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt), args.init_prompt
-    data = prepare_training_set(model, harmful, harmless, base_prompt, len(initial))
+    if args.baseline:
+        data = prepare_response_set(
+            model, harmful, harmless, base_prompt, len(initial), args.num_samples, args.response_tokens, args.seed
+        )
+        loss_fn = functools.partial(prompt_tuning_loss, config=model.config, remat=args.remat)
+    else:
+        if anchors is None:
+            anchor_path = run_dir / "anchors.safetensors"
+            anchors = AnchorSpace.load(anchor_path) if anchor_path.exists() else _build_anchors(args, model, harmful, harmless, anchor_path)
+        if anchors.mean.shape[0] != model.config.hidden_size:
+            raise DroJaxError(f"the anchor space is {anchors.mean.shape[0]} wide but the model's hidden size is {model.config.hidden_size}")
+        data = prepare_training_set(model, harmful, harmless, base_prompt, len(initial))
+        loss_fn = None
     result = train_soft_prompt(
-        model, data, anchors, initial, config, run_dir / "checkpoints", run_dir / "metrics.jsonl", resume=args.resume
+        model, data, anchors, initial, config, run_dir / "checkpoints", run_dir / "metrics.jsonl", resume=args.resume, loss_fn=loss_fn
     )
     out = save_soft_prompt(run_dir / "soft_prompt.safetensors", result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
     last = result.metrics[-1] if result.metrics else {}
-    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "refusal", "harmfulness", "norm") if k in last)
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "refusal", "harmfulness", "norm", "likelihood", "unlikelihood") if k in last)
     print(f"trained {result.steps} steps ({summary}); wrote {out}", file=sys.stderr)
 
 
@@ -216,3 +248,27 @@ def _run_export(args: argparse.Namespace) -> None:
     soft_prompt = state[0]
     save_soft_prompt(out, soft_prompt, {"step": str(record["step"])})
     print(f"wrote {out}: step {record['step']}, soft prompt {tuple(soft_prompt.shape)}", file=sys.stderr)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from dro_jax.anchors import AnchorSpace
+    from dro_jax.evaluate import evaluate_settings, results_markdown
+    from dro_jax.files import atomic_output, check_writable
+    from dro_jax.loading import load_model
+    from dro_jax.queries import read_queries
+    from dro_jax.soft_prompt import SOFT_PREFIX, parse_prompt_setting
+
+    out = check_writable(args.out)
+    settings = [parse_prompt_setting(spec) for spec in args.settings + [SOFT_PREFIX + p for p in args.soft_prompt]]
+    datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
+    anchors = AnchorSpace.load(args.anchors) if args.anchors else None
+    model = load_model(args.model, args.dtype)
+    rows = evaluate_settings(model, datasets, settings, anchors, args.max_new_tokens, args.batch_size)
+    table = results_markdown(rows)
+    with atomic_output(out) as tmp:
+        tmp.write_text(table + "\n", encoding="utf-8")
+    with atomic_output(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2), encoding="utf-8")
+    print(table)
