@@ -129,7 +129,6 @@ def torch_dro_loss(model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchor
     `batch` is a `QueryBatch` (or anything with its fields) of numpy arrays;
     `soft_prompt` a torch tensor [N, h], usually a leaf that requires grad.
     """
-    import torch
     import torch.nn.functional as F
 
     space = torch_anchors(anchors)

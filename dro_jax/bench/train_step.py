@@ -22,8 +22,10 @@ GFLOP/s counts useful work only, as `forward` does: matmul FLOPs of the real
 forward's matmuls) and 1 per forward-only call. Memory is the process's
 resident-set high-water mark (Linux VmHWM, reset through
 /proc/self/clear_refs after each warm-up, so each row's peak covers its timed
-calls only), given as the peak over the RSS when the row started (its working
-memory; both models stay loaded throughout) and as the absolute peak. Where
+calls only; freed heap memory is first handed back with glibc's malloc_trim,
+so a row cannot silently reuse what an earlier row left resident), given as
+the peak over the RSS when the row started (its working memory) and as the
+absolute peak (the JAX rows run before the PyTorch model is loaded). Where
 the peak cannot be reset, the never-reset ru_maxrss is shown instead and
 says so. XLA device memory statistics, where the backend has them (not on
 CPU), are printed as well.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import statistics
 import time
@@ -84,7 +87,18 @@ class PeakMemory:
         return self._status("VmRSS") or 0
 
     def start(self) -> int:
-        """Resets the peak (where possible); returns the RSS now."""
+        """Returns freed heap memory to the system, resets the peak (where possible); returns the RSS now.
+
+        Without the trim, memory an earlier row freed stays resident and a
+        later row reuses it unseen: its peak over start would read near zero.
+        """
+        gc.collect()
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc only
+        except (OSError, AttributeError):
+            pass
         if self.resettable:
             self._try_reset()
         return self.current()
@@ -239,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"dro-jax / PyTorch training step: {torch_step_s / jax_step_s:.2f}x; forward only: "
           f"{min(results['torch_forward']['times']) / jax_fwd_s:.2f}x")
     first_jax, first_torch = jax_metrics["first"], torch_metrics["first"]
-    print(f"first step, same inputs: loss {first_jax['loss']:.6f} (dro-jax) vs {first_torch['loss']:.6f} (PyTorch), "
-          f"gradient norm {first_jax['grad_norm']:.5f} vs {first_torch['grad_norm']:.5f}")
+    print(f"first step, same inputs: gradient norm {first_jax['grad_norm']:.6f} (dro-jax) vs {first_torch['grad_norm']:.6f} (PyTorch); "
+          f"loss {first_jax['loss']:.6f} vs {first_torch['loss']:.6f} (at the initial prompt new = base, so about 1.01 ln 2)")
     if device_stats:
         print(f"XLA device memory: peak {_gib(device_stats.get('peak_bytes_in_use', 0))} in use")
