@@ -56,6 +56,10 @@ def add_commands(commands) -> None:
     train.add_argument("--batch-size", type=_positive_int, default=50, help="(default: %(default)s)")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     train.add_argument("--seed", type=int, default=42, help="data order and random init (default: %(default)s)")
+    train.add_argument(
+        "--loss-weights", type=float, nargs=3, metavar=("REFUSAL", "HARM", "NORM"), default=[1.0, 1e-2, 1e-3],
+        help="weights of the refusal, harmfulness and norm terms (default: %(default)s, the paper's)",
+    )
     train.add_argument("--ablate", choices=sorted(ABLATIONS), action="append", default=[], help="drop a loss term (repeatable)")
     train.add_argument(
         "--baseline", choices=("prompt-tuning",),
@@ -152,7 +156,7 @@ def _run_anchor(args: argparse.Namespace) -> None:
 def _run_config(args: argparse.Namespace) -> dict:
     """Everything that must stay the same for --resume to continue a run."""
     keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds", "anchors",
-            "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "ablate", "baseline", "response_tokens", "checkpoint_every", "remat")
+            "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "loss_weights", "ablate", "baseline", "response_tokens", "checkpoint_every", "remat")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -192,7 +196,9 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.soft_prompt import initial_soft_prompt, random_soft_prompt, save_soft_prompt
     from dro_jax.train import TrainConfig, prepare_training_set, train_soft_prompt
 
-    weights = LossWeights().ablate(*(ABLATIONS[name] for name in args.ablate))
+    if any(w < 0 for w in args.loss_weights):
+        raise DroJaxError(f"loss weights must be non-negative, got {args.loss_weights}")
+    weights = LossWeights(*args.loss_weights).ablate(*(ABLATIONS[name] for name in args.ablate))
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
         loss_weights=weights, checkpoint_every=args.checkpoint_every, remat=args.remat,

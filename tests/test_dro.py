@@ -269,6 +269,7 @@ def test_a_run_directory_refuses_other_settings(setup, tiny_model_dir, tmp_path,
     assert main(args) == 0
     args[args.index("--lr") + 1] = "0.5"
     _fails(args + ["--resume"], capsys, "different settings (lr)")
+    _fails(_train_args(directory, anchors, query_files, tmp_path / "w", "--loss-weights", "1", "-1", "0"), capsys, "non-negative")
 
 
 def test_prompt_tuning_loss_is_likelihood_and_unlikelihood(setup):
