@@ -16,7 +16,7 @@ from dro_jax.labels import label_queries
 from dro_jax.loading import LoadedModel
 from dro_jax.refusal_score import Openings
 from dro_jax.represent import represent_queries
-from dro_jax.train import check_query_sets
+from dro_jax.queries import check_query_sets
 
 LABELS = ("logodds", "sampled")
 # The reference's sampling for labels, with fewer new tokens: the judge reads only the opening paragraphs.

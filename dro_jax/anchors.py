@@ -68,10 +68,6 @@ class AnchorSpace:
         """[hidden, k] PCA axes."""
         return self.basis[:, : self.num_components]
 
-    def coordinates(self, states: np.ndarray) -> np.ndarray:
-        """Full coordinates z [n, hidden]."""
-        return (np.asarray(states, np.float32) - self.mean) @ self.basis
-
     def leading(self, states: np.ndarray) -> np.ndarray:
         """The first k coordinates [n, k] (no full-basis product)."""
         return (np.asarray(states, np.float32) - self.mean) @ self.components

@@ -19,6 +19,21 @@ def bucket_length(length: int, minimum: int = 8) -> int:
     return max(minimum, -(-length // step) * step)
 
 
+def left_pad(
+    sequences: Sequence[Sequence[int]], length: int, pad_id: int, soft_starts: Sequence[int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token ids, mask, soft offsets) [n, length], each sequence right-aligned; offsets are -1 without soft starts."""
+    token_ids = np.full((len(sequences), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(sequences), length), dtype=np.int32)
+    soft_offsets = np.full(len(sequences), -1, dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        token_ids[row, length - len(seq) :] = seq
+        mask[row, length - len(seq) :] = 1
+        if soft_starts is not None:
+            soft_offsets[row] = length - len(seq) + soft_starts[row]
+    return token_ids, mask, soft_offsets
+
+
 @dataclasses.dataclass(frozen=True)
 class PaddedBatch:
     """Left-padded token ids [batch, length] with mask; `index` maps rows to input order (-1 = filler).
@@ -57,17 +72,9 @@ def left_padded_batches(
         length = bucket_length(max(len(sequences[i]) for i in rows))
         if max_length is not None:
             length = min(length, max_length)
-        token_ids = np.full((batch_size, length), pad_id, dtype=np.int32)
-        mask = np.zeros((batch_size, length), dtype=np.int32)
-        index = np.full(batch_size, -1, dtype=np.int64)
-        soft_offsets = np.full(batch_size, -1, dtype=np.int32)
-        for row in range(batch_size):
-            source = rows[row] if row < len(rows) else rows[0]
-            seq = sequences[source]
-            token_ids[row, length - len(seq) :] = seq
-            mask[row, length - len(seq) :] = 1
-            if soft_starts is not None:
-                soft_offsets[row] = length - len(seq) + soft_starts[source]
-            if row < len(rows):
-                index[row] = source
+        sources = rows + [rows[0]] * (batch_size - len(rows))
+        token_ids, mask, soft_offsets = left_pad(
+            [sequences[i] for i in sources], length, pad_id, None if soft_starts is None else [soft_starts[i] for i in sources]
+        )
+        index = np.array(rows + [-1] * (batch_size - len(rows)), dtype=np.int64)
         yield PaddedBatch(token_ids, mask, index, soft_offsets)

@@ -108,8 +108,7 @@ def _anchor_config(args: argparse.Namespace):
 
 
 def _read_pair(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    from dro_jax.queries import read_queries
-    from dro_jax.train import check_query_sets
+    from dro_jax.queries import check_query_sets, read_queries
 
     harmful, harmless = read_queries(args.harmful, args.field), read_queries(args.harmless, args.field)
     check_query_sets(harmful, harmless)

@@ -26,6 +26,7 @@ import optax
 
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import Params, compute_logits, forward
+from dro_jax.represent import final_states
 from dro_jax.soft_prompt import input_embeddings
 
 
@@ -65,13 +66,6 @@ class QueryBatch(NamedTuple):
     weights: jax.Array  # [b]
 
 
-def soft_prompt_states(soft_prompt: jax.Array, batch: QueryBatch, params: Params, config: ModelConfig, remat: bool = False) -> jax.Array:
-    """[b, h] float32 final-norm states at the last position with the soft prompt in its slot."""
-    embeds = input_embeddings(params, batch.token_ids, soft_prompt, batch.soft_offsets)
-    out = forward(params, config, inputs_embeds=embeds, attention_mask=batch.attention_mask, remat=remat)
-    return out.last_hidden_state[:, -1].astype(jnp.float32)
-
-
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
@@ -85,7 +79,7 @@ def dro_loss(
     remat: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics). Bind `config`, `weights` and `remat` with functools.partial for jit/grad."""
-    new = soft_prompt_states(soft_prompt, batch, frozen.params, config, remat)
+    new = final_states(frozen.params, config, batch.token_ids, batch.attention_mask, soft_prompt, batch.soft_offsets, remat)
     shift = new - batch.base_states  # [b, h]
     shift_leading = shift @ frozen.components  # [b, k]
     refusal_shift = shift_leading @ frozen.refusal_weight  # f_r(new) - f_r(base): the bias cancels

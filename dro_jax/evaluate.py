@@ -35,10 +35,6 @@ class EvalRow:
     compliance_logit: float | None = None
     compliance_shift: float | None = None
 
-    @property
-    def refusal_rate(self) -> float:
-        return self.greedy_refusals / self.num_queries
-
 
 def evaluate_settings(
     model: LoadedModel,

@@ -14,13 +14,14 @@ from typing import Sequence
 import numpy as np
 
 from dro_jax.anchor_data import LABEL_SAMPLING
+from dro_jax.batching import left_pad
 from dro_jax.chat import PromptSetting
 from dro_jax.dro_loss import ResponseBatch
 from dro_jax.judges import StringJudge
 from dro_jax.loading import LoadedModel
 from dro_jax.represent import encode_queries
 from dro_jax.respond import generate_responses
-from dro_jax.train import check_query_sets
+from dro_jax.queries import check_query_sets
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,14 +73,8 @@ def prepare_response_set(
         is_harmful = response.query_index < len(harmful)
         wanted.append(int(response.refusal == is_harmful))
     length = max(map(len, sequences))
-    count = len(sequences)
-    token_ids = np.full((count, length), model.pad_id, np.int32)
-    mask = np.zeros((count, length), np.int32)
-    response_mask = np.zeros((count, length), np.int32)
-    offsets = np.zeros(count, np.int32)
-    for row, (ids, start, reply_length) in enumerate(zip(sequences, starts, response_lengths)):
-        token_ids[row, length - len(ids) :] = ids
-        mask[row, length - len(ids) :] = 1
+    token_ids, mask, offsets = left_pad(sequences, length, model.pad_id, starts)
+    response_mask = np.zeros_like(mask)
+    for row, reply_length in enumerate(response_lengths):
         response_mask[row, length - reply_length :] = 1
-        offsets[row] = length - len(ids) + start
     return ResponseSet(token_ids, mask, offsets, response_mask, np.asarray(wanted, np.int32))

@@ -6,11 +6,22 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Sequence
 
 from dro_jax.data import QUERY_SETS, query_set_path
 from dro_jax.errors import DroJaxError
 
 DEFAULT_FIELD = "query"
+
+
+def check_query_sets(harmful: Sequence[str], harmless: Sequence[str]) -> None:
+    """The paired harmful / harmless sets that anchoring and training need: both non-empty, the same size."""
+    if not harmful or not harmless:
+        raise DroJaxError(f"training needs harmful and harmless queries; got {len(harmful)} harmful and {len(harmless)} harmless")
+    if len(harmful) != len(harmless):
+        raise DroJaxError(
+            f"the harmful and harmless sets must be the same size (they are minimal pairs); got {len(harmful)} and {len(harmless)}"
+        )
 
 
 def read_queries(spec: str | Path, field: str | None = None) -> list[str]:

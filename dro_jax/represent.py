@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Iterator, Sequence
 
 import jax
@@ -77,19 +76,25 @@ def encode_queries(
     return encoded
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def last_position_states(
+def final_states(
     params: Params,
     config: ModelConfig,
     token_ids: jax.Array,
     attention_mask: jax.Array,
     soft_prompt: jax.Array | None = None,
     soft_offsets: jax.Array | None = None,
+    remat: bool = False,
 ) -> jax.Array:
-    """[batch, hidden] float32 states after the final norm at the last (left-padded) position."""
+    """[batch, hidden] float32 states after the final norm at the last (left-padded) position.
+
+    Pure, so the DRO loss differentiates it with respect to `soft_prompt`.
+    """
     embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
-    out = forward(params, config, inputs_embeds=embeds, attention_mask=attention_mask)
+    out = forward(params, config, inputs_embeds=embeds, attention_mask=attention_mask, remat=remat)
     return out.last_hidden_state[:, -1].astype(jnp.float32)
+
+
+last_position_states = jax.jit(final_states, static_argnames=("config", "remat"))
 
 
 def represent_tokens(

@@ -23,13 +23,14 @@ import optax
 from tqdm.auto import tqdm
 
 from dro_jax.anchors import AnchorSpace
-from dro_jax.batching import bucket_length
+from dro_jax.batching import bucket_length, left_pad
 from dro_jax.chat import PromptSetting
 from dro_jax.checkpoints import TrainCheckpoints
 from dro_jax.dro_loss import Frozen, LossWeights, QueryBatch, dro_loss
 from dro_jax.errors import DroJaxError
 from dro_jax.files import atomic_output
 from dro_jax.loading import LoadedModel
+from dro_jax.queries import check_query_sets
 from dro_jax.represent import encode_queries, represent_queries
 from dro_jax.sharding import data_mesh, padded_batch_size, replicate, replicated, shard_batch
 
@@ -84,15 +85,6 @@ class TrainingSet:
         )
 
 
-def check_query_sets(harmful: Sequence[str], harmless: Sequence[str]) -> None:
-    if not harmful or not harmless:
-        raise DroJaxError(f"training needs harmful and harmless queries; got {len(harmful)} harmful and {len(harmless)} harmless")
-    if len(harmful) != len(harmless):
-        raise DroJaxError(
-            f"the harmful and harmless sets must be the same size (they are minimal pairs); got {len(harmful)} and {len(harmless)}"
-        )
-
-
 def prepare_training_set(
     model: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], init_prompt: str, num_rows: int, progress: bool = True
 ) -> TrainingSet:
@@ -103,13 +95,7 @@ def prepare_training_set(
     placeholder = PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32))
     encoded = encode_queries(model, queries, placeholder)
     length = min(bucket_length(max(map(len, encoded.sequences))), model.config.max_position_embeddings)
-    token_ids = np.full((len(queries), length), model.pad_id, np.int32)
-    mask = np.zeros((len(queries), length), np.int32)
-    offsets = np.zeros(len(queries), np.int32)
-    for row, (ids, start) in enumerate(zip(encoded.sequences, encoded.soft_starts)):
-        token_ids[row, length - len(ids) :] = ids
-        mask[row, length - len(ids) :] = 1
-        offsets[row] = length - len(ids) + start
+    token_ids, mask, offsets = left_pad(encoded.sequences, length, model.pad_id, encoded.soft_starts)
     harmless_flags = np.array([0] * len(harmful) + [1] * len(harmless), np.int32)
     return TrainingSet(queries, token_ids, mask, offsets, base, harmless_flags)
 

@@ -16,7 +16,8 @@ import pytest
 from dro_jax.anchor_data import AnchorConfig, build_anchor_space
 from dro_jax.anchors import AnchorSpace, FitConfig, check_label_variance, complete_basis, fit_pca, fit_probe
 from dro_jax.cli import main
-from dro_jax.dro_loss import LossWeights, dro_loss, soft_prompt_states
+from dro_jax.dro_loss import LossWeights, dro_loss
+from dro_jax.represent import final_states
 from dro_jax.errors import DroJaxError
 from dro_jax.loading import load_model
 from dro_jax.refusal_score import Openings
@@ -97,7 +98,7 @@ def test_norm_term_equals_the_full_basis_form_and_ablations_drop_terms(setup):
     soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(0), initial.shape)
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors)
     _, metrics = dro_loss(soft, batch, frozen, model.config)
-    new = np.asarray(soft_prompt_states(soft, batch, model.params, model.config))
+    new = np.asarray(final_states(model.params, model.config, batch.token_ids, batch.attention_mask, soft, batch.soft_offsets))
     rest = (new - data.base_states) @ anchors.basis[:, anchors.num_components :]
     np.testing.assert_allclose(metrics["norm"], np.mean(rest**2), rtol=1e-4)
     weights = LossWeights().ablate("norm", "refusal")
