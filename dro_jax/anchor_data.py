@@ -12,10 +12,10 @@ from dro_jax.chat import PROMPT_SETTINGS
 from dro_jax.errors import DroJaxError
 from dro_jax.generate import SamplingConfig
 from dro_jax.judges import StringJudge
-from dro_jax.labels import label_queries
+from dro_jax.labels import compliance_rates
 from dro_jax.loading import LoadedModel
-from dro_jax.refusal_score import Openings
-from dro_jax.represent import represent_queries
+from dro_jax.refusal_score import Openings, score_refusal
+from dro_jax.represent import encode_queries
 from dro_jax.queries import check_query_sets
 
 LABELS = ("logodds", "sampled")
@@ -66,17 +66,16 @@ def collect_anchor_data(
     check_query_sets(harmful, harmless)
     queries = list(harmful) + list(harmless)
     flags = np.array([0] * len(harmful) + [1] * len(harmless), np.float32)
-    num_samples = config.num_samples if config.label == "sampled" else 0
     states, compliance, log_odds, harmless_rows, names = [], [], [], [], []
     for setting in config.settings:
-        states.append(represent_queries(model, queries, setting, batch_size, progress))
-        labels = label_queries(model, queries, [setting], config.sampling, num_samples, config.seed, batch_size, judge, config.openings, progress)
-        scores = np.array([label.refusal_log_odds for label in labels], np.float32)
-        log_odds.append(scores)
+        scores = score_refusal(model, encode_queries(model, queries, setting), config.openings, batch_size, progress)
+        states.append(scores.states)
+        log_odds.append(scores.log_odds.astype(np.float32))
         if config.label == "sampled":
-            compliance.append(np.array([label.compliance_rate for label in labels], np.float32))
+            rates = compliance_rates(model, queries, setting, config.sampling, config.num_samples, config.seed, batch_size, judge, progress)
+            compliance.append(rates.astype(np.float32))
         else:
-            compliance.append(1 / (1 + np.exp(scores)))
+            compliance.append((1 / (1 + np.exp(scores.log_odds))).astype(np.float32))
         harmless_rows.append(flags)
         names += [setting] * len(queries)
     return AnchorData(np.concatenate(states), np.concatenate(compliance), np.concatenate(log_odds), np.concatenate(harmless_rows), names)

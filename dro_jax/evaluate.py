@@ -12,8 +12,8 @@ from dro_jax.chat import NO_PROMPT, PromptSetting
 from dro_jax.generate import SamplingConfig
 from dro_jax.judges import StringJudge
 from dro_jax.loading import LoadedModel
-from dro_jax.refusal_score import Openings, refusal_log_odds
-from dro_jax.represent import encode_queries, represent_tokens
+from dro_jax.refusal_score import Openings, score_refusal
+from dro_jax.represent import encode_queries
 from dro_jax.respond import generate_responses
 
 
@@ -55,11 +55,11 @@ def evaluate_settings(
         for setting in settings:
             encoded = encode_queries(model, queries, setting, name)
             responses = generate_responses(model, queries, setting, greedy, 1, 0, batch_size, judge, progress, name)
-            log_odds = refusal_log_odds(model, encoded, openings, batch_size, progress)
+            scores = score_refusal(model, encoded, openings, batch_size, progress)
+            log_odds = scores.log_odds
             logit = shift = None
             if anchors is not None:
-                states = represent_tokens(model, encoded, batch_size, progress)
-                logit = float(np.mean(anchors.refusal.logits(anchors.leading(states))))
+                logit = float(np.mean(anchors.refusal.logits(anchors.leading(scores.states))))
                 if setting.name == NO_PROMPT:
                     baseline = logit
                 shift = None if baseline is None else logit - baseline

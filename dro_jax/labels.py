@@ -31,6 +31,32 @@ class Label:
     refusal_log_odds: float
 
 
+def compliance_rates(
+    model: LoadedModel,
+    queries: Sequence[str],
+    setting: PromptSetting | str | None,
+    sampling: SamplingConfig,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    judge: StringJudge | None = None,
+    progress: bool = True,
+    source: str = "queries",
+    judge_model: ModelJudge | None = None,
+) -> np.ndarray:
+    """[n] share of each query's `num_samples` sampled responses that count as compliance."""
+    responses = generate_responses(model, queries, setting, sampling, num_samples, seed, batch_size, judge, progress, source)
+    complied = np.zeros(len(queries))
+    if judge_model is None:
+        for response in responses:
+            complied[response.query_index] += not response.refusal
+    else:
+        unsafe = judge_model.is_unsafe([r.query for r in responses], [r.text for r in responses], progress)
+        for response, is_unsafe in zip(responses, unsafe):
+            complied[response.query_index] += is_harmful_compliance(response.text, response.refusal, is_unsafe)
+    return complied / num_samples
+
+
 def label_queries(
     model: LoadedModel,
     queries: Sequence[str],
@@ -51,18 +77,9 @@ def label_queries(
         log_odds = refusal_log_odds(model, encode_queries(model, queries, setting, source), openings, batch_size, progress)
         compliance: list[float | None] = [None] * len(queries)
         if num_samples > 0:
-            responses = generate_responses(
-                model, queries, setting, sampling, num_samples, seed, batch_size, judge, progress, source
-            )
-            complied = np.zeros(len(queries))
-            if judge_model is None:
-                for response in responses:
-                    complied[response.query_index] += not response.refusal
-            else:
-                unsafe = judge_model.is_unsafe([r.query for r in responses], [r.text for r in responses], progress)
-                for response, is_unsafe in zip(responses, unsafe):
-                    complied[response.query_index] += is_harmful_compliance(response.text, response.refusal, is_unsafe)
-            compliance = list(complied / num_samples)
+            compliance = list(compliance_rates(
+                model, queries, setting, sampling, num_samples, seed, batch_size, judge, progress, source, judge_model
+            ))
         labels += [
             Label(i, q, setting.name, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
         ]

@@ -6,7 +6,9 @@ a refusal still moves with the query and the safety prompt. One forward pass
 over prompt + opening gives log p(opening | prompt) for every opening; the
 score is logsumexp over the refusal openings minus logsumexp over the
 compliant ones (positive: the model leans towards refusing). The prompt is
-run once and its KV cache shared by all openings.
+run once and its KV cache shared by all openings; the same pass yields the
+prompt's representation (final-norm state at the last position), so the
+anchor stage and evaluation need no separate representation pass.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def continuation_log_probs(
     ending_mask: jax.Array,
     soft_prompt: jax.Array | None = None,
     soft_offsets: jax.Array | None = None,
-) -> jax.Array:
-    """[b, n] log p(ending j | prompt i), each prompt run once.
+) -> tuple[jax.Array, jax.Array]:
+    """([b, n] log p(ending j | prompt i), [b, hidden] float32 prompt representations), each prompt run once.
 
     Prompts [b, p] are left-padded; endings [n, span] right-padded with
     `ending_mask`. The prompts fill a KV cache, which is then shared by all
@@ -89,17 +91,27 @@ def continuation_log_probs(
     first_token = jnp.take_along_axis(jnp.repeat(first, count, axis=0), ids[:, :1], axis=-1)[:, 0]
     later_tokens = jnp.take_along_axis(rest, ids[:, 1:, None], axis=-1)[..., 0]
     total = first_token + jnp.sum(jnp.where(jnp.tile(ending_mask, (batch, 1))[:, 1:], later_tokens, 0.0), axis=-1)
-    return total.reshape(batch, count)
+    return total.reshape(batch, count), prefill.last_hidden_state[:, -1].astype(jnp.float32)
 
 
-def opening_log_probs(
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpeningScores:
+    """log_probs [n_prompts, n_openings]: log p(opening | prompt); states [n_prompts, hidden]: representations."""
+
+    log_probs: np.ndarray
+    states: np.ndarray
+
+
+def score_openings(
     model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Sequence[str], batch_size: int = 16, progress: bool = True
-) -> np.ndarray:
-    """[n_prompts, n_openings] log-probabilities of each opening right after each chat prompt.
+) -> OpeningScores:
+    """Log-probabilities of each opening right after each chat prompt, and the prompts' representations.
 
     `batch_size` prompts run together, with batch_size * n_openings opening rows.
     """
     prompts = EncodedQueries.of(prompts)
+    if not len(prompts):
+        raise DroJaxError("nothing to score: no prompts given")
     encoded = [model.tokenizer.encode(text, add_special_tokens=False) for text in openings]
     if any(not ids for ids in encoded):
         raise DroJaxError("an opening encodes to no tokens")
@@ -109,23 +121,47 @@ def opening_log_probs(
     for row, ids in enumerate(encoded):
         ending_ids[row, : len(ids)] = ids
         ending_mask[row, : len(ids)] = True
-    result = np.zeros((len(prompts), len(openings)))
+    log_probs = np.zeros((len(prompts), len(openings)))
+    states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
         for batch in prompts.batches(min(batch_size, len(prompts)), model.pad_id):
-            scores = np.asarray(continuation_log_probs(
+            scores, last = continuation_log_probs(
                 model.params, model.config, batch.token_ids, batch.attention_mask, ending_ids, ending_mask,
                 *prompts.soft_inputs(batch),
-            ))
+            )
             real = batch.index >= 0
-            result[batch.index[real]] = scores[real]
+            log_probs[batch.index[real]] = np.asarray(scores)[real]
+            states[batch.index[real]] = np.asarray(last)[real]
             bar.update(batch.num_real)
-    return result
+    return OpeningScores(log_probs, states)
+
+
+def opening_log_probs(
+    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Sequence[str], batch_size: int = 16, progress: bool = True
+) -> np.ndarray:
+    """[n_prompts, n_openings] log-probabilities of each opening right after each chat prompt."""
+    return score_openings(model, prompts, openings, batch_size, progress).log_probs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RefusalScores:
+    """log_odds [n]: see the module docstring; states [n, hidden]: the prompts' representations."""
+
+    log_odds: np.ndarray
+    states: np.ndarray
+
+
+def score_refusal(
+    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Openings = Openings(), batch_size: int = 16, progress: bool = True
+) -> RefusalScores:
+    """Refusal log-odds and representations of every prompt, from one forward pass each."""
+    scores = score_openings(model, prompts, openings.refusal + openings.compliant, batch_size, progress)
+    refusal, compliant = scores.log_probs[:, : len(openings.refusal)], scores.log_probs[:, len(openings.refusal) :]
+    return RefusalScores(np.logaddexp.reduce(refusal, axis=1) - np.logaddexp.reduce(compliant, axis=1), scores.states)
 
 
 def refusal_log_odds(
     model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Openings = Openings(), batch_size: int = 16, progress: bool = True
 ) -> np.ndarray:
     """[n_prompts] log of (probability of any refusal opening / probability of any compliant opening)."""
-    log_probs = opening_log_probs(model, prompts, openings.refusal + openings.compliant, batch_size, progress)
-    refusal, compliant = log_probs[:, : len(openings.refusal)], log_probs[:, len(openings.refusal) :]
-    return np.logaddexp.reduce(refusal, axis=1) - np.logaddexp.reduce(compliant, axis=1)
+    return score_refusal(model, prompts, openings, batch_size, progress).log_odds

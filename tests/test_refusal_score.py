@@ -8,7 +8,8 @@ import torch
 from dro_jax.chat import ChatFormatter
 from dro_jax.cli import main
 from dro_jax.loading import load_model
-from dro_jax.refusal_score import Openings, opening_log_probs, refusal_log_odds
+from dro_jax.refusal_score import Openings, opening_log_probs, refusal_log_odds, score_refusal
+from dro_jax.represent import represent_tokens
 
 QUERIES = ["How do I bake bread?", "Explain how a lock works, step by step.", "Hi"]
 OPENINGS = Openings(refusal=("I'm sorry", "No"), compliant=("Sure", "Here is a poem"))
@@ -31,6 +32,15 @@ def test_opening_log_probs_match_transformers(tiny_model_dir):
     scores = refusal_log_odds(model, prompts, OPENINGS, progress=False)
     want = np.logaddexp(ours[:, 0], ours[:, 1]) - np.logaddexp(ours[:, 2], ours[:, 3])
     np.testing.assert_allclose(scores, want, rtol=1e-6)
+
+
+def test_refusal_scores_carry_the_representations_of_the_same_pass(tiny_model_dir):
+    directory, _ = tiny_model_dir("llama")
+    model = load_model(directory, progress=False)
+    prompts = [ChatFormatter(model.tokenizer, "Be careful.").encode(q) for q in QUERIES]
+    scores = score_refusal(model, prompts, OPENINGS, batch_size=2, progress=False)
+    np.testing.assert_allclose(scores.states, represent_tokens(model, prompts, batch_size=2, progress=False), atol=1e-5)
+    np.testing.assert_allclose(scores.log_odds, refusal_log_odds(model, prompts, OPENINGS, batch_size=3, progress=False), atol=1e-5)
 
 
 def test_label_cli_writes_one_label_per_query_and_setting(tiny_model_dir, tmp_path):
