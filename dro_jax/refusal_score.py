@@ -22,6 +22,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dro_jax.loading import LoadedModel
@@ -29,6 +30,7 @@ from dro_jax.models.config import ModelConfig
 from dro_jax.errors import DroJaxError
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
 from dro_jax.represent import EncodedQueries
+from dro_jax.sharding import replicate, rows_per_batch
 from dro_jax.soft_prompt import input_embeddings
 
 
@@ -103,11 +105,17 @@ class OpeningScores:
 
 
 def score_openings(
-    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Sequence[str], batch_size: int = 16, progress: bool = True
+    model: LoadedModel,
+    prompts: EncodedQueries | Sequence[Sequence[int]],
+    openings: Sequence[str],
+    batch_size: int = 16,
+    progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> OpeningScores:
     """Log-probabilities of each opening right after each chat prompt, and the prompts' representations.
 
-    `batch_size` prompts run together, with batch_size * n_openings opening rows.
+    `batch_size` prompts run together, with batch_size * n_openings opening rows;
+    with a mesh, the prompts of each batch are split over its devices.
     """
     prompts = EncodedQueries.of(prompts)
     if not len(prompts):
@@ -121,13 +129,14 @@ def score_openings(
     for row, ids in enumerate(encoded):
         ending_ids[row, : len(ids)] = ids
         ending_mask[row, : len(ids)] = True
+    params, ending_ids, ending_mask = replicate((model.params, ending_ids, ending_mask), mesh)
     log_probs = np.zeros((len(prompts), len(openings)))
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
-        for batch in prompts.batches(min(batch_size, len(prompts)), model.pad_id):
+        for batch in prompts.batches(rows_per_batch(batch_size, len(prompts), mesh), model.pad_id):
+            token_ids, mask, soft_prompt, soft_offsets = prompts.model_inputs(batch, mesh)
             scores, last = continuation_log_probs(
-                model.params, model.config, batch.token_ids, batch.attention_mask, ending_ids, ending_mask,
-                *prompts.soft_inputs(batch),
+                params, model.config, token_ids, mask, ending_ids, ending_mask, soft_prompt, soft_offsets
             )
             real = batch.index >= 0
             log_probs[batch.index[real]] = np.asarray(scores)[real]
@@ -152,10 +161,15 @@ class RefusalScores:
 
 
 def score_refusal(
-    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Openings = Openings(), batch_size: int = 16, progress: bool = True
+    model: LoadedModel,
+    prompts: EncodedQueries | Sequence[Sequence[int]],
+    openings: Openings = Openings(),
+    batch_size: int = 16,
+    progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> RefusalScores:
-    """Refusal log-odds and representations of every prompt, from one forward pass each."""
-    scores = score_openings(model, prompts, openings.refusal + openings.compliant, batch_size, progress)
+    """Refusal log-odds and representations of every prompt, from one forward pass each (batches split over `mesh`)."""
+    scores = score_openings(model, prompts, openings.refusal + openings.compliant, batch_size, progress, mesh)
     refusal, compliant = scores.log_probs[:, : len(openings.refusal)], scores.log_probs[:, len(openings.refusal) :]
     return RefusalScores(np.logaddexp.reduce(refusal, axis=1) - np.logaddexp.reduce(compliant, axis=1), scores.states)
 

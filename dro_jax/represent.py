@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dro_jax.batching import PaddedBatch, left_padded_batches
@@ -16,6 +17,7 @@ from dro_jax.errors import DroJaxError
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import Params, forward
+from dro_jax.sharding import replicate, rows_per_batch, shard_batch
 from dro_jax.soft_prompt import input_embeddings
 
 
@@ -47,6 +49,15 @@ class EncodedQueries:
         if self.soft_prompt is None:
             return None, None
         return jnp.asarray(self.soft_prompt), jnp.asarray(batch.soft_offsets)
+
+    def model_inputs(self, batch: PaddedBatch, mesh: Mesh | None = None) -> tuple:
+        """(token_ids, attention_mask, soft_prompt, soft_offsets) for the model functions.
+
+        With a mesh, the rows are split over its devices and the soft prompt is on every device.
+        """
+        soft_prompt, offsets = self.soft_inputs(batch)
+        token_ids, mask, offsets = shard_batch((batch.token_ids, batch.attention_mask, offsets), mesh)
+        return token_ids, mask, replicate(soft_prompt, mesh), offsets
 
 
 def encode_queries(
@@ -98,19 +109,22 @@ last_position_states = jax.jit(final_states, static_argnames=("config", "remat")
 
 
 def represent_tokens(
-    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], batch_size: int = 32, progress: bool = True
+    model: LoadedModel,
+    prompts: EncodedQueries | Sequence[Sequence[int]],
+    batch_size: int = 32,
+    progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
-    """[n, hidden] float32 representations of already-encoded sequences, in input order."""
+    """[n, hidden] float32 representations of already-encoded sequences, in input order; batches split over `mesh`."""
     prompts = EncodedQueries.of(prompts)
     if not len(prompts):
         raise DroJaxError("nothing to represent: no sequences given")
-    batch_size = min(batch_size, len(prompts))
+    batch_size = rows_per_batch(batch_size, len(prompts), mesh)
+    params = replicate(model.params, mesh)
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="representations", unit="query", disable=not progress) as bar:
         for batch in prompts.batches(batch_size, model.pad_id, model.config.max_position_embeddings):
-            out = last_position_states(
-                model.params, model.config, batch.token_ids, batch.attention_mask, *prompts.soft_inputs(batch)
-            )
+            out = last_position_states(params, model.config, *prompts.model_inputs(batch, mesh))
             real = batch.index >= 0
             states[batch.index[real]] = np.asarray(out)[real]
             bar.update(batch.num_real)

@@ -15,6 +15,7 @@ from dro_jax.judges import StringJudge
 from dro_jax.loading import LoadedModel
 from dro_jax.chat import PromptSetting
 from dro_jax.represent import encode_queries
+from dro_jax.sharding import replicate, rows_per_batch, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,17 @@ def generate_responses(
     judge: StringJudge | None = None,
     progress: bool = True,
     source: str = "queries",
+    mesh: jax.sharding.Mesh | None = None,
+    first_query: int = 0,
 ) -> list[Response]:
-    """`num_samples` responses per query, ordered by query then sample."""
+    """`num_samples` responses per query, ordered by query then sample.
+
+    With a mesh, each batch is split over its devices (one SPMD program) and
+    the results are the same as on one device. `first_query` is the index of
+    `queries[0]` in a set split over several processes: sample keys use the
+    index in that set, so a sample does not depend on the split (while
+    `Response.query_index` stays the position in `queries`).
+    """
     if num_samples < 1:
         raise DroJaxError(f"num-samples must be at least 1, got {num_samples}")
     judge = judge or StringJudge.default()
@@ -71,16 +81,17 @@ def generate_responses(
     prompts = encoded.select([q for q, _ in rows])
     stops = stop_token_ids(model)
     results: dict[int, Response] = {}
-    batch_size = min(batch_size, len(rows))
+    batch_size = rows_per_batch(batch_size, len(rows), mesh)
+    params = replicate(model.params, mesh)
     with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
         for batch in prompts.batches(batch_size, model.pad_id):
             row_ids = np.where(batch.index >= 0, batch.index, 0)
             query_idx = np.array([rows[r][0] for r in row_ids])
             sample_idx = np.array([rows[r][1] for r in row_ids])
-            keys = sample_keys(seed, query_idx, sample_idx)
+            keys = shard_batch(sample_keys(seed, query_idx + first_query, sample_idx), mesh)
+            token_ids, mask, soft_prompt, soft_offsets = prompts.model_inputs(batch, mesh)
             tokens, lengths = generate_tokens(
-                model.params, model.config, batch.token_ids, batch.attention_mask, stops, sampling, keys, model.pad_id,
-                *prompts.soft_inputs(batch),
+                params, model.config, token_ids, mask, stops, sampling, keys, model.pad_id, soft_prompt, soft_offsets
             )
             for row, source_row in enumerate(batch.index):
                 if source_row < 0:
