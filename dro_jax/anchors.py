@@ -68,6 +68,11 @@ class AnchorSpace:
         """[hidden, k] PCA axes."""
         return self.basis[:, : self.num_components]
 
+    def check_hidden_size(self, hidden_size: int) -> None:
+        """An anchor space fits only a model of its own width; a mismatch would fail deep inside the loss."""
+        if self.mean.shape[0] != hidden_size:
+            raise DroJaxError(f"the anchor space is {self.mean.shape[0]} wide but the model's hidden size is {hidden_size}")
+
     def leading(self, states: np.ndarray) -> np.ndarray:
         """The first k coordinates [n, k] (no full-basis product)."""
         return (np.asarray(states, np.float32) - self.mean) @ self.components

@@ -221,8 +221,7 @@ def _run_train(args: argparse.Namespace) -> None:
         if anchors is None:
             anchor_path = run_dir / "anchors.safetensors"
             anchors = AnchorSpace.load(anchor_path) if anchor_path.exists() else _build_anchors(args, model, harmful, harmless, anchor_path)
-        if anchors.mean.shape[0] != model.config.hidden_size:
-            raise DroJaxError(f"the anchor space is {anchors.mean.shape[0]} wide but the model's hidden size is {model.config.hidden_size}")
+        anchors.check_hidden_size(model.config.hidden_size)
         data = prepare_training_set(model, harmful, harmless, base_prompt, len(initial))
         loss_fn = None
     result = train_soft_prompt(
@@ -261,6 +260,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from dro_jax.anchors import AnchorSpace
     from dro_jax.evaluate import evaluate_settings, results_markdown
     from dro_jax.files import atomic_output, check_writable
+    from dro_jax.generate import SamplingConfig
     from dro_jax.loading import load_model
     from dro_jax.queries import read_queries
     from dro_jax.soft_prompt import SOFT_PREFIX, parse_prompt_setting
@@ -270,7 +270,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
     model = load_model(args.model, args.dtype)
-    rows = evaluate_settings(model, datasets, settings, anchors, args.max_new_tokens, args.batch_size)
+    rows = evaluate_settings(model, datasets, settings, anchors, SamplingConfig(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size).rows
     table = results_markdown(rows)
     with atomic_output(out) as tmp:
         tmp.write_text(table + "\n", encoding="utf-8")

@@ -63,11 +63,12 @@ def layer_matmuls_gflops(config, rows: int, repeats: int = 3) -> float:
     return flops / seconds / 1e9
 
 
-def import_torch(threads: int):
+def import_torch(threads: int, needed_by: str = "python -m dro_jax.bench"):
+    """torch with `threads` threads; PyTorch is an optional dependency, needed only for the baselines and parity checks."""
     try:
         import torch
     except ImportError:
-        raise DroJaxError("the benchmarks need PyTorch for the baseline: pip install -r requirements-dev.txt") from None
+        raise DroJaxError(f"{needed_by} needs PyTorch: pip install torch==2.13.0 'accelerate>=1.0'") from None
     torch.set_num_threads(threads)
     return torch
 
