@@ -23,8 +23,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
+def _add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"'{DEFAULT_MODEL}', a HF model directory or a .gguf file (default: %(default)s)")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_arg(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype (default: %(default)s)")
 
 
@@ -144,9 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--out", required=True, help="output .jsonl file, one label per query and setting")
     label.set_defaults(run=_run_label)
 
-    from dro_jax import cli_dro
+    from dro_jax import cli_compare, cli_dro, cli_run, cli_sweep
 
+    cli_run.add_commands(commands)
     cli_dro.add_commands(commands)
+    cli_compare.add_commands(commands)
+    cli_sweep.add_commands(commands)
     return parser
 
 

@@ -86,12 +86,24 @@ class TrainingSet:
 
 
 def prepare_training_set(
-    model: LoadedModel, harmful: Sequence[str], harmless: Sequence[str], init_prompt: str, num_rows: int, progress: bool = True
+    model: LoadedModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    init_prompt: str,
+    num_rows: int,
+    progress: bool = True,
+    base_states: np.ndarray | None = None,
 ) -> TrainingSet:
-    """Encodes the queries with a `num_rows`-row slot and computes their base states under `init_prompt`."""
+    """Encodes the queries with a `num_rows`-row slot; their base states under `init_prompt` are computed
+    unless given (`base_states`: harmful then harmless, e.g. from the anchor stage)."""
     check_query_sets(harmful, harmless)
     queries = list(harmful) + list(harmless)
-    base = represent_queries(model, queries, PromptSetting.from_text(init_prompt), progress=progress)
+    if base_states is None:
+        base = represent_queries(model, queries, PromptSetting.from_text(init_prompt), progress=progress)
+    elif base_states.shape != (len(queries), model.config.hidden_size):
+        raise DroJaxError(f"base states are {base_states.shape}, expected {(len(queries), model.config.hidden_size)}")
+    else:
+        base = base_states
     placeholder = PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32))
     encoded = encode_queries(model, queries, placeholder)
     length = min(bucket_length(max(map(len, encoded.sequences))), model.config.max_position_embeddings)
