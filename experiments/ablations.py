@@ -1,0 +1,51 @@
+"""Experiment 3: the paper's three ablations of the DRO loss (no norm term, no refusal term, no harmfulness term).
+
+Each ablation retrains the soft prompt with one term's weight set to zero,
+everything else as in the run (same anchor space, init, schedule, seed), and
+is evaluated on the held-out sets next to the full DRO prompt.
+
+    python experiments/ablations.py --run dro-run
+
+Trains into RUN/experiments/ablations/no_TERM (kept and resumable: a re-run only evaluates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from common import comparison, evaluate_prompts, main_guard, parser, start, tables, write_outputs
+from dro_jax.loading import load_model
+from dro_jax.pipeline import QuerySets, RunPaths, train_stage
+from dro_jax.plots import refusal_plot
+
+TERMS = ("norm", "refusal", "harmfulness")  # the order of RunConfig.loss_weights is refusal, harmfulness, norm
+WEIGHT_INDEX = {"refusal": 0, "harmfulness": 1, "norm": 2}
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    run, out, began = start(args)
+    config = run.config
+    model = load_model(config.model, config.dtype)
+    sets = QuerySets.read(config)
+    prompts = {}
+    for term in TERMS:
+        weights = list(config.loss_weights)
+        weights[WEIGHT_INDEX[term]] = 0.0
+        target = RunPaths(out / "ablations" / f"no_{term}")
+        if not target.soft_prompt.exists():
+            ablated = dataclasses.replace(config, loss_weights=tuple(weights))
+            print(f"ablation: DRO without the {term} term (weights {weights})")
+            train_stage(model, ablated, sets, run.paths, target, resume=True)
+        prompts[f"DRO without {term}"] = target.soft_prompt
+    rows, coords = evaluate_prompts(model, run, prompts)
+    rows, moved = comparison(run, rows, coords)
+    refusal_plot(out / "ablations.png", rows, f"{config.model}: DRO and its ablations")
+    write_outputs(
+        out, "ablations", f"Ablations of the DRO loss ({config.model})", f"python experiments/ablations.py --run {args.run}",
+        began, tables(rows, moved), {"rows": rows, "movement": moved},
+    )
+
+
+if __name__ == "__main__":
+    main_guard(main)

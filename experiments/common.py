@@ -1,0 +1,88 @@
+"""What the experiment scripts share: the run they build on, evaluating extra prompts against it, writing outputs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from dro_jax.chat import PromptSetting
+from dro_jax.errors import DroJaxError
+from dro_jax.evaluate import EvalRow, evaluate_settings, results_markdown
+from dro_jax.generate import SamplingConfig
+from dro_jax.loading import LoadedModel
+from dro_jax.movement import Movement, movements, movements_markdown
+from dro_jax.pipeline import EVAL_SAMPLING, QuerySets, RunOutputs, finish_run, run_openings
+from dro_jax.report import write_text
+from dro_jax.soft_prompt import load_soft_prompt
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run", default="dro-run", help="a run directory of `dro-jax run` (any model; unfinished stages are run first)")
+    parser.add_argument("--out", help="where the table, json and plot go (default: RUN/experiments)")
+    return parser
+
+
+def start(args: argparse.Namespace) -> tuple[RunOutputs, Path, float]:
+    """The finished run, the output directory, and the start time."""
+    began = time.monotonic()
+    run = finish_run(args.run)
+    out = Path(args.out) if args.out else run.paths.root / "experiments"
+    out.mkdir(parents=True, exist_ok=True)
+    return run, out, began
+
+
+def evaluate_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Path]) -> tuple[list[EvalRow], dict]:
+    """The run's held-out evaluation for extra soft prompts; rows and held-out coordinates, as the run has them."""
+    config = run.config
+    sets = QuerySets.read(config)
+    settings = [PromptSetting.soft(name, load_soft_prompt(path, model.config.hidden_size)) for name, path in prompts.items()]
+    greedy = config.eval_samples == 0
+    sampling = dataclasses.replace(SamplingConfig() if greedy else EVAL_SAMPLING, max_new_tokens=config.max_new_tokens)
+    evaluation = evaluate_settings(
+        model, {"harmful": sets.harmful_test, "harmless": sets.harmless_test}, settings, run.anchors, sampling,
+        1 if greedy else config.eval_samples, config.eval_keep_longest, config.seed, config.eval_batch_size,
+        openings=run_openings(config),
+    )
+    return evaluation.rows, {(o.setting, o.dataset): o.coords for o in evaluation.outcomes}
+
+
+def comparison(run: RunOutputs, rows: list[EvalRow], coords: dict) -> tuple[list[EvalRow], list[Movement]]:
+    """The run's rows and the extra ones per dataset, and every setting's movement against no prompt."""
+    combined = [r for d in ("harmful", "harmless") for r in run.rows + rows if r.dataset == d]
+    return combined, movements(run.anchors, {**run.held_out, **coords})
+
+
+def write_outputs(out: Path, name: str, title: str, command: str, began: float, tables: dict[str, str], data: dict) -> None:
+    minutes = (time.monotonic() - began) / 60
+    body = [f"# {title}", "", f"Command: `{command}` ({minutes:.1f} min here)", ""]
+    for heading, table in tables.items():
+        body += [f"## {heading}", "", table, ""]
+    body += [f"![{name}]({name}.png)", ""]
+    write_text(out / f"{name}.md", "\n".join(body))
+    write_text(out / f"{name}.json", json.dumps({**data, "minutes": round(minutes, 1)}, indent=2, default=_json_default))
+    print("\n".join(body))
+    print(f"wrote {out / name}.md/.json/.png", file=sys.stderr)
+
+
+def _json_default(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    raise TypeError(type(value))
+
+
+def tables(rows: list[EvalRow], moved: list[Movement]) -> dict[str, str]:
+    return {"Refusals on the held-out sets": results_markdown(rows), "Movement against no prompt": movements_markdown(moved)}
+
+
+def main_guard(function) -> None:
+    """Runs an experiment's main, turning user errors into one line and exit status 2."""
+    try:
+        function()
+    except DroJaxError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

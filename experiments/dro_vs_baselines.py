@@ -1,0 +1,64 @@
+"""Experiment 2: DRO against the human safety prompts and against vanilla prompt tuning, on held-out queries.
+
+Vanilla prompt tuning trains the same soft prompt (same init) on sampled
+responses to the training queries: likelihood of the wanted ones (refusals
+of harmful queries, compliant answers to harmless ones), unlikelihood of the
+unwanted ones, responses cut to --response-tokens.
+
+    python experiments/dro_vs_baselines.py --run dro-run
+
+Trains the baseline into RUN/experiments/prompt_tuning (kept: a re-run only evaluates),
+then evaluates it as the run evaluated its prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from common import comparison, evaluate_prompts, main_guard, parser, start, tables, write_outputs
+from dro_jax.dro_loss import prompt_tuning_loss
+from dro_jax.loading import load_model
+from dro_jax.pipeline import QuerySets
+from dro_jax.plots import refusal_plot
+from dro_jax.prompt_tuning import prepare_response_set
+from dro_jax.soft_prompt import initial_soft_prompt, save_soft_prompt
+from dro_jax.train import TrainConfig, train_soft_prompt
+
+BASELINE = "prompt tuning"
+
+
+def main() -> None:
+    arguments = parser(__doc__.splitlines()[0])
+    arguments.add_argument("--epochs", type=int, default=5, help="baseline epochs (default: %(default)s, the paper's)")
+    arguments.add_argument("--samples", type=int, default=2, help="sampled responses per training query (default: %(default)s)")
+    arguments.add_argument("--response-tokens", type=int, default=64, help="responses are cut to this many tokens (default: %(default)s)")
+    args = arguments.parse_args()
+    run, out, began = start(args)
+    config = run.config
+    model = load_model(config.model, config.dtype)
+    directory = out / "prompt_tuning"
+    prompt_file = directory / "soft_prompt.safetensors"
+    if not prompt_file.exists():
+        sets = QuerySets.read(config)
+        initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
+        data = prepare_response_set(model, sets.harmful_train, sets.harmless_train, config.init_prompt, len(initial),
+                                    args.samples, args.response_tokens, config.seed)
+        train_config = TrainConfig(epochs=args.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                                   seed=config.seed, checkpoint_every=config.checkpoint_every, remat=config.remat)
+        result = train_soft_prompt(
+            model, data, None, initial, train_config, directory / "checkpoints", directory / "metrics.jsonl", resume=True,
+            loss_fn=functools.partial(prompt_tuning_loss, config=model.config, remat=config.remat),
+        )
+        save_soft_prompt(prompt_file, result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
+    rows, coords = evaluate_prompts(model, run, {BASELINE: prompt_file})
+    rows, moved = comparison(run, rows, coords)
+    refusal_plot(out / "dro_vs_baselines.png", rows, f"{config.model}: human prompts, DRO and vanilla prompt tuning")
+    write_outputs(
+        out, "dro_vs_baselines", f"DRO against human prompts and vanilla prompt tuning ({config.model})",
+        f"python experiments/dro_vs_baselines.py --run {args.run} --epochs {args.epochs} --samples {args.samples} "
+        f"--response-tokens {args.response_tokens}", began, tables(rows, moved), {"rows": rows, "movement": moved},
+    )
+
+
+if __name__ == "__main__":
+    main_guard(main)
