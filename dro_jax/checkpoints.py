@@ -30,8 +30,11 @@ class TrainCheckpoints:
 
     def save(self, step: int, state: Any, record: dict) -> None:
         args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(state), record=self._ocp.args.JsonSave(record))
-        self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
+        except OSError as err:  # orbax renames a finished step into place: a failed save leaves the kept steps intact
+            raise DroJaxError(f"{self.directory}: cannot write the checkpoint of step {step} ({err.strerror or err})") from None
 
     def record(self, step: int | None = None) -> dict:
         """The JSON record of a step (default: the latest)."""

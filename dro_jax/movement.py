@@ -29,20 +29,27 @@ class Movement:
     harmfulness_shift: float
     towards_refusal: float
     distance: float
+    log_odds_shift: float | None = None  # change of the refusal log-odds (positive: more likely to open with a refusal)
 
 
-def movements(anchors: AnchorSpace, coords: dict[tuple[str, str], np.ndarray]) -> list[Movement]:
-    """`coords[(setting, dataset)]` [n, k] in the same query order per dataset; needs the `none` setting."""
+def movements(
+    anchors: AnchorSpace, coords: dict[tuple[str, str], np.ndarray], log_odds: dict[tuple[str, str], np.ndarray] | None = None
+) -> list[Movement]:
+    """`coords[(setting, dataset)]` [n, k] (and optionally the refusal `log_odds` [n]) in the same query order
+    per dataset; needs the `none` setting."""
+    log_odds = log_odds or {}
     rows = []
     for (setting, dataset), points in coords.items():
         base = coords.get((NO_PROMPT, dataset))
         if base is None:
             continue
         refusal = anchors.refusal.logits(points) - anchors.refusal.logits(base)
+        scores, base_scores = log_odds.get((setting, dataset)), log_odds.get((NO_PROMPT, dataset))
         rows.append(Movement(
             setting, dataset, len(points), float(np.mean(refusal)),
             float(np.mean(anchors.harmfulness.logits(points) - anchors.harmfulness.logits(base))),
             float(np.mean(refusal < 0)), float(np.mean(np.linalg.norm(points - base, axis=1))),
+            None if scores is None or base_scores is None else float(np.mean(scores - base_scores)),
         ))
     return rows
 
@@ -50,12 +57,13 @@ def movements(anchors: AnchorSpace, coords: dict[tuple[str, str], np.ndarray]) -
 def movements_markdown(rows: list[Movement]) -> str:
     lines = [
         "| setting | queries | shift along the refusal direction | shift along the harmfulness direction "
-        "| queries moved towards refusal | mean distance moved |",
-        "|---|---|---|---|---|---|",
+        "| queries moved towards refusal | mean distance moved | refusal log-odds shift |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        log_odds = "n/a" if row.log_odds_shift is None else f"{row.log_odds_shift:+.2f}"
         lines.append(
             f"| {row.setting} | {row.dataset} ({row.num_queries}) | {row.refusal_shift:+.3f} | "
-            f"{row.harmfulness_shift:+.3f} | {row.towards_refusal:.0%} | {row.distance:.3f} |"
+            f"{row.harmfulness_shift:+.3f} | {row.towards_refusal:.0%} | {row.distance:.3f} | {log_odds} |"
         )
     return "\n".join(lines)

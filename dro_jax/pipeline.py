@@ -200,6 +200,7 @@ class RunOutputs:
     anchor_data: AnchorData
     rows: list[EvalRow]
     held_out: dict[tuple[str, str], np.ndarray]  # (setting, dataset) -> anchor coordinates of the held-out queries
+    held_out_log_odds: dict[tuple[str, str], np.ndarray]  # (setting, dataset) -> their refusal log-odds
     metrics: list[dict]
 
     @classmethod
@@ -209,6 +210,7 @@ class RunOutputs:
             config, paths, AnchorSpace.load(paths.anchors), load_anchor_data(paths.anchor_data),
             [EvalRow(**row) for row in evaluation["rows"]],
             {(o["setting"], o["dataset"]): np.asarray(o["coords"], np.float32) for o in evaluation["outcomes"]},
+            {(o["setting"], o["dataset"]): np.asarray(o["log_odds"]) for o in evaluation["outcomes"]},
             [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()],
         )
 

@@ -35,11 +35,24 @@ def rows_csv(rows: list[EvalRow]) -> str:
     return buffer.getvalue()
 
 
+def environment() -> dict:
+    """Versions and devices, for reproducing a run's numbers (kept out of config.json, which a re-run must match)."""
+    import platform
+    from importlib.metadata import version
+
+    import jax
+
+    return {
+        "dro_jax": version("dro-jax"), "jax": jax.__version__, "python": platform.python_version(),
+        "devices": [str(d.device_kind) for d in jax.devices()],
+    }
+
+
 def write_report(run: "RunOutputs", records: "StageRecords") -> Path:
     """Writes the tables and plots; returns the path of results.md."""
     config, root = run.config, run.paths.root
     anchor_report = json.loads(run.paths.anchor_report.read_text())
-    moved = movements(run.anchors, run.held_out)
+    moved = movements(run.anchors, run.held_out, run.held_out_log_odds)
     anchor_space_plot(
         root / PLOTS["anchor_space"], run.anchors, run.anchors.leading(run.anchor_data.states), run.anchor_data.settings,
         run.anchor_data.harmless, run.held_out, f"{config.model}: anchor queries and how each prompt moves the held-out queries",
@@ -50,7 +63,7 @@ def write_report(run: "RunOutputs", records: "StageRecords") -> Path:
     summary = {
         "config": config.to_dict(), "rows": [dataclasses.asdict(r) for r in run.rows],
         "movement": [dataclasses.asdict(m) for m in moved], "anchor_space": anchor_report,
-        "training": run.metrics[-1] if run.metrics else None, "stage_seconds": seconds,
+        "training": run.metrics[-1] if run.metrics else None, "stage_seconds": seconds, "environment": environment(),
     }
     write_text(root / "results.json", json.dumps(summary, indent=2))
     write_text(root / "results.csv", rows_csv(run.rows))

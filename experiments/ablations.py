@@ -38,8 +38,8 @@ def main() -> None:
             print(f"ablation: DRO without the {term} term (weights {weights})")
             train_stage(model, ablated, sets, run.paths, target, resume=True)
         prompts[f"DRO without {term}"] = target.soft_prompt
-    rows, coords = evaluate_prompts(model, run, prompts)
-    rows, moved = comparison(run, rows, coords)
+    rows, coords, log_odds = evaluate_prompts(model, run, prompts)
+    rows, moved = comparison(run, rows, coords, log_odds)
     refusal_plot(out / "ablations.png", rows, f"{config.model}: DRO and its ablations")
     write_outputs(
         out, "ablations", f"Ablations of the DRO loss ({config.model})", f"python experiments/ablations.py --run {args.run}",

@@ -36,8 +36,8 @@ def start(args: argparse.Namespace) -> tuple[RunOutputs, Path, float]:
     return run, out, began
 
 
-def evaluate_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Path]) -> tuple[list[EvalRow], dict]:
-    """The run's held-out evaluation for extra soft prompts; rows and held-out coordinates, as the run has them."""
+def evaluate_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Path]) -> tuple[list[EvalRow], dict, dict]:
+    """The run's held-out evaluation for extra soft prompts: rows, and held-out coordinates and log-odds as the run has them."""
     config = run.config
     sets = QuerySets.read(config)
     settings = [PromptSetting.soft(name, load_soft_prompt(path, model.config.hidden_size)) for name, path in prompts.items()]
@@ -48,13 +48,14 @@ def evaluate_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Pat
         1 if greedy else config.eval_samples, config.eval_keep_longest, config.seed, config.eval_batch_size,
         openings=run_openings(config),
     )
-    return evaluation.rows, {(o.setting, o.dataset): o.coords for o in evaluation.outcomes}
+    return (evaluation.rows, {(o.setting, o.dataset): o.coords for o in evaluation.outcomes},
+            {(o.setting, o.dataset): o.log_odds for o in evaluation.outcomes})
 
 
-def comparison(run: RunOutputs, rows: list[EvalRow], coords: dict) -> tuple[list[EvalRow], list[Movement]]:
+def comparison(run: RunOutputs, rows: list[EvalRow], coords: dict, log_odds: dict) -> tuple[list[EvalRow], list[Movement]]:
     """The run's rows and the extra ones per dataset, and every setting's movement against no prompt."""
     combined = [r for d in ("harmful", "harmless") for r in run.rows + rows if r.dataset == d]
-    return combined, movements(run.anchors, {**run.held_out, **coords})
+    return combined, movements(run.anchors, {**run.held_out, **coords}, {**run.held_out_log_odds, **log_odds})
 
 
 def write_outputs(out: Path, name: str, title: str, command: str, began: float, tables: dict[str, str], data: dict) -> None:

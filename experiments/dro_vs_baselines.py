@@ -50,8 +50,8 @@ def main() -> None:
             loss_fn=functools.partial(prompt_tuning_loss, config=model.config, remat=config.remat),
         )
         save_soft_prompt(prompt_file, result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
-    rows, coords = evaluate_prompts(model, run, {BASELINE: prompt_file})
-    rows, moved = comparison(run, rows, coords)
+    rows, coords, log_odds = evaluate_prompts(model, run, {BASELINE: prompt_file})
+    rows, moved = comparison(run, rows, coords, log_odds)
     refusal_plot(out / "dro_vs_baselines.png", rows, f"{config.model}: human prompts, DRO and vanilla prompt tuning")
     write_outputs(
         out, "dro_vs_baselines", f"DRO against human prompts and vanilla prompt tuning ({config.model})",

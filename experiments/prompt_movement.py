@@ -19,13 +19,12 @@ from dro_jax.movement import Movement, movements, movements_markdown
 from dro_jax.plots import movement_plot
 
 
-def anchor_coords(run) -> dict[tuple[str, str], np.ndarray]:
-    """(setting, 'harmful train' | 'harmless train') -> coordinates, from the anchor stage."""
+def anchor_groups(run, values: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """(setting, 'harmful train' | 'harmless train') -> the rows of `values` (per anchor input) in that group."""
     data = run.anchor_data
-    coords = run.anchors.leading(data.states)
     settings = np.asarray(data.settings)
     return {
-        (setting, f"{kind} train"): coords[(settings == setting) & (data.harmless == flag)]
+        (setting, f"{kind} train"): values[(settings == setting) & (data.harmless == flag)]
         for setting in dict.fromkeys(data.settings) for flag, kind in ((0, "harmful"), (1, "harmless"))
     }
 
@@ -33,8 +32,11 @@ def anchor_coords(run) -> dict[tuple[str, str], np.ndarray]:
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     run, out, began = start(args)
-    train: list[Movement] = movements(run.anchors, anchor_coords(run))
-    held_out = movements(run.anchors, run.held_out)
+    data = run.anchor_data
+    train: list[Movement] = movements(
+        run.anchors, anchor_groups(run, run.anchors.leading(data.states)), anchor_groups(run, data.refusal_log_odds)
+    )
+    held_out = movements(run.anchors, run.held_out, run.held_out_log_odds)
     movement_plot(out / "prompt_movement.png", {"anchor (training) queries": train, "held-out queries": held_out},
                   f"{run.config.model}: how each prompt moves queries, against no prompt")
     write_outputs(

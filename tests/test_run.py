@@ -133,38 +133,60 @@ def test_a_full_disk_while_writing_gives_a_clear_error_and_no_partial_file(run_a
     assert (out / "anchor_space.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_keeps_the_earlier_steps(tmp_path, monkeypatch):
+    import numpy as np
+
+    from dro_jax.checkpoints import TrainCheckpoints
+    from dro_jax.errors import DroJaxError
+
+    checkpoints = TrainCheckpoints(tmp_path / "ckpt")
+    checkpoints.save(1, {"x": np.ones(3, np.float32)}, {"step": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints._manager, "save", full_disk)
+    with pytest.raises(DroJaxError, match="cannot write the checkpoint of step 2 .No space left on device"):
+        checkpoints.save(2, {"x": np.zeros(3, np.float32)}, {"step": 2})
+    assert checkpoints.latest_step() == 1
+    checkpoints.close()
+
+
 def _experiment(script, run_dir, *extra):
-    import os
-    import subprocess
+    """Runs an experiment script in this process (sharing its compiled functions); returns its exit status."""
+    import runpy
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.run([sys.executable, str(root / "experiments" / script), "--run", str(run_dir), *extra],
-                          capture_output=True, text=True, env=env, timeout=900)
+    folder = Path(__file__).resolve().parents[1] / "experiments"
+    argv, path = sys.argv, list(sys.path)
+    sys.argv, sys.path = [script, "--run", str(run_dir), *extra], [str(folder), *sys.path]
+    try:
+        runpy.run_path(str(folder / script), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        sys.argv, sys.path = argv, path
+    return 0
 
 
 def test_experiments_write_their_tables_and_plots(finished_run):
-    done = _experiment("prompt_movement.py", finished_run)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert _experiment("prompt_movement.py", finished_run) == 0
     out = finished_run / "experiments"
     movement = json.loads((out / "prompt_movement.json").read_text())
     assert {m["setting"] for m in movement["anchor_queries"]} == {"none", "short"}
     assert {m["setting"] for m in movement["held_out"]} == {"none", "short", "DRO"}
     assert (out / "prompt_movement.png").read_bytes().startswith(PNG_MAGIC)
-    done = _experiment("ablations.py", finished_run)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert _experiment("ablations.py", finished_run) == 0
     rows = json.loads((out / "ablations.json").read_text())["rows"]
     assert {r["setting"] for r in rows} == {"none", "short", "DRO", "DRO without norm", "DRO without refusal", "DRO without harmfulness"}
     for term in ("norm", "refusal", "harmfulness"):
         assert (out / "ablations" / f"no_{term}" / "soft_prompt.safetensors").is_file()
-    done = _experiment("dro_vs_baselines.py", finished_run, "--epochs", "1", "--samples", "1", "--response-tokens", "4")
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert _experiment("dro_vs_baselines.py", finished_run, "--epochs", "1", "--samples", "1", "--response-tokens", "4") == 0
     rows = json.loads((out / "dro_vs_baselines.json").read_text())["rows"]
     assert [r["setting"] for r in rows if r["dataset"] == "harmful"] == ["none", "short", "DRO", "prompt tuning"]
 
 
-def test_an_experiment_without_a_run_says_how_to_make_one(tmp_path):
-    done = _experiment("prompt_movement.py", tmp_path / "nothing")
-    assert done.returncode == 2 and "dro-jax run --out" in done.stderr
+def test_an_experiment_without_a_run_says_how_to_make_one(tmp_path, capsys):
+    assert _experiment("prompt_movement.py", tmp_path / "nothing") == 2
+    assert "dro-jax run --out" in capsys.readouterr().err
