@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from dro_jax.chat import PromptSetting
+from dro_jax.chat import NO_PROMPT, PromptSetting
 from dro_jax.errors import DroJaxError
 from dro_jax.evaluate import EvalRow, evaluate_settings, results_markdown
 from dro_jax.generate import SamplingConfig
@@ -53,7 +53,11 @@ def evaluate_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Pat
 
 
 def comparison(run: RunOutputs, rows: list[EvalRow], coords: dict, log_odds: dict) -> tuple[list[EvalRow], list[Movement]]:
-    """The run's rows and the extra ones per dataset, and every setting's movement against no prompt."""
+    """The run's rows and the extra ones per dataset (their shift against the run's no-prompt row), and every
+    setting's movement against no prompt."""
+    baseline = {r.dataset: r.compliance_logit for r in run.rows if r.setting == NO_PROMPT}
+    rows = [dataclasses.replace(r, compliance_shift=r.compliance_logit - baseline[r.dataset])
+            if r.dataset in baseline and r.compliance_logit is not None and baseline[r.dataset] is not None else r for r in rows]
     combined = [r for d in ("harmful", "harmless") for r in run.rows + rows if r.dataset == d]
     return combined, movements(run.anchors, {**run.held_out, **coords}, {**run.held_out_log_odds, **log_odds})
 
