@@ -22,6 +22,7 @@ from dro_jax.loading import LoadedModel
 from dro_jax.refusal_score import Openings, score_refusal
 from dro_jax.represent import encode_queries
 from dro_jax.respond import Response, generate_responses
+from dro_jax.tables import markdown_table
 
 GREEDY = SamplingConfig(max_new_tokens=64)
 
@@ -136,15 +137,13 @@ def results_markdown(rows: Sequence[EvalRow]) -> str:
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    lines = [
-        "| setting | queries | refused responses | queries with any refusal | queries with any compliance "
-        "| mean refusal log-odds | compliance logit | shift vs none |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.setting} | {row.dataset} ({row.num_queries}) | {row.refused_responses}/{row.num_responses} | "
-            f"{row.queries_any_refusal}/{row.num_queries} | {row.queries_any_compliance}/{row.num_queries} | "
-            f"{row.mean_refusal_log_odds:+.2f} | {number(row.compliance_logit, '+.3f')} | {number(row.compliance_shift, '+.3f')} |"
-        )
-    return "\n".join(lines)
+    header = ["setting", "queries", "refused responses", "queries with any refusal", "queries with any compliance",
+              "mean refusal log-odds", "compliance logit", "shift vs none"]
+    return markdown_table(header, [
+        [
+            row.setting, f"{row.dataset} ({row.num_queries})", f"{row.refused_responses}/{row.num_responses}",
+            f"{row.queries_any_refusal}/{row.num_queries}", f"{row.queries_any_compliance}/{row.num_queries}",
+            f"{row.mean_refusal_log_odds:+.2f}", number(row.compliance_logit, "+.3f"), number(row.compliance_shift, "+.3f"),
+        ]
+        for row in rows
+    ])

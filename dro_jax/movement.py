@@ -14,6 +14,7 @@ import numpy as np
 
 from dro_jax.anchors import AnchorSpace
 from dro_jax.chat import NO_PROMPT
+from dro_jax.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +56,12 @@ def movements(
 
 
 def movements_markdown(rows: list[Movement]) -> str:
-    lines = [
-        "| setting | queries | shift along the refusal direction | shift along the harmfulness direction "
-        "| queries moved towards refusal | mean distance moved | refusal log-odds shift |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        log_odds = "n/a" if row.log_odds_shift is None else f"{row.log_odds_shift:+.2f}"
-        lines.append(
-            f"| {row.setting} | {row.dataset} ({row.num_queries}) | {row.refusal_shift:+.3f} | "
-            f"{row.harmfulness_shift:+.3f} | {row.towards_refusal:.0%} | {row.distance:.3f} | {log_odds} |"
-        )
-    return "\n".join(lines)
+    header = ["setting", "queries", "shift along the refusal direction", "shift along the harmfulness direction",
+              "queries moved towards refusal", "mean distance moved", "refusal log-odds shift"]
+    return markdown_table(header, [
+        [
+            row.setting, f"{row.dataset} ({row.num_queries})", f"{row.refusal_shift:+.3f}", f"{row.harmfulness_shift:+.3f}",
+            f"{row.towards_refusal:.0%}", f"{row.distance:.3f}", "n/a" if row.log_odds_shift is None else f"{row.log_odds_shift:+.2f}",
+        ]
+        for row in rows
+    ])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +12,7 @@ from dro_jax.files import atomic_output
 from dro_jax.movement import movements, movements_markdown
 from dro_jax.plots import anchor_space_plot, loss_plot, refusal_plot
 from dro_jax.run_config import RunConfig
+from dro_jax.tables import dataclass_csv
 
 if TYPE_CHECKING:
     from dro_jax.pipeline import RunOutputs
@@ -25,14 +24,6 @@ PLOTS = {"anchor_space": "anchor_space.png", "training": "training_curves.png", 
 def write_text(path: Path, text: str) -> None:
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def rows_csv(rows: list[EvalRow]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[f.name for f in dataclasses.fields(EvalRow)], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(dataclasses.asdict(r) for r in rows)
-    return buffer.getvalue()
 
 
 def environment() -> dict:
@@ -66,7 +57,7 @@ def write_report(run: "RunOutputs", records: "StageRecords") -> Path:
         "training": run.metrics[-1] if run.metrics else None, "stage_seconds": seconds, "environment": environment(),
     }
     write_text(root / "results.json", json.dumps(summary, indent=2))
-    write_text(root / "results.csv", rows_csv(run.rows))
+    write_text(root / "results.csv", dataclass_csv(run.rows, EvalRow))
     write_text(root / "results.md", results_text(config, run.rows, moved, anchor_report, run.metrics, seconds))
     return root / "results.md"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Sequence
 from dro_jax.errors import DroJaxError
 from dro_jax.files import atomic_output, check_writable
 from dro_jax.sweep import SweepRow
+from dro_jax.tables import dataclass_csv, markdown_table
 
 FILE_NAMES = ("sweep.csv", "sweep.md", "sweep.json")
 
@@ -33,13 +33,10 @@ def _count(count: int | None, rate: float | None) -> str:
 
 def sweep_markdown(rows: Sequence[SweepRow]) -> str:
     """A table with counts and their rates; error rows have empty numbers and the error text."""
-    lines = [
-        "| model | prompt | dataset | queries | responses | refused responses | queries with any refusal "
-        "| queries with any compliance | mean refusal log-odds | error |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        cells = [
+    header = ["model", "prompt", "dataset", "queries", "responses", "refused responses", "queries with any refusal",
+              "queries with any compliance", "mean refusal log-odds", "error"]
+    return markdown_table(header, [
+        [
             row.model, row.prompt, row.dataset, str(row.num_queries),
             "" if row.num_responses is None else str(row.num_responses),
             _count(row.refused_responses, row.response_refusal_rate),
@@ -48,8 +45,8 @@ def sweep_markdown(rows: Sequence[SweepRow]) -> str:
             "" if row.mean_refusal_log_odds is None else f"{row.mean_refusal_log_odds:+.3f}",
             row.error or "",
         ]
-        lines.append("| " + " | ".join(" ".join(cell.replace("|", "\\|").split()) for cell in cells) + " |")
-    return "\n".join(lines)
+        for row in rows
+    ])
 
 
 def write_sweep(rows: Sequence[SweepRow], directory: Path) -> list[Path]:
@@ -57,10 +54,7 @@ def write_sweep(rows: Sequence[SweepRow], directory: Path) -> list[Path]:
     records = [dataclasses.asdict(row) for row in rows]
     csv_path, md_path, json_path = (directory / name for name in FILE_NAMES)
     with atomic_output(csv_path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=[field.name for field in dataclasses.fields(SweepRow)])
-            writer.writeheader()
-            writer.writerows(records)
+        tmp.write_text(dataclass_csv(rows, SweepRow), encoding="utf-8")
     with atomic_output(md_path) as tmp:
         tmp.write_text(sweep_markdown(rows) + "\n", encoding="utf-8")
     with atomic_output(json_path) as tmp:

@@ -85,9 +85,3 @@ def load_torch_model(model_source: str, torch):
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     return model.eval()
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)

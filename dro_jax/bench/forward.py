@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from dro_jax.batching import left_padded_batches
-from dro_jax.bench.common import best_of, import_torch, layer_matmuls_gflops, load_torch_model, markdown_table, matmul_peak_gflops
+from dro_jax.tables import markdown_table
+from dro_jax.bench.common import best_of, import_torch, layer_matmuls_gflops, load_torch_model, matmul_peak_gflops
 from dro_jax.loading import load_model
 from dro_jax.queries import read_queries
 from dro_jax.represent import encode_queries, represent_tokens

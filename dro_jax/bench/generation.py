@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from dro_jax.batching import left_padded_batches
-from dro_jax.bench.common import best_of, import_torch, load_torch_model, markdown_table, matmul_peak_gflops
+from dro_jax.tables import markdown_table
+from dro_jax.bench.common import best_of, import_torch, load_torch_model, matmul_peak_gflops
 from dro_jax.generate import SamplingConfig, generate_tokens
 from dro_jax.loading import load_model
 from dro_jax.queries import read_queries

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from dro_jax.anchors import AnchorSpace, LinearProbe
-from dro_jax.bench.common import markdown_table
+from dro_jax.tables import markdown_table
 from dro_jax.bench.forward import benchmark_queries
 from dro_jax.bench.torch_dro import apply_gradients, make_torch_optimizer, soft_prompt_states, torch_dro_loss
 from dro_jax.dro_loss import LossWeights, QueryBatch, dro_loss

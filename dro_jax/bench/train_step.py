@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.bench.common import import_torch, load_torch_model, markdown_table, matmul_peak_gflops
+from dro_jax.tables import markdown_table
+from dro_jax.bench.common import import_torch, load_torch_model, matmul_peak_gflops
 from dro_jax.loading import load_model
 from dro_jax.queries import read_queries
 
