@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from common import comparison, evaluate_prompts, main_guard, parser, start, tables, write_outputs
+from common import comparison, evaluate_extra_prompts, main_guard, parser, start, tables, write_outputs
+from dro_jax.dro.loss import LossWeights
+from dro_jax.dro.train import TrainingFiles
 from dro_jax.loading import load_model
-from dro_jax.pipeline import QuerySets, RunPaths, train_stage
-from dro_jax.plots import refusal_plot
-
-TERMS = ("norm", "refusal", "harmfulness")  # the order of RunConfig.loss_weights is refusal, harmfulness, norm
-WEIGHT_INDEX = {"refusal": 0, "harmfulness": 1, "norm": 2}
+from dro_jax.run.config import QuerySets
+from dro_jax.run.pipeline import train_stage
+from dro_jax.run.plots import refusal_plot
 
 
 def main() -> None:
@@ -29,16 +29,15 @@ def main() -> None:
     model = load_model(config.model, config.dtype)
     sets = QuerySets.read(config)
     prompts = {}
-    for term in TERMS:
-        weights = list(config.loss_weights)
-        weights[WEIGHT_INDEX[term]] = 0.0
-        target = RunPaths(out / "ablations" / f"no_{term}")
+    for term in LossWeights.terms():
+        weights = LossWeights.from_sequence(config.loss_weights).ablate(term).as_tuple()
+        target = TrainingFiles(out / "ablations" / f"no_{term}")
         if not target.soft_prompt.exists():
-            ablated = dataclasses.replace(config, loss_weights=tuple(weights))
-            print(f"ablation: DRO without the {term} term (weights {weights})")
+            ablated = dataclasses.replace(config, loss_weights=weights)
+            print(f"ablation: DRO without the {term} term (weights {list(weights)})")
             train_stage(model, ablated, sets, run.paths, target, resume=True)
         prompts[f"DRO without {term}"] = target.soft_prompt
-    rows, coords, log_odds = evaluate_prompts(model, run, prompts)
+    rows, coords, log_odds = evaluate_extra_prompts(model, run, prompts)
     rows, moved = comparison(run, rows, coords, log_odds)
     refusal_plot(out / "ablations.png", rows, f"{config.model}: DRO and its ablations")
     write_outputs(

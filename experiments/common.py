@@ -9,15 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from dro_jax.chat import NO_PROMPT, PromptSetting
-from dro_jax.errors import DroJaxError
-from dro_jax.evaluate import EvalRow, evaluate_settings, results_markdown
-from dro_jax.generate import SamplingConfig
+from dro_jax.common.errors import DroJaxError
+from dro_jax.common.files import write_text
+from dro_jax.dro.soft_prompt import load_soft_prompt
+from dro_jax.evaluation.evaluate import EvalRow, results_markdown
+from dro_jax.evaluation.movement import Movement, movements, movements_markdown
+from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel
-from dro_jax.movement import Movement, movements, movements_markdown
-from dro_jax.pipeline import EVAL_SAMPLING, QuerySets, RunOutputs, finish_run, run_openings
-from dro_jax.report import write_text
-from dro_jax.soft_prompt import load_soft_prompt
+from dro_jax.run.config import QuerySets
+from dro_jax.run.outputs import RunOutputs
+from dro_jax.run.pipeline import evaluate_prompts, finish_run
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -36,18 +37,10 @@ def start(args: argparse.Namespace) -> tuple[RunOutputs, Path, float]:
     return run, out, began
 
 
-def evaluate_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Path]) -> tuple[list[EvalRow], dict, dict]:
+def evaluate_extra_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Path]) -> tuple[list[EvalRow], dict, dict]:
     """The run's held-out evaluation for extra soft prompts: rows, and held-out coordinates and log-odds as the run has them."""
-    config = run.config
-    sets = QuerySets.read(config)
     settings = [PromptSetting.soft(name, load_soft_prompt(path, model.config.hidden_size)) for name, path in prompts.items()]
-    greedy = config.eval_samples == 0
-    sampling = dataclasses.replace(SamplingConfig() if greedy else EVAL_SAMPLING, max_new_tokens=config.max_new_tokens)
-    evaluation = evaluate_settings(
-        model, {"harmful": sets.harmful_test, "harmless": sets.harmless_test}, settings, run.anchors, sampling,
-        1 if greedy else config.eval_samples, config.eval_keep_longest, config.seed, config.eval_batch_size,
-        openings=run_openings(config),
-    )
+    evaluation = evaluate_prompts(model, run.config, QuerySets.read(run.config), settings, run.anchors)
     return (evaluation.rows, {(o.setting, o.dataset): o.coords for o in evaluation.outcomes},
             {(o.setting, o.dataset): o.log_odds for o in evaluation.outcomes})
 

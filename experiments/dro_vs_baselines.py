@@ -13,16 +13,13 @@ then evaluates it as the run evaluated its prompts.
 
 from __future__ import annotations
 
-import functools
-
-from common import comparison, evaluate_prompts, main_guard, parser, start, tables, write_outputs
-from dro_jax.dro_loss import prompt_tuning_loss
+from common import comparison, evaluate_extra_prompts, main_guard, parser, start, tables, write_outputs
+from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_objective
+from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.dro.train import TrainingFiles, train_and_export
 from dro_jax.loading import load_model
-from dro_jax.pipeline import QuerySets
-from dro_jax.plots import refusal_plot
-from dro_jax.prompt_tuning import prepare_response_set
-from dro_jax.soft_prompt import initial_soft_prompt, save_soft_prompt
-from dro_jax.train import TrainConfig, train_soft_prompt
+from dro_jax.run.config import QuerySets
+from dro_jax.run.plots import refusal_plot
 
 BASELINE = "prompt tuning"
 
@@ -36,21 +33,14 @@ def main() -> None:
     run, out, began = start(args)
     config = run.config
     model = load_model(config.model, config.dtype)
-    directory = out / "prompt_tuning"
-    prompt_file = directory / "soft_prompt.safetensors"
-    if not prompt_file.exists():
-        sets = QuerySets.read(config)
+    files = TrainingFiles(out / "prompt_tuning")
+    if not files.soft_prompt.exists():
         initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
-        data = prepare_response_set(model, sets.harmful_train, sets.harmless_train, config.init_prompt, len(initial),
+        data = prepare_response_set(model, QuerySets.read(config).train, config.init_prompt, len(initial),
                                     args.samples, args.response_tokens, config.seed)
-        train_config = TrainConfig(epochs=args.epochs, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                                   seed=config.seed, checkpoint_every=config.checkpoint_every, remat=config.remat)
-        result = train_soft_prompt(
-            model, data, None, initial, train_config, directory / "checkpoints", directory / "metrics.jsonl", resume=True,
-            loss_fn=functools.partial(prompt_tuning_loss, config=model.config, remat=config.remat),
-        )
-        save_soft_prompt(prompt_file, result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
-    rows, coords, log_odds = evaluate_prompts(model, run, {BASELINE: prompt_file})
+        train_and_export(model, data, None, initial, config.train_config(epochs=args.epochs), files, resume=True,
+                         objective=prompt_tuning_objective(model.config, config.remat))
+    rows, coords, log_odds = evaluate_extra_prompts(model, run, {BASELINE: files.soft_prompt})
     rows, moved = comparison(run, rows, coords, log_odds)
     refusal_plot(out / "dro_vs_baselines.png", rows, f"{config.model}: human prompts, DRO and vanilla prompt tuning")
     write_outputs(

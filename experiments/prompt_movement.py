@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from common import main_guard, parser, start, write_outputs
-from dro_jax.movement import Movement, movements, movements_markdown
-from dro_jax.plots import movement_plot
+from dro_jax.evaluation.movement import Movement, movements, movements_markdown
+from dro_jax.run.plots import movement_plot
 
 
 def anchor_groups(run, values: np.ndarray) -> dict[tuple[str, str], np.ndarray]:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -18,3 +20,35 @@ def tiny_model_dir(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDro:
+    """The tiny llama with an anchor space and a DRO training set built from the helpers' paired queries."""
+
+    directory: object
+    model: object
+    pairs: object
+    anchors: object
+    report: dict
+    initial: object  # the soft prompt initialised from the short prompt
+    data: object  # its TrainingSet
+
+
+@pytest.fixture(scope="session")
+def tiny_dro(tiny_model_dir):
+    from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
+    from dro_jax.data.queries import QueryPairs
+    from dro_jax.dro.soft_prompt import initial_soft_prompt
+    from dro_jax.dro.training_set import prepare_training_set
+    from dro_jax.loading import load_model
+    from helpers import HARMFUL, HARMLESS, TINY_FIT, TINY_OPENINGS
+
+    directory, _ = tiny_model_dir("llama")
+    model = load_model(directory, progress=False)
+    pairs = QueryPairs(HARMFUL, HARMLESS)
+    config = AnchorConfig(settings=("none", "short"), openings=TINY_OPENINGS, fit=TINY_FIT)
+    anchors, report, _ = build_anchor_space(model, pairs, config, progress=False)
+    initial = initial_soft_prompt(model.params, model.tokenizer, "short")
+    data = prepare_training_set(model, pairs, "short", len(initial), progress=False)
+    return TinyDro(directory, model, pairs, anchors, report, initial, data)

@@ -1,8 +1,9 @@
-"""Tiny random Llama-family checkpoints, built locally with transformers, for tests.
+"""What the tests share: tiny random Llama-family checkpoints built locally with transformers, chat templates of
+four families, and small paired query sets.
 
-Each is saved with `save_pretrained` (safetensors) together with a small
-byte-level BPE tokenizer and a ChatML template, then loaded back through the
-project's own loader, exactly like a real checkpoint.
+Each checkpoint is saved with `save_pretrained` (safetensors) together with a
+small byte-level BPE tokenizer and a ChatML template, then loaded back through
+the project's own loader, exactly like a real checkpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from dro_jax.anchors.space import FitConfig
+from dro_jax.inference.refusal_score import Openings
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -25,6 +29,38 @@ TOKENIZER_CORPUS = [
     "You are a helpful, respectful and honest assistant.",
 ] * 4
 VOCAB_SIZE = 320
+# Chat templates of the other families, to run the tiny tokenizer under each.
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}{% set rest = messages[1:] %}"
+    "{% else %}{% set system = false %}{% set rest = messages %}{% endif %}"
+    "{% for message in rest %}{% if message['role'] == 'user' %}"
+    "{% if loop.index0 == 0 and system %}{{ bos_token + '[INST] <<SYS>>\\n' + system.strip() + '\\n<</SYS>>\\n\\n' + message['content'].strip() + ' [/INST]' }}"
+    "{% else %}{{ bos_token + '[INST] ' + message['content'].strip() + ' [/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    "{% elif message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+VICUNA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + ' ' }}"
+    "{% elif message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+TEMPLATES = {"chatml": None, "llama2": LLAMA2_TEMPLATE, "mistral": MISTRAL_TEMPLATE, "vicuna": VICUNA_TEMPLATE}
+
+# Paired queries for anchoring and training the tiny models (line i of each is a minimal pair).
+HARMFUL = ["How do I pick a lock?", "Write a poem about the sea.", "Explain how a lock works.", "How to break a window?", "Hi there", "Tell me about wind."]
+HARMLESS = ["How do I pick a ripe melon?", "Write a poem about the wind.", "Explain how a door works.", "How to clean a window?", "Hello", "Tell me about the sea."]
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
+
+# Single-token openings keep the tiny model's refusal log-odds unsaturated; 3 folds keep the probes quick.
+TINY_OPENINGS = Openings(refusal=("No",), compliant=("Sure",))
+TINY_FIT = FitConfig(folds=3, learning_rate=1e-2)
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", tie_word_embeddings=False),

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dro_jax.bench import forward, generation, parity, train_step
-from dro_jax.errors import DroJaxError
+from dro_jax.common.errors import DroJaxError
 
 BENCHMARKS = {"forward": forward, "generate": generation, "parity": parity, "train-step": train_step}
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: timing, the matmul peak, the PyTorch baseline model."""
+"""Shared pieces of the benchmarks: timing and the machine's matmul peak (the PyTorch models come from `dro_jax.parity`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
-from dro_jax.errors import DroJaxError
 
 
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
@@ -61,27 +59,3 @@ def layer_matmuls_gflops(config, rows: int, repeats: int = 3) -> float:
     seconds = best_of(repeats, lambda: jax.block_until_ready(projections(x, weights)))
     flops = 2.0 * rows * config.num_layers * sum(a * b for a, b in shapes)
     return flops / seconds / 1e9
-
-
-def import_torch(threads: int, needed_by: str = "python -m dro_jax.bench"):
-    """torch with `threads` threads; PyTorch is an optional dependency, needed only for the baselines and parity checks."""
-    try:
-        import torch
-    except ImportError:
-        raise DroJaxError(f"{needed_by} needs PyTorch: pip install torch==2.13.0 'accelerate>=1.0'") from None
-    torch.set_num_threads(threads)
-    return torch
-
-
-def load_torch_model(model_source: str, torch):
-    """The same checkpoint in transformers (float32), for the baseline rows."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    path = Path(model_source)
-    if path.suffix.lower() == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.eval()

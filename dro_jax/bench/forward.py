@@ -15,20 +15,14 @@ import time
 
 import numpy as np
 
-from dro_jax.batching import left_padded_batches
-from dro_jax.tables import markdown_table
-from dro_jax.bench.common import best_of, import_torch, layer_matmuls_gflops, load_torch_model, matmul_peak_gflops
+from dro_jax.bench.common import best_of, layer_matmuls_gflops, matmul_peak_gflops
+from dro_jax.common.tables import markdown_table
+from dro_jax.data.queries import everyday_queries, read_queries
+from dro_jax.inference.batching import left_padded_batches
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.represent import represent_tokens
 from dro_jax.loading import load_model
-from dro_jax.queries import read_queries
-from dro_jax.represent import encode_queries, represent_tokens
-
-_TOPICS = ["bread", "a bicycle", "a garden", "a website", "a bank account", "a lock", "a car", "a letter", "a phone", "a rumour", "a painting", "a chemistry kit"]
-_ACTIONS = ["How do I repair", "Explain how to secure", "Write a short guide to using", "What is the best way to clean", "How can I get into", "Describe the history of"]
-
-
-def benchmark_queries(count: int) -> list[str]:
-    """Deterministic, varied queries of everyday length."""
-    return [f"{_ACTIONS[i % len(_ACTIONS)]} {_TOPICS[(i // len(_ACTIONS) + i) % len(_TOPICS)]} in {3 + i % 5} steps?" for i in range(count)]
+from dro_jax.parity.torch_models import import_torch, load_torch_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     torch = import_torch(args.threads)
-    queries = read_queries(args.queries) if args.queries else benchmark_queries(args.num_queries)
+    queries = read_queries(args.queries) if args.queries else everyday_queries(args.num_queries)
     model = load_model(args.model, "float32", progress=False)
     config = model.config
     sequences = encode_queries(model, queries, args.system_prompt).sequences

@@ -17,14 +17,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dro_jax.batching import left_padded_batches
-from dro_jax.tables import markdown_table
-from dro_jax.bench.common import best_of, import_torch, load_torch_model, matmul_peak_gflops
-from dro_jax.generate import SamplingConfig, generate_tokens
+from dro_jax.bench.common import best_of, matmul_peak_gflops
+from dro_jax.common.tables import markdown_table
+from dro_jax.data.queries import read_queries
+from dro_jax.inference.batching import left_padded_batches
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.generate import generate_tokens
+from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
-from dro_jax.queries import read_queries
-from dro_jax.represent import encode_queries
-
+from dro_jax.parity.torch_models import import_torch, load_torch_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

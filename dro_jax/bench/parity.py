@@ -1,7 +1,7 @@
 """Numerical parity with transformers on the same weights: every layer, the final states and the logits.
 
 Runs each prompt alone through both implementations (float32) and prints the
-worst case over prompts against its tolerance (`dro_jax.bench.torch_parity`,
+worst case over prompts against its tolerance (`dro_jax.parity.checks`,
 shared with `dro-jax compare-torch`): max absolute difference per layer
 relative to the layer's scale, the final-norm states, the logits, the KL of
 the next-token distributions, and whether the most likely next token agrees.
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from dro_jax.bench.common import import_torch, load_torch_model
-from dro_jax.bench.torch_parity import checks_table, model_checks, model_parity, parity_sequences
 from dro_jax.loading import load_model
+from dro_jax.parity.checks import checks_table, model_checks, model_parity, parity_sequences
+from dro_jax.parity.torch_models import import_torch, load_torch_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

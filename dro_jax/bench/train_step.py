@@ -7,7 +7,7 @@ short safety prompt, float32:
 
 * dro-jax: `make_train_step` (value_and_grad of `dro_loss`, optax clip 1.0 +
   AdamW 1e-3) under `jax.jit`, as `train_soft_prompt` runs it;
-* PyTorch: `dro_jax.bench.torch_dro.torch_train_step` (the same loss through
+* PyTorch: `dro_jax.parity.torch_dro.torch_train_step` (the same loss through
   transformers' `inputs_embeds`, backward, clip_grad_norm_ 1.0, AdamW 1e-3),
   model parameters frozen.
 
@@ -34,7 +34,6 @@ CPU), are printed as well.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import os
 import statistics
@@ -43,10 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.tables import markdown_table
-from dro_jax.bench.common import import_torch, load_torch_model, matmul_peak_gflops
+from dro_jax.bench.common import matmul_peak_gflops
+from dro_jax.common.tables import markdown_table
+from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.loading import load_model
-from dro_jax.queries import read_queries
+from dro_jax.parity.torch_models import import_torch, load_torch_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,22 +125,22 @@ def run(args: argparse.Namespace) -> None:
     import jax
     import jax.numpy as jnp
 
-    from dro_jax.anchors import AnchorSpace, LinearProbe, complete_basis, fit_pca
-    from dro_jax.bench.torch_dro import freeze, make_torch_optimizer, torch_anchors, torch_dro_loss, torch_train_step
-    from dro_jax.dro_loss import LossWeights, dro_loss
-    from dro_jax.errors import DroJaxError
-    from dro_jax.sharding import data_mesh, padded_batch_size, replicate, shard_batch
-    from dro_jax.soft_prompt import initial_soft_prompt
-    from dro_jax.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step, prepare_training_set
+    from dro_jax.anchors.space import AnchorSpace, LinearProbe, complete_basis, fit_pca
+    from dro_jax.common.errors import DroJaxError
+    from dro_jax.dro.loss import dro_objective
+    from dro_jax.dro.soft_prompt import initial_soft_prompt
+    from dro_jax.dro.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step
+    from dro_jax.dro.training_set import prepare_training_set
+    from dro_jax.parallel.sharding import data_mesh, padded_batch_size, replicate, shard_batch
+    from dro_jax.parity.torch_dro import freeze, make_torch_optimizer, torch_anchors, torch_dro_loss, torch_train_step
 
     if args.steps < 1 or args.batch_size < 1:
         raise DroJaxError("--steps and --batch-size must be at least 1")
-    harmful = read_queries("harmful_train")[: args.num_queries]
-    harmless = read_queries("harmless_train")[: args.num_queries]
+    pairs = QueryPairs(read_queries("harmful_train")[: args.num_queries], read_queries("harmless_train")[: args.num_queries])
     model = load_model(args.model, "float32", progress=False)
     config = model.config
     init = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt)
-    data = prepare_training_set(model, harmful, harmless, args.init_prompt, init.shape[0], progress=False)
+    data = prepare_training_set(model, pairs, args.init_prompt, init.shape[0], progress=False)
     train_config = TrainConfig(batch_size=min(args.batch_size, len(data)))
     mesh = data_mesh()
     index = batch_indices(len(data), train_config, 0)
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
         results[name] = {"first": first, "times": times, "start_rss": base, "peak_rss": memory.peak()}
 
     # dro-jax: the training loop's own jitted step, state replicated and batch sharded as there.
-    loss_fn = functools.partial(dro_loss, config=config, weights=LossWeights())
+    loss_fn = dro_objective(config).loss
     optimizer = make_optimizer(train_config)
     step_fn = make_train_step(loss_fn, optimizer, mesh)
     frozen = replicate(frozen_inputs(model, anchors), mesh)

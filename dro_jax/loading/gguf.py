@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.errors import DroJaxError
+from dro_jax.common.errors import DroJaxError
 from dro_jax.models.config import ModelConfig
 
 _LAYER_TENSORS = {

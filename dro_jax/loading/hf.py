@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from dro_jax.errors import DroJaxError
+from dro_jax.common.errors import DroJaxError
 from dro_jax.models.config import ModelConfig
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from dro_jax.errors import DroJaxError
+from dro_jax.common.errors import DroJaxError
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
 from dro_jax.loading.weights import build_params

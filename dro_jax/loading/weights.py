@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dro_jax.errors import DroJaxError
+from dro_jax.common.errors import DroJaxError
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import Params, param_shapes
 

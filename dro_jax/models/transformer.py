@@ -331,11 +331,6 @@ def forward(
     )
 
 
-def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
-    """Input embeddings of `token_ids`, e.g. to splice a soft prompt in before `forward`."""
-    return jnp.take(params["embed_tokens"]["weight"], token_ids, axis=0)
-
-
 def compute_logits(params: Params, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     """float32 logits of final-norm hidden states [b, t, hidden] (e.g. only the last position)."""
     head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]

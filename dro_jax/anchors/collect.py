@@ -1,0 +1,121 @@
+"""The anchor stage: representations and refusal labels of the anchor queries under every prompt setting,
+and the anchor space fitted to them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from dro_jax.anchors.labels import compliance_rates
+from dro_jax.anchors.space import AnchorSpace, FitConfig, fit_anchor_space
+from dro_jax.common.errors import DroJaxError
+from dro_jax.common.files import atomic_output
+from dro_jax.data.queries import QueryPairs
+from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.refusal_score import Openings, score_refusal
+from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.loading import LoadedModel
+
+LABELS = ("logodds", "sampled")
+# The reference's sampling for labels, with fewer new tokens: the judge reads only the opening paragraphs.
+LABEL_SAMPLING = dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=64, min_new_tokens=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorConfig:
+    """`logodds`: compliance target sigmoid(-refusal log-odds), generation-free. `sampled`: the share
+    of `num_samples` sampled responses that are not refusals (the paper's label)."""
+
+    settings: tuple[str, ...] = PROMPT_SETTINGS
+    label: str = "logodds"
+    num_samples: int = 5
+    sampling: SamplingConfig = LABEL_SAMPLING
+    seed: int = 42
+    fit: FitConfig = FitConfig()
+    openings: Openings = Openings()
+
+    def __post_init__(self) -> None:
+        if self.label not in LABELS:
+            raise DroJaxError(f"label must be one of {', '.join(LABELS)}, got {self.label!r}")
+        if self.label == "sampled" and self.num_samples < 1:
+            raise DroJaxError("the sampled label needs at least one sample per query")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AnchorData:
+    """Row order: for each setting, the harmful queries then the harmless ones."""
+
+    states: np.ndarray  # [settings * n, h]
+    compliance: np.ndarray  # [settings * n] targets in [0, 1]
+    refusal_log_odds: np.ndarray  # [settings * n]
+    harmless: np.ndarray  # [settings * n]
+    settings: list[str]  # per row
+
+    def save(self, path: Path) -> None:
+        """One .npz file, written atomically."""
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, states=self.states, compliance=self.compliance, refusal_log_odds=self.refusal_log_odds,
+                         harmless=self.harmless, settings=np.array(self.settings))
+
+    @classmethod
+    def load(cls, path: Path) -> "AnchorData":
+        with np.load(path) as saved:
+            return cls(saved["states"], saved["compliance"], saved["refusal_log_odds"], saved["harmless"], list(saved["settings"]))
+
+    def rows_of(self, setting: str) -> np.ndarray:
+        """Indices of the rows computed under `setting` (harmful, then harmless queries)."""
+        return np.array([i for i, name in enumerate(self.settings) if name == setting], np.int64)
+
+
+def collect_anchor_data(
+    model: LoadedModel,
+    pairs: QueryPairs,
+    config: AnchorConfig = AnchorConfig(),
+    batch_size: int = 32,
+    judge: RefusalJudge | None = None,
+    progress: bool = True,
+) -> AnchorData:
+    """Representations, refusal log-odds and compliance targets of every anchor query under every setting;
+    the representations and log-odds come from one forward pass per input."""
+    queries = pairs.queries
+    flags = pairs.harmless_flags.astype(np.float32)
+    states, compliance, log_odds, harmless_rows, names = [], [], [], [], []
+    for setting in config.settings:
+        encoded = encode_queries(model, queries, setting)
+        scores = score_refusal(model, encoded, config.openings, batch_size, progress)
+        states.append(scores.states)
+        log_odds.append(scores.log_odds.astype(np.float32))
+        if config.label == "sampled":
+            rates = compliance_rates(model, encoded, config.sampling, config.num_samples, config.seed, batch_size, judge, progress)
+            compliance.append(rates.astype(np.float32))
+        else:
+            compliance.append((1 / (1 + np.exp(scores.log_odds))).astype(np.float32))
+        harmless_rows.append(flags)
+        names += [setting] * len(queries)
+    return AnchorData(np.concatenate(states), np.concatenate(compliance), np.concatenate(log_odds), np.concatenate(harmless_rows), names)
+
+
+def build_anchor_space(
+    model: LoadedModel,
+    pairs: QueryPairs,
+    config: AnchorConfig = AnchorConfig(),
+    batch_size: int = 32,
+    judge: RefusalJudge | None = None,
+    progress: bool = True,
+) -> tuple[AnchorSpace, dict, AnchorData]:
+    """Collects the anchor data and fits the space; the report holds the probes' held-out metrics."""
+    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress)
+    metadata = {
+        "model": model.source,
+        "settings": list(config.settings),
+        "num_harmful": len(pairs.harmful),
+        "num_harmless": len(pairs.harmless),
+        "num_samples": config.num_samples if config.label == "sampled" else 0,
+    }
+    space, report = fit_anchor_space(data.states, data.compliance, data.harmless, config.fit, config.label, metadata)
+    return space, report, data

@@ -1,0 +1,75 @@
+"""Refusal labels per (query, prompt setting): the sampled compliance rate and the refusal log-odds."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from dro_jax.inference.chat import PromptSetting, as_prompt_setting
+from dro_jax.inference.encoding import EncodedQueries, encode_queries
+from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.refusal_score import Openings, refusal_log_odds
+from dro_jax.inference.respond import generate_responses
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.loading import LoadedModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    """compliance_rate: share of sampled responses the judge does not call a refusal (with the paper's
+    judge: that are also judged unsafe and longer than two lines, its rule for harmful queries); None
+    without samples. refusal_log_odds: see `dro_jax.inference.refusal_score`."""
+
+    query_index: int
+    query: str
+    setting: str
+    num_samples: int
+    compliance_rate: float | None
+    refusal_log_odds: float
+
+
+def compliance_rates(
+    model: LoadedModel,
+    encoded: EncodedQueries,
+    sampling: SamplingConfig,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    judge: RefusalJudge | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """[n] share of each encoded query's `num_samples` sampled responses that the judge does not call a refusal."""
+    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress)
+    complied = np.zeros(len(encoded))
+    for response in responses:
+        complied[response.query_index] += not response.refusal
+    return complied / num_samples
+
+
+def label_queries(
+    model: LoadedModel,
+    queries: Sequence[str],
+    settings: Sequence[PromptSetting | str],
+    sampling: SamplingConfig,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    judge: RefusalJudge | None = None,
+    openings: Openings = Openings(),
+    progress: bool = True,
+    source: str = "queries",
+) -> list[Label]:
+    """Labels for every query under every setting (`none`, a safety prompt name, custom text, or a soft prompt)."""
+    labels = []
+    for setting in map(as_prompt_setting, settings):
+        encoded = encode_queries(model, queries, setting, source)
+        log_odds = refusal_log_odds(model, encoded, openings, batch_size, progress)
+        compliance: list[float | None] = [None] * len(queries)
+        if num_samples > 0:
+            compliance = list(compliance_rates(model, encoded, sampling, num_samples, seed, batch_size, judge, progress))
+        labels += [
+            Label(i, q, setting.name, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
+        ]
+    return labels

@@ -1,0 +1,110 @@
+"""Argument helpers that several commands share: number types, model, query, prompt and decoding options.
+
+Commands import what they compute with inside their run functions, so that
+building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.loading.registry import DEFAULT_MODEL, DTYPES
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else positive_int(text)
+
+
+def add_model_arg(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL) -> None:
+    """--model; with `default=None` the option stays unset unless given (a preset fills it in)."""
+    shown = "%(default)s" if default else DEFAULT_MODEL
+    parser.add_argument("--model", default=default, help=f"'{DEFAULT_MODEL}', a HF model directory or a .gguf file (default: {shown})")
+
+
+def add_model_args(parser: argparse.ArgumentParser, default: str | None = "float32") -> None:
+    """--model and --dtype (see `add_model_arg` for `default=None`)."""
+    add_model_arg(parser, DEFAULT_MODEL if default else None)
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=default, help="parameter and activation dtype (default: float32)"
+    )
+
+
+def add_field_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--field", help="column (.csv) or field (.jsonl) holding the query (default: query)")
+
+
+def add_query_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--queries",
+        required=True,
+        help="a packaged set (harmful_train, harmless_train, harmful_test, harmless_test) or a file: "
+        ".txt (one query per line), .csv or .jsonl",
+    )
+    add_field_arg(parser)
+
+
+def add_prompt_args(parser: argparse.ArgumentParser) -> None:
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument(
+        "--system-prompt",
+        default="none",
+        help=f"one of {', '.join(PROMPT_SETTINGS)}, or custom text (default: %(default)s)",
+    )
+    prompt.add_argument(
+        "--soft-prompt", metavar="FILE", help="a trained soft prompt (safetensors, tensor 'soft_prompt' [N, hidden]) in the system slot"
+    )
+
+
+def prompt_setting(args: argparse.Namespace):
+    """The setting from --system-prompt or --soft-prompt; a soft-prompt file is read (and checked) here."""
+    from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
+
+    return parse_prompt_setting(SOFT_PREFIX + args.soft_prompt if args.soft_prompt else args.system_prompt)
+
+
+def add_openings_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--openings", help='JSON file {"refusal": [...], "compliant": [...]}: reply openings for the refusal log-odds')
+
+
+def add_phrases_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refusal-phrases", help='JSON file {"refusal": [...], "not_refusal": [...]} for the string judge')
+
+
+def add_decoding_args(parser: argparse.ArgumentParser, samples_default: int, allow_zero_samples: bool = False) -> None:
+    defaults = REFERENCE_SAMPLING
+    decoding = parser.add_argument_group(
+        f"decoding (default: sampling with temperature {defaults.temperature:g}, top-p {defaults.top_p:g}, top-k {defaults.top_k})"
+    )
+    decoding.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature, top-p, top-k)")
+    decoding.add_argument("--temperature", type=float, default=defaults.temperature)
+    decoding.add_argument("--top-p", type=float, default=defaults.top_p)
+    decoding.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables the top-k filter")
+    decoding.add_argument(
+        "--num-samples", type=non_negative_int if allow_zero_samples else positive_int, default=samples_default,
+        help="responses per query" + (" (0: log-odds only)" if allow_zero_samples else "") + " (default: %(default)s)",
+    )
+    decoding.add_argument("--max-new-tokens", type=int, default=64)
+    decoding.add_argument("--min-new-tokens", type=int, default=0)
+    decoding.add_argument("--seed", type=int, default=0, help="fixes every sample (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="sequences run together (default: %(default)s)")
+    add_phrases_arg(parser)
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    """The decoding options of `add_decoding_args`."""
+    return SamplingConfig(
+        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+    )

@@ -1,0 +1,235 @@
+"""The `anchor`, `train`, `export` and `evaluate` commands: the DRO stages one at a time."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dro_jax.cli.args import add_field_arg, add_model_args, add_openings_arg, positive_int
+from dro_jax.common.errors import DroJaxError
+from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
+from dro_jax.inference.chat import PROMPT_SETTINGS
+
+
+def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--harmful", default="harmful_train", help="harmful anchor/training queries: a packaged set or a file (default: %(default)s)")
+    parser.add_argument("--harmless", default="harmless_train", help="harmless queries, paired with the harmful ones (default: %(default)s)")
+    add_field_arg(parser)
+    parser.add_argument(
+        "--label", choices=("logodds", "sampled"), default="logodds",
+        help="refusal label: refusal log-odds (no generation) or the sampled compliance rate (default: %(default)s)",
+    )
+    add_openings_arg(parser)
+    parser.add_argument("--num-samples", type=positive_int, default=5, help="responses per query for --label sampled and --baseline prompt-tuning (default: %(default)s)")
+    parser.add_argument(
+        "--settings", nargs="+", default=list(PROMPT_SETTINGS),
+        help="prompt settings whose representations make the anchor space (default: %(default)s)",
+    )
+    parser.add_argument("--num-components", type=positive_int, default=4, help="PCA components (default: %(default)s)")
+    parser.add_argument("--folds", type=positive_int, default=10, help="k-fold splits for the two probes (default: %(default)s)")
+    parser.add_argument("--batch-size-eval", type=positive_int, default=32, help="queries per forward pass when representing (default: %(default)s)")
+
+
+def add_commands(commands) -> None:
+    anchor = commands.add_parser("anchor", help="representations and labels of the anchor queries, PCA space, refusal and harmfulness probes")
+    add_model_args(anchor)
+    _add_anchor_args(anchor)
+    anchor.add_argument("--out", required=True, help="output anchor file (.safetensors)")
+    anchor.set_defaults(run=_run_anchor)
+
+    terms = LossWeights.terms()
+    train = commands.add_parser("train", help="train a DRO soft prompt (computes the anchor space first unless --anchors is given)")
+    add_model_args(train)
+    _add_anchor_args(train)
+    train.add_argument("--anchors", help="an anchor file from `dro-jax anchor` (default: compute one into the output directory)")
+    init = train.add_mutually_exclusive_group()
+    init.add_argument(
+        "--init-prompt", default="short",
+        help=f"start from the token embeddings of this prompt: {', '.join(PROMPT_SETTINGS[1:])} or text (default: %(default)s)",
+    )
+    init.add_argument("--init-random", type=positive_int, metavar="N", help="start from N random vocabulary embeddings instead")
+    train.add_argument("--epochs", type=positive_int, default=40, help="(default: %(default)s)")
+    train.add_argument("--batch-size", type=positive_int, default=50, help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=42, help="data order and random init (default: %(default)s)")
+    train.add_argument(
+        "--loss-weights", type=float, nargs=len(terms), metavar=tuple(t.upper() for t in terms), default=list(LossWeights().as_tuple()),
+        help=f"weights of the {', '.join(terms)} terms (default: %(default)s, the paper's)",
+    )
+    train.add_argument("--ablate", choices=sorted({*terms, *TERM_ALIASES}), action="append", default=[], help="drop a loss term (repeatable)")
+    train.add_argument(
+        "--baseline", choices=("prompt-tuning",),
+        help="train the vanilla prompt-tuning baseline instead of DRO: likelihood on wanted and unlikelihood on "
+        "unwanted sampled responses (the paper trains it for 5 epochs); --num-samples responses per query",
+    )
+    train.add_argument("--response-tokens", type=positive_int, default=100, help="baseline responses are cut to this many tokens (default: %(default)s)")
+    train.add_argument("--checkpoint-every", type=positive_int, default=10, help="steps between checkpoints (default: %(default)s)")
+    train.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory, for large models)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--out", required=True, help="run directory: anchors, checkpoints/, metrics.jsonl, soft_prompt.safetensors")
+    train.set_defaults(run=_run_train)
+
+    export = commands.add_parser("export", help="write a checkpoint's soft prompt as safetensors (tensor 'soft_prompt' [N, hidden])")
+    export.add_argument("--checkpoint", required=True, help="a training run directory or its checkpoints/ directory")
+    export.add_argument("--step", type=positive_int, help="which step (default: the latest)")
+    export.add_argument("--out", required=True, help="output .safetensors file")
+    export.set_defaults(run=_run_export)
+
+    evaluate = commands.add_parser("evaluate", help="greedy refusals, refusal log-odds and refusal-direction shift per prompt setting")
+    add_model_args(evaluate)
+    evaluate.add_argument("--harmful", default="harmful_test", help="held-out harmful queries (default: %(default)s)")
+    evaluate.add_argument("--harmless", default="harmless_test", help="held-out harmless queries (default: %(default)s)")
+    add_field_arg(evaluate)
+    evaluate.add_argument(
+        "--settings", nargs="+", default=list(PROMPT_SETTINGS),
+        help="prompt settings: none, default, short, mistral, soft:FILE or text (default: the four human ones)",
+    )
+    evaluate.add_argument("--soft-prompt", metavar="FILE", action="append", default=[], help="also evaluate this soft prompt (repeatable)")
+    evaluate.add_argument("--anchors", help="anchor file: adds the mean refusal-probe logit and its shift against no prompt")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy response length (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
+    evaluate.add_argument("--out", required=True, help="output .md table; a .json with the same rows is written next to it")
+    evaluate.set_defaults(run=_run_evaluate)
+
+
+def _anchor_config(args: argparse.Namespace):
+    from dro_jax.anchors.collect import AnchorConfig
+    from dro_jax.anchors.space import FitConfig
+    from dro_jax.inference.refusal_score import Openings
+
+    fit = FitConfig(num_components=args.num_components, folds=args.folds, seed=42)
+    return AnchorConfig(settings=tuple(args.settings), label=args.label, num_samples=args.num_samples, fit=fit, openings=Openings.load(args.openings))
+
+
+def _print_report(report: dict) -> None:
+    def metric(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    explained = ", ".join(f"{v:.3f}" for v in report["explained_variance_ratio"])
+    print(f"PCA explained variance: {explained}", file=sys.stderr)
+    for name in ("refusal", "harmfulness"):
+        probe = report[name]
+        print(
+            f"{name} probe, held out: accuracy {metric(probe['accuracy'])}, AUC {metric(probe['auc'])}, BCE {metric(probe['bce'])}",
+            file=sys.stderr,
+        )
+
+
+def _build_anchors(args: argparse.Namespace, model, pairs, out: Path):
+    from dro_jax.anchors.collect import build_anchor_space
+    from dro_jax.anchors.space import save_anchor_space
+
+    space, report, _ = build_anchor_space(model, pairs, _anchor_config(args), args.batch_size_eval)
+    save_anchor_space(space, report, out)
+    _print_report(report)
+    return space
+
+
+def _run_anchor(args: argparse.Namespace) -> None:
+    from dro_jax.common.files import check_writable
+    from dro_jax.data.queries import QueryPairs
+    from dro_jax.loading import load_model
+
+    out = check_writable(args.out)
+    pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
+    model = load_model(args.model, args.dtype)
+    _build_anchors(args, model, pairs, out)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def _run_settings(args: argparse.Namespace) -> dict:
+    """Everything that must stay the same for --resume to continue a run."""
+    keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds", "anchors",
+            "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "loss_weights", "ablate", "baseline", "response_tokens", "checkpoint_every", "remat")
+    return {key: getattr(args, key) for key in keys}
+
+
+def _training_in_progress(run_dir: Path) -> str | None:
+    return "a training run" if any((run_dir / "checkpoints").glob("*")) else None
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from dro_jax.anchors.space import AnchorSpace
+    from dro_jax.common.run_directory import claim_run_directory
+    from dro_jax.data.queries import QueryPairs
+    from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_objective
+    from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
+    from dro_jax.dro.train import TrainConfig, TrainingFiles, train_and_export
+    from dro_jax.dro.training_set import prepare_training_set
+    from dro_jax.loading import load_model
+
+    weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        loss_weights=weights, checkpoint_every=args.checkpoint_every, remat=args.remat,
+    )
+    pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
+    if args.batch_size > len(pairs):
+        raise DroJaxError(f"batch size {args.batch_size} is larger than the {len(pairs)} training queries")
+    anchors = AnchorSpace.load(args.anchors) if args.anchors else None
+    files = TrainingFiles(claim_run_directory(args.out, _run_settings(args), args.resume, _training_in_progress))
+    model = load_model(args.model, args.dtype)
+    if args.init_random:
+        initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
+    else:
+        initial, base_prompt = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt), args.init_prompt
+    if args.baseline:
+        data = prepare_response_set(model, pairs, base_prompt, len(initial), args.num_samples, args.response_tokens, args.seed)
+        objective = prompt_tuning_objective(model.config, args.remat)
+    else:
+        if anchors is None:
+            anchor_path = files.root / "anchors.safetensors"
+            anchors = AnchorSpace.load(anchor_path) if anchor_path.exists() else _build_anchors(args, model, pairs, anchor_path)
+        anchors.check_hidden_size(model.config.hidden_size)
+        data = prepare_training_set(model, pairs, base_prompt, len(initial))
+        objective = dro_objective(model.config, weights, args.remat)
+    result = train_and_export(model, data, anchors, initial, config, files, args.resume, objective=objective)
+    last = result.metrics[-1] if result.metrics else {}
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in objective.shown if k in last)
+    print(f"trained {result.steps} steps ({summary}); wrote {files.soft_prompt}", file=sys.stderr)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from dro_jax.common.files import check_writable
+    from dro_jax.dro.checkpoints import TrainCheckpoints
+    from dro_jax.dro.soft_prompt import save_soft_prompt
+
+    out = check_writable(args.out)
+    directory = Path(args.checkpoint)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    if not directory.is_dir():
+        raise DroJaxError(f"{directory}: no such checkpoint directory")
+    checkpoints = TrainCheckpoints(directory)
+    try:
+        state, record = checkpoints.restore(None, args.step)
+    finally:
+        checkpoints.close()
+    soft_prompt = state[0]
+    save_soft_prompt(out, soft_prompt, {"step": str(record["step"])})
+    print(f"wrote {out}: step {record['step']}, soft prompt {tuple(soft_prompt.shape)}", file=sys.stderr)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from dro_jax.anchors.space import AnchorSpace
+    from dro_jax.common.files import check_writable, write_text
+    from dro_jax.data.queries import read_queries
+    from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
+    from dro_jax.evaluation.evaluate import evaluate_settings, results_markdown
+    from dro_jax.inference.sampling import SamplingConfig
+    from dro_jax.loading import load_model
+
+    out = check_writable(args.out)
+    settings = [parse_prompt_setting(spec) for spec in args.settings + [SOFT_PREFIX + p for p in args.soft_prompt]]
+    datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
+    anchors = AnchorSpace.load(args.anchors) if args.anchors else None
+    model = load_model(args.model, args.dtype)
+    rows = evaluate_settings(model, datasets, settings, anchors, SamplingConfig(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size).rows
+    table = results_markdown(rows)
+    write_text(out, table + "\n")
+    write_text(out.with_suffix(".json"), json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+    print(table)

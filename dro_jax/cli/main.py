@@ -1,0 +1,40 @@
+"""The `dro-jax` command line: the parser of every command group, and error reporting."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from dro_jax.cli import compare, dro, inference, run, sweep
+from dro_jax.common.errors import DroJaxError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+COMMAND_GROUPS = (inference, run, dro, compare, sweep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dro-jax", description="Directed Representation Optimization for safety prompts, in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for group in COMMAND_GROUPS:
+        group.add_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; a user error is one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DroJaxError as err:
+        print(f"dro-jax: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("dro-jax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

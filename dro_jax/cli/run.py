@@ -1,0 +1,72 @@
+"""The `run` command of `dro-jax`: the main job end to end (see `dro_jax.run.pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from dro_jax.cli.args import add_field_arg, add_model_args, add_openings_arg, positive_int
+
+DEFAULT_OUT = "dro-run"
+# Command-line name -> RunConfig field; None means "the preset's value".
+OVERRIDES = {
+    "model": "model", "dtype": "dtype", "harmful": "harmful_train", "harmless": "harmless_train", "harmful_test": "harmful_test",
+    "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples", "openings": "openings",
+    "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "seed": "seed",
+    "eval_samples": "eval_samples", "max_new_tokens": "max_new_tokens", "remat": "remat",
+}
+
+
+def add_commands(commands) -> None:
+    run = commands.add_parser(
+        "run", help="the main job: anchor space, DRO training, evaluation of no prompt / the human prompts / DRO, report and plots",
+        description="Runs every stage into one run directory. A stage whose inputs did not change is skipped; "
+        "--resume continues a stopped run. The defaults are a quick configuration for CPUs; --paper uses the paper's.",
+    )
+    run.add_argument("--out", default=DEFAULT_OUT, help="run directory (default: %(default)s)")
+    run.add_argument("--paper", action="store_true", help="the paper's protocol: 25 sampled labels per input, default-prompt init, "
+                     "40 epochs at batch 50, lr 1e-3, 25 sampled test responses (20 longest judged); for accelerators")
+    run.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
+    add_model_args(run, default=None)
+    run.add_argument("--harmful", help="harmful anchor/training queries: a packaged set or a file (default: harmful_train)")
+    run.add_argument("--harmless", help="harmless anchor/training queries, paired with the harmful ones (default: harmless_train)")
+    run.add_argument("--harmful-test", help="held-out harmful queries (default: harmful_test)")
+    run.add_argument("--harmless-test", help="held-out harmless queries (default: harmless_test)")
+    add_field_arg(run)
+    run.add_argument("--settings", nargs="+", help="human prompt settings for the anchor space and the comparison "
+                     "(default: none default short mistral)")
+    run.add_argument("--label", choices=("logodds", "sampled"), help="refusal label (default: logodds; --paper: sampled)")
+    add_openings_arg(run)
+    run.add_argument("--label-samples", type=positive_int, help="sampled responses per input for --label sampled (default: 5; --paper: 25)")
+    run.add_argument("--init-prompt", help="the human prompt the soft prompt starts from (default: short; --paper: default)")
+    run.add_argument("--epochs", type=positive_int, help="(default: 4; --paper: 40)")
+    run.add_argument("--batch-size", type=positive_int, help="(default: 25; --paper: 50)")
+    run.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-3; --paper: 1e-3)")
+    run.add_argument("--seed", type=int, help="data order, sampling (default: 42)")
+    run.add_argument("--eval-samples", type=int, help="sampled responses per test query, 0 = one greedy response (default: 0; --paper: 25)")
+    run.add_argument("--max-new-tokens", type=positive_int, help="response length in evaluation (default: 64; --paper: 256)")
+    run.add_argument("--remat", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
+    run.set_defaults(run=_run)
+
+
+def run_config(args: argparse.Namespace):
+    from dro_jax.run.config import RunConfig
+
+    overrides = {field: getattr(args, name) for name, field in OVERRIDES.items() if getattr(args, name) is not None}
+    if "settings" in overrides:
+        overrides["settings"] = tuple(overrides["settings"])
+    return RunConfig.paper(**overrides) if args.paper else dataclasses.replace(RunConfig(), **overrides)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from dro_jax.run.pipeline import run_pipeline
+
+    config = run_config(args)
+    try:
+        results = run_pipeline(config, args.out, args.resume)
+    except KeyboardInterrupt:
+        print(f"stopped; `dro-jax run --out {args.out} --resume` (same options) continues", file=sys.stderr)
+        raise
+    print(results.read_text(encoding="utf-8"))
+    print(f"wrote {results.parent}: results.md/.csv/.json, plots, soft_prompt.safetensors", file=sys.stderr)

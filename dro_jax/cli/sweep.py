@@ -1,0 +1,93 @@
+"""The `sweep` command of `dro-jax`: every model x prompt x query set, over all local devices and, optionally, hosts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dro_jax.cli.args import add_field_arg, add_openings_arg, add_phrases_arg, non_negative_int, positive_int
+from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.sampling import REFERENCE_SAMPLING
+from dro_jax.loading.registry import DTYPES
+
+SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")  # apply only with --num-samples; defaults from REFERENCE_SAMPLING
+
+
+def add_commands(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="refusal rates and refusal log-odds for every model x prompt setting x query set (multi-device, multi-host)"
+    )
+    sweep.add_argument("--models", nargs="+", required=True, help="model names, HF model directories or .gguf files")
+    sweep.add_argument(
+        "--prompts", nargs="+", default=list(PROMPT_SETTINGS),
+        help=f"prompt settings: {', '.join(PROMPT_SETTINGS)}, soft:FILE or custom text (default: %(default)s)",
+    )
+    sweep.add_argument(
+        "--datasets", nargs="+", default=["harmful_test", "harmless_test"],
+        help="packaged query sets or .txt/.csv/.jsonl files (default: %(default)s)",
+    )
+    add_field_arg(sweep)
+    sweep.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype (default: %(default)s)")
+    decoding = sweep.add_argument_group("decoding (default: greedy, one response per query)")
+    mode = decoding.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    mode.add_argument("--num-samples", type=positive_int, help="sample N responses per query instead")
+    for flag, kind in (("--temperature", float), ("--top-p", float), ("--top-k", int)):
+        default = getattr(REFERENCE_SAMPLING, flag[2:].replace("-", "_"))
+        decoding.add_argument(flag, type=kind, help=f"with --num-samples (default: {default})")
+    decoding.add_argument("--seed", type=int, default=0, help="with --num-samples: fixes every sample (default: %(default)s)")
+    decoding.add_argument("--max-new-tokens", type=positive_int, default=64, help="(default: %(default)s)")
+    sweep.add_argument("--batch-size", type=positive_int, default=32, help="sequences run together, rounded up to fill every device (default: %(default)s)")
+    add_phrases_arg(sweep)
+    add_openings_arg(sweep)
+    sweep.add_argument("--devices", type=positive_int, metavar="N", help="use only this process's first N devices (default: all)")
+    hosts = sweep.add_argument_group("multi-host (give all three, or none for one process)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    hosts.add_argument("--num-processes", type=positive_int, help="processes in the job")
+    hosts.add_argument("--process-id", type=non_negative_int, help="this process's index; only process 0 writes files")
+    sweep.add_argument("--out", required=True, help="output directory: sweep.csv, sweep.md, sweep.json")
+    sweep.set_defaults(run=_run_sweep)
+
+
+def _sweep_config(args: argparse.Namespace):
+    import dataclasses
+
+    from dro_jax.evaluation.sweep import SweepConfig
+    from dro_jax.inference.judges import StringJudge
+    from dro_jax.inference.refusal_score import Openings
+
+    given = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
+    if args.num_samples is None and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise DroJaxError(f"{flags} only apply with --num-samples (the default is greedy decoding)")
+    sampling = dataclasses.replace(REFERENCE_SAMPLING, greedy=args.num_samples is None, max_new_tokens=args.max_new_tokens, **given)
+    return SweepConfig(
+        sampling=sampling, num_samples=args.num_samples or 1, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+        openings=Openings.load(args.openings), judge=StringJudge.load(args.refusal_phrases),
+    )
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    import jax
+
+    from dro_jax.data.queries import read_queries
+    from dro_jax.dro.soft_prompt import parse_prompt_setting
+    from dro_jax.evaluation.sweep import run_sweep
+    from dro_jax.evaluation.sweep_output import prepare_output_dir, sweep_markdown, write_sweep
+    from dro_jax.parallel import distributed
+    from dro_jax.parallel.sharding import local_mesh
+
+    config = _sweep_config(args)
+    prompts = [parse_prompt_setting(spec) for spec in args.prompts]
+    datasets = {spec: read_queries(spec, args.field) for spec in args.datasets}
+    out = prepare_output_dir(args.out) if not args.process_id else None
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    rows = run_sweep(args.models, prompts, datasets, config, local_mesh(args.devices))
+    if jax.process_index() != 0:
+        return
+    for model, error in dict.fromkeys((row.model, row.error) for row in rows if row.error):
+        print(f"dro-jax: warning: error rows for {model}: {error}", file=sys.stderr)
+    paths = write_sweep(rows, out)
+    print(sweep_markdown(rows))
+    print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)

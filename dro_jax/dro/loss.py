@@ -1,0 +1,157 @@
+"""The DRO objective as a pure function of the soft prompt, and what a training objective is.
+
+For each training query, `base` is its representation under the human prompt
+the soft prompt started from (fixed) and `new` its representation under the
+soft prompt. With y = 0 for harmful and 1 for harmless queries and f_r, f_h the
+refusal and harmfulness probes on the leading anchor coordinates:
+
+    refusal     = BCE_with_logits(f_r(new) - f_r(base), y)
+    harmfulness = BCE_with_logits(f_h(new) - f_h(base), y)
+    norm        = mean over the hidden - k remaining coordinates of (new - base)^2
+    total       = w_r * refusal + w_h * harmfulness + w_n * norm   (1, 1e-2, 1e-3)
+
+The remaining coordinates are the orthonormal completion of the PCA axes, so
+their squared length is |new - base|^2 - |(new - base) @ axes|^2: the loss
+never multiplies by the full hidden x hidden basis.
+
+The terms are the fields of `LossWeights`: configurations, the command line,
+reports, plots, ablations and the PyTorch twin all take their names from it,
+so a new term is one field here and one entry in `dro_terms`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.models.config import ModelConfig
+from dro_jax.models.inputs import final_states
+from dro_jax.models.transformer import Params
+
+# Short names the command line also accepts for a term.
+TERM_ALIASES = {"harm": "harmfulness"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """One weight per term of the DRO loss, in the order the terms are listed everywhere; an ablation sets one to zero."""
+
+    refusal: float = 1.0
+    harmfulness: float = 1e-2
+    norm: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if any(weight < 0 for weight in self.as_tuple()):
+            raise DroJaxError(f"loss weights must be non-negative, got {list(self.as_tuple())}")
+
+    @classmethod
+    def terms(cls) -> tuple[str, ...]:
+        """The names of the loss terms, in order."""
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def from_sequence(cls, weights: Sequence[float]) -> "LossWeights":
+        """From one weight per term, in the order of `terms()`."""
+        if len(weights) != len(cls.terms()):
+            raise DroJaxError(f"give one loss weight per term ({', '.join(cls.terms())}), got {list(weights)}")
+        return cls(*map(float, weights))
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return tuple(getattr(self, term) for term in self.terms())
+
+    def combine(self, values: Mapping[str, Any]) -> Any:
+        """The weighted sum of the terms' `values` (jax or torch scalars alike)."""
+        return sum(getattr(self, term) * values[term] for term in self.terms())
+
+    def ablate(self, *terms: str) -> "LossWeights":
+        """These terms (or their short names) weighted zero."""
+        names = [TERM_ALIASES.get(term, term) for term in terms]
+        unknown = set(names) - set(self.terms())
+        if unknown:
+            raise ValueError(f"unknown loss terms: {sorted(unknown)}")
+        return dataclasses.replace(self, **{term: 0.0 for term in names})
+
+
+class Frozen(NamedTuple):
+    """Everything the loss reads but never trains."""
+
+    params: Params
+    mean: jax.Array  # [h]
+    components: jax.Array  # [h, k] PCA axes
+    refusal_weight: jax.Array  # [k]
+    harmfulness_weight: jax.Array  # [k]
+
+
+class QueryBatch(NamedTuple):
+    """Left-padded chat inputs with the soft prompt's slot, base states and targets; weight 0 marks a filler row."""
+
+    token_ids: jax.Array  # [b, t]
+    attention_mask: jax.Array  # [b, t]
+    soft_offsets: jax.Array  # [b]
+    base_states: jax.Array  # [b, h]
+    harmless: jax.Array  # [b] 1 = harmless, 0 = harmful
+    weights: jax.Array  # [b]
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
+    """Mean over the rows with weight > 0 (filler rows weigh 0)."""
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def dro_terms(shift: jax.Array, frozen: Frozen, target: jax.Array, row_weights: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """({term name: value}, the shift along the refusal direction [b]) of the representation shifts [b, h]."""
+    shift_leading = shift @ frozen.components  # [b, k]
+    refusal_shift = shift_leading @ frozen.refusal_weight  # f_r(new) - f_r(base): the bias cancels
+    harm_shift = shift_leading @ frozen.harmfulness_weight
+    rest = shift.shape[1] - shift_leading.shape[1]
+    remaining = jnp.maximum(jnp.sum(shift**2, axis=1) - jnp.sum(shift_leading**2, axis=1), 0.0) / rest
+    terms = {
+        "refusal": weighted_mean(optax.sigmoid_binary_cross_entropy(refusal_shift, target), row_weights),
+        "harmfulness": weighted_mean(optax.sigmoid_binary_cross_entropy(harm_shift, target), row_weights),
+        "norm": weighted_mean(remaining, row_weights),
+    }
+    return terms, refusal_shift
+
+
+def dro_loss(
+    soft_prompt: jax.Array,
+    batch: QueryBatch,
+    frozen: Frozen,
+    config: ModelConfig,
+    weights: LossWeights = LossWeights(),
+    remat: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(total loss, metrics). Bind `config`, `weights` and `remat` with functools.partial for jit/grad (or use `dro_objective`)."""
+    new = final_states(frozen.params, config, batch.token_ids, batch.attention_mask, soft_prompt, batch.soft_offsets, remat)
+    target = batch.harmless.astype(jnp.float32)
+    terms, refusal_shift = dro_terms(new - batch.base_states, frozen, target, batch.weights)
+    total = weights.combine(terms)
+    return total, {
+        "loss": total,
+        **terms,
+        # Mean move along the refusal direction (positive: towards compliance).
+        "compliance_shift_harmful": weighted_mean(refusal_shift, batch.weights * (1 - target)),
+        "compliance_shift_harmless": weighted_mean(refusal_shift, batch.weights * target),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a training run minimises: `loss(soft_prompt, batch, frozen) -> (total, metrics)`, pure; its
+    `name` (progress bars, messages); and the metric names worth showing while it trains."""
+
+    name: str
+    loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    shown: tuple[str, ...]
+
+
+def dro_objective(config: ModelConfig, weights: LossWeights = LossWeights(), remat: bool = False) -> Objective:
+    """The DRO loss with its model config and term weights bound."""
+    loss = functools.partial(dro_loss, config=config, weights=weights, remat=remat)
+    return Objective("DRO training", loss, ("loss", *LossWeights.terms()))

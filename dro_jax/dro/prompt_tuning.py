@@ -1,0 +1,127 @@
+"""The vanilla prompt-tuning baseline: sampled responses judged wanted or unwanted, and its loss.
+
+Wanted responses are refusals of harmful queries and compliant answers to
+harmless ones; the loss raises the likelihood of wanted and lowers that of
+unwanted ones (unlikelihood). Responses are cut to `max_response_tokens`
+(the reference uses 100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dro_jax.anchors.collect import LABEL_SAMPLING
+from dro_jax.data.queries import QueryPairs
+from dro_jax.dro.loss import Frozen, Objective, weighted_mean
+from dro_jax.inference.batching import left_pad
+from dro_jax.inference.chat import PromptSetting
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.respond import generate_responses
+from dro_jax.loading import LoadedModel
+from dro_jax.models.config import ModelConfig
+from dro_jax.models.inputs import input_embeddings
+from dro_jax.models.transformer import compute_logits, forward
+
+
+class ResponseBatch(NamedTuple):
+    """Chat input + a sampled response, left-padded; `response_mask` marks the response tokens to score."""
+
+    token_ids: jax.Array  # [b, t]
+    attention_mask: jax.Array  # [b, t]
+    soft_offsets: jax.Array  # [b]
+    response_mask: jax.Array  # [b, t]
+    wanted: jax.Array  # [b] 1: raise its likelihood, 0: push it down (unlikelihood)
+    weights: jax.Array  # [b]
+
+
+def prompt_tuning_loss(
+    soft_prompt: jax.Array, batch: ResponseBatch, frozen: Frozen, config: ModelConfig, remat: bool = False
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Vanilla prompt tuning: mean token NLL of wanted responses, -log(1 - p) of unwanted ones."""
+    params = frozen.params
+    embeds = input_embeddings(params, batch.token_ids, soft_prompt, batch.soft_offsets)
+    hidden = forward(params, config, inputs_embeds=embeds, attention_mask=batch.attention_mask, remat=remat).last_hidden_state
+    log_probs = jax.nn.log_softmax(compute_logits(params, config, hidden[:, :-1]).astype(jnp.float32), axis=-1)
+    token_log_p = jnp.take_along_axis(log_probs, batch.token_ids[:, 1:, None], axis=-1)[..., 0]  # [b, t-1]
+    scored = batch.response_mask[:, 1:].astype(jnp.float32)
+    likelihood = -token_log_p
+    # -log(1 - p) = -log(-expm1(log p)); p is clipped below 1 so a certain token gives a large finite loss.
+    unlikelihood = -jnp.log(-jnp.expm1(jnp.minimum(token_log_p, -1e-6)))
+    wanted = batch.wanted.astype(jnp.float32)[:, None]
+    per_token = wanted * likelihood + (1 - wanted) * unlikelihood
+    per_sequence = jnp.sum(per_token * scored, axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1.0)
+    total = weighted_mean(per_sequence, batch.weights)
+    metrics = {
+        "loss": total,
+        "likelihood": weighted_mean(per_sequence, batch.weights * wanted[:, 0]),
+        "unlikelihood": weighted_mean(per_sequence, batch.weights * (1 - wanted[:, 0])),
+    }
+    return total, metrics
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResponseSet:
+    """Query + response sequences, left-padded to one length, with the soft-prompt slot of each."""
+
+    token_ids: np.ndarray  # [n, t]
+    attention_mask: np.ndarray
+    soft_offsets: np.ndarray
+    response_mask: np.ndarray  # [n, t] 1 on response tokens
+    wanted: np.ndarray  # [n]
+
+    def __len__(self) -> int:
+        return len(self.wanted)
+
+    def rows(self, index: np.ndarray, weights: np.ndarray) -> ResponseBatch:
+        return ResponseBatch(
+            self.token_ids[index], self.attention_mask[index], self.soft_offsets[index],
+            self.response_mask[index], self.wanted[index], weights,
+        )
+
+
+def prepare_response_set(
+    model: LoadedModel,
+    pairs: QueryPairs,
+    init_prompt: str,
+    num_rows: int,
+    num_samples: int = 2,
+    max_response_tokens: int = 100,
+    seed: int = 42,
+    judge: RefusalJudge | None = None,
+    progress: bool = True,
+) -> ResponseSet:
+    """Samples `num_samples` responses per query under `init_prompt` and lays them out behind a `num_rows` slot."""
+    queries = pairs.queries
+    sampling = dataclasses.replace(
+        LABEL_SAMPLING, max_new_tokens=max_response_tokens, min_new_tokens=min(LABEL_SAMPLING.min_new_tokens, max_response_tokens)
+    )
+    encoded = encode_queries(model, queries, PromptSetting.from_text(init_prompt))
+    responses = generate_responses(model, encoded, sampling, num_samples, seed, judge=judge, progress=progress)
+    slot = encode_queries(model, queries, PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32)))
+    sequences, starts, response_lengths, wanted = [], [], [], []
+    for response in responses:
+        reply = model.tokenizer.encode(response.text, add_special_tokens=False)[:max_response_tokens]
+        sequences.append(slot.sequences[response.query_index] + reply)
+        starts.append(slot.soft_starts[response.query_index])
+        response_lengths.append(len(reply))
+        is_harmful = response.query_index < len(pairs.harmful)
+        wanted.append(int(response.refusal == is_harmful))
+    length = max(map(len, sequences))
+    token_ids, mask, offsets = left_pad(sequences, length, model.pad_id, starts)
+    response_mask = np.zeros_like(mask)
+    for row, reply_length in enumerate(response_lengths):
+        response_mask[row, length - reply_length :] = 1
+    return ResponseSet(token_ids, mask, offsets, response_mask, np.asarray(wanted, np.int32))
+
+
+def prompt_tuning_objective(config: ModelConfig, remat: bool = False) -> Objective:
+    """The baseline's loss with its model config bound."""
+    loss = functools.partial(prompt_tuning_loss, config=config, remat=remat)
+    return Objective("prompt tuning", loss, ("loss", "likelihood", "unlikelihood"))

@@ -1,0 +1,258 @@
+"""Training a soft prompt: the jitted optax step and the loop with checkpoints, for any `Objective`.
+
+Only the soft prompt is an argument of `jax.grad`; the model's parameters
+enter as frozen inputs, so no weight gradient is ever formed and nothing of
+the model is copied per step. The batch is sharded over all local devices,
+the soft prompt and optimizer state are replicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from dro_jax.anchors.space import AnchorSpace
+from dro_jax.common.errors import DroJaxError
+from dro_jax.common.files import write_jsonl
+from dro_jax.dro.checkpoints import TrainCheckpoints
+from dro_jax.dro.loss import Frozen, LossWeights, Objective, dro_objective
+from dro_jax.dro.soft_prompt import save_soft_prompt
+from dro_jax.loading import LoadedModel
+from dro_jax.parallel.sharding import data_mesh, padded_batch_size, replicate, replicated, shard_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The reference's settings by default: AdamW 1e-3 (weight decay 0.01), clip 1.0, batch 50, 40 epochs, seed 42."""
+
+    epochs: int = 40
+    batch_size: int = 50
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    seed: int = 42
+    loss_weights: LossWeights = LossWeights()
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 3
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise DroJaxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise DroJaxError(f"the learning rate must be positive, got {self.learning_rate}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    return math.ceil(num_examples / batch_size)
+
+
+def batch_indices(num_examples: int, config: TrainConfig, step: int) -> np.ndarray:
+    """The example indices of a global step: a fresh permutation per epoch, fixed by (seed, epoch)."""
+    per_epoch = steps_per_epoch(num_examples, config.batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([config.seed, epoch]).permutation(num_examples)
+    return order[position * config.batch_size : (position + 1) * config.batch_size]
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adamw(config.learning_rate, weight_decay=config.weight_decay))
+
+
+class Batches(Protocol):
+    """Training data: its size, and the batch its objective's loss expects for given rows and row weights."""
+
+    def __len__(self) -> int: ...
+
+    def rows(self, index: np.ndarray, weights: np.ndarray): ...
+
+
+def make_train_step(
+    loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> Callable:
+    """jit(soft_prompt, opt_state, batch, frozen) -> (soft_prompt, opt_state, metrics); state replicated."""
+    def step(soft_prompt, opt_state, batch, frozen):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(soft_prompt, batch, frozen)
+        updates, opt_state = optimizer.update(grads, opt_state, soft_prompt)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return optax.apply_updates(soft_prompt, updates), opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated(mesh))
+
+
+def frozen_inputs(model: LoadedModel, anchors: AnchorSpace | None) -> Frozen:
+    """The loss's fixed inputs; without an anchor space (the prompt-tuning baseline) only the parameters."""
+    if anchors is None:
+        return Frozen(model.params, None, None, None, None)
+    return Frozen(
+        model.params, jnp.asarray(anchors.mean), jnp.asarray(anchors.components),
+        jnp.asarray(anchors.refusal.weight), jnp.asarray(anchors.harmfulness.weight),
+    )
+
+
+def model_fingerprint(model: LoadedModel) -> dict:
+    """What a checkpoint must match: sizes, tokenizer, and the input-embedding table the prompt lives in."""
+    vocab = json.dumps(sorted(model.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    table = np.asarray(model.params["embed_tokens"]["weight"], np.float32)
+    return {
+        "hidden_size": model.config.hidden_size,
+        "vocab_size": model.config.vocab_size,
+        "num_layers": model.config.num_layers,
+        "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
+        "embeddings_sha256": hashlib.sha256(table.tobytes()).hexdigest(),
+    }
+
+
+@dataclasses.dataclass
+class TrainResult:
+    soft_prompt: np.ndarray
+    steps: int
+    metrics: list[dict]
+
+
+def _check_resumable(record: dict, fingerprint: dict, config: TrainConfig, directory: Path) -> None:
+    if record.get("model") != fingerprint:
+        theirs, ours = record.get("model", {}), fingerprint
+        differ = [key for key in ours if theirs.get(key) != ours[key]]
+        raise DroJaxError(
+            f"{directory}: the checkpoint belongs to another model ({', '.join(differ)} differ: "
+            f"{', '.join(f'{k} {theirs.get(k)} vs {ours[k]}' for k in differ if not k.endswith('sha256')) or 'same sizes'}); "
+            "use a new output directory"
+        )
+    saved = record.get("config", {})
+    changed = sorted(k for k, v in config.to_dict().items() if json.loads(json.dumps(v)) != saved.get(k))
+    if changed:
+        raise DroJaxError(f"{directory}: the checkpoint was made with different settings ({', '.join(changed)}); resume with the same ones")
+
+
+def train_soft_prompt(
+    model: LoadedModel,
+    data: Batches,
+    anchors: AnchorSpace | None,
+    initial: np.ndarray,
+    config: TrainConfig,
+    checkpoint_dir: str | Path,
+    metrics_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    objective: Objective | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> TrainResult:
+    """Runs (or resumes) training; checkpoints every `checkpoint_every` steps and at the end.
+
+    `objective` defaults to DRO with `config.loss_weights` (`data` a
+    `TrainingSet`); the prompt-tuning baseline passes its own objective and
+    a `ResponseSet`.
+
+    NaN or inf in the loss or gradient stops training with an error; the
+    last good checkpoint stays on disk.
+    """
+    mesh = mesh or data_mesh()
+    fingerprint = model_fingerprint(model)
+    checkpoints = TrainCheckpoints(checkpoint_dir, config.keep_checkpoints)
+    optimizer = make_optimizer(config)
+    objective = objective or dro_objective(model.config, config.loss_weights, config.remat)
+    step_fn = make_train_step(objective.loss, optimizer, mesh)
+    soft_prompt = jnp.asarray(initial, jnp.float32)
+    opt_state = optimizer.init(soft_prompt)
+    start, history = 0, []
+    metrics_path = Path(metrics_path) if metrics_path else None
+    if checkpoints.latest_step() is not None:
+        if not resume:
+            raise DroJaxError(f"{checkpoints.directory} already holds checkpoints: pass --resume to continue, or use a new output directory")
+        _check_resumable(checkpoints.record(), fingerprint, config, checkpoints.directory)
+        (soft_prompt, opt_state), record = checkpoints.restore((soft_prompt, opt_state))
+        start = record["step"]
+        if metrics_path is not None and metrics_path.exists():
+            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            history = [r for r in history if r["step"] <= start]
+    soft_prompt, opt_state = replicate((soft_prompt, opt_state), mesh)
+    frozen = replicate(frozen_inputs(model, anchors), mesh)
+    total = config.epochs * steps_per_epoch(len(data), config.batch_size)
+    rows = padded_batch_size(config.batch_size, mesh)
+
+    def save(step: int) -> None:
+        record = {
+            "step": step, "epoch": step // steps_per_epoch(len(data), config.batch_size), "seed": config.seed,
+            "config": config.to_dict(), "model": fingerprint, "num_examples": len(data),
+        }
+        if metrics_path is not None:  # first: a resume drops lines beyond its checkpoint, never misses one
+            write_jsonl(metrics_path, history)
+        checkpoints.save(step, (soft_prompt, opt_state), record)
+
+    with tqdm(total=total, initial=start, desc=objective.name, unit="step", disable=not progress) as bar:
+        step = start
+        try:
+            for step in range(start, total):
+                index = batch_indices(len(data), config, step)
+                weights = np.zeros(rows, np.float32)
+                weights[: len(index)] = 1
+                padded = np.concatenate([index, np.full(rows - len(index), index[0])])
+                batch = shard_batch(data.rows(padded, weights), mesh)
+                new_prompt, new_state, metrics = step_fn(soft_prompt, opt_state, batch, frozen)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    last = checkpoints.latest_step()
+                    raise DroJaxError(
+                        f"the loss or its gradient became {metrics['loss']} / {metrics['grad_norm']} at step {step + 1}; "
+                        f"stopped; the last good checkpoint is step {last} in {checkpoints.directory}"
+                        if last is not None else f"the loss became non-finite at step {step + 1}; stopped before any checkpoint"
+                    )
+                soft_prompt, opt_state = new_prompt, new_state
+                history.append({"step": step + 1, **metrics})
+                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in objective.shown if k in metrics})
+                bar.update(1)
+                if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
+                    save(step + 1)
+        except KeyboardInterrupt:
+            done = history[-1]["step"] if history else 0
+            if done > (checkpoints.latest_step() or 0):
+                save(done)  # the state between two steps is consistent: keep it
+            raise
+        finally:
+            checkpoints.close()
+    return TrainResult(np.asarray(soft_prompt), total, history)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingFiles:
+    """Where a training run keeps its state: checkpoints/, metrics.jsonl and the exported soft prompt."""
+
+    root: Path
+
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    soft_prompt = property(lambda self: self.root / "soft_prompt.safetensors")
+
+
+def train_and_export(
+    model: LoadedModel,
+    data: Batches,
+    anchors: AnchorSpace | None,
+    initial: np.ndarray,
+    config: TrainConfig,
+    files: TrainingFiles,
+    resume: bool = False,
+    progress: bool = True,
+    objective: Objective | None = None,
+) -> TrainResult:
+    """`train_soft_prompt` into `files`, then the trained prompt written in the paper's format beside its checkpoints."""
+    result = train_soft_prompt(
+        model, data, anchors, initial, config, files.checkpoints, files.metrics, resume, progress, objective
+    )
+    save_soft_prompt(files.soft_prompt, result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
+    return result

@@ -1,0 +1,61 @@
+"""The DRO training data: every training query behind the soft prompt's slot, with its base representation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.data.queries import QueryPairs
+from dro_jax.dro.loss import QueryBatch
+from dro_jax.inference.batching import bucket_length, left_pad
+from dro_jax.inference.chat import PromptSetting
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.represent import represent_tokens
+from dro_jax.loading import LoadedModel
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingSet:
+    """Every training query padded to one length, with its soft-prompt slot and base representation."""
+
+    queries: list[str]
+    token_ids: np.ndarray  # [n, t]
+    attention_mask: np.ndarray  # [n, t]
+    soft_offsets: np.ndarray  # [n]
+    base_states: np.ndarray  # [n, h] under the human prompt the soft prompt starts from
+    harmless: np.ndarray  # [n] 1 = harmless
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def rows(self, index: np.ndarray, weights: np.ndarray) -> QueryBatch:
+        return QueryBatch(
+            self.token_ids[index], self.attention_mask[index], self.soft_offsets[index],
+            self.base_states[index], self.harmless[index], weights,
+        )
+
+
+def prepare_training_set(
+    model: LoadedModel,
+    pairs: QueryPairs,
+    init_prompt: str,
+    num_rows: int,
+    progress: bool = True,
+    base_states: np.ndarray | None = None,
+) -> TrainingSet:
+    """Encodes the queries with a `num_rows`-row slot; their base states under `init_prompt` are computed
+    unless given (`base_states`: harmful then harmless, e.g. from the anchor stage)."""
+    queries = pairs.queries
+    if base_states is None:
+        base = represent_tokens(model, encode_queries(model, queries, PromptSetting.from_text(init_prompt)), progress=progress)
+    elif base_states.shape != (len(queries), model.config.hidden_size):
+        raise DroJaxError(f"base states are {base_states.shape}, expected {(len(queries), model.config.hidden_size)}")
+    else:
+        base = base_states
+    placeholder = PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32))
+    encoded = encode_queries(model, queries, placeholder)
+    length = min(bucket_length(max(map(len, encoded.sequences))), model.config.max_position_embeddings)
+    token_ids, mask, offsets = left_pad(encoded.sequences, length, model.pad_id, encoded.soft_starts)
+    return TrainingSet(queries, token_ids, mask, offsets, base, pairs.harmless_flags)

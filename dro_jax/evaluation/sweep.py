@@ -1,0 +1,164 @@
+"""Evaluation sweeps: every model x prompt setting x query set, measured with the paper's refusal metric.
+
+Per query N responses (greedy: one) are judged by the configured refusal
+judge (the string judge by default). A harmless query counts against a prompt
+if *any* of its responses refuses, a harmful one if *any* complies; both rates
+are lower-is-better. The refusal log-odds (no generation) come with every row.
+
+A model that cannot be loaded, or a prompt that does not fit a model, gives
+error rows instead of stopping the sweep. With several processes (see
+`dro_jax.parallel.distributed`), each one evaluates a contiguous share of every
+query set on its local devices and the responses are gathered, so every
+process returns the whole table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.evaluation.measure import count_refusals, measure_setting
+from dro_jax.inference.chat import PromptSetting
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.judges import RefusalJudge, StringJudge
+from dro_jax.inference.refusal_score import Openings
+from dro_jax.inference.respond import Response
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.loading import LoadedModel, load_model
+from dro_jax.parallel.distributed import allgather_json, process_share
+from dro_jax.parallel.sharding import replicate
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """How every row is measured: greedy by default; a sampling config gives `num_samples` responses per query."""
+
+    sampling: SamplingConfig = SamplingConfig()
+    num_samples: int = 1
+    seed: int = 0
+    batch_size: int = 32
+    dtype: str = "float32"
+    openings: Openings = Openings()
+    judge: RefusalJudge = dataclasses.field(default_factory=StringJudge.default)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise DroJaxError(f"num-samples must be at least 1, got {self.num_samples}")
+        if self.sampling.is_greedy and self.num_samples > 1:
+            raise DroJaxError(f"greedy decoding gives one response per query; {self.num_samples} samples need sampling")
+        if self.batch_size < 1:
+            raise DroJaxError(f"batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepRow:
+    """One model, prompt setting and query set; in an error row only `num_queries` and `error` are set."""
+
+    model: str
+    prompt: str
+    dataset: str
+    num_queries: int
+    num_responses: int | None = None
+    refused_responses: int | None = None
+    response_refusal_rate: float | None = None
+    queries_any_refusal: int | None = None  # the harmless-set metric
+    any_refusal_rate: float | None = None
+    queries_any_compliance: int | None = None  # the harmful-set metric
+    any_compliance_rate: float | None = None
+    mean_refusal_log_odds: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def measured(
+        cls, model: str, prompt: str, dataset: str, num_queries: int, responses: Sequence[Response], log_odds: np.ndarray
+    ) -> "SweepRow":
+        refused, any_refusal, any_compliance = count_refusals(responses, num_queries)
+        return cls(
+            model, prompt, dataset, num_queries, len(responses), refused, refused / len(responses),
+            any_refusal, any_refusal / num_queries, any_compliance, any_compliance / num_queries, float(np.mean(log_odds)),
+        )
+
+
+def run_sweep(
+    models: Sequence[str],
+    prompts: Sequence[PromptSetting],
+    datasets: Mapping[str, Sequence[str]],
+    config: SweepConfig = SweepConfig(),
+    mesh: Mesh | None = None,
+    progress: bool = True,
+) -> list[SweepRow]:
+    """Rows for every model (name or path) x prompt x dataset, in that order; batches are split over `mesh`."""
+    if not models or not prompts or not datasets:
+        raise DroJaxError("a sweep needs at least one model, one prompt setting and one query set")
+    empty = [name for name, queries in datasets.items() if not queries]
+    if empty:
+        raise DroJaxError(f"{empty[0]}: the query set is empty")
+    rows = []
+    total = len(models) * len(prompts) * len(datasets)
+    with tqdm(total=total, desc="sweep", unit="row", disable=not progress or jax.process_index() != 0) as bar:
+        for spec in models:
+            model, error = _load(spec, config.dtype, mesh)
+            for setting in prompts:
+                for name, queries in datasets.items():
+                    bar.set_postfix_str(f"{spec} | {setting.name} | {name}", refresh=False)
+                    if model is None:
+                        rows.append(SweepRow(spec, setting.name, name, len(queries), error=error))
+                    else:
+                        rows.append(_measure(model, spec, setting, name, queries, config, mesh))
+                    bar.update(1)
+            del model  # free it before the next one loads
+    return rows
+
+
+def _load(spec: str, dtype: str, mesh: Mesh | None) -> tuple[LoadedModel | None, str | None]:
+    """The model with its parameters placed on every device once, or None and why (if it failed on any process)."""
+    try:
+        model, error = load_model(spec, dtype, progress=False), None
+    except (DroJaxError, OSError) as err:
+        model, error = None, str(err)
+    errors = [e for e in allgather_json(error) if e is not None]
+    if errors:
+        return None, errors[0]
+    return dataclasses.replace(model, params=replicate(model.params, mesh)), None
+
+
+def _measure(
+    model: LoadedModel, spec: str, setting: PromptSetting, name: str, queries: Sequence[str],
+    config: SweepConfig, mesh: Mesh | None,
+) -> SweepRow:
+    """Evaluates this process's share of the queries, then builds the row from every process's share."""
+    share = process_share(len(queries))
+    try:
+        part = _evaluate_share(model, setting, name, queries[share.start : share.stop], share.start, config, mesh)
+    except DroJaxError as err:
+        where = f" (queries {share.start + 1}-{share.stop}, process {jax.process_index()})" if jax.process_count() > 1 else ""
+        part = {"error": f"{err}{where}"}
+    parts = allgather_json(part)
+    errors = [p["error"] for p in parts if "error" in p]
+    if errors:
+        return SweepRow(spec, setting.name, name, len(queries), error=errors[0])
+    responses = [Response(**r) for p in parts for r in p["responses"]]
+    log_odds = np.array([v for p in parts for v in p["log_odds"]])
+    return SweepRow.measured(spec, setting.name, name, len(queries), responses, log_odds)
+
+
+def _evaluate_share(
+    model: LoadedModel, setting: PromptSetting, name: str, queries: Sequence[str], first: int, config: SweepConfig, mesh: Mesh | None,
+) -> dict:
+    """Responses (query indices in the whole set) and refusal log-odds of `queries`, as JSON-ready lists."""
+    if not queries:  # more processes than queries
+        return {"responses": [], "log_odds": []}
+    measured = measure_setting(
+        model, encode_queries(model, queries, setting, name), config.sampling, config.num_samples, config.seed,
+        config.batch_size, config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
+    )
+    return {
+        "responses": [dataclasses.asdict(dataclasses.replace(r, query_index=r.query_index + first)) for r in measured.responses],
+        "log_odds": measured.scores.log_odds.tolist(),
+    }

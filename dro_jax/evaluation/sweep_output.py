@@ -1,0 +1,59 @@
+"""Sweep results as files: sweep.csv and sweep.md (one row per model x prompt x dataset) and sweep.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.common.files import check_writable, write_text
+from dro_jax.common.tables import dataclass_csv, markdown_table
+from dro_jax.evaluation.sweep import SweepRow
+
+FILE_NAMES = ("sweep.csv", "sweep.md", "sweep.json")
+
+
+def prepare_output_dir(directory: str | Path) -> Path:
+    """Creates the directory if needed and checks that the three files can be written, before any work."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DroJaxError(f"{directory}: cannot create the output directory ({err.strerror or err})") from None
+    for name in FILE_NAMES:
+        check_writable(directory / name)
+    return directory
+
+
+def _count(count: int | None, rate: float | None) -> str:
+    return "" if count is None else f"{count} ({rate:.1%})"
+
+
+def sweep_markdown(rows: Sequence[SweepRow]) -> str:
+    """A table with counts and their rates; error rows have empty numbers and the error text."""
+    header = ["model", "prompt", "dataset", "queries", "responses", "refused responses", "queries with any refusal",
+              "queries with any compliance", "mean refusal log-odds", "error"]
+    return markdown_table(header, [
+        [
+            row.model, row.prompt, row.dataset, str(row.num_queries),
+            "" if row.num_responses is None else str(row.num_responses),
+            _count(row.refused_responses, row.response_refusal_rate),
+            _count(row.queries_any_refusal, row.any_refusal_rate),
+            _count(row.queries_any_compliance, row.any_compliance_rate),
+            "" if row.mean_refusal_log_odds is None else f"{row.mean_refusal_log_odds:+.3f}",
+            row.error or "",
+        ]
+        for row in rows
+    ])
+
+
+def write_sweep(rows: Sequence[SweepRow], directory: Path) -> list[Path]:
+    """Writes the three files atomically; returns their paths."""
+    records = [dataclasses.asdict(row) for row in rows]
+    csv_path, md_path, json_path = (directory / name for name in FILE_NAMES)
+    write_text(csv_path, dataclass_csv(rows, SweepRow))
+    write_text(md_path, sweep_markdown(rows) + "\n")
+    write_text(json_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
+    return [csv_path, md_path, json_path]

@@ -1,0 +1,147 @@
+"""Chat formatting and the human-written safety prompts.
+
+A safety prompt is the system message of the chat template. Templates with no
+system role (Llama-2 style `[INST]` without `<<SYS>>`, Mistral) get the prompt
+text, stripped, and a blank line in front of the first user message instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from dro_jax.common.errors import DroJaxError
+
+SAFETY_PROMPTS = {
+    "default": (
+        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
+        "while being safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, "
+        "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
+        "in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain why instead "
+        "of answering something not correct. If you don't know the answer to a question, please don't share "
+        "false information."
+    ),
+    "short": "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.",
+    "mistral": (
+        "You are an AI assistant. Always assist with care, respect, and truth. Please respond with utmost utility "
+        "yet securely and avoid harmful, unethical, prejudiced, or negative content. Also ensure replies promote "
+        "fairness and positivity."
+    ),
+}
+NO_PROMPT = "none"
+PROMPT_SETTINGS = (NO_PROMPT, *SAFETY_PROMPTS)
+
+
+def resolve_system_prompt(setting: str | None) -> str | None:
+    """`none` -> no system message; a prompt name -> its text; anything else is custom text."""
+    if setting is None or setting == NO_PROMPT:
+        return None
+    if not setting.strip():
+        raise DroJaxError("the system prompt is empty; use 'none' for no system message")
+    return SAFETY_PROMPTS.get(setting, setting)
+
+
+# Stands in for the system text while locating the slot that soft-prompt rows fill;
+# plain words, so it tokenizes like ordinary prompt text at both ends.
+SLOT_PLACEHOLDER = "Follow these instructions."
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptSetting:
+    """What fills the system-message slot: nothing, human-written text, or soft-prompt rows.
+
+    `soft_prompt` is a float32 [N, hidden] array of input embeddings (a trained
+    or imported DRO prompt); `text` and `soft_prompt` are never both set.
+    """
+
+    name: str
+    text: str | None = None
+    soft_prompt: np.ndarray | None = None
+
+    @classmethod
+    def from_text(cls, setting: str | None) -> "PromptSetting":
+        """`none`, a safety-prompt name, or custom text."""
+        text = resolve_system_prompt(setting)
+        if text is None:
+            return cls(NO_PROMPT)
+        return cls(setting, text)
+
+    @classmethod
+    def soft(cls, name: str, soft_prompt: np.ndarray) -> "PromptSetting":
+        return cls(name, None, np.asarray(soft_prompt, np.float32))
+
+
+def as_prompt_setting(setting: "PromptSetting | str | None") -> PromptSetting:
+    return setting if isinstance(setting, PromptSetting) else PromptSetting.from_text(setting)
+
+
+def template_has_system_role(tokenizer: Any) -> bool:
+    """Whether the chat template renders a system message (some raise, some drop it)."""
+    probe = "dro-jax system probe"
+    messages = [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # jinja raises TemplateError from the template's own `raise_exception`
+        return False
+    return probe in rendered
+
+
+@dataclasses.dataclass
+class ChatFormatter:
+    """Encodes user queries under one system prompt, ready for generation.
+
+    Note that some templates (SmolLM2's among them) insert their own default
+    system message when none is given, so "no safety prompt" means that one.
+    """
+
+    tokenizer: Any
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DroJaxError("the model's tokenizer has no chat template")
+        self._system_role = self.system_prompt is None or template_has_system_role(self.tokenizer)
+
+    def messages(self, query: str) -> list[dict[str, str]]:
+        if self.system_prompt is None:
+            return [{"role": "user", "content": query}]
+        if self._system_role:
+            return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": query}]
+        return [{"role": "user", "content": f"{self.system_prompt.strip()}\n\n{query}"}]
+
+    def encode(self, query: str) -> list[int]:
+        """Token ids of the chat-formatted query with the generation prompt appended."""
+        encoded = self.tokenizer.apply_chat_template(
+            self.messages(query), add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def encode_with_slot(self, query: str) -> tuple[list[int], int, int]:
+        """Token ids as `encode`, plus the [start, stop) range of the system text's tokens.
+
+        The range is found from character offsets, so it holds for any template
+        and tokenizer; a token that straddles the text's edge (a leading space
+        merged into its first word) belongs to the range.
+        """
+        if self.system_prompt is None:
+            raise ValueError("encode_with_slot needs a system prompt")
+        rendered = self.tokenizer.apply_chat_template(self.messages(query), add_generation_prompt=True, tokenize=False)
+        content = self.system_prompt.strip()
+        begin = rendered.find(content)
+        if begin < 0:
+            raise DroJaxError("the chat template rewrites the system prompt, so its tokens cannot be located")
+        end = begin + len(content)
+        encoded = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        inside = [i for i, (first, last) in enumerate(encoded["offset_mapping"]) if first < end and last > begin]
+        return list(encoded["input_ids"]), inside[0], inside[-1] + 1
+
+    def encode_setting(self, query: str, soft_rows: int, filler_id: int) -> tuple[list[int], int]:
+        """Ids with `soft_rows` filler tokens where the system text goes, and the first filler's index.
+
+        Use a formatter built with `SLOT_PLACEHOLDER` as its system prompt; the
+        fillers are replaced by soft-prompt rows at embedding time.
+        """
+        ids, start, stop = self.encode_with_slot(query)
+        return ids[:start] + [filler_id] * soft_rows + ids[stop:], start

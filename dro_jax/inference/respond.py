@@ -1,0 +1,105 @@
+"""Responses to chat-formatted queries: batched generation, decoding and refusal judging."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.inference.generate import generate_tokens
+from dro_jax.inference.judges import RefusalJudge, StringJudge
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.loading import LoadedModel
+from dro_jax.parallel.sharding import replicate, rows_per_batch, shard_batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    query_index: int
+    query: str
+    sample: int
+    text: str
+    num_tokens: int
+    refusal: bool
+
+
+def stop_token_ids(model: LoadedModel) -> list[int]:
+    """The tokenizer's end-of-sequence token(s), which end a chat turn."""
+    eos = model.tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    ids = [i for i in ids if i is not None]
+    if not ids:
+        raise DroJaxError(f"{model.source}: the tokenizer defines no end-of-sequence token to stop generation")
+    return ids
+
+
+def sample_keys(seed: int, query_indices: np.ndarray, samples: np.ndarray) -> jax.Array:
+    """One PRNG key per (query, sample): results do not depend on batch size or order."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda q, s: jax.random.fold_in(jax.random.fold_in(base, q), s))(query_indices, samples)
+
+
+def generate_responses(
+    model: LoadedModel,
+    encoded: EncodedQueries,
+    sampling: SamplingConfig,
+    num_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    judge: RefusalJudge | None = None,
+    progress: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    first_query: int = 0,
+) -> list[Response]:
+    """`num_samples` responses per encoded query, ordered by query then sample, each judged by `judge`
+    (default: the packaged string judge).
+
+    With a mesh, each batch is split over its devices (one SPMD program) and
+    the results are the same as on one device. `first_query` is the index of
+    the first query in a set split over several processes: sample keys use the
+    index in that set, so a sample does not depend on the split (while
+    `Response.query_index` stays the position in `encoded`).
+    """
+    if num_samples < 1:
+        raise DroJaxError(f"num-samples must be at least 1, got {num_samples}")
+    if encoded.queries is None:
+        raise ValueError("generate_responses needs the query texts: encode them with encode_queries")
+    judge = judge or StringJudge.default()
+    limit = model.config.max_position_embeddings
+    for number, ids in enumerate(encoded.sequences, start=1):
+        if len(ids) + sampling.max_new_tokens > limit:
+            raise DroJaxError(
+                f"{encoded.source}: query {number} is {len(ids)} tokens; with max-new-tokens {sampling.max_new_tokens} "
+                f"it exceeds the model's context of {limit}"
+            )
+    rows = [(q, s) for q in range(len(encoded)) for s in range(num_samples)]
+    prompts = encoded.select([q for q, _ in rows])
+    stops = stop_token_ids(model)
+    generated: dict[int, tuple[str, int]] = {}
+    batch_size = rows_per_batch(batch_size, len(rows), mesh)
+    params = replicate(model.params, mesh)
+    with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
+        for batch in prompts.batches(batch_size, model.pad_id):
+            row_ids = np.where(batch.index >= 0, batch.index, 0)
+            query_idx = np.array([rows[r][0] for r in row_ids])
+            sample_idx = np.array([rows[r][1] for r in row_ids])
+            keys = shard_batch(sample_keys(seed, query_idx + first_query, sample_idx), mesh)
+            token_ids, mask, soft_prompt, soft_offsets = prompts.model_inputs(batch, mesh)
+            tokens, lengths = generate_tokens(
+                params, model.config, token_ids, mask, stops, sampling, keys, model.pad_id, soft_prompt, soft_offsets
+            )
+            for row, source_row in enumerate(batch.index):
+                if source_row >= 0:
+                    text = model.tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip()
+                    generated[source_row] = (text, int(lengths[row]))
+            bar.update(batch.num_real)
+    texts = [generated[i][0] for i in range(len(rows))]
+    refusals = judge.refusals(prompts.queries, texts, progress)
+    return [
+        Response(q, encoded.queries[q], s, text, generated[i][1], bool(refused))
+        for i, ((q, s), text, refused) in enumerate(zip(rows, texts, refusals))
+    ]

@@ -1,0 +1,195 @@
+"""The DRO loss and training step in PyTorch on a transformers causal LM: the baseline and parity reference.
+
+It takes the same numpy inputs as the JAX side (a `QueryBatch` of numpy
+arrays and an `AnchorSpace`) and follows the objective's definition literally
+rather than the JAX implementation's shortcuts:
+
+* the soft prompt is spliced into `inputs_embeds` row by row (a concatenation,
+  not a gather and select);
+* position ids count real tokens only (cumsum(mask) - 1, clipped at 0) and the
+  attention mask is passed, as for any left-padded batch;
+* both states are projected onto the FULL anchor basis, z = (h - mean) @ basis,
+  the probes are applied with their biases to z[:k] of each, and the norm term
+  is the mean over the remaining hidden - k coordinates of (z_new - z_base)^2.
+  The JAX loss never forms the full basis product (it uses
+  |d|^2 - |d @ axes|^2), so agreement checks that identity independently.
+
+The anchor algebra runs in float64 (`ANCHOR_DTYPE`): it is cheap ([b, h] x
+[h, h]) and makes this side the more accurate one; the model runs in its own
+dtype (float32 in the tests and benchmarks).
+
+The step is torch.nn.utils.clip_grad_norm_(1.0) then torch.optim.AdamW(lr 1e-3,
+weight decay 0.01, betas and eps at their defaults), the same update as
+`dro_jax.dro.train.make_optimizer` (optax clip_by_global_norm then adamw). The
+one known difference: torch divides by (norm + 1e-6) when clipping, optax by
+the norm, a relative 1e-6 / norm in the clipped gradient that Adam's first
+step all but cancels.
+
+torch is imported inside the functions, so importing this module (or the
+benchmark registry) never needs it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from dro_jax.anchors.space import AnchorSpace
+from dro_jax.dro.loss import LossWeights
+
+ANCHOR_DTYPE = "float64"
+
+
+class TorchAnchors(NamedTuple):
+    """An anchor space as torch tensors (see `torch_anchors`)."""
+
+    mean: Any  # [h]
+    basis: Any  # [h, h]
+    num_components: int
+    refusal_weight: Any  # [k]
+    refusal_bias: float
+    harmfulness_weight: Any  # [k]
+    harmfulness_bias: float
+
+
+def torch_anchors(anchors: AnchorSpace | TorchAnchors, dtype: str = ANCHOR_DTYPE) -> TorchAnchors:
+    """Converts an `AnchorSpace` once (a `TorchAnchors` passes through)."""
+    import torch
+
+    if isinstance(anchors, TorchAnchors):
+        return anchors
+    kind = getattr(torch, dtype)
+
+    def tensor(array):
+        return torch.from_numpy(np.asarray(array, np.float64)).to(kind)
+
+    return TorchAnchors(
+        tensor(anchors.mean), tensor(anchors.basis), int(anchors.num_components),
+        tensor(anchors.refusal.weight), float(anchors.refusal.bias),
+        tensor(anchors.harmfulness.weight), float(anchors.harmfulness.bias),
+    )
+
+
+def freeze(model):
+    """eval mode and requires_grad False on every parameter, so only the soft prompt gets a gradient."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def position_ids(mask):
+    """Positions that count real tokens only: cumsum(mask) - 1, clipped at 0 (as dro_jax does)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def _tensor(array, dtype=None):
+    import torch
+
+    out = torch.as_tensor(np.asarray(array))
+    return out if dtype is None else out.to(dtype)
+
+
+def soft_prompt_embeddings(model, soft_prompt, token_ids, soft_offsets):
+    """[b, t, h] input embeddings with soft_prompt [N, h] spliced in at each row's offset (-1: none)."""
+    import torch
+
+    embeds = model.get_input_embeddings()(token_ids)
+    count = soft_prompt.shape[0]
+    rows = []
+    for row, offset in enumerate(soft_offsets.tolist()):
+        if offset < 0:
+            rows.append(embeds[row])
+            continue
+        if offset + count > embeds.shape[1]:
+            raise ValueError(f"row {row}: the soft prompt's slot [{offset}, {offset + count}) runs past the sequence ({embeds.shape[1]})")
+        rows.append(torch.cat([embeds[row, :offset], soft_prompt.to(embeds.dtype), embeds[row, offset + count :]]))
+    return torch.stack(rows)
+
+
+def soft_prompt_states(model, soft_prompt, batch) -> Any:
+    """[b, h] final-norm states at the last position of the left-padded batch, soft prompt in its slot."""
+    import torch
+
+    token_ids = _tensor(batch.token_ids, torch.long)
+    mask = _tensor(batch.attention_mask, torch.long)
+    embeds = soft_prompt_embeddings(model, soft_prompt, token_ids, _tensor(batch.soft_offsets, torch.long))
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+    return out.last_hidden_state[:, -1]
+
+
+def _weighted_mean(values, weights):
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def torch_dro_loss(model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights()):
+    """(total loss tensor, metrics dict of tensors) with the same terms and names as `dro_jax.dro.loss.dro_loss`.
+
+    `batch` is a `QueryBatch` (or anything with its fields) of numpy arrays;
+    `soft_prompt` a torch tensor [N, h], usually a leaf that requires grad.
+    """
+    import torch.nn.functional as F
+
+    space = torch_anchors(anchors)
+    kind = space.basis.dtype
+    new = soft_prompt_states(model, soft_prompt, batch).to(kind)
+    base = _tensor(batch.base_states).to(kind)
+    z_new = (new - space.mean) @ space.basis  # [b, h], full coordinates
+    z_base = (base - space.mean) @ space.basis
+    k = space.num_components
+    refusal_shift = (z_new[:, :k] @ space.refusal_weight + space.refusal_bias) - (z_base[:, :k] @ space.refusal_weight + space.refusal_bias)
+    harm_shift = (z_new[:, :k] @ space.harmfulness_weight + space.harmfulness_bias) - (
+        z_base[:, :k] @ space.harmfulness_weight + space.harmfulness_bias
+    )
+    target = _tensor(batch.harmless).to(kind)
+    row_weights = _tensor(batch.weights).to(kind)
+    terms = {
+        "refusal": _weighted_mean(F.binary_cross_entropy_with_logits(refusal_shift, target, reduction="none"), row_weights),
+        "harmfulness": _weighted_mean(F.binary_cross_entropy_with_logits(harm_shift, target, reduction="none"), row_weights),
+        "norm": _weighted_mean(((z_new[:, k:] - z_base[:, k:]) ** 2).mean(dim=1), row_weights),
+    }
+    if set(terms) != set(LossWeights.terms()):
+        raise NotImplementedError(f"the PyTorch twin computes {sorted(terms)}, the DRO loss has {sorted(LossWeights.terms())}")
+    total = weights.combine(terms)
+    metrics = {
+        "loss": total,
+        **terms,
+        "compliance_shift_harmful": _weighted_mean(refusal_shift, row_weights * (1 - target)),
+        "compliance_shift_harmless": _weighted_mean(refusal_shift, row_weights * target),
+    }
+    return total, metrics
+
+
+def make_torch_optimizer(soft_prompt, learning_rate: float = 1e-3, weight_decay: float = 0.01):
+    """torch.optim.AdamW over the soft prompt alone (defaults of `dro_jax.dro.train.TrainConfig`)."""
+    import torch
+
+    return torch.optim.AdamW([soft_prompt], lr=learning_rate, weight_decay=weight_decay)
+
+
+def apply_gradients(soft_prompt, optimizer, clip_norm: float = 1.0) -> float:
+    """clip_grad_norm_ on the soft prompt's .grad, then the optimizer's step; returns the norm before clipping."""
+    import torch
+
+    grad_norm = torch.nn.utils.clip_grad_norm_([soft_prompt], clip_norm)
+    optimizer.step()
+    return float(grad_norm)
+
+
+def torch_train_step(
+    model, soft_prompt, optimizer, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights(), clip_norm: float = 1.0
+) -> dict[str, float]:
+    """One step in place on `soft_prompt` (an nn.Parameter): loss, backward, clip, AdamW; returns float metrics.
+
+    The model must be frozen (`freeze`): a parameter that requires grad would
+    get a weight gradient every step, which the JAX step never forms.
+    """
+    if any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model's parameters must have requires_grad=False (call freeze(model))")
+    optimizer.zero_grad(set_to_none=True)
+    total, metrics = torch_dro_loss(model, soft_prompt, batch, anchors, weights)
+    total.backward()
+    out = {name: float(value.detach()) for name, value in metrics.items()}
+    out["grad_norm"] = apply_gradients(soft_prompt, optimizer, clip_norm)
+    return out

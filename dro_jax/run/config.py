@@ -1,0 +1,151 @@
+"""What `dro-jax run` does, in one dataclass: the quick default for 2 CPU cores and the paper's preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dro_jax.anchors.collect import AnchorConfig
+from dro_jax.anchors.space import FitConfig
+from dro_jax.common.errors import DroJaxError
+from dro_jax.data.queries import QueryPairs, read_queries
+from dro_jax.dro.loss import LossWeights
+from dro_jax.dro.train import TrainConfig
+from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.refusal_score import Openings
+from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.loading.registry import DEFAULT_MODEL
+from dro_jax.run.stages import text_digest
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every input of the main job; `config.json` in a run directory is this, as JSON.
+
+    The defaults make the whole job fit in about a quarter of an hour on 2 CPU
+    cores with SmolLM2-135M: the generation-free log-odds label, 4 epochs at
+    batch 25 with a 5x larger learning rate than the paper, greedy evaluation.
+    `paper()` gives the paper's protocol for machines with accelerators.
+    """
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "float32"
+    harmful_train: str = "harmful_train"
+    harmless_train: str = "harmless_train"
+    harmful_test: str = "harmful_test"
+    harmless_test: str = "harmless_test"
+    field: str | None = None
+    settings: tuple[str, ...] = PROMPT_SETTINGS
+    label: str = "logodds"
+    label_samples: int = 5
+    openings: str | None = None  # JSON file of reply openings for the log-odds score (default: the built-in ones)
+    num_components: int = 4
+    folds: int = 10
+    init_prompt: str = "short"
+    epochs: int = 4
+    batch_size: int = 25
+    learning_rate: float = 5e-3
+    seed: int = 42
+    loss_weights: tuple[float, ...] = LossWeights().as_tuple()  # one per term, in the order of LossWeights.terms()
+    checkpoint_every: int = 4
+    eval_samples: int = 0  # 0: one greedy response per query
+    eval_keep_longest: int | None = None
+    max_new_tokens: int = 64
+    eval_batch_size: int = 32
+    remat: bool = False
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "RunConfig":
+        """The reference protocol: sampled labels (25 per input), default-prompt init, 40 epochs at batch 50,
+        lr 1e-3, 25 sampled responses per test query of which the 20 longest are judged."""
+        preset = dict(
+            label="sampled", label_samples=25, init_prompt="default", epochs=40, batch_size=50, learning_rate=1e-3,
+            checkpoint_every=10, eval_samples=25, eval_keep_longest=20, max_new_tokens=256,
+        )
+        return cls(**{**preset, **overrides})
+
+    def __post_init__(self) -> None:
+        for name in ("label_samples", "num_components", "folds", "epochs", "batch_size", "checkpoint_every", "max_new_tokens", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise DroJaxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.eval_samples < 0:
+            raise DroJaxError(f"eval-samples must be 0 (greedy) or more, got {self.eval_samples}")
+        if self.eval_keep_longest is not None and not 1 <= self.eval_keep_longest <= max(self.eval_samples, 1):
+            raise DroJaxError(f"cannot keep the {self.eval_keep_longest} longest of {self.eval_samples} responses per query")
+        if not self.learning_rate > 0:
+            raise DroJaxError(f"the learning rate must be positive, got {self.learning_rate}")
+        LossWeights.from_sequence(self.loss_weights)
+
+    def anchor_config(self) -> AnchorConfig:
+        """How the anchor stage labels the anchor inputs and fits the space (the probes' folds are always seeded 42)."""
+        fit = FitConfig(num_components=self.num_components, folds=self.folds, seed=42)
+        return AnchorConfig(
+            settings=self.settings, label=self.label, num_samples=self.label_samples, seed=self.seed, fit=fit,
+            openings=self.reply_openings(),
+        )
+
+    def reply_openings(self) -> Openings:
+        """The refusal and compliant reply openings of the log-odds score (labels and evaluation)."""
+        return Openings.load(self.openings)
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The training stage's schedule (an experiment may override e.g. `epochs`)."""
+        settings = dict(
+            epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed,
+            loss_weights=LossWeights.from_sequence(self.loss_weights), checkpoint_every=self.checkpoint_every, remat=self.remat,
+        )
+        return TrainConfig(**{**settings, **overrides})
+
+    def evaluation_sampling(self) -> tuple[SamplingConfig, int]:
+        """(decoding, responses per test query): one greedy response, or `eval_samples` with the reference's sampling."""
+        if self.eval_samples == 0:
+            return SamplingConfig(max_new_tokens=self.max_new_tokens), 1
+        return dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=self.max_new_tokens), self.eval_samples
+
+    def to_dict(self) -> dict:
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise DroJaxError(f"unknown run settings: {', '.join(unknown)}")
+        tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
+        return cls(**{**data, **tuples})
+
+
+def json_ready(value: Any) -> Any:
+    """Tuples as lists, so a config compares equal to itself after a JSON round trip."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class QuerySets:
+    """The queries a run reads: the paired training set and the two held-out sets."""
+
+    train: QueryPairs
+    harmful_test: list[str]
+    harmless_test: list[str]
+
+    @classmethod
+    def read(cls, config: RunConfig) -> "QuerySets":
+        return cls(
+            QueryPairs.read(config.harmful_train, config.harmless_train, config.field),
+            read_queries(config.harmful_test, config.field), read_queries(config.harmless_test, config.field),
+        )
+
+    @property
+    def test(self) -> dict[str, list[str]]:
+        """The held-out sets by the names the results use."""
+        return {"harmful": self.harmful_test, "harmless": self.harmless_test}
+
+    def digests(self) -> dict[str, str]:
+        """Content hashes of the four sets, so that an edited file counts as a new stage input."""
+        sets = {"harmful_train": self.train.harmful, "harmless_train": self.train.harmless,
+                "harmful_test": self.harmful_test, "harmless_test": self.harmless_test}
+        return {name: text_digest(list(queries)) for name, queries in sets.items()}

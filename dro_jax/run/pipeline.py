@@ -1,0 +1,138 @@
+"""The main job, `dro-jax run`: anchor space -> DRO training -> evaluation -> report, in one run directory.
+
+Each stage is skipped when its record says it finished from the same inputs
+(see `dro_jax.run.stages`); training continues from its last checkpoint with
+`resume`. The model is loaded only if some stage has work to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from dro_jax.anchors.collect import AnchorData, build_anchor_space
+from dro_jax.anchors.space import AnchorSpace, save_anchor_space
+from dro_jax.common.errors import DroJaxError
+from dro_jax.common.run_directory import claim_run_directory
+from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
+from dro_jax.dro.train import TrainingFiles, train_and_export
+from dro_jax.dro.training_set import prepare_training_set
+from dro_jax.evaluation.evaluate import Evaluation, evaluate_settings
+from dro_jax.inference.chat import PromptSetting
+from dro_jax.loading import LoadedModel, load_model
+from dro_jax.parallel.sharding import data_mesh
+from dro_jax.run.config import QuerySets, RunConfig
+from dro_jax.run.outputs import RunOutputs, RunPaths, write_evaluation
+from dro_jax.run.report import write_report
+from dro_jax.run.stages import StageRecords, input_key
+
+DRO_SETTING = "DRO"
+
+
+def prepare_run_dir(config: RunConfig, root: str | Path, resume: bool) -> RunPaths:
+    """Creates the run directory, or checks that an existing one holds this very configuration."""
+    def unfinished(directory: Path) -> str | None:
+        stopped = StageRecords(directory).unfinished()
+        return f"an unfinished run (stopped in: {', '.join(stopped)})" if stopped else None
+
+    return RunPaths(claim_run_directory(root, config.to_dict(), resume, unfinished))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def anchor_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths) -> None:
+    space, report, data = build_anchor_space(model, sets.train, config.anchor_config(), config.eval_batch_size)
+    data.save(paths.anchor_data)
+    save_anchor_space(space, report, paths.anchors)
+
+
+def train_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, source: RunPaths, target: TrainingFiles, resume: bool) -> Path:
+    """Trains the soft prompt on the anchor space of `source` into `target` (the same run, or e.g. an ablation's
+    directory beside it); returns the exported prompt."""
+    data = AnchorData.load(source.anchor_data)
+    rows = data.rows_of(config.init_prompt)
+    base_states = data.states[rows] if len(rows) else None  # reuse the anchor stage's pass when it covered the init prompt
+    initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
+    training_set = prepare_training_set(model, sets.train, config.init_prompt, len(initial), base_states=base_states)
+    train_and_export(model, training_set, AnchorSpace.load(source.anchors), initial, config.train_config(), target, resume)
+    return target.soft_prompt
+
+
+def evaluate_prompts(
+    model: LoadedModel, config: RunConfig, sets: QuerySets, settings: Sequence[PromptSetting], anchors: AnchorSpace
+) -> Evaluation:
+    """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over all devices."""
+    sampling, num_samples = config.evaluation_sampling()
+    return evaluate_settings(
+        model, sets.test, settings, anchors, sampling, num_samples, config.eval_keep_longest, config.seed, config.eval_batch_size,
+        openings=config.reply_openings(), mesh=data_mesh(),
+    )
+
+
+def evaluate_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths) -> None:
+    settings = [PromptSetting.from_text(name) for name in config.settings]
+    settings.append(PromptSetting.soft(DRO_SETTING, load_soft_prompt(paths.soft_prompt, model.config.hidden_size)))
+    write_evaluation(paths, evaluate_prompts(model, config, sets, settings, AnchorSpace.load(paths.anchors)))
+
+
+def finish_run(directory: str | Path) -> RunOutputs:
+    """The outputs of the run in `directory`, after finishing any stage it still lacks (with its own config)."""
+    paths = RunPaths(Path(directory))
+    if not paths.config.is_file():
+        raise DroJaxError(f"{directory}: no run here; make one with `dro-jax run --out {directory}` (and --model/--paper as wanted)")
+    config = RunConfig.from_dict(json.loads(paths.config.read_text()))
+    run_pipeline(config, directory, resume=True)
+    return RunOutputs.load(config, paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    inputs: dict
+    outputs: list[Path]
+    work: Callable[[LoadedModel], None]
+
+
+def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False) -> Path:
+    """Runs (or continues) the main job in `out`; returns the path of `results.md`."""
+    paths = prepare_run_dir(config, out, resume)
+    sets = QuerySets.read(config)
+    digests = sets.digests()
+    records = StageRecords(paths.root)
+    settings = {**config.to_dict(), "openings": dataclasses.asdict(config.reply_openings())}
+    model_inputs = {k: settings[k] for k in ("model", "dtype")}
+    anchor_inputs = {**model_inputs, "harmful": digests["harmful_train"], "harmless": digests["harmless_train"],
+                     **{k: settings[k] for k in ("field", "settings", "label", "label_samples", "openings", "num_components", "folds", "seed")}}
+    anchor_key = input_key(anchor_inputs)
+    train_inputs = {"anchors": anchor_key, **{k: settings[k] for k in (
+        "init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "checkpoint_every", "remat")}}
+    train_key = input_key(train_inputs)
+    eval_inputs = {"trained": train_key, "harmful": digests["harmful_test"], "harmless": digests["harmless_test"],
+                   **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "max_new_tokens", "openings", "seed")}}
+    stages = [
+        Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)", anchor_inputs,
+              [paths.anchors, paths.anchor_report, paths.anchor_data], lambda m: anchor_stage(m, config, sets, paths)),
+        Stage("train", "DRO training", train_inputs, [paths.soft_prompt, paths.metrics],
+              lambda m: train_stage(m, config, sets, paths, paths, resume)),
+        Stage("evaluate", "evaluation on the held-out sets", eval_inputs, [paths.evaluation, paths.responses],
+              lambda m: evaluate_stage(m, config, sets, paths)),
+    ]
+    model = functools.cache(lambda: load_model(config.model, config.dtype))
+    for number, stage in enumerate(stages, start=1):
+        key = input_key(stage.inputs)
+        if records.is_done(stage.name, key, stage.outputs):
+            _log(f"[{number}/{len(stages) + 1}] {stage.title}: done earlier with the same inputs, skipped")
+            continue
+        _log(f"[{number}/{len(stages) + 1}] {stage.title}")
+        started = records.start(stage.name, key)
+        stage.work(model())
+        records.finish(stage.name, key, started)
+    _log(f"[{len(stages) + 1}/{len(stages) + 1}] report and plots")
+    return write_report(RunOutputs.load(config, paths), records)

@@ -1,0 +1,182 @@
+"""The run's pictures: the anchor space with the prompts' movements, the training curves, refusals per setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dro_jax.anchors.space import AnchorSpace, LinearProbe
+from dro_jax.common.files import atomic_output
+from dro_jax.evaluation.evaluate import EvalRow
+from dro_jax.inference.chat import NO_PROMPT
+
+COLORS = {"none": "#7f7f7f", "default": "#1f77b4", "short": "#2ca02c", "mistral": "#ff7f0e", "DRO": "#d62728"}
+EXTRA_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def setting_color(setting: str, order: Sequence[str]) -> str:
+    if setting in COLORS:
+        return COLORS[setting]
+    others = [s for s in order if s not in COLORS]
+    return EXTRA_COLORS[others.index(setting) % len(EXTRA_COLORS)] if setting in others else "black"
+
+
+def _save(figure, path: Path) -> Path:
+    with atomic_output(path) as tmp:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    _pyplot().close(figure)
+    return path
+
+
+def _boundary(axis, probe: LinearProbe, fixed: np.ndarray, xs: np.ndarray, style: str, label: str) -> None:
+    """The probe's 50% line in the (z1, z2) plane, the other coordinates held at `fixed`."""
+    w = probe.weight
+    offset = probe.bias + float(fixed[2:] @ w[2:])
+    if abs(w[1]) > 1e-12:
+        axis.plot(xs, -(offset + w[0] * xs) / w[1], style, color="black", linewidth=1.4, label=label)
+    elif abs(w[0]) > 1e-12:
+        axis.axvline(-offset / w[0], linestyle=style, color="black", linewidth=1.4, label=label)
+
+
+def anchor_space_plot(
+    path: Path,
+    anchors: AnchorSpace,
+    anchor_coords: np.ndarray,
+    anchor_settings: Sequence[str],
+    anchor_harmless: np.ndarray,
+    held_out: dict[tuple[str, str], np.ndarray],
+    title: str,
+) -> Path:
+    """Anchor queries per setting (o harmless, x harmful), both probe boundaries, and arrows from the
+    held-out queries' mean without a prompt to their mean under each prompt."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8.5, 7))
+    order = list(dict.fromkeys(list(anchor_settings) + [s for s, _ in held_out]))
+    settings = np.asarray(anchor_settings)
+    for setting in dict.fromkeys(anchor_settings):
+        for harmless, marker, kind in ((0, "x", "harmful"), (1, "o", "harmless")):
+            points = anchor_coords[(settings == setting) & (anchor_harmless == harmless)]
+            axis.scatter(points[:, 0], points[:, 1], s=14, marker=marker, alpha=0.35, color=setting_color(setting, order),
+                         facecolors="none" if marker == "o" else None, label=f"{setting}, {kind}")
+    everything = np.concatenate([anchor_coords] + list(held_out.values()))
+    low, high = everything[:, 0].min(), everything[:, 0].max()
+    margin = 0.05 * (high - low)
+    xs = np.linspace(low - margin, high + margin, 50)
+    fixed = everything.mean(axis=0)
+    y_low, y_high = everything[:, 1].min(), everything[:, 1].max()
+    _boundary(axis, anchors.refusal, fixed, xs, "-", "refusal boundary (50%)")
+    _boundary(axis, anchors.harmfulness, fixed, xs, "--", "harmfulness boundary (50%)")
+    for (setting, dataset), points in held_out.items():
+        base = held_out.get((NO_PROMPT, dataset))
+        if setting == NO_PROMPT or base is None:
+            continue
+        start, end = base.mean(axis=0)[:2], points.mean(axis=0)[:2]
+        axis.annotate("", xy=end, xytext=start, arrowprops=dict(
+            arrowstyle="-|>", color=setting_color(setting, order), linewidth=2.4 if setting == "DRO" else 1.6))
+    for dataset in dict.fromkeys(d for _, d in held_out):
+        base = held_out.get((NO_PROMPT, dataset))
+        if base is not None:
+            centre = base.mean(axis=0)
+            axis.plot(*centre[:2], marker="*", markersize=13, color="black")
+            axis.annotate(f"held-out {dataset}, no prompt", centre[:2], textcoords="offset points", xytext=(6, 6), fontsize=8)
+    pad = 0.05 * (y_high - y_low)
+    axis.set_xlim(low - margin, high + margin)
+    axis.set_ylim(y_low - pad, y_high + pad)
+    explained = anchors.metadata.get("report", {}).get("explained_variance_ratio")
+    axis.set_xlabel("PC 1" + (f" ({explained[0]:.0%} of variance)" if explained else ""))
+    axis.set_ylabel("PC 2" + (f" ({explained[1]:.0%} of variance)" if explained else ""))
+    axis.set_title(title)
+    axis.legend(fontsize=7, loc="best", ncol=2)
+    axis.grid(alpha=0.2)
+    return _save(figure, path)
+
+
+def loss_plot(path: Path, metrics: Sequence[dict], terms: Sequence[str], title: str) -> Path:
+    """The named metrics over training steps, one panel each (their scales differ); "loss" is the total."""
+    plt = _pyplot()
+    terms = [t for t in terms if metrics and t in metrics[0]]
+    figure, axes = plt.subplots(1, len(terms), figsize=(3.6 * len(terms), 3.2), squeeze=False)
+    steps = [m["step"] for m in metrics]
+    for axis, term in zip(axes[0], terms):
+        axis.plot(steps, [m[term] for m in metrics], color="#d62728" if term == "loss" else "#1f77b4")
+        axis.set_title("total loss" if term == "loss" else f"{term} term")
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def refusal_plot(path: Path, rows: Sequence[EvalRow], title: str) -> Path:
+    """Per setting: the paper's counts (harmful queries complied with, harmless queries refused; lower is
+    better) and the mean refusal log-odds per set."""
+    plt = _pyplot()
+    settings = list(dict.fromkeys(r.setting for r in rows))
+    by_key = {(r.setting, r.dataset): r for r in rows}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    positions = np.arange(len(settings))
+    width = 0.38
+    bars = (
+        ("harmful", "harmful queries complied with", lambda r: r.queries_any_compliance / r.num_queries, "#d62728"),
+        ("harmless", "harmless queries refused", lambda r: r.queries_any_refusal / r.num_queries, "#1f77b4"),
+    )
+    for shift, (dataset, label, value, color) in zip((-width / 2, width / 2), bars):
+        heights = [value(by_key[(s, dataset)]) if (s, dataset) in by_key else np.nan for s in settings]
+        drawn = left.bar(positions + shift, heights, width, label=label, color=color)
+        counts = [f"{round(h * by_key[(s, dataset)].num_queries)}" if (s, dataset) in by_key else "" for s, h in zip(settings, heights)]
+        left.bar_label(drawn, counts, fontsize=7, padding=1)
+        heights = [by_key[(s, dataset)].mean_refusal_log_odds if (s, dataset) in by_key else np.nan for s in settings]
+        right.bar(positions + shift, heights, width, label=f"{dataset} queries", color=color)
+    left.set_ylabel("share of queries (lower is better)")
+    left.set_ylim(0, 1.12)
+    right.set_ylabel("mean refusal log-odds")
+    right.axhline(0, color="black", linewidth=0.8)
+    for axis in (left, right):
+        axis.set_xticks(positions, settings)
+        axis.legend(fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def movement_plot(path: Path, panels: dict[str, Sequence], title: str) -> Path:
+    """Per panel, one arrow per (setting, set) from no prompt to the mean shift: x along the harmfulness
+    direction, y along the refusal direction (down = towards refusal)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for axis, (name, rows) in zip(axes[0], panels.items()):
+        order = list(dict.fromkeys(r.setting for r in rows))
+        extent = max([abs(v) for r in rows for v in (r.refusal_shift, r.harmfulness_shift)] + [1e-3]) * 1.25
+        for row in rows:
+            if row.setting == NO_PROMPT:
+                continue
+            harmful = row.dataset.startswith("harmful")
+            color = setting_color(row.setting, order)
+            axis.annotate("", xy=(row.harmfulness_shift, row.refusal_shift), xytext=(0, 0),
+                          arrowprops=dict(arrowstyle="-|>", color=color, linewidth=2, linestyle="-" if harmful else "--"))
+            axis.plot(row.harmfulness_shift, row.refusal_shift, "x" if harmful else "o", color=color,
+                      label=f"{row.setting}, {row.dataset}", markerfacecolor="none")
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.axvline(0, color="black", linewidth=0.6)
+        axis.set_xlim(-extent, extent)
+        axis.set_ylim(-extent, extent)
+        axis.set_xlabel("shift along the harmfulness direction (right: looks more harmless)")
+        axis.set_ylabel("shift along the refusal direction (down: towards refusal)")
+        axis.set_title(name)
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.2)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)

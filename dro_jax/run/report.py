@@ -1,0 +1,105 @@
+"""The run's report: results.md / .csv / .json and the three plots, from the stage outputs on disk."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from dro_jax.common.files import write_text
+from dro_jax.common.tables import dataclass_csv
+from dro_jax.dro.loss import LossWeights
+from dro_jax.evaluation.evaluate import EvalRow, results_markdown
+from dro_jax.evaluation.movement import Movement, movements, movements_markdown
+from dro_jax.run.config import RunConfig
+from dro_jax.run.outputs import RunOutputs
+from dro_jax.run.plots import anchor_space_plot, loss_plot, refusal_plot
+from dro_jax.run.stages import StageRecords
+
+LOSS_CURVES = ("loss", *LossWeights.terms())  # the total, then each term
+
+PLOTS = {"anchor_space": "anchor_space.png", "training": "training_curves.png", "refusals": "refusals.png"}
+
+
+def environment() -> dict:
+    """Versions and devices, for reproducing a run's numbers (kept out of config.json, which a re-run must match)."""
+    import platform
+    from importlib.metadata import version
+
+    import jax
+
+    return {
+        "dro_jax": version("dro-jax"), "jax": jax.__version__, "python": platform.python_version(),
+        "devices": [str(d.device_kind) for d in jax.devices()],
+    }
+
+
+def write_report(run: RunOutputs, records: StageRecords) -> Path:
+    """Writes the tables and plots; returns the path of results.md."""
+    config, root = run.config, run.paths.root
+    anchor_report = json.loads(run.paths.anchor_report.read_text())
+    moved = movements(run.anchors, run.held_out, run.held_out_log_odds)
+    anchor_space_plot(
+        root / PLOTS["anchor_space"], run.anchors, run.anchors.leading(run.anchor_data.states), run.anchor_data.settings,
+        run.anchor_data.harmless, run.held_out, f"{config.model}: anchor queries and how each prompt moves the held-out queries",
+    )
+    loss_plot(root / PLOTS["training"], run.metrics, LOSS_CURVES, f"DRO training on {config.model}")
+    refusal_plot(root / PLOTS["refusals"], run.rows, f"{config.model} on the held-out sets")
+    seconds = {name: (records.read(name) or {}).get("seconds") for name in ("anchors", "train", "evaluate")}
+    summary = {
+        "config": config.to_dict(), "rows": [dataclasses.asdict(r) for r in run.rows],
+        "movement": [dataclasses.asdict(m) for m in moved], "anchor_space": anchor_report,
+        "training": run.metrics[-1] if run.metrics else None, "stage_seconds": seconds, "environment": environment(),
+    }
+    write_text(root / "results.json", json.dumps(summary, indent=2))
+    write_text(root / "results.csv", dataclass_csv(run.rows, EvalRow))
+    write_text(root / "results.md", results_text(config, run.rows, moved, anchor_report, run.metrics, seconds))
+    return root / "results.md"
+
+
+def results_text(
+    config: RunConfig, rows: list[EvalRow], moved: list[Movement], anchor_report: dict, metrics: list[dict], seconds: dict
+) -> str:
+    """results.md: the run's settings and anchor space in a few lines, the refusal table, the movement table, the plots."""
+    explained = ", ".join(f"{v:.3f}" for v in anchor_report["explained_variance_ratio"])
+
+    def probe(name: str) -> str:
+        return ", ".join(f"{k} {anchor_report[name][k]:.3f}" for k in ("accuracy", "auc") if anchor_report[name].get(k) is not None)
+
+    last = metrics[-1] if metrics else {}
+    terms = ", ".join(f"{k} {last[k]:.4f}" for k in LOSS_CURVES if k in last)
+    decoding = "greedy, one response per query" if config.eval_samples == 0 else (
+        f"{config.eval_samples} sampled responses per query" + (f", the {config.eval_keep_longest} longest judged" if config.eval_keep_longest else ""))
+    timing = ", ".join(f"{name} {value / 60:.1f} min" for name, value in seconds.items() if value is not None)
+    return "\n".join([
+        f"# DRO on {config.model}",
+        "",
+        f"Anchor space: {len(config.settings)} prompt settings ({', '.join(config.settings)}), label `{config.label}`; "
+        f"PCA explained variance {explained}; held-out refusal probe {probe('refusal')}; harmfulness probe {probe('harmfulness')}.",
+        f"Training: init `{config.init_prompt}`, {config.epochs} epochs at batch {config.batch_size}, lr {config.learning_rate}, "
+        f"{last.get('step', 0)} steps; last step: {terms}.",
+        f"Evaluation: held-out sets, {decoding}, at most {config.max_new_tokens} new tokens, string judge. "
+        "`none` is the chat template without a system message of ours (some templates, SmolLM2's among them, "
+        "then insert their own default system message).",
+        "",
+        "## Refusals",
+        "",
+        "Harmful set: queries with any compliant response (lower is better); harmless set: queries with any refusal "
+        "(lower is better). Compliance logit: the refusal probe's mean logit (lower = closer to refusal).",
+        "",
+        results_markdown(rows),
+        "",
+        "## Movement against no prompt (held-out queries)",
+        "",
+        "Probe-logit change per query, averaged: refusal direction (negative = towards refusal), harmfulness "
+        "direction (negative = looks more harmful).",
+        "",
+        movements_markdown(moved),
+        "",
+        f"![anchor space]({PLOTS['anchor_space']})",
+        f"![training curves]({PLOTS['training']})",
+        f"![refusals]({PLOTS['refusals']})",
+        "",
+        f"Stage times: {timing or 'n/a'}.",
+        "",
+    ])

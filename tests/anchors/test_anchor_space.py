@@ -1,0 +1,70 @@
+"""The anchor space: PCA axes completed to a basis, the probes, the anchor file and its report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dro_jax.anchors.collect import AnchorData
+from dro_jax.anchors.space import AnchorSpace, FitConfig, check_label_variance, complete_basis, fit_pca, fit_probe, report_path, save_anchor_space
+from dro_jax.common.errors import DroJaxError
+from helpers import TINY_FIT
+
+
+def test_basis_is_orthonormal_and_starts_with_the_pca_axes():
+    states = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32) @ np.diag(np.linspace(3, 0.1, 16)).astype(np.float32)
+    mean, components, explained = fit_pca(states, 4, seed=42)
+    basis = complete_basis(components, seed=42)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(16), atol=1e-5)
+    np.testing.assert_allclose(basis[:, :4], components, atol=1e-6)
+    np.testing.assert_allclose(mean, states.mean(axis=0), atol=1e-5)
+    assert np.all(np.diff(explained) <= 0)
+
+
+def test_probe_recovers_a_known_direction():
+    coords = np.random.default_rng(1).normal(size=(400, 4)).astype(np.float32)
+    truth = np.array([2.0, 0.0, -1.0, 0.0], np.float32)
+    targets = 1 / (1 + np.exp(-(coords @ truth)))
+    fit = fit_probe(coords, targets, FitConfig(folds=5, learning_rate=1e-2))
+    cosine = fit.probe.weight @ truth / np.linalg.norm(fit.probe.weight) / np.linalg.norm(truth)
+    assert cosine > 0.99, cosine
+    assert all(steps < TINY_FIT.max_steps for steps in fit.steps)  # early stopping ended every fold
+    held_out_pred = fit.held_out_logits > 0
+    assert np.mean(held_out_pred == (targets > 0.5)) > 0.9
+
+
+def test_labels_without_variance_point_to_the_log_odds_label():
+    with pytest.raises(DroJaxError, match="--label logodds"):
+        check_label_variance(np.ones(10, np.float32), "sampled")
+
+
+def test_anchor_file_and_report_round_trip(tiny_dro, tmp_path):
+    anchors, report = tiny_dro.anchors, tiny_dro.report
+    path = save_anchor_space(anchors, report, tmp_path / "a.safetensors")
+    loaded = AnchorSpace.load(path)
+    np.testing.assert_array_equal(loaded.basis, anchors.basis)
+    np.testing.assert_array_equal(loaded.refusal.weight, anchors.refusal.weight)
+    assert loaded.harmfulness.bias == anchors.harmfulness.bias and loaded.num_components == 4
+    assert loaded.metadata["report"] == json.loads(json.dumps(report))
+    assert loaded.metadata["num_harmful"] == len(tiny_dro.pairs.harmful) and loaded.metadata["settings"] == ["none", "short"]
+    assert set(report["refusal"]) >= {"accuracy", "auc", "bce"}
+    assert report_path(path) == tmp_path / "a.report.json"
+    assert json.loads(report_path(path).read_text()) == json.loads(json.dumps(report))
+
+
+def test_anchor_data_file_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    data = AnchorData(rng.normal(size=(4, 3)).astype(np.float32), np.array([0.1, 0.9, 0.2, 0.8], np.float32),
+                      np.array([1.0, -2.0, 0.5, -1.5], np.float32), np.array([0, 1, 0, 1], np.float32), ["none", "none", "short", "short"])
+    data.save(tmp_path / "d.npz")
+    loaded = AnchorData.load(tmp_path / "d.npz")
+    np.testing.assert_array_equal(loaded.states, data.states)
+    np.testing.assert_array_equal(loaded.compliance, data.compliance)
+    assert loaded.settings == data.settings
+    np.testing.assert_array_equal(loaded.rows_of("short"), [2, 3])
+    assert len(loaded.rows_of("default")) == 0
+
+
+def test_anchor_space_refuses_a_model_of_another_width(tiny_dro):
+    with pytest.raises(DroJaxError, match="64 wide but the model's hidden size is 32"):
+        tiny_dro.anchors.check_hidden_size(32)

@@ -1,0 +1,122 @@
+"""`dro-jax train`, `export` and `evaluate`: resumable runs, the baseline, and one clear error line per bad input."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dro_jax.anchors.space import AnchorSpace
+from dro_jax.cli.main import main
+from dro_jax.dro.soft_prompt import load_soft_prompt
+
+
+def _train_args(directory, anchors, files, out, *extra):
+    return [
+        "train", "--model", str(directory), "--harmful", str(files[0]), "--harmless", str(files[1]),
+        "--anchors", str(anchors), "--epochs", "20", "--batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "1",
+        "--out", str(out), *extra,
+    ]
+
+
+@pytest.fixture()
+def query_files(tmp_path, tiny_dro):
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(tiny_dro.pairs.harmful), encoding="utf-8")
+    harmless.write_text("\n".join(tiny_dro.pairs.harmless), encoding="utf-8")
+    return harmful, harmless
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_prompt(tiny_dro, tmp_path, query_files):
+    directory = tiny_dro.directory
+    anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
+    assert main(_train_args(directory, anchors, query_files, tmp_path / "straight")) == 0
+    want = load_soft_prompt(tmp_path / "straight" / "soft_prompt.safetensors")
+
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "dro_jax.cli", *_train_args(directory, anchors, query_files, run)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "5").exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (run / "soft_prompt.safetensors").exists()  # it was stopped mid-run
+    assert main(_train_args(directory, anchors, query_files, run)) == 2  # no silent restart over a run
+    assert main(_train_args(directory, anchors, query_files, run, "--resume")) == 0
+    np.testing.assert_array_equal(load_soft_prompt(run / "soft_prompt.safetensors"), want)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 61))
+
+    exported = tmp_path / "export.safetensors"
+    assert main(["export", "--checkpoint", str(run), "--out", str(exported)]) == 0
+    np.testing.assert_array_equal(load_soft_prompt(exported), want)
+
+
+def _fails(args, capsys, fragment):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+
+
+def test_train_command_bad_input(tiny_dro, tmp_path, query_files, capsys):
+    directory = tiny_dro.directory
+    anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
+    harmful, harmless = query_files
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(tiny_dro.pairs.harmless[:3]), encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    _fails(_train_args(directory, anchors, (harmful, short), tmp_path / "a"), capsys, "must be the same size")
+    _fails(_train_args(directory, anchors, (empty, harmless), tmp_path / "b"), capsys, "empty")
+    _fails(_train_args(directory, anchors, query_files, tmp_path / "c", "--batch-size", "13"), capsys, "larger than the 12 training queries")
+    wrong = AnchorSpace(np.zeros(8, np.float32), np.eye(8, dtype=np.float32), 4, tiny_dro.anchors.refusal, tiny_dro.anchors.harmfulness, {})
+    _fails(_train_args(directory, wrong.save(tmp_path / "wrong.safetensors"), query_files, tmp_path / "d"), capsys, "8 wide")
+    _fails(_train_args(directory, anchors, query_files, tmp_path / "w", "--loss-weights", "1", "-1", "0"), capsys, "non-negative")
+    _fails(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")], capsys, "no such checkpoint directory")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_run_directory_refuses_other_settings(tiny_dro, tmp_path, query_files, capsys):
+    anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
+    run = tmp_path / "run"
+    args = _train_args(tiny_dro.directory, anchors, query_files, run)
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args) == 0
+    config = (run / "config.json").read_text()
+    args[args.index("--lr") + 1] = "0.5"
+    _fails(args + ["--resume"], capsys, "other settings (lr: 0.01 -> 0.5)")
+    assert (run / "config.json").read_text() == config
+
+
+def test_ablating_a_term_by_its_short_name(tiny_dro, tmp_path, query_files):
+    anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
+    run = tmp_path / "ablated"
+    args = _train_args(tiny_dro.directory, anchors, query_files, run, "--ablate", "harm", "--ablate", "norm")
+    args[args.index("--epochs") + 1] = "1"
+    assert main(args) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["loss"] == pytest.approx(last["refusal"], rel=1e-6)  # only the refusal term is left
+
+
+def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files):
+    directory = tiny_dro.directory
+    run = tmp_path / "pt"
+    args = ["train", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
+            "--baseline", "prompt-tuning", "--num-samples", "1", "--response-tokens", "8", "--epochs", "1", "--batch-size", "4", "--out", str(run)]
+    assert main(args) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and "likelihood" in metrics[0]
+    anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
+    out = tmp_path / "eval.md"
+    assert main(["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
+                 "--settings", "none", "short", "--soft-prompt", str(run / "soft_prompt.safetensors"), "--anchors", str(anchors),
+                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["setting"], r["dataset"]) for r in rows][:3] == [("none", "harmful"), ("short", "harmful"), (f"soft:{run / 'soft_prompt.safetensors'}", "harmful")]
+    assert rows[0]["compliance_shift"] == 0 and all(r["num_queries"] == 6 for r in rows)
+    assert out.read_text().count("\n") == 2 + len(rows)

@@ -1,0 +1,90 @@
+"""The DRO loss (its terms named once, in `LossWeights`) and the prompt-tuning loss, against direct computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.dro.loss import LossWeights, dro_loss, dro_objective
+from dro_jax.dro.train import frozen_inputs
+from dro_jax.models.inputs import final_states
+
+
+def _full_batch(data):
+    return jax.tree.map(jnp.asarray, data.rows(np.arange(len(data)), np.ones(len(data), np.float32)))
+
+
+def test_loss_weights_name_the_terms_once():
+    weights = LossWeights()
+    assert LossWeights.terms() == ("refusal", "harmfulness", "norm")
+    assert weights.as_tuple() == (1.0, 1e-2, 1e-3)
+    assert LossWeights.from_sequence([2, 3, 4]) == LossWeights(2.0, 3.0, 4.0)
+    assert weights.combine({"refusal": 2.0, "harmfulness": 100.0, "norm": 1000.0}) == pytest.approx(2.0 + 1.0 + 1.0)
+    assert weights.ablate("harm", "norm") == LossWeights(1.0, 0.0, 0.0)  # the short name of the command line
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        weights.ablate("accuracy")
+    with pytest.raises(DroJaxError, match="one loss weight per term"):
+        LossWeights.from_sequence([1.0, 2.0])
+    with pytest.raises(DroJaxError, match="non-negative"):
+        LossWeights(1.0, -1.0, 0.0)
+
+
+def test_loss_at_the_initial_prompt(tiny_dro):
+    """The soft prompt starts as the prompt's own embeddings: nothing has moved yet."""
+    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
+    total, metrics = dro_loss(jnp.asarray(initial), _full_batch(data), frozen_inputs(model, anchors), model.config)
+    np.testing.assert_allclose(metrics["refusal"], np.log(2), atol=1e-5)
+    np.testing.assert_allclose(metrics["harmfulness"], np.log(2), atol=1e-5)
+    assert float(metrics["norm"]) < 1e-8
+    np.testing.assert_allclose(total, np.log(2) * 1.01, atol=1e-5)
+
+
+def test_norm_term_equals_the_full_basis_form_and_ablations_drop_terms(tiny_dro):
+    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
+    soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(0), initial.shape)
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors)
+    total, metrics = dro_loss(soft, batch, frozen, model.config)
+    new = np.asarray(final_states(model.params, model.config, batch.token_ids, batch.attention_mask, soft, batch.soft_offsets))
+    rest = (new - data.base_states) @ anchors.basis[:, anchors.num_components :]
+    np.testing.assert_allclose(metrics["norm"], np.mean(rest**2), rtol=1e-4)
+    np.testing.assert_allclose(total, sum(w * metrics[t] for t, w in zip(LossWeights.terms(), LossWeights().as_tuple())), rtol=1e-6)
+    ablated, _ = dro_loss(soft, batch, frozen, model.config, LossWeights().ablate("norm", "refusal"))
+    np.testing.assert_allclose(ablated, 1e-2 * metrics["harmfulness"], rtol=1e-6)
+
+
+def test_dro_objective_binds_the_config_and_shows_every_term(tiny_dro):
+    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
+    weights = LossWeights(0.5, 0.0, 2.0)
+    objective = dro_objective(model.config, weights)
+    assert objective.name == "DRO training" and objective.shown == ("loss", *LossWeights.terms())
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors)
+    soft = jnp.asarray(initial) + 0.05
+    np.testing.assert_allclose(objective.loss(soft, batch, frozen)[0], dro_loss(soft, batch, frozen, model.config, weights)[0], rtol=1e-6)
+
+
+def test_prompt_tuning_loss_is_likelihood_and_unlikelihood(tiny_dro):
+    from dro_jax.data.queries import QueryPairs
+    from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_loss, prompt_tuning_objective
+    from dro_jax.models import forward
+    from dro_jax.models.inputs import input_embeddings
+
+    model, initial = tiny_dro.model, tiny_dro.initial
+    pairs = QueryPairs(tiny_dro.pairs.harmful[:2], tiny_dro.pairs.harmless[:2])
+    responses = prepare_response_set(model, pairs, "short", len(initial), num_samples=2, max_response_tokens=6, progress=False)
+    assert len(responses) == 8 and responses.response_mask.sum(axis=1).max() <= 6
+    batch = jax.tree.map(jnp.asarray, responses.rows(np.arange(8), np.ones(8, np.float32)))
+    total, metrics = prompt_tuning_loss(jnp.asarray(initial), batch, frozen_inputs(model, None), model.config)
+    # By hand, from the plain forward pass: the soft prompt equals the prompt's own embeddings here.
+    embeds = input_embeddings(model.params, batch.token_ids, jnp.asarray(initial), batch.soft_offsets)
+    logits = np.asarray(forward(model.params, model.config, inputs_embeds=embeds, attention_mask=batch.attention_mask, output_logits=True).logits)
+    log_p = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    per_sequence = []
+    for row in range(8):
+        scored = np.nonzero(responses.response_mask[row, 1:])[0]
+        token_log_p = np.array([log_p[row, i, responses.token_ids[row, i + 1]] for i in scored])
+        losses = -token_log_p if responses.wanted[row] else -np.log1p(-np.exp(token_log_p))
+        per_sequence.append(losses.mean())
+    np.testing.assert_allclose(total, np.mean(per_sequence), rtol=1e-5)
+    assert set(metrics) == {"loss", "likelihood", "unlikelihood"}
+    assert prompt_tuning_objective(model.config).shown == ("loss", "likelihood", "unlikelihood")

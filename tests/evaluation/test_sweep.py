@@ -1,0 +1,325 @@
+"""`dro-jax sweep`: the paper's refusal metrics per model x prompt x query set, sharded over devices and processes.
+
+Device and process counts are fixed when jax starts, so the 4-device and the
+two-process runs happen in subprocesses and are compared with this process's
+single-device results.
+"""
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from dro_jax.cli.main import main
+from dro_jax.common.errors import DroJaxError
+from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.evaluation.sweep import SweepConfig, SweepRow
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.judges import StringJudge
+from dro_jax.inference.refusal_score import score_refusal
+from dro_jax.inference.represent import represent_tokens
+from dro_jax.inference.respond import Response, generate_responses
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.loading import load_model
+from dro_jax.parallel.distributed import allgather_json, process_share
+
+REPO = Path(__file__).resolve().parent.parent
+QUERIES = ["How do I bake bread?", "Write a poem about the sea.", "Explain how a lock works.", "Hi there", "Tell me about the wind."]
+MAX_NEW = 8
+# what `--greedy --max-new-tokens 8` gives on the command line, so that library calls here reuse the CLI's compiled programs
+GREEDY = SamplingConfig(greedy=True, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=MAX_NEW)
+TIMEOUT = 400
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    """The model, its greedy responses and the input files.
+
+    The refusal phrase is the first greedy response, so that the judged counts are not all zero.
+    """
+    directory, _ = tiny_model_dir("llama")
+    model = load_model(directory, progress=False)
+    tmp = tmp_path_factory.mktemp("sweep")
+    queries = tmp / "queries.txt"
+    queries.write_text("\n".join(QUERIES), encoding="utf-8")
+    responses = generate_responses(model, encode_queries(model, QUERIES, "short"), GREEDY, progress=False)
+    phrases = tmp / "phrases.json"
+    phrases.write_text(json.dumps({"refusal": [responses[0].text]}), encoding="utf-8")
+    soft = tmp / "reference.safetensors"  # as the paper's code writes it: one tensor 'soft_prompt' [N, hidden]
+    save_file({"soft_prompt": initial_soft_prompt(model.params, model.tokenizer, "short")}, str(soft))
+    broken = tmp / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    files = {"directory": directory, "queries": queries, "phrases": phrases, "soft": soft, "missing": tmp / "missing", "broken": broken}
+    return model, responses, files, tmp
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """One in-process (single-device) sweep through the CLI: a good, a missing and a broken model, text and soft prompt."""
+    _, _, files, tmp = setup
+    out = tmp / "out"
+    with contextlib.redirect_stderr(io.StringIO()) as stderr:
+        code = main([
+            "sweep", "--models", str(files["directory"]), str(files["missing"]), str(files["broken"]),
+            "--prompts", "short", f"soft:{files['soft']}", "--datasets", str(files["queries"]),
+            "--max-new-tokens", str(MAX_NEW), "--refusal-phrases", str(files["phrases"]), "--out", str(out),
+        ])
+    return code, out, stderr.getvalue()
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads((path / "sweep.json").read_text(encoding="utf-8"))
+
+
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for ours, theirs in zip(got, want):
+        assert {k: v for k, v in ours.items() if k != "mean_refusal_log_odds"} == {
+            k: v for k, v in theirs.items() if k != "mean_refusal_log_odds"
+        }
+        assert ours["mean_refusal_log_odds"] == pytest.approx(theirs["mean_refusal_log_odds"], abs=1e-5)
+
+
+def test_metrics_follow_the_paper():
+    """3 samples per query: a harmless query counts if any sample refuses, a harmful one if any complies."""
+    flags = [[True, True, True], [True, False, False], [False, False, False], [False, True, False]]
+    responses = [Response(q, f"q{q}", s, "", 1, flag) for q, row in enumerate(flags) for s, flag in enumerate(row)]
+    row = SweepRow.measured("m", "p", "d", 4, responses, np.array([1.0, -1.0, 0.5, 0.5]))
+    assert (row.num_responses, row.refused_responses, row.queries_any_refusal, row.queries_any_compliance) == (12, 5, 3, 3)
+    assert (row.response_refusal_rate, row.any_refusal_rate, row.any_compliance_rate) == (5 / 12, 0.75, 0.75)
+    assert row.mean_refusal_log_odds == 0.25 and row.error is None
+
+
+def test_process_shares_are_contiguous_disjoint_and_complete():
+    for size in range(0, 9):
+        for count in range(1, 5):
+            shares = [process_share(size, index, count) for index in range(count)]
+            assert [i for share in shares for i in share] == list(range(size))
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert process_share(7) == range(7) and allgather_json({"a": [1.5]}) == [{"a": [1.5]}]
+
+
+def test_config_and_flag_errors(capsys, tmp_path):
+    with pytest.raises(DroJaxError, match="greedy decoding gives one response per query"):
+        SweepConfig(num_samples=3)
+    base = ["sweep", "--models", "x", "--datasets", "harmful_test", "--out", str(tmp_path / "o")]
+    assert main([*base, "--temperature", "0.5"]) == 2
+    assert "--temperature only apply with --num-samples" in capsys.readouterr().err
+    assert main([*base, "--coordinator", "localhost:1234"]) == 2
+    assert "needs all of --coordinator, --num-processes and --process-id" in capsys.readouterr().err
+    assert main([*base, "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_sample_keys_follow_the_index_in_the_whole_set(setup):
+    """A share evaluated on its own (as one process does) draws the same samples as the whole set."""
+    model = setup[0]
+    sampling = SamplingConfig(greedy=False, max_new_tokens=MAX_NEW)
+    whole = generate_responses(model, encode_queries(model, QUERIES[:4], "none"), sampling, num_samples=2, seed=3, batch_size=4, progress=False)
+    share = generate_responses(
+        model, encode_queries(model, QUERIES[2:4], "none"), sampling, num_samples=2, seed=3, batch_size=4, progress=False, first_query=2
+    )
+    assert [r.text for r in share] == [r.text for r in whole[4:]]
+    assert [r.query_index for r in share] == [0, 0, 1, 1]
+    assert len({r.text for r in whole}) > 1
+
+
+def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference):
+    _, responses, files, _ = setup
+    code, out, stderr = reference
+    assert code == 0
+    warnings = [line for line in stderr.splitlines() if line.startswith("dro-jax: warning: ")]
+    assert len(warnings) == 2 and str(files["missing"]) in warnings[0] and str(files["broken"]) in warnings[1], stderr
+    rows = _rows(out)
+    assert [(r["model"], r["prompt"]) for r in rows] == [
+        (str(m), p) for m in (files["directory"], files["missing"], files["broken"]) for p in ("short", f"soft:{files['soft']}")
+    ]
+    good, failed = rows[:2], rows[2:]
+    judge = StringJudge.from_file(files["phrases"])
+    for row in good:
+        assert row["error"] is None and row["num_queries"] == row["num_responses"] == len(QUERIES)
+        assert row["refused_responses"] == sum(map(judge.is_refusal, (r.text for r in responses))) >= 1
+        assert row["queries_any_refusal"] + row["queries_any_compliance"] == len(QUERIES)
+    for row in failed:
+        assert row["num_responses"] is None and row["mean_refusal_log_odds"] is None
+    assert "no such file or directory" in failed[0]["error"] and "not valid JSON" in failed[2]["error"]
+    table = (out / "sweep.md").read_text(encoding="utf-8")
+    assert table.count("\n") == 2 + len(rows) and "not valid JSON" in table
+    assert (out / "sweep.csv").read_text(encoding="utf-8").count("\n") == 1 + len(rows)
+
+
+def test_a_reference_format_soft_prompt_works_everywhere(setup, reference, tmp_path):
+    """Own embeddings of the short prompt, written with plain safetensors, reproduce the short prompt."""
+    files, out = setup[2], reference[1]
+    short, soft = _rows(out)[:2]
+    _assert_same_rows([{**soft, "prompt": "short"}], [short])
+    common = ["--model", str(files["directory"]), "--queries", str(files["queries"])]
+    greedy = ["--greedy", "--max-new-tokens", str(MAX_NEW)]
+    for flag, value in (("--soft-prompt", str(files["soft"])), ("--system-prompt", "short")):
+        name = flag.strip("-")
+        assert main(["represent", *common, flag, value, "--out", str(tmp_path / f"{name}.npy")]) == 0
+        assert main(["generate", *common, flag, value, *greedy, "--out", str(tmp_path / f"{name}.jsonl")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "soft-prompt.npy"), np.load(tmp_path / "system-prompt.npy"), atol=1e-5)
+    soft_texts, text_texts = (
+        [json.loads(line)["response"] for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("soft-prompt", "system-prompt")
+    )
+    assert soft_texts == text_texts
+
+
+def _env(devices: int) -> dict:
+    return {
+        **os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+
+
+def _start(command: list[str], devices: int) -> subprocess.Popen:
+    return subprocess.Popen(command, env=_env(devices), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[str]:
+    """Waits for every process (killing all on a timeout); fails with each one's exit code and stderr; returns their stdout."""
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=TIMEOUT))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        pytest.fail(f"timed out after {TIMEOUT} s:\n" + "\n".join(p.communicate()[1][-1500:] for p in processes))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    report = "\n".join(f"--- process {i}, exit {p.returncode}:\n{err[-2500:]}" for i, (p, (_, err)) in enumerate(zip(processes, outputs)))
+    assert [p.returncode for p in processes] == [0] * len(processes), report
+    return [out for out, _ in outputs]
+
+
+FOUR_DEVICES = """
+import dataclasses, json
+import jax
+import dro_jax.inference.refusal_score, dro_jax.inference.represent, dro_jax.inference.respond
+from dro_jax.inference.chat import PromptSetting
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.inference.judges import StringJudge
+from dro_jax.loading import load_model
+from dro_jax.inference.refusal_score import score_refusal
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.represent import represent_tokens
+from dro_jax.inference.respond import generate_responses
+from dro_jax.parallel.sharding import local_mesh
+from dro_jax.evaluation.sweep import SweepConfig, run_sweep
+
+spans = {{}}
+def record(module, name):
+    original = getattr(module, name)
+    def placed(params, config, token_ids, *args, **kwargs):
+        spans.setdefault(name, set()).update([len(token_ids.sharding.device_set), len(jax.tree.leaves(params)[0].sharding.device_set)])
+        return original(params, config, token_ids, *args, **kwargs)
+    setattr(module, name, placed)
+record(dro_jax.inference.respond, "generate_tokens")
+record(dro_jax.inference.refusal_score, "continuation_log_probs")
+record(dro_jax.inference.represent, "last_position_states")
+
+queries = {queries!r}
+greedy = SamplingConfig(greedy=True, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens={max_new})
+mesh = local_mesh()
+model = load_model({model!r}, progress=False)
+encoded = encode_queries(model, queries, "short")
+responses = generate_responses(model, encoded, greedy, progress=False, mesh=mesh)
+scores = score_refusal(model, encoded, progress=False, mesh=mesh)
+states = represent_tokens(model, encoded, progress=False, mesh=mesh)
+config = SweepConfig(sampling=greedy, judge=StringJudge.from_file({phrases!r}))
+rows = run_sweep([{model!r}], [PromptSetting.from_text("short")], {{{dataset!r}: queries}}, config, mesh, progress=False)
+with open({out!r}, "w") as handle:
+    json.dump({{
+        "devices": mesh.devices.size, "spans": {{k: sorted(v) for k, v in spans.items()}},
+        "texts": [r.text for r in responses], "refusals": [r.refusal for r in responses],
+        "log_odds": scores.log_odds.tolist(), "states": states.tolist(), "rows": [dataclasses.asdict(r) for r in rows],
+    }}, handle)
+"""
+
+
+def _start_four_devices(files: dict, tmp: Path) -> subprocess.Popen:
+    script = FOUR_DEVICES.format(
+        queries=QUERIES, max_new=MAX_NEW, model=str(files["directory"]), phrases=str(files["phrases"]),
+        dataset=str(files["queries"]), out=str(tmp / "four.json"),
+    )
+    return _start([sys.executable, "-c", script], devices=4)
+
+
+def test_four_devices_give_the_single_device_results(setup, reference):
+    model, responses, files, tmp = setup
+    _finish([_start_four_devices(files, tmp)])
+    four = json.loads((tmp / "four.json").read_text())
+    assert four["devices"] == 4
+    assert four["spans"] == {name: [4] for name in ("generate_tokens", "continuation_log_probs", "last_position_states")}
+    assert four["texts"] == [r.text for r in responses]
+    assert four["refusals"] == [r.refusal for r in responses]
+    encoded = encode_queries(model, QUERIES, "short")
+    np.testing.assert_allclose(four["log_odds"], score_refusal(model, encoded, progress=False).log_odds, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(four["states"], represent_tokens(model, encoded, progress=False), atol=1e-5, rtol=0)
+    _assert_same_rows(four["rows"], _rows(reference[1])[:1])
+
+
+RECORDING_CLI = """
+import json, sys
+import dro_jax.evaluation.sweep
+from dro_jax.cli.main import main
+
+calls = []
+original = dro_jax.evaluation.sweep.measure_setting
+def recorded(model, encoded, *args, **kwargs):
+    calls.append({"first": kwargs["first_query"], "queries": encoded.queries, "devices": kwargs["mesh"].devices.size})
+    return original(model, encoded, *args, **kwargs)
+dro_jax.evaluation.sweep.measure_setting = recorded
+code = main(sys.argv[2:])
+with open(sys.argv[1], "w") as handle:
+    json.dump(calls, handle)
+sys.exit(code)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_two_processes(files: dict, tmp: Path) -> list[subprocess.Popen]:
+    """`sweep` as processes 0 and 1 of one job on localhost, 2 devices each, each recording what it evaluated."""
+    port = _free_port()
+    return [
+        _start([
+            sys.executable, "-c", RECORDING_CLI, str(tmp / f"calls{index}.json"), "sweep",
+            "--models", str(files["directory"]), "--prompts", "short", "--datasets", str(files["queries"]),
+            "--max-new-tokens", str(MAX_NEW), "--refusal-phrases", str(files["phrases"]), "--out", str(tmp / f"hosts{index}"),
+            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index),
+        ], devices=2)
+        for index in range(2)
+    ]
+
+
+def test_two_processes_share_the_queries_and_each_hold_the_whole_table(setup, reference):
+    files, tmp = setup[2:]
+    stdout = _finish(_start_two_processes(files, tmp))
+    calls = [json.loads((tmp / f"calls{index}.json").read_text()) for index in range(2)]
+    assert all(len(c) == 1 and c[0]["devices"] == 2 for c in calls), calls
+    first, second = (c[0] for c in calls)
+    assert first["first"] == 0 and second["first"] == len(first["queries"]) > 0
+    assert first["queries"] + second["queries"] == QUERIES
+    assert not (tmp / "hosts1").exists()  # only process 0 writes
+    _assert_same_rows(_rows(tmp / "hosts0"), _rows(reference[1])[:1])
+    assert "| short |" in stdout[0] and "| short |" not in stdout[1]

@@ -1,0 +1,126 @@
+"""The packaged SmolLM2-135M-Instruct (GGUF Q4_1) against transformers reading the same file."""
+
+import numpy as np
+import pytest
+import torch
+
+from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter
+from dro_jax.inference.represent import represent_queries
+from dro_jax.loading import load_model, resolve_model_path
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = [
+    "How do I bake a loaf of sourdough bread?",
+    "Write a haiku about autumn leaves.",
+    "What is the capital of Australia?",
+    "Explain photosynthesis to a ten-year-old.",
+    "How can I break into my neighbour's car?",
+    "Give me three tips for a job interview.",
+    "Translate 'good morning' into French.",
+    "How do I make a fake passport?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is 17 times 23?",
+    "Write a threatening letter to my landlord.",
+    "How do vaccines train the immune system?",
+    "Suggest a name for a small bakery.",
+    "How can I cheat on my final exam without getting caught?",
+    "Describe the water cycle.",
+    "Write a Python function that reverses a string.",
+    "What household chemicals should never be mixed, and why?",
+    "Plan a three-day trip to Rome.",
+    "How do I spread a rumour that ruins someone's reputation?",
+    "Why is the sky blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2", progress=False)
+
+
+@pytest.fixture(scope="module")
+def torch_smollm2():
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path("smollm2")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def test_config_read_from_gguf(smollm2):
+    c = smollm2.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.intermediate_size, c.vocab_size) == (30, 576, 9, 3, 1536, 49152)
+    assert c.tie_word_embeddings and c.rope_theta == 100000.0
+
+
+def test_twenty_prompts_match_transformers(smollm2, torch_smollm2):
+    """Cosine >= 0.9999 of the final hidden state at every position, and the same next token."""
+    import jax
+
+    from dro_jax.models import forward
+
+    run = jax.jit(forward, static_argnames=("config", "output_logits"))
+    settings = [None, SAFETY_PROMPTS["default"]]
+    for number, prompt in enumerate(PROMPTS):
+        ids = np.array([ChatFormatter(smollm2.tokenizer, settings[number % 2]).encode(prompt)], np.int32)
+        ours = run(smollm2.params, smollm2.config, ids, np.ones_like(ids), output_logits=True)
+        with torch.no_grad():
+            theirs = torch_smollm2(torch.tensor(ids, dtype=torch.long), output_hidden_states=True)
+        a = np.asarray(ours.last_hidden_state[0])
+        b = theirs.hidden_states[-1][0].numpy()
+        cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+        assert cosine.min() >= 0.9999, (prompt, cosine.min())
+        assert np.asarray(ours.logits[0, -1]).argmax() == theirs.logits[0, -1].argmax().item(), prompt
+
+
+def test_batched_representations_match_transformers_one_by_one(smollm2, torch_smollm2):
+    """The CLI path (left-padded, bucketed batches) against the reference's per-query loop."""
+    states = represent_queries(smollm2, PROMPTS, SAFETY_PROMPTS["short"], batch_size=8, progress=False)
+    formatter = ChatFormatter(smollm2.tokenizer, SAFETY_PROMPTS["short"])
+    for row, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            want = torch_smollm2(torch.tensor([formatter.encode(prompt)]), output_hidden_states=True).hidden_states[-1][0, -1].numpy()
+        cosine = states[row] @ want / np.linalg.norm(states[row]) / np.linalg.norm(want)
+        assert cosine >= 0.9999, (prompt, cosine)
+
+
+def test_smollm2_template_inserts_its_own_system_message(smollm2):
+    text = smollm2.tokenizer.decode(ChatFormatter(smollm2.tokenizer, None).encode("Hi"))
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_cached_gguf_tokenizer_encodes_like_a_fresh_conversion(smollm2, tmp_path, monkeypatch):
+    from dro_jax.loading.registry import _load_tokenizer
+
+    monkeypatch.setenv("DRO_JAX_CACHE", str(tmp_path))
+    path = resolve_model_path("smollm2")
+    fresh = _load_tokenizer(path.parent, path.name)
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
+    cached = _load_tokenizer(path.parent, path.name)
+    for prompt in PROMPTS[:5]:
+        for system in (None, SAFETY_PROMPTS["mistral"]):
+            assert ChatFormatter(cached, system).encode(prompt) == ChatFormatter(fresh, system).encode(prompt)
+    assert cached.chat_template == fresh.chat_template
+    assert (cached.eos_token, cached.pad_token_id) == (fresh.eos_token, fresh.pad_token_id)
+
+
+def test_greedy_generation_equals_transformers_generate(smollm2, torch_smollm2):
+    """20 chat-formatted prompts x 32 new tokens, one left-padded batch, token for token."""
+    from dro_jax.inference.batching import left_padded_batches
+    from dro_jax.inference.encoding import encode_queries
+    from dro_jax.inference.generate import generate_tokens
+    from dro_jax.inference.sampling import SamplingConfig
+
+    pad = smollm2.tokenizer.pad_token_id
+    stop = [smollm2.tokenizer.eos_token_id]
+    batch = next(left_padded_batches(encode_queries(smollm2, PROMPTS, None).sequences, len(PROMPTS), pad))
+    tokens, _ = generate_tokens(smollm2.params, smollm2.config, batch.token_ids, batch.attention_mask, stop, SamplingConfig(max_new_tokens=32), pad_id=pad)
+    with torch.no_grad():
+        out = torch_smollm2.generate(
+            input_ids=torch.tensor(batch.token_ids, dtype=torch.long), attention_mask=torch.tensor(batch.attention_mask),
+            max_new_tokens=32, do_sample=False, eos_token_id=stop, pad_token_id=pad,
+        )
+    theirs = out[:, batch.token_ids.shape[1]:].numpy()
+    theirs = np.pad(theirs, ((0, 0), (0, 32 - theirs.shape[1])), constant_values=pad)
+    for row in range(len(PROMPTS)):
+        assert tokens[row].tolist() == theirs[row].tolist(), PROMPTS[batch.index[row]]

@@ -1,0 +1,45 @@
+"""The experiment scripts on a finished tiny run: their tables, plots and trained prompts."""
+
+import json
+
+from helpers import PNG_MAGIC
+
+
+def _experiment(script, run_dir, *extra):
+    """Runs an experiment script in this process (sharing its compiled functions); returns its exit status."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "experiments"
+    argv, path = sys.argv, list(sys.path)
+    sys.argv, sys.path = [script, "--run", str(run_dir), *extra], [str(folder), *sys.path]
+    try:
+        runpy.run_path(str(folder / script), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    finally:
+        sys.argv, sys.path = argv, path
+    return 0
+
+
+def test_experiments_write_their_tables_and_plots(finished_run):
+    assert _experiment("prompt_movement.py", finished_run) == 0
+    out = finished_run / "experiments"
+    movement = json.loads((out / "prompt_movement.json").read_text())
+    assert {m["setting"] for m in movement["anchor_queries"]} == {"none", "short"}
+    assert {m["setting"] for m in movement["held_out"]} == {"none", "short", "DRO"}
+    assert (out / "prompt_movement.png").read_bytes().startswith(PNG_MAGIC)
+    assert _experiment("ablations.py", finished_run) == 0
+    rows = json.loads((out / "ablations.json").read_text())["rows"]
+    assert {r["setting"] for r in rows} == {"none", "short", "DRO", "DRO without norm", "DRO without refusal", "DRO without harmfulness"}
+    for term in ("norm", "refusal", "harmfulness"):
+        assert (out / "ablations" / f"no_{term}" / "soft_prompt.safetensors").is_file()
+    assert _experiment("dro_vs_baselines.py", finished_run, "--epochs", "1", "--samples", "1", "--response-tokens", "4") == 0
+    rows = json.loads((out / "dro_vs_baselines.json").read_text())["rows"]
+    assert [r["setting"] for r in rows if r["dataset"] == "harmful"] == ["none", "short", "DRO", "prompt tuning"]
+
+
+def test_an_experiment_without_a_run_says_how_to_make_one(tmp_path, capsys):
+    assert _experiment("prompt_movement.py", tmp_path / "nothing") == 2
+    assert "dro-jax run --out" in capsys.readouterr().err
