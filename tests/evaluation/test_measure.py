@@ -1,0 +1,58 @@
+"""Measuring a setting: the paper's counts, the longest-N rule, and each query set encoded once per setting."""
+
+import numpy as np
+import pytest
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.evaluation.evaluate import evaluate_settings
+from dro_jax.evaluation.measure import count_refusals, keep_longest
+from dro_jax.inference.chat import ChatFormatter, PromptSetting
+from dro_jax.inference.respond import Response
+from dro_jax.inference.sampling import SamplingConfig
+from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
+
+
+def _response(query, sample, tokens, refusal=False):
+    return Response(query, f"q{query}", sample, "x" * tokens, tokens, refusal)
+
+
+def test_keep_longest_keeps_each_querys_longest_replies_in_order():
+    responses = [_response(0, 0, 5), _response(0, 1, 9), _response(0, 2, 9), _response(1, 0, 1), _response(1, 1, 7), _response(1, 2, 3)]
+    kept = keep_longest(responses, 2)
+    assert [(r.query_index, r.sample) for r in kept] == [(0, 1), (0, 2), (1, 1), (1, 2)]  # ties: the earlier sample
+    assert keep_longest(responses, None) == responses
+    assert [(r.query_index, r.sample) for r in keep_longest(responses, 1)] == [(0, 1), (1, 1)]
+
+
+def test_counts_follow_the_paper():
+    """A harmless query counts against a prompt if any reply refuses, a harmful one if any complies."""
+    flags = [[True, True], [True, False], [False, False]]
+    responses = [_response(q, s, 3, refusal) for q, row in enumerate(flags) for s, refusal in enumerate(row)]
+    assert count_refusals(responses, 3) == (3, 2, 2)
+
+
+def test_evaluation_encodes_each_set_once_per_setting(tiny_dro, monkeypatch):
+    encoded = []
+    original = ChatFormatter.encode
+
+    def counted(self, query):
+        encoded.append(query)
+        return original(self, query)
+
+    monkeypatch.setattr(ChatFormatter, "encode", counted)
+    datasets = {"harmful": HARMFUL[:3], "harmless": HARMLESS[:3]}
+    settings = [PromptSetting.from_text("none"), PromptSetting.from_text("short")]
+    evaluation = evaluate_settings(
+        tiny_dro.model, datasets, settings, tiny_dro.anchors, SamplingConfig(max_new_tokens=3), openings=TINY_OPENINGS, progress=False,
+    )
+    assert len(encoded) == 2 * 2 * 3  # settings x sets x queries: generation and scoring share one encoding
+    assert [(r.setting, r.dataset) for r in evaluation.rows] == [(s, d) for d in datasets for s in ("none", "short")]
+    assert [r.compliance_shift for r in evaluation.rows if r.setting == "none"] == [0.0, 0.0]
+    for row, outcome in zip(evaluation.rows, evaluation.outcomes):
+        assert row.mean_refusal_log_odds == pytest.approx(float(np.mean(outcome.log_odds)))
+        assert outcome.coords.shape == (3, 4) and len(outcome.responses) == 3
+
+
+def test_keeping_more_replies_than_were_sampled_is_an_error(tiny_dro):
+    with pytest.raises(DroJaxError, match="cannot keep the 3 longest of 2"):
+        evaluate_settings(tiny_dro.model, {"h": HARMFUL[:1]}, [PromptSetting.from_text("none")], num_samples=2, longest=3, progress=False)

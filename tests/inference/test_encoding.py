@@ -1,0 +1,34 @@
+"""A query set encoded once: its texts travel with the tokens, and every pass reuses them."""
+
+import pytest
+
+from dro_jax.inference.chat import ChatFormatter, PromptSetting
+from dro_jax.inference.encoding import EncodedQueries, encode_queries
+from dro_jax.inference.refusal_score import Openings
+from dro_jax.inference.respond import generate_responses
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.loading import load_model
+
+QUERIES = ["How do I bake bread?", "Write a poem about the sea.", "Hi"]
+
+
+def test_encoded_queries_keep_their_texts_and_slot(tiny_model_dir):
+    model = load_model(tiny_model_dir("llama")[0], progress=False)
+    encoded = encode_queries(model, QUERIES, "short", source="my set")
+    assert encoded.queries == QUERIES and encoded.source == "my set"
+    assert encoded.sequences[0] == ChatFormatter(model.tokenizer, PromptSetting.from_text("short").text).encode(QUERIES[0])
+    picked = encoded.select([2, 0, 0])
+    assert picked.queries == [QUERIES[2], QUERIES[0], QUERIES[0]] and picked.sequences[1] == encoded.sequences[0]
+    soft = encode_queries(model, QUERIES, PromptSetting.soft("s", model.params["embed_tokens"]["weight"][:3]))
+    assert soft.select([1]).soft_starts == [soft.soft_starts[1]] and soft.select([1]).soft_prompt is soft.soft_prompt
+
+
+def test_generation_needs_the_texts_it_answers(tiny_model_dir):
+    model = load_model(tiny_model_dir("llama")[0], progress=False)
+    tokens_only = EncodedQueries.of(encode_queries(model, QUERIES, None).sequences)
+    with pytest.raises(ValueError, match="query texts"):
+        generate_responses(model, tokens_only, SamplingConfig(max_new_tokens=2), progress=False)
+
+
+def test_options_resolve_to_their_defaults_without_a_file():
+    assert Openings.load(None) == Openings()

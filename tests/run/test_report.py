@@ -1,0 +1,139 @@
+"""The run's configuration (the quick default and the paper's preset), its report text and its plots."""
+
+import argparse
+
+import matplotlib
+import numpy as np
+import pytest
+
+from dro_jax.anchors.collect import LABEL_SAMPLING
+from dro_jax.anchors.space import AnchorSpace, LinearProbe
+from dro_jax.cli.run import add_commands, run_config
+from dro_jax.common.errors import DroJaxError
+from dro_jax.dro.loss import LossWeights
+from dro_jax.evaluation.evaluate import EvalRow
+from dro_jax.evaluation.movement import movements
+from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.run import plots
+from dro_jax.run.config import RunConfig
+from dro_jax.run.report import LOSS_CURVES, results_text
+from helpers import PNG_MAGIC
+
+matplotlib.use("Agg")
+
+
+def _cli_config(*argv):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    return run_config(parser.parse_args(["run", *argv]))
+
+
+def test_the_paper_preset_is_the_reference_protocol():
+    paper = RunConfig.paper()
+    assert (paper.label, paper.label_samples, paper.init_prompt) == ("sampled", 25, "default")
+    assert (paper.epochs, paper.batch_size, paper.learning_rate, paper.checkpoint_every) == (40, 50, 1e-3, 10)
+    assert (paper.eval_samples, paper.eval_keep_longest, paper.max_new_tokens) == (25, 20, 256)
+    assert paper.loss_weights == (1.0, 1e-2, 1e-3) and paper.settings == ("none", "default", "short", "mistral")
+    train = paper.train_config()
+    assert (train.epochs, train.batch_size, train.learning_rate, train.weight_decay, train.clip_norm) == (40, 50, 1e-3, 0.01, 1.0)
+    assert train.loss_weights == LossWeights()
+    anchors = paper.anchor_config()
+    assert (anchors.label, anchors.num_samples, anchors.sampling, anchors.fit.num_components, anchors.fit.folds) == (
+        "sampled", 25, LABEL_SAMPLING, 4, 10)
+    assert (LABEL_SAMPLING.temperature, LABEL_SAMPLING.top_p, LABEL_SAMPLING.top_k) == (1.0, 0.9, 50)
+    sampling, samples = paper.evaluation_sampling()
+    assert samples == 25 and sampling == SamplingConfig(greedy=False, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=256)
+    assert _cli_config("--paper") == paper
+    assert _cli_config("--paper", "--epochs", "3", "--lr", "0.01") == RunConfig.paper(epochs=3, learning_rate=0.01)
+
+
+def test_the_quick_default_and_its_overrides():
+    quick = RunConfig()
+    assert (quick.label, quick.epochs, quick.batch_size, quick.learning_rate, quick.eval_samples) == ("logodds", 4, 25, 5e-3, 0)
+    assert quick.evaluation_sampling() == (SamplingConfig(max_new_tokens=64), 1)
+    assert _cli_config() == quick
+    assert _cli_config("--settings", "none", "short", "--remat") == RunConfig(settings=("none", "short"), remat=True)
+    assert RunConfig.from_dict(quick.to_dict()) == quick
+    assert quick.train_config(epochs=7).epochs == 7 and quick.train_config().learning_rate == 5e-3
+    assert REFERENCE_SAMPLING.greedy is False
+    with pytest.raises(DroJaxError, match="one loss weight per term"):
+        RunConfig(loss_weights=(1.0, 0.1))
+    with pytest.raises(DroJaxError, match="unknown run settings: colour"):
+        RunConfig.from_dict({**quick.to_dict(), "colour": "red"})
+
+
+def _rows():
+    def row(setting, dataset, refused, complied, log_odds):
+        return EvalRow(setting, dataset, 4, 4, refused, refused, complied, log_odds, 0.5, 0.0)
+
+    return [row("none", "harmful", 0, 4, -3.0), row("DRO", "harmful", 3, 1, 1.25), row("none", "harmless", 0, 4, -4.0)]
+
+
+REPORT = {"explained_variance_ratio": [0.2, 0.1, 0.05, 0.01], "refusal": {"accuracy": 0.75, "auc": 0.9}, "harmfulness": {"accuracy": 0.5, "auc": None}}
+METRICS = [{"step": 1, "loss": 0.7, "refusal": 0.69, "harmfulness": 0.69, "norm": 0.0}, {"step": 2, "loss": 0.5, "refusal": 0.49, "harmfulness": 0.6, "norm": 2.0}]
+
+
+def test_results_text_says_what_was_run_and_shows_both_tables():
+    text = results_text(RunConfig(), _rows(), [], REPORT, METRICS, {"anchors": 120.0, "train": 60.0, "evaluate": None})
+    assert text.startswith("# DRO on smollm2\n")
+    assert "PCA explained variance 0.200, 0.100, 0.050, 0.010" in text
+    assert "refusal probe accuracy 0.750, auc 0.900; harmfulness probe accuracy 0.500." in text  # a missing AUC is left out
+    assert "init `short`, 4 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, harmfulness 0.6000, norm 2.0000." in text
+    assert "greedy, one response per query, at most 64 new tokens" in text
+    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | +1.25 | +0.500 | +0.000 |" in text
+    assert "Stage times: anchors 2.0 min, train 1.0 min." in text
+    paper = results_text(RunConfig.paper(), _rows(), [], REPORT, METRICS, {})
+    assert "25 sampled responses per query, the 20 longest judged, at most 256 new tokens" in paper and "Stage times: n/a." in paper
+
+
+@pytest.fixture()
+def figures(monkeypatch):
+    """The figures the plot functions make, kept open for inspection (their files are still written)."""
+    made = []
+    save = plots._save
+
+    def keep(figure, path):
+        made.append(figure)
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return made
+
+
+def test_loss_plot_has_one_panel_per_named_curve(tmp_path, figures):
+    path = plots.loss_plot(tmp_path / "loss.png", METRICS, LOSS_CURVES, "training")
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    axes = figures[0].axes
+    assert [a.get_title() for a in axes] == ["total loss", "refusal term", "harmfulness term", "norm term"]
+    np.testing.assert_array_equal(axes[3].lines[0].get_ydata(), [0.0, 2.0])
+    plots.loss_plot(tmp_path / "pt.png", [{"step": 1, "loss": 1.0, "likelihood": 1.0}], LOSS_CURVES, "baseline")
+    assert [a.get_title() for a in figures[1].axes] == ["total loss"]  # curves a run did not record are left out
+
+
+def test_refusal_plot_shows_the_papers_shares_and_the_log_odds(tmp_path, figures):
+    plots.refusal_plot(tmp_path / "refusals.png", _rows(), "held out")
+    shares, log_odds = figures[0].axes
+    harmful, harmless = shares.containers
+    np.testing.assert_allclose([bar.get_height() for bar in harmful], [1.0, 0.25])  # complied with: none 4/4, DRO 1/4
+    assert harmless[0].get_height() == 0.0 and np.isnan(harmless[1].get_height())  # DRO was not run on the harmless set
+    assert [t.get_text() for t in shares.get_xticklabels()] == ["none", "DRO"]
+    np.testing.assert_allclose([bar.get_height() for bar in log_odds.containers[0]], [-3.0, 1.25])
+
+
+def test_anchor_space_and_movement_plots(tmp_path, figures):
+    anchors = AnchorSpace(np.zeros(3, np.float32), np.eye(3, dtype=np.float32), 3,
+                          LinearProbe(np.array([1.0, 0.5, 0.0], np.float32), 0.0), LinearProbe(np.array([0.0, 1.0, 0.0], np.float32), 0.0),
+                          {"report": REPORT})
+    rng = np.random.default_rng(0)
+    coords = rng.normal(size=(8, 3)).astype(np.float32)
+    held_out = {("none", "harmful"): coords[:2], ("DRO", "harmful"): coords[:2] + 1.0}
+    plots.anchor_space_plot(tmp_path / "space.png", anchors, coords, ["none"] * 4 + ["short"] * 4, np.array([0, 1] * 4), held_out, "space")
+    axis = figures[0].axes[0]
+    assert axis.get_xlabel() == "PC 1 (20% of variance)"
+    assert len(axis.collections) == 4  # harmful and harmless points of each setting
+    arrows = [a for a in axis.texts if a.arrow_patch is not None]
+    assert len(arrows) == 1  # one arrow: DRO against no prompt
+    np.testing.assert_allclose(arrows[0].xy, (coords[:2] + 1.0).mean(axis=0)[:2])
+    plots.movement_plot(tmp_path / "movement.png", {"held out": movements(anchors, held_out)}, "movement")
+    assert (tmp_path / "movement.png").read_bytes().startswith(PNG_MAGIC)
+    assert len([a for a in figures[1].axes[0].texts if a.arrow_patch is not None]) == 1
