@@ -234,6 +234,9 @@ class TrainingFiles:
 
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
     checkpoints = property(lambda self: self.root / "checkpoints")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     soft_prompt = property(lambda self: self.root / "soft_prompt.safetensors")

@@ -29,7 +29,7 @@ def test_training_lowers_the_loss_and_only_moves_the_prompt(tiny_dro, tmp_path):
     before = jax.tree.map(np.asarray, model.params)
     # Full batch and a small step: the tiny model's embeddings are only 0.02 in scale.
     config = TrainConfig(epochs=10, batch_size=12, learning_rate=1e-4, checkpoint_every=100)
-    result = train_and_export(model, data, anchors, initial, config, TrainingFiles(tmp_path / "run"), progress=False)
+    result = train_and_export(model, data, anchors, initial, config, TrainingFiles(str(tmp_path / "run")), progress=False)
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors)
     start, _ = dro_loss(jnp.asarray(initial), batch, frozen, model.config)
     end, _ = dro_loss(jnp.asarray(result.soft_prompt), batch, frozen, model.config)
