@@ -116,6 +116,20 @@ class PeakMemory:
         return "VmHWM, reset per row" if self.resettable else "ru_maxrss, never reset: includes every earlier row"
 
 
+def whole_inputs_batch(batch, prefix):
+    """The batch as a plain implementation runs it: every whole input (prefix and own part) left-padded to the
+    longest, with no shared part (a `QueryBatch` without prefix, for the PyTorch side)."""
+    from dro_jax.inference.batching import left_pad
+    from dro_jax.parity.torch_dro import whole_sequences
+
+    token_ids, mask, offsets = whole_sequences(batch, prefix)
+    keep = mask.astype(bool)
+    sequences = [list(ids[real]) for ids, real in zip(token_ids, keep)]
+    starts = [int(offset - np.sum(~real[:offset])) for offset, real in zip(offsets, keep)]
+    ids, mask, offsets = left_pad(sequences, max(map(len, sequences)), 0, starts if offsets.min() >= 0 else None)
+    return batch._replace(token_ids=ids, attention_mask=mask, soft_offsets=offsets)
+
+
 def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
 
@@ -159,13 +173,15 @@ def run(args: argparse.Namespace) -> None:
         LinearProbe(rng.standard_normal(num_components).astype(np.float32), 0.0), {"benchmark": "PCA + random probes"},
     )
 
-    real = batch.attention_mask[: len(index)].sum(axis=1).astype(np.int64)
+    shared = 0 if data.prefix is None else len(data.prefix.token_ids)
+    real = shared + batch.attention_mask[: len(index)].sum(axis=1).astype(np.int64)  # whole inputs
     forward_flops = sum(config.forward_flops(int(n), int(n * (n + 1) // 2)) for n in real)
     padded_tokens = batch.token_ids.size
     print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters, float32; soft prompt {init.shape[0]} rows "
           f"from the {args.init_prompt!r} prompt")
-    print(f"batch {len(index)} of {len(data)} training queries, padded to {batch.token_ids.shape[1]} tokens "
-          f"({real.sum()} real of {padded_tokens}); {forward_flops / 1e9:.1f} GFLOP per forward pass (real tokens); "
+    print(f"batch {len(index)} of {len(data)} training queries: {real.sum()} real tokens, {forward_flops / 1e9:.1f} GFLOP per "
+          f"forward pass of the whole inputs; dro-jax runs their shared prefix of {shared} tokens once and each row's own part "
+          f"(padded to {batch.token_ids.shape[1]}), PyTorch each whole input (padded to the batch's longest); "
           f"XLA sees {os.cpu_count()} cores, PyTorch {args.threads} threads")
 
     memory = PeakMemory()
@@ -187,7 +203,7 @@ def run(args: argparse.Namespace) -> None:
     loss_fn = dro_objective(config).loss
     optimizer = make_optimizer(train_config)
     step_fn = make_train_step(loss_fn, optimizer, mesh)
-    frozen = replicate(frozen_inputs(model, anchors), mesh)
+    frozen = replicate(frozen_inputs(model, anchors, data.prefix), mesh)
     jax_batch = shard_batch(batch, mesh)
     state = {"prompt": replicate(jnp.asarray(init), mesh)}
     state["opt"] = replicate(optimizer.init(state["prompt"]), mesh)
@@ -205,7 +221,8 @@ def run(args: argparse.Namespace) -> None:
     measure("jax_forward", forward_once, forward_once)
     device_stats = jax.devices()[0].memory_stats()
 
-    # PyTorch: the same step on the transformers model.
+    # PyTorch: the same step on the transformers model, each whole input left-padded to the batch's longest.
+    torch_batch = whole_inputs_batch(batch, data.prefix)
     torch_model = freeze(load_torch_model(model.source, torch))
     t_anchors = torch_anchors(anchors)
     soft = torch.nn.Parameter(torch.from_numpy(init.copy()))
@@ -213,7 +230,7 @@ def run(args: argparse.Namespace) -> None:
     torch_metrics = {}
 
     def torch_step():
-        metrics = torch_train_step(torch_model, soft, torch_optimizer, batch, t_anchors, clip_norm=train_config.clip_norm)
+        metrics = torch_train_step(torch_model, soft, torch_optimizer, torch_batch, t_anchors, clip_norm=train_config.clip_norm)
         torch_metrics.setdefault("first", metrics)
 
     measure("torch_step", torch_step, torch_step)
@@ -221,7 +238,7 @@ def run(args: argparse.Namespace) -> None:
 
     def torch_forward():
         with torch.no_grad():
-            torch_dro_loss(torch_model, fixed, batch, t_anchors)
+            torch_dro_loss(torch_model, fixed, torch_batch, t_anchors)
 
     measure("torch_forward", torch_forward, torch_forward)
 

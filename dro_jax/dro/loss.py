@@ -31,7 +31,7 @@ import optax
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import final_states
+from dro_jax.models.inputs import SharedPrefix, final_states
 from dro_jax.models.transformer import Params
 
 # Short names the command line also accepts for a term.
@@ -79,17 +79,20 @@ class LossWeights:
 
 
 class Frozen(NamedTuple):
-    """Everything the loss reads but never trains."""
+    """Everything the loss reads but never trains: the model, the anchor space, and the prefix every
+    training input starts with (template head and the soft prompt's slot; run once per step)."""
 
     params: Params
-    mean: jax.Array  # [h]
-    components: jax.Array  # [h, k] PCA axes
-    refusal_weight: jax.Array  # [k]
-    harmfulness_weight: jax.Array  # [k]
+    prefix: SharedPrefix | None
+    mean: jax.Array | None  # [h]
+    components: jax.Array | None  # [h, k] PCA axes
+    refusal_weight: jax.Array | None  # [k]
+    harmfulness_weight: jax.Array | None  # [k]
 
 
 class QueryBatch(NamedTuple):
-    """Left-padded chat inputs with the soft prompt's slot, base states and targets; weight 0 marks a filler row."""
+    """Each training input's own part after the shared prefix (left-padded), with where the soft prompt sits
+    in it (-1: in the prefix), its base state and target; weight 0 marks a filler row."""
 
     token_ids: jax.Array  # [b, t]
     attention_mask: jax.Array  # [b, t]
@@ -128,7 +131,9 @@ def dro_loss(
     remat: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics). Bind `config`, `weights` and `remat` with functools.partial for jit/grad (or use `dro_objective`)."""
-    new = final_states(frozen.params, config, batch.token_ids, batch.attention_mask, soft_prompt, batch.soft_offsets, remat)
+    new = final_states(
+        frozen.params, config, batch.token_ids, batch.attention_mask, soft_prompt, batch.soft_offsets, remat, frozen.prefix
+    )
     target = batch.harmless.astype(jnp.float32)
     terms, refusal_shift = dro_terms(new - batch.base_states, frozen, target, batch.weights)
     total = weights.combine(terms)

@@ -19,14 +19,13 @@ import numpy as np
 from dro_jax.anchors.collect import LABEL_SAMPLING
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import Frozen, Objective, weighted_mean
-from dro_jax.inference.batching import left_pad
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import RefusalJudge
 from dro_jax.inference.respond import generate_responses
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import input_embeddings
+from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import compute_logits, forward
 
 
@@ -46,8 +45,12 @@ def prompt_tuning_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Vanilla prompt tuning: mean token NLL of wanted responses, -log(1 - p) of unwanted ones."""
     params = frozen.params
+    shared = prefix_cache(params, config, frozen.prefix, soft_prompt, remat)
     embeds = input_embeddings(params, batch.token_ids, soft_prompt, batch.soft_offsets)
-    hidden = forward(params, config, inputs_embeds=embeds, attention_mask=batch.attention_mask, remat=remat).last_hidden_state
+    positions = row_positions(batch.attention_mask, frozen.prefix)
+    hidden = forward(
+        params, config, inputs_embeds=embeds, attention_mask=batch.attention_mask, positions=positions, prefix=shared, remat=remat
+    ).last_hidden_state
     log_probs = jax.nn.log_softmax(compute_logits(params, config, hidden[:, :-1]).astype(jnp.float32), axis=-1)
     token_log_p = jnp.take_along_axis(log_probs, batch.token_ids[:, 1:, None], axis=-1)[..., 0]  # [b, t-1]
     scored = batch.response_mask[:, 1:].astype(jnp.float32)
@@ -68,8 +71,10 @@ def prompt_tuning_loss(
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ResponseSet:
-    """Query + response sequences, left-padded to one length, with the soft-prompt slot of each."""
+    """Query + response sequences after the prefix they share, left-padded to one length, with the soft
+    prompt's slot (in the prefix or in the rows)."""
 
+    prefix: SharedPrefix | None
     token_ids: np.ndarray  # [n, t]
     attention_mask: np.ndarray
     soft_offsets: np.ndarray
@@ -105,20 +110,17 @@ def prepare_response_set(
     encoded = encode_queries(model, queries, PromptSetting.from_text(init_prompt))
     responses = generate_responses(model, encoded, sampling, num_samples, seed, judge=judge, progress=progress)
     slot = encode_queries(model, queries, PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32)))
-    sequences, starts, response_lengths, wanted = [], [], [], []
-    for response in responses:
-        reply = model.tokenizer.encode(response.text, add_special_tokens=False)[:max_response_tokens]
-        sequences.append(slot.sequences[response.query_index] + reply)
-        starts.append(slot.soft_starts[response.query_index])
-        response_lengths.append(len(reply))
-        is_harmful = response.query_index < len(pairs.harmful)
-        wanted.append(int(response.refusal == is_harmful))
-    length = max(map(len, sequences))
-    token_ids, mask, offsets = left_pad(sequences, length, model.pad_id, starts)
+    replies = [model.tokenizer.encode(r.text, add_special_tokens=False)[:max_response_tokens] for r in responses]
+    inputs = dataclasses.replace(
+        slot.select([r.query_index for r in responses]),
+        sequences=[slot.sequences[r.query_index] + reply for r, reply in zip(responses, replies)],
+    )
+    token_ids, mask, offsets = inputs.padded_rows(model.pad_id)
     response_mask = np.zeros_like(mask)
-    for row, reply_length in enumerate(response_lengths):
-        response_mask[row, length - reply_length :] = 1
-    return ResponseSet(token_ids, mask, offsets, response_mask, np.asarray(wanted, np.int32))
+    for row, reply in enumerate(replies):
+        response_mask[row, mask.shape[1] - len(reply) :] = 1
+    wanted = [int(r.refusal == (r.query_index < len(pairs.harmful))) for r in responses]
+    return ResponseSet(inputs.prefix(), token_ids, mask, offsets, response_mask, np.asarray(wanted, np.int32))
 
 
 def prompt_tuning_objective(config: ModelConfig, remat: bool = False) -> Objective:

@@ -28,6 +28,7 @@ from dro_jax.dro.checkpoints import TrainCheckpoints
 from dro_jax.dro.loss import Frozen, LossWeights, Objective, dro_objective
 from dro_jax.dro.soft_prompt import save_soft_prompt
 from dro_jax.loading import LoadedModel
+from dro_jax.models.inputs import SharedPrefix
 from dro_jax.parallel.sharding import data_mesh, padded_batch_size, replicate, replicated, shard_batch
 
 
@@ -74,7 +75,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 class Batches(Protocol):
-    """Training data: its size, and the batch its objective's loss expects for given rows and row weights."""
+    """Training data: its size, the prefix all its inputs share, and the batch its objective's loss expects
+    for given rows and row weights."""
+
+    prefix: SharedPrefix | None
 
     def __len__(self) -> int: ...
 
@@ -94,12 +98,14 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated(mesh))
 
 
-def frozen_inputs(model: LoadedModel, anchors: AnchorSpace | None) -> Frozen:
-    """The loss's fixed inputs; without an anchor space (the prompt-tuning baseline) only the parameters."""
+def frozen_inputs(model: LoadedModel, anchors: AnchorSpace | None, prefix: SharedPrefix | None) -> Frozen:
+    """The loss's fixed inputs: the parameters, the training inputs' shared prefix, and the anchor space
+    (none for the prompt-tuning baseline)."""
+    prefix = None if prefix is None else SharedPrefix(*map(jnp.asarray, prefix))
     if anchors is None:
-        return Frozen(model.params, None, None, None, None)
+        return Frozen(model.params, prefix, None, None, None, None)
     return Frozen(
-        model.params, jnp.asarray(anchors.mean), jnp.asarray(anchors.components),
+        model.params, prefix, jnp.asarray(anchors.mean), jnp.asarray(anchors.components),
         jnp.asarray(anchors.refusal.weight), jnp.asarray(anchors.harmfulness.weight),
     )
 
@@ -181,7 +187,7 @@ def train_soft_prompt(
             history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             history = [r for r in history if r["step"] <= start]
     soft_prompt, opt_state = replicate((soft_prompt, opt_state), mesh)
-    frozen = replicate(frozen_inputs(model, anchors), mesh)
+    frozen = replicate(frozen_inputs(model, anchors, data.prefix), mesh)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
     rows = padded_batch_size(config.batch_size, mesh)
 

@@ -9,18 +9,21 @@ import numpy as np
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import QueryBatch
-from dro_jax.inference.batching import bucket_length, left_pad
+from dro_jax.inference.batching import bucket_length
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.loading import LoadedModel
+from dro_jax.models.inputs import SharedPrefix
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainingSet:
-    """Every training query padded to one length, with its soft-prompt slot and base representation."""
+    """Every training query's own part padded to one length after the prefix they share, with the soft
+    prompt's slot (in the prefix or in the rows) and the base representation."""
 
     queries: list[str]
+    prefix: SharedPrefix | None  # the template head and the soft prompt's slot, when every query shares them
     token_ids: np.ndarray  # [n, t]
     attention_mask: np.ndarray  # [n, t]
     soft_offsets: np.ndarray  # [n]
@@ -56,6 +59,6 @@ def prepare_training_set(
         base = base_states
     placeholder = PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32))
     encoded = encode_queries(model, queries, placeholder)
-    length = min(bucket_length(max(map(len, encoded.sequences))), model.config.max_position_embeddings)
-    token_ids, mask, offsets = left_pad(encoded.sequences, length, model.pad_id, encoded.soft_starts)
-    return TrainingSet(queries, token_ids, mask, offsets, base, pairs.harmless_flags)
+    room = model.config.max_position_embeddings - encoded.prefix_length
+    token_ids, mask, offsets = encoded.padded_rows(model.pad_id, min(bucket_length(max(map(len, encoded.rows))), room))
+    return TrainingSet(queries, encoded.prefix(), token_ids, mask, offsets, base, pairs.harmless_flags)

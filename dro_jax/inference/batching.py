@@ -1,4 +1,4 @@
-"""Padding token sequences into few, fixed shapes so `jit` compiles rarely."""
+"""Padding token sequences into few, fixed shapes so `jit` compiles rarely, and finding the part they share."""
 
 from __future__ import annotations
 
@@ -78,3 +78,14 @@ def left_padded_batches(
         )
         index = np.array(rows + [-1] * (batch_size - len(rows)), dtype=np.int64)
         yield PaddedBatch(token_ids, mask, index, soft_offsets)
+
+
+def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every sequence has in common, leaving each at least one token of its own."""
+    if not sequences:
+        return 0
+    first, shortest = sequences[0], min(len(seq) for seq in sequences)
+    length = 0
+    while length < shortest - 1 and all(seq[length] == first[length] for seq in sequences):
+        length += 1
+    return length

@@ -2,13 +2,16 @@
 
 Representations, refusal log-odds and generation all start from the same
 chat-formatted token sequences; encoding them once per (query set, setting)
-keeps the passes consistent and the tokenizer out of the loops.
+keeps the passes consistent and the tokenizer out of the loops. The tokens
+that every query of the set starts with (template head and system prompt,
+human or soft) are found once too: each batch runs them once, as a shared
+prefix (see `dro_jax.models.inputs`), and only the queries' own parts per row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +19,21 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.batching import PaddedBatch, left_padded_batches
+from dro_jax.inference.batching import PaddedBatch, left_pad, left_padded_batches, shared_prefix_length
 from dro_jax.inference.chat import SLOT_PLACEHOLDER, ChatFormatter, PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
+from dro_jax.models.inputs import SharedPrefix
 from dro_jax.parallel.sharding import replicate, shard_batch
+
+
+class ModelInputs(NamedTuple):
+    """One batch as the model functions take it: the rows' own parts (split over devices) and what they share."""
+
+    token_ids: jax.Array  # [b, t]
+    attention_mask: jax.Array  # [b, t]
+    soft_prompt: jax.Array | None  # [N, hidden]
+    soft_offsets: jax.Array | None  # [b] where the soft prompt starts in a row's part (-1: in the prefix)
+    prefix: SharedPrefix | None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,6 +42,8 @@ class EncodedQueries:
 
     `queries` are the texts the sequences came from (None for sequences given
     as token ids only); `source` names the set in error messages.
+    `prefix_length` tokens, the same in every sequence, run once per batch
+    (default: all that the sequences share; 0 runs every sequence whole).
     """
 
     sequences: list[list[int]]
@@ -35,6 +51,15 @@ class EncodedQueries:
     soft_starts: list[int] | None = None
     queries: list[str] | None = None
     source: str = "queries"
+    prefix_length: int | None = None
+
+    def __post_init__(self) -> None:
+        length = shared_prefix_length(self.sequences) if self.prefix_length is None else self.prefix_length
+        if self.soft_starts and self.soft_prompt is not None:
+            count = len(self.soft_prompt)
+            if any(start < length < start + count for start in self.soft_starts):
+                length = min(self.soft_starts)  # a soft prompt is wholly in the prefix or wholly in the rows
+        object.__setattr__(self, "prefix_length", length)
 
     @classmethod
     def of(cls, prompts: "EncodedQueries | Sequence[Sequence[int]]") -> "EncodedQueries":
@@ -44,29 +69,56 @@ class EncodedQueries:
         return len(self.sequences)
 
     def select(self, rows: Sequence[int]) -> "EncodedQueries":
-        """The sequences at `rows` (repeats allowed), same soft prompt."""
+        """The sequences at `rows` (repeats allowed), same soft prompt and prefix."""
         def pick(items):
             return None if items is None else [items[r] for r in rows]
 
-        return EncodedQueries(pick(self.sequences), self.soft_prompt, pick(self.soft_starts), pick(self.queries), self.source)
+        return EncodedQueries(
+            pick(self.sequences), self.soft_prompt, pick(self.soft_starts), pick(self.queries), self.source, self.prefix_length
+        )
+
+    @property
+    def soft_in_prefix(self) -> bool:
+        return self.soft_starts is not None and bool(self.soft_starts) and self.soft_starts[0] < self.prefix_length
+
+    def prefix(self) -> SharedPrefix | None:
+        """The shared tokens (numpy), or None when the sequences share none."""
+        if not self.prefix_length:
+            return None
+        offset = self.soft_starts[0] if self.soft_in_prefix else -1
+        return SharedPrefix(np.asarray(self.sequences[0][: self.prefix_length], np.int32), np.int32(offset))
+
+    @property
+    def rows(self) -> list[list[int]]:
+        """Each sequence's own part, after the shared prefix."""
+        return [seq[self.prefix_length :] for seq in self.sequences]
+
+    @property
+    def row_soft_starts(self) -> list[int] | None:
+        """Where the soft prompt starts in each row's own part (None: no soft prompt there)."""
+        if self.soft_starts is None or self.soft_in_prefix:
+            return None
+        return [start - self.prefix_length for start in self.soft_starts]
 
     def batches(self, batch_size: int, pad_id: int, max_length: int | None = None) -> Iterator[PaddedBatch]:
-        return left_padded_batches(self.sequences, batch_size, pad_id, max_length, self.soft_starts)
+        """The rows' own parts, left-padded in few shapes; `max_length` counts the prefix too."""
+        limit = None if max_length is None else max_length - self.prefix_length
+        return left_padded_batches(self.rows, batch_size, pad_id, limit, self.row_soft_starts)
 
-    def soft_inputs(self, batch: PaddedBatch) -> tuple[jax.Array | None, jax.Array | None]:
-        """(soft_prompt, offsets) arguments for the model functions; (None, None) without one."""
-        if self.soft_prompt is None:
-            return None, None
-        return jnp.asarray(self.soft_prompt), jnp.asarray(batch.soft_offsets)
+    def padded_rows(self, pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token_ids, mask, soft offsets) of every row's own part, left-padded to one `length` (default: the longest)."""
+        rows = self.rows
+        return left_pad(rows, max(map(len, rows)) if length is None else length, pad_id, self.row_soft_starts)
 
-    def model_inputs(self, batch: PaddedBatch, mesh: Mesh | None = None) -> tuple:
-        """(token_ids, attention_mask, soft_prompt, soft_offsets) for the model functions.
-
-        With a mesh, the rows are split over its devices and the soft prompt is on every device.
-        """
-        soft_prompt, offsets = self.soft_inputs(batch)
+    def model_inputs(self, batch: PaddedBatch, mesh: Mesh | None = None) -> ModelInputs:
+        """The model functions' inputs for one batch: with a mesh, the rows are split over its devices and
+        the soft prompt and the prefix are on every device."""
+        soft_prompt = None if self.soft_prompt is None else jnp.asarray(self.soft_prompt)
+        offsets = None if self.soft_prompt is None else jnp.asarray(batch.soft_offsets)
         token_ids, mask, offsets = shard_batch((batch.token_ids, batch.attention_mask, offsets), mesh)
-        return token_ids, mask, replicate(soft_prompt, mesh), offsets
+        prefix = self.prefix()
+        prefix = None if prefix is None else SharedPrefix(*map(jnp.asarray, prefix))
+        return ModelInputs(token_ids, mask, replicate(soft_prompt, mesh), offsets, replicate(prefix, mesh))
 
 
 def encode_queries(

@@ -2,8 +2,9 @@
 
 Prompts are left-padded, so every row's next token goes to the same cache
 slot; positions count real tokens only. Sampling follows the usual order
-(temperature, then top-k, then top-p), and every row draws from its own key,
-so a sample depends on the seed and its own index, not on batching.
+(temperature, then top-k, then top-p, over the top-k survivors only), and
+every row draws from its own key, so a sample depends on the seed and its own
+index, not on batching.
 """
 
 from __future__ import annotations
@@ -16,36 +17,41 @@ import numpy as np
 
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import embed_tokens, input_embeddings
+from dro_jax.models.inputs import SharedPrefix, embed_tokens, input_embeddings, prefix_cache
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
 
 
-def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Scaled logits [b, v] with the tokens outside top-k / top-p set to -inf."""
+def candidates(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
+    """(scaled logits [b, c], their token ids [b, c]) of the tokens a sample may pick, -inf where top-p drops one.
+
+    Top-k first: only its k survivors are sorted for top-p (k = 50 against a
+    49k vocabulary), which is what keeps sampling near the cost of greedy
+    decoding; without top-k the whole vocabulary is sorted.
+    """
     logits = logits.astype(jnp.float32) / temperature
     if top_k > 0:
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        scores, ids = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))  # sorted, highest first
+    elif top_p < 1.0:
+        ids = jnp.argsort(-logits, axis=-1)
+        scores = jnp.take_along_axis(logits, ids, axis=-1)
+    else:
+        return logits, jnp.broadcast_to(jnp.arange(logits.shape[-1]), logits.shape)
     if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < top_p  # the smallest head of the distribution that reaches top_p
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return logits
+        scores = jnp.where(mass_before < top_p, scores, -jnp.inf)  # the smallest head of the distribution that reaches top_p
+    return scores, ids
 
 
 def next_tokens(logits: jax.Array, row_keys: jax.Array, step: jax.Array, sampling: SamplingConfig) -> jax.Array:
     if sampling.is_greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    scores, ids = candidates(logits, sampling.temperature, sampling.top_k, sampling.top_p)
     keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    choice = jax.vmap(jax.random.categorical)(keys, scores)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"))
 def generate_from_embeddings(
     params: Params,
     config: ModelConfig,
@@ -55,19 +61,23 @@ def generate_from_embeddings(
     row_keys: jax.Array,
     pad_id: jax.Array,
     sampling: SamplingConfig,
+    prefix: KVCache | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """New tokens [b, max_new] (pad after a stop token) and their counts [b], stop token included.
 
-    prompt_embeds [b, p, hidden] and prompt_mask [b, p] are left-padded; any of
+    prompt_embeds [b, t, hidden] and prompt_mask [b, t] are left-padded; any of
     stop_ids [n] ends a row (n may be 0); row_keys [b] are PRNG keys, one per row.
+    With `prefix` (a batch-1 cache of p tokens, see `dro_jax.models.inputs`),
+    the prompts are the rows' own parts that continue it. Pure; run under jit.
     """
     batch, prompt_len = prompt_mask.shape
     max_new = sampling.max_new_tokens
+    start = 0 if prefix is None else prefix.key.shape[-1]
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new), prompt_mask.dtype)], axis=1)
     cache = KVCache.zeros(config, batch, prompt_len + max_new, params["embed_tokens"]["weight"].dtype)
     prefill = forward(
         params, config, inputs_embeds=prompt_embeds, attention_mask=key_mask,
-        positions=positions_from_mask(prompt_mask), cache=cache, cache_index=0,
+        positions=start + positions_from_mask(prompt_mask), cache=cache, cache_index=0, prefix=prefix,
     )
     logits = compute_logits(params, config, prefill.last_hidden_state[:, -1:])[:, 0]
     prompt_lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
@@ -85,7 +95,7 @@ def generate_from_embeddings(
         done = done | is_stop[token]
         out = forward(
             params, config, inputs_embeds=embed_tokens(params, token[:, None]), attention_mask=key_mask,
-            positions=(prompt_lengths + step)[:, None], cache=cache, cache_index=prompt_len + step,
+            positions=(start + prompt_lengths + step)[:, None], cache=cache, cache_index=prompt_len + step, prefix=prefix,
         )
         return step + 1, tokens, done, out.cache, compute_logits(params, config, out.last_hidden_state)[:, 0]
 
@@ -94,6 +104,13 @@ def generate_from_embeddings(
     _, tokens, _, _, _ = jax.lax.while_loop(keep_going, decode, state)
     lengths = jnp.where(is_stop[tokens], jnp.arange(max_new)[None] + 1, max_new).min(axis=1)
     return tokens, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling"))
+def _generate(params, config, token_ids, attention_mask, stop_ids, row_keys, pad_id, sampling, soft_prompt, soft_offsets, prefix):
+    shared = prefix_cache(params, config, prefix, soft_prompt)
+    embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
+    return generate_from_embeddings(params, config, embeds, attention_mask, stop_ids, row_keys, pad_id, sampling, shared)
 
 
 def generate_tokens(
@@ -107,13 +124,14 @@ def generate_tokens(
     pad_id: int = 0,
     soft_prompt: jax.Array | None = None,
     soft_offsets: jax.Array | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id wrapper around `generate_from_embeddings` (left-padded ids, optional soft prompt)."""
+    """Token-id front end of `generate_from_embeddings`, compiled: left-padded ids [b, t] (the rows' own parts
+    after `prefix`, when given), an optional soft prompt in the prefix or in the rows."""
     if row_keys is None:
         row_keys = jax.random.split(jax.random.key(0), token_ids.shape[0])
-    embeds = input_embeddings(params, jnp.asarray(token_ids), soft_prompt, soft_offsets)
-    tokens, lengths = generate_from_embeddings(
-        params, config, embeds, jnp.asarray(attention_mask),
-        jnp.asarray(list(stop_ids), jnp.int32).reshape(-1), row_keys, jnp.int32(pad_id), sampling,
+    tokens, lengths = _generate(
+        params, config, jnp.asarray(token_ids), jnp.asarray(attention_mask), jnp.asarray(list(stop_ids), jnp.int32).reshape(-1),
+        row_keys, jnp.int32(pad_id), sampling, soft_prompt, soft_offsets, prefix,
     )
     return np.asarray(tokens), np.asarray(lengths)

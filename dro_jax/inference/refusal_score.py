@@ -29,8 +29,8 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import input_embeddings
-from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
+from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
+from dro_jax.models.transformer import KVCache, Params, compute_logits, forward
 from dro_jax.parallel.sharding import replicate, rows_per_batch
 
 
@@ -70,29 +70,32 @@ def continuation_log_probs(
     ending_mask: jax.Array,
     soft_prompt: jax.Array | None = None,
     soft_offsets: jax.Array | None = None,
+    prefix: SharedPrefix | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """([b, n] log p(ending j | prompt i), [b, hidden] float32 prompt representations), each prompt run once.
 
-    Prompts [b, p] are left-padded; endings [n, span] right-padded with
-    `ending_mask`. The prompts fill a KV cache, which is then shared by all
-    endings, so the cost is one prompt pass plus b * n * span tokens.
+    Prompts [b, t] are left-padded (the rows' own parts after `prefix`, when
+    given); endings [n, span] right-padded with `ending_mask`. The prompts fill
+    a KV cache, which is then shared by all endings, so the cost is one prompt
+    pass plus b * n * span tokens; the shared prefix runs once for all of them.
     """
     batch, prompt_len = prompt_mask.shape
     count, span = ending_ids.shape
     dtype = params["embed_tokens"]["weight"].dtype
+    shared = prefix_cache(params, config, prefix, soft_prompt)
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, span), prompt_mask.dtype)], axis=1)
     prefill = forward(
         params, config, inputs_embeds=input_embeddings(params, prompt_ids, soft_prompt, soft_offsets),
-        attention_mask=key_mask, positions=positions_from_mask(prompt_mask),
-        cache=KVCache.zeros(config, batch, prompt_len + span, dtype), cache_index=0,
+        attention_mask=key_mask, positions=row_positions(prompt_mask, prefix),
+        cache=KVCache.zeros(config, batch, prompt_len + span, dtype), cache_index=0, prefix=shared,
     )
     first = jax.nn.log_softmax(compute_logits(params, config, prefill.last_hidden_state[:, -1:])[:, 0], axis=-1)  # [b, v]
     cache = jax.tree.map(lambda x: jnp.repeat(x, count, axis=1), prefill.cache)
     ids = jnp.tile(ending_ids, (batch, 1))  # row i * n + j: prompt i, ending j
-    lengths = jnp.repeat(prompt_mask.sum(axis=1), count)
+    ends = jnp.repeat(row_positions(prompt_mask, prefix)[:, -1] + 1, count)  # each ending continues its prompt
     out = forward(
-        params, config, ids, jnp.repeat(key_mask, count, axis=0), positions=lengths[:, None] + jnp.arange(span)[None],
-        cache=cache, cache_index=prompt_len,
+        params, config, ids, jnp.repeat(key_mask, count, axis=0), positions=ends[:, None] + jnp.arange(span)[None],
+        cache=cache, cache_index=prompt_len, prefix=shared,
     )
     rest = jax.nn.log_softmax(compute_logits(params, config, out.last_hidden_state[:, :-1]), axis=-1)
     first_token = jnp.take_along_axis(jnp.repeat(first, count, axis=0), ids[:, :1], axis=-1)[:, 0]
@@ -139,9 +142,10 @@ def score_openings(
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
         for batch in prompts.batches(rows_per_batch(batch_size, len(prompts), mesh), model.pad_id):
-            token_ids, mask, soft_prompt, soft_offsets = prompts.model_inputs(batch, mesh)
+            inputs = prompts.model_inputs(batch, mesh)
             scores, last = continuation_log_probs(
-                params, model.config, token_ids, mask, ending_ids, ending_mask, soft_prompt, soft_offsets
+                params, model.config, inputs.token_ids, inputs.attention_mask, ending_ids, ending_mask,
+                inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
             )
             real = batch.index >= 0
             log_probs[batch.index[real]] = np.asarray(scores)[real]

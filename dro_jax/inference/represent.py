@@ -35,7 +35,10 @@ def represent_tokens(
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="representations", unit="query", disable=not progress) as bar:
         for batch in prompts.batches(batch_size, model.pad_id, model.config.max_position_embeddings):
-            out = last_position_states(params, model.config, *prompts.model_inputs(batch, mesh))
+            inputs = prompts.model_inputs(batch, mesh)
+            out = last_position_states(
+                params, model.config, inputs.token_ids, inputs.attention_mask, inputs.soft_prompt, inputs.soft_offsets, prefix=inputs.prefix
+            )
             real = batch.index >= 0
             states[batch.index[real]] = np.asarray(out)[real]
             bar.update(batch.num_real)

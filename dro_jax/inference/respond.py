@@ -88,9 +88,10 @@ def generate_responses(
             query_idx = np.array([rows[r][0] for r in row_ids])
             sample_idx = np.array([rows[r][1] for r in row_ids])
             keys = shard_batch(sample_keys(seed, query_idx + first_query, sample_idx), mesh)
-            token_ids, mask, soft_prompt, soft_offsets = prompts.model_inputs(batch, mesh)
+            inputs = prompts.model_inputs(batch, mesh)
             tokens, lengths = generate_tokens(
-                params, model.config, token_ids, mask, stops, sampling, keys, model.pad_id, soft_prompt, soft_offsets
+                params, model.config, inputs.token_ids, inputs.attention_mask, stops, sampling, keys, model.pad_id,
+                inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
             )
             for row, source_row in enumerate(batch.index):
                 if source_row >= 0:

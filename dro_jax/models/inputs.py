@@ -1,13 +1,32 @@
 """What goes into the model and what is read out of it for DRO: input embeddings with a soft prompt spliced
-in, and the final-norm state at the last position (the representation every stage works with)."""
+in, the shared prefix of a batch, and the final-norm state at the last position (the representation every
+stage works with).
+
+Every input here is `[template head + system prompt][query][assistant header]`,
+and within a batch the first part is the same for every row. A batch is
+therefore laid out as a `SharedPrefix` of p tokens, run once at batch 1 and
+kept as a batch-1 KV cache, and the rows' own parts, left-padded to t tokens,
+at positions p, p + 1, ... counted from their first real token. Every row
+attends to the whole prefix, so the result is that of running each full
+sequence alone; a batch without a shared part has p = 0.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.transformer import Params, forward
+from dro_jax.models.transformer import KVCache, Params, forward, positions_from_mask
+
+
+class SharedPrefix(NamedTuple):
+    """The tokens every row of a batch starts with, and where the soft prompt starts in them (-1: not there)."""
+
+    token_ids: jax.Array  # [p] int32
+    soft_offset: jax.Array  # [] int32
 
 
 def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
@@ -36,6 +55,32 @@ def input_embeddings(params: Params, token_ids: jax.Array, soft_prompt: jax.Arra
     return insert_soft_prompt(embeds, soft_prompt, offsets)
 
 
+def prefix_cache(
+    params: Params, config: ModelConfig, prefix: SharedPrefix | None, soft_prompt: jax.Array | None = None, remat: bool = False
+) -> KVCache | None:
+    """The prefix's keys and values at batch 1 (None without a prefix, or for an empty one).
+
+    Differentiable: the gradient of every row's output reaches a soft prompt
+    inside the prefix through these keys and values, summed over the rows.
+    """
+    if prefix is None or prefix.token_ids.shape[0] == 0:
+        return None
+    length = prefix.token_ids.shape[0]
+    embeds = input_embeddings(params, prefix.token_ids[None], soft_prompt, prefix.soft_offset[None])
+    cache = KVCache.zeros(config, 1, length, params["embed_tokens"]["weight"].dtype)
+    out = forward(
+        params, config, inputs_embeds=embeds, attention_mask=jnp.ones((1, length), jnp.int32),
+        positions=jnp.arange(length)[None], cache=cache, cache_index=0, remat=remat,
+    )
+    return out.cache
+
+
+def row_positions(attention_mask: jax.Array, prefix: SharedPrefix | None) -> jax.Array:
+    """Positions of the rows' own tokens [b, t]: they continue the prefix, counting real tokens only."""
+    start = 0 if prefix is None else prefix.token_ids.shape[0]
+    return start + positions_from_mask(attention_mask)
+
+
 def final_states(
     params: Params,
     config: ModelConfig,
@@ -44,11 +89,16 @@ def final_states(
     soft_prompt: jax.Array | None = None,
     soft_offsets: jax.Array | None = None,
     remat: bool = False,
+    prefix: SharedPrefix | None = None,
 ) -> jax.Array:
-    """[batch, hidden] float32 states after the final norm at the last (left-padded) position.
+    """[batch, hidden] float32 states after the final norm at the last (left-padded) position of each row.
 
-    Pure, so the DRO loss differentiates it with respect to `soft_prompt`.
+    `token_ids` [b, t] are the rows' own parts when a `prefix` is given (the
+    soft prompt may sit in the prefix or in the rows). Pure, so the DRO loss
+    differentiates it with respect to `soft_prompt`.
     """
+    shared = prefix_cache(params, config, prefix, soft_prompt, remat)
     embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
-    out = forward(params, config, inputs_embeds=embeds, attention_mask=attention_mask, remat=remat)
+    positions = row_positions(attention_mask, prefix)
+    out = forward(params, config, inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, prefix=shared, remat=remat)
     return out.last_hidden_state[:, -1].astype(jnp.float32)

@@ -8,7 +8,7 @@ layers run under `nn.scan`, which keeps compile time flat in depth).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -106,24 +106,47 @@ class RMSNorm(nn.Module):
         return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def attend(query: jax.Array, key_t: jax.Array, value: jax.Array, allowed: jax.Array) -> jax.Array:
+class KeyBlock(NamedTuple):
+    """Keys one query block attends to: key_t [b, kv_heads, d, s] (transposed) and value [b, kv_heads, s, d],
+    or [kv_heads, d, s] / [kv_heads, s, d] when every row shares them (a shared prefix); allowed [b, t, s]
+    says which keys each query may see (None: all)."""
+
+    key_t: jax.Array
+    value: jax.Array
+    allowed: jax.Array | None
+
+
+def attend(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
     """Grouped-query attention in the head-major layout that CPU and GPU matmuls like.
 
     query [b, kv_heads, group * t, d] (group-major: row g * t + i is query i
-    of head g); key_t [b, kv_heads, d, s] (keys transposed: XLA's CPU batched
-    matmul is many times faster without a transposed operand); value
-    [b, kv_heads, s, d]; allowed [b, t, s] says
-    which keys each query may see. Scores and softmax run in float32. A query
+    of head g). The keys come in blocks (a shared prefix, a KV cache, the
+    inputs' own keys) that join one softmax without being copied together; a
+    shared block has no batch axis. Scores and softmax run in float32. A query
     that may see no key gets a uniform average instead of NaN (it only happens
     on padding rows, whose output is never used). Returns [b, kv_heads, group * t, d].
     """
     batch, kv_heads, rows, dim = query.shape
-    steps, slots = allowed.shape[1:]
-    scores = jnp.einsum("bkqd,bkds->bkqs", query, key_t, preferred_element_type=jnp.float32) * dim**-0.5
-    scores = scores.reshape(batch, kv_heads, rows // steps, steps, slots)
+    steps = blocks[-1].allowed.shape[1]  # the last block is the inputs' own keys, always masked
+    scores, allowed = [], []
+    for block in blocks:
+        spec = "bkqd,kds->bkqs" if block.key_t.ndim == 3 else "bkqd,bkds->bkqs"
+        scores.append(jnp.einsum(spec, query, block.key_t, preferred_element_type=jnp.float32))
+        slots = block.key_t.shape[-1]
+        allowed.append(jnp.ones((batch, steps, slots), bool) if block.allowed is None else block.allowed)
+    scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
+    allowed = jnp.concatenate(allowed, axis=-1) if len(allowed) > 1 else allowed[0]
+    total = scores.shape[-1]
+    scores = (scores * dim**-0.5).reshape(batch, kv_heads, rows // steps, steps, total)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype).reshape(batch, kv_heads, rows, slots)
-    return jnp.einsum("bkqs,bksd->bkqd", probs, value)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(batch, kv_heads, rows, total)
+    out, start = 0, 0
+    for block in blocks:
+        slots = block.key_t.shape[-1]
+        spec = "bkqs,ksd->bkqd" if block.value.ndim == 3 else "bkqs,bksd->bkqd"
+        out = out + jnp.einsum(spec, probs[..., start : start + slots].astype(block.value.dtype), block.value)
+        start += slots
+    return out
 
 
 class Attention(nn.Module):
@@ -131,13 +154,14 @@ class Attention(nn.Module):
     param_dtype: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, layer_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, masks, layer_cache=None, layer_prefix=None):
         """Returns (output, (keys [b, kv, d, t], values [b, kv, t, d]) of the inputs).
 
-        With `layer_cache` = this layer's cached (keys [b, kv, d, slots], values [b, kv, slots, d]),
-        the inputs' keys and values are placed at slot `cache_index` and the
-        queries attend over all slots (`allowed` is then [b, t, slots]); the
-        caller writes the returned new entries into the cache.
+        The queries attend to the inputs' own keys, to this layer's cached
+        (keys [b, kv, d, slots], values [b, kv, slots, d]) when given, and to
+        this layer's shared prefix (keys [1, kv, d, p], values [1, kv, p, d])
+        when given, as `masks` (an `AttentionMasks`) allows; the caller writes
+        the returned new entries into the cache.
         """
         c = self.config
         batch, seq, _ = x.shape
@@ -151,13 +175,13 @@ class Attention(nn.Module):
         q = q.transpose(0, 2, 3, 1, 4).reshape(batch, c.num_kv_heads, group * seq, c.head_dim)
         k = k.transpose(0, 2, 3, 1)
         v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
-        keys, values = k, v
-        if layer_cache is not None:
-            cached_keys, cached_values = layer_cache
-            keys = jax.lax.dynamic_update_slice(cached_keys, k.astype(cached_keys.dtype), (0, 0, 0, cache_index))
-            values = jax.lax.dynamic_update_slice(cached_values, v.astype(cached_values.dtype), (0, 0, cache_index, 0))
-            keys, values = keys.astype(x.dtype), values.astype(x.dtype)
-        out = attend(q, keys, values, allowed)  # [b, kv, group * t, d]
+        blocks = []
+        if layer_prefix is not None:
+            blocks.append(KeyBlock(layer_prefix[0][0].astype(x.dtype), layer_prefix[1][0].astype(x.dtype), masks.prefix))
+        if masks.cache is not None:
+            blocks.append(KeyBlock(layer_cache[0].astype(x.dtype), layer_cache[1].astype(x.dtype), masks.cache))
+        blocks.append(KeyBlock(k, v, masks.own))
+        out = attend(q, blocks)  # [b, kv, group * t, d]
         out = out.reshape(batch, c.num_kv_heads, group, seq, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
         return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out), (k, v)
@@ -181,36 +205,70 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     param_dtype: Any
     collect_hidden: bool
+    write_cache: bool
 
     @nn.compact
-    def __call__(self, h, cos, sin, allowed, cache_index, layer_cache):
-        """Scanned over layers: `layer_cache` is this layer's slice of the KV cache (or None).
+    def __call__(self, h, cos, sin, masks, layer_cache, layer_prefix):
+        """Scanned over layers: `layer_cache` and `layer_prefix` are this layer's slices of the KV cache
+        and of the shared prefix's keys and values (or None).
 
         Returns the new residual stream and, per layer, (input stream or None,
         the new keys and values or None)."""
         c, dt = self.config, self.param_dtype
         h_in = h
         attn, new_entries = Attention(c, dt, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(h), cos, sin, allowed, layer_cache, cache_index
+            RMSNorm(c.rms_norm_eps, dt, name="input_layernorm")(h), cos, sin, masks, layer_cache, layer_prefix
         )
         h = h + attn
         h = h + MLP(c, dt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(h))
-        return h, (h_in if self.collect_hidden else None, new_entries if layer_cache is not None else None)
+        return h, (h_in if self.collect_hidden else None, new_entries if self.write_cache else None)
 
 
-def attention_allowed(key_mask: jax.Array, sliding_window: int | None, num_queries: int | None = None, first_query=0) -> jax.Array:
-    """[b, t, s] booleans: causal, not padding, and inside the sliding window.
+class AttentionMasks(NamedTuple):
+    """Which keys each query may see, per key block: [b, t, p] of the shared prefix, [b, t, slots] of the
+    KV cache, [b, t, t] of the inputs' own keys (None: the block is absent, or for the prefix, all allowed)."""
 
-    Queries sit at slots first_query .. first_query + t - 1 of the s key slots
-    (without a cache, t = s and first_query = 0).
+    prefix: jax.Array | None
+    cache: jax.Array | None
+    own: jax.Array
+
+
+def attention_masks(
+    attention_mask: jax.Array,
+    positions: jax.Array,
+    sliding_window: int | None,
+    cache_index: jax.Array | int | None = None,
+    prefix_length: int = 0,
+) -> AttentionMasks:
+    """Causal, not padding, and inside the sliding window (measured in positions, so padding between a
+    shared prefix and a row's own tokens does not count).
+
+    Without a cache (`cache_index` None), `attention_mask` [b, t] marks the
+    inputs' real tokens. With one, it covers every cache slot [b, slots] and
+    the inputs sit at slots cache_index .. cache_index + t - 1; the slots
+    before cache_index are the cache block. Queries and their own keys are at
+    `positions` [b, t]; a prefix holds positions 0 .. prefix_length - 1.
     """
-    num_queries = key_mask.shape[1] if num_queries is None else num_queries
-    query_slot = first_query + jnp.arange(num_queries)[:, None]
-    key_slot = jnp.arange(key_mask.shape[1])[None, :]
-    allowed = (query_slot >= key_slot)[None] & key_mask.astype(bool)[:, None, :]
-    if sliding_window is not None:
-        allowed &= (query_slot - key_slot < sliding_window)[None]
-    return allowed
+    steps = positions.shape[1]
+    if cache_index is None:
+        own_mask = attention_mask
+    else:
+        own_mask = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, steps, axis=1)
+    own = jnp.tril(jnp.ones((steps, steps), bool))[None] & own_mask.astype(bool)[:, None, :]
+    inside = (lambda key_positions: positions[:, :, None] - key_positions < sliding_window) if sliding_window else None
+    if inside is not None:
+        own &= inside(positions[:, None, :])
+    cache = None
+    if cache_index is not None and not (isinstance(cache_index, int) and cache_index == 0):  # a cache filled before
+        slots = attention_mask.shape[1]
+        cache = (jnp.arange(slots) < cache_index)[None, None, :] & attention_mask.astype(bool)[:, None, :]
+        cache = jnp.broadcast_to(cache, (positions.shape[0], steps, slots))
+        if inside is not None:
+            cache &= inside((prefix_length + positions_from_mask(attention_mask))[:, None, :])
+    prefix = None
+    if prefix_length and inside is not None:
+        prefix = inside(jnp.arange(prefix_length)[None, None, :])
+    return AttentionMasks(prefix, cache, own)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
@@ -235,6 +293,7 @@ class Transformer(nn.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
+        prefix: KVCache | None = None,
         output_hidden_states: bool = False,
         output_logits: bool = False,
     ) -> ModelOutput:
@@ -247,22 +306,24 @@ class Transformer(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(h.shape[:2] if cache is None else (h.shape[0], cache.value.shape[3]), jnp.int32)
         if positions is None:
-            if cache is not None:
-                raise ValueError("positions are required with a cache")
+            if cache is not None or prefix is not None:
+                raise ValueError("positions are required with a cache or a shared prefix")
             positions = positions_from_mask(attention_mask)
         cos, sin = rotary_tables(c, positions, h.dtype)
-        allowed = attention_allowed(attention_mask, c.sliding_window, h.shape[1], cache_index if cache is not None else 0)
+        prefix_length = 0 if prefix is None else prefix.key.shape[-1]
+        masks = attention_masks(attention_mask, positions, c.sliding_window, None if cache is None else cache_index, prefix_length)
 
         layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
         layers = nn.scan(
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
             length=c.num_layers,
-        )(c, self.param_dtype, output_hidden_states, name="layers")
-        layer_caches = None if cache is None else (cache.key, cache.value)
-        h, (per_layer, new_entries) = layers(h, cos, sin, allowed, cache_index, layer_caches)
+        )(c, self.param_dtype, output_hidden_states, cache is not None, name="layers")
+        layer_caches = None if masks.cache is None else (cache.key, cache.value)
+        layer_prefixes = None if prefix is None else (prefix.key, prefix.value)
+        h, (per_layer, new_entries) = layers(h, cos, sin, masks, layer_caches, layer_prefixes)
         if cache is not None:  # one in-place write of every layer's new keys and values
             new_keys, new_values = new_entries
             cache = KVCache(
@@ -300,6 +361,7 @@ def forward(
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
+    prefix: KVCache | None = None,
     output_hidden_states: bool = False,
     output_logits: bool = False,
     remat: bool = False,
@@ -311,7 +373,9 @@ def forward(
     Position ids default to the count of real tokens before each position.
     With a `KVCache`, the inputs are written at slots `cache_index` onwards,
     `attention_mask` covers all cache slots [b, slots], and `positions` must
-    be given.
+    be given. With `prefix`, a batch-1 `KVCache` of p tokens that every row
+    continues (positions 0 .. p - 1; see `dro_jax.models.inputs`), every row
+    also attends to it, and `positions` must be given.
     Wrap with `jax.jit(..., static_argnames=("config", "output_hidden_states",
     "output_logits", "remat"))`; a fixed padded shape never retraces.
     """
@@ -326,6 +390,7 @@ def forward(
         positions=positions,
         cache=cache,
         cache_index=cache_index,
+        prefix=prefix,
         output_hidden_states=output_hidden_states,
         output_logits=output_logits,
     )

@@ -34,6 +34,7 @@ from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.loading import LoadedModel
 from dro_jax.models import forward
+from dro_jax.models.inputs import SharedPrefix
 from dro_jax.parity.torch_dro import apply_gradients, make_torch_optimizer, soft_prompt_states, torch_dro_loss
 
 INIT_PROMPT = "short"  # the training default: the soft prompt starts from this safety prompt's embeddings
@@ -71,7 +72,8 @@ class DroCase:
 
     init: np.ndarray  # [N, h] the initial prompt's embeddings (the base states are taken under it)
     prompt: np.ndarray  # [N, h]
-    batch: QueryBatch  # of numpy arrays
+    batch: QueryBatch  # of numpy arrays: the rows' own parts
+    prefix: SharedPrefix | None  # what every row starts with
     anchors: AnchorSpace
 
 
@@ -190,9 +192,9 @@ def dro_case(
     batch = data.rows(index, weights)
     if anchors is None:
         with torch.no_grad():
-            new = soft_prompt_states(torch_model, torch.from_numpy(prompt.copy()), batch).numpy()
+            new = soft_prompt_states(torch_model, torch.from_numpy(prompt.copy()), batch, data.prefix).numpy()
         anchors = random_anchor_space(batch.base_states, new, 4, seed)
-    return DroCase(init, prompt, batch, anchors)
+    return DroCase(init, prompt, batch, data.prefix, anchors)
 
 
 def dro_parity(model: LoadedModel, torch_model, case: DroCase, weights: LossWeights = LossWeights()) -> DroParity:
@@ -201,7 +203,9 @@ def dro_parity(model: LoadedModel, torch_model, case: DroCase, weights: LossWeig
 
     prompt = jnp.asarray(case.prompt)
     loss_fn = dro_objective(model.config, weights).loss
-    (jax_loss, jax_metrics), jax_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(prompt, case.batch, frozen_inputs(model, case.anchors))
+    (jax_loss, jax_metrics), jax_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        prompt, case.batch, frozen_inputs(model, case.anchors, case.prefix)
+    )
     optimizer = make_optimizer(TrainConfig())
 
     def optax_step(grad) -> np.ndarray:
@@ -209,7 +213,7 @@ def dro_parity(model: LoadedModel, torch_model, case: DroCase, weights: LossWeig
         return np.asarray(optax.apply_updates(prompt, updates))
 
     soft = torch.nn.Parameter(torch.from_numpy(case.prompt.copy()))
-    torch_loss, torch_metrics = torch_dro_loss(torch_model, soft, case.batch, case.anchors, weights)
+    torch_loss, torch_metrics = torch_dro_loss(torch_model, soft, case.batch, case.anchors, weights, case.prefix)
     torch_loss.backward()
     metrics = {name: float(value.detach()) for name, value in torch_metrics.items()}
     a, b = np.asarray(jax_grad, np.float64), soft.grad.double().numpy()
@@ -219,7 +223,7 @@ def dro_parity(model: LoadedModel, torch_model, case: DroCase, weights: LossWeig
     step_error = np.abs(jax_stepped - torch_stepped)
     well_conditioned = np.abs(b) > WELL_CONDITIONED * np.sqrt(np.mean(b**2))
     with torch.no_grad():
-        torch_base = soft_prompt_states(torch_model, torch.from_numpy(case.init.copy()), case.batch).numpy()
+        torch_base = soft_prompt_states(torch_model, torch.from_numpy(case.init.copy()), case.batch, case.prefix).numpy()
     return DroParity(
         metrics=metrics,
         metric_diffs={name: abs(float(jax_metrics[name]) - value) for name, value in metrics.items()},

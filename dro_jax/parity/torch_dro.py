@@ -107,13 +107,29 @@ def soft_prompt_embeddings(model, soft_prompt, token_ids, soft_offsets):
     return torch.stack(rows)
 
 
-def soft_prompt_states(model, soft_prompt, batch) -> Any:
-    """[b, h] final-norm states at the last position of the left-padded batch, soft prompt in its slot."""
+def whole_sequences(batch, prefix=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token_ids, mask, soft offsets) [b, p + t] of the whole inputs: the shared prefix (if any) in front of each
+    row's own left-padded part, the soft prompt's offset counted from the start. The padding then sits between
+    the prefix and a row's own tokens, which the mask and the positions from it take care of."""
+    if prefix is None:
+        return np.asarray(batch.token_ids), np.asarray(batch.attention_mask), np.asarray(batch.soft_offsets)
+    prefix_ids, prefix_offset = np.asarray(prefix.token_ids), int(prefix.soft_offset)
+    rows = len(batch.token_ids)
+    token_ids = np.concatenate([np.broadcast_to(prefix_ids, (rows, len(prefix_ids))), batch.token_ids], axis=1)
+    mask = np.concatenate([np.ones((rows, len(prefix_ids)), np.int32), batch.attention_mask], axis=1)
+    row_offsets = np.asarray(batch.soft_offsets)
+    offsets = np.full(rows, prefix_offset) if prefix_offset >= 0 else np.where(row_offsets >= 0, len(prefix_ids) + row_offsets, -1)
+    return token_ids, mask, offsets
+
+
+def soft_prompt_states(model, soft_prompt, batch, prefix=None) -> Any:
+    """[b, h] final-norm states at the last position of each whole input (see `whole_sequences`), soft prompt in its slot."""
     import torch
 
-    token_ids = _tensor(batch.token_ids, torch.long)
-    mask = _tensor(batch.attention_mask, torch.long)
-    embeds = soft_prompt_embeddings(model, soft_prompt, token_ids, _tensor(batch.soft_offsets, torch.long))
+    ids, mask, offsets = whole_sequences(batch, prefix)
+    token_ids = _tensor(ids, torch.long)
+    mask = _tensor(mask, torch.long)
+    embeds = soft_prompt_embeddings(model, soft_prompt, token_ids, _tensor(offsets, torch.long))
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
     return out.last_hidden_state[:, -1]
@@ -123,17 +139,18 @@ def _weighted_mean(values, weights):
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def torch_dro_loss(model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights()):
+def torch_dro_loss(model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights(), prefix=None):
     """(total loss tensor, metrics dict of tensors) with the same terms and names as `dro_jax.dro.loss.dro_loss`.
 
-    `batch` is a `QueryBatch` (or anything with its fields) of numpy arrays;
+    `batch` is a `QueryBatch` (or anything with its fields) of numpy arrays, the rows' own parts after
+    `prefix` (the training set's `SharedPrefix`, or None);
     `soft_prompt` a torch tensor [N, h], usually a leaf that requires grad.
     """
     import torch.nn.functional as F
 
     space = torch_anchors(anchors)
     kind = space.basis.dtype
-    new = soft_prompt_states(model, soft_prompt, batch).to(kind)
+    new = soft_prompt_states(model, soft_prompt, batch, prefix).to(kind)
     base = _tensor(batch.base_states).to(kind)
     z_new = (new - space.mean) @ space.basis  # [b, h], full coordinates
     z_base = (base - space.mean) @ space.basis
@@ -178,7 +195,8 @@ def apply_gradients(soft_prompt, optimizer, clip_norm: float = 1.0) -> float:
 
 
 def torch_train_step(
-    model, soft_prompt, optimizer, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights(), clip_norm: float = 1.0
+    model, soft_prompt, optimizer, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights(),
+    clip_norm: float = 1.0, prefix=None,
 ) -> dict[str, float]:
     """One step in place on `soft_prompt` (an nn.Parameter): loss, backward, clip, AdamW; returns float metrics.
 
@@ -188,7 +206,7 @@ def torch_train_step(
     if any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model's parameters must have requires_grad=False (call freeze(model))")
     optimizer.zero_grad(set_to_none=True)
-    total, metrics = torch_dro_loss(model, soft_prompt, batch, anchors, weights)
+    total, metrics = torch_dro_loss(model, soft_prompt, batch, anchors, weights, prefix)
     total.backward()
     out = {name: float(value.detach()) for name, value in metrics.items()}
     out["grad_norm"] = apply_gradients(soft_prompt, optimizer, clip_norm)

@@ -33,7 +33,7 @@ def test_loss_weights_name_the_terms_once():
 def test_loss_at_the_initial_prompt(tiny_dro):
     """The soft prompt starts as the prompt's own embeddings: nothing has moved yet."""
     model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
-    total, metrics = dro_loss(jnp.asarray(initial), _full_batch(data), frozen_inputs(model, anchors), model.config)
+    total, metrics = dro_loss(jnp.asarray(initial), _full_batch(data), frozen_inputs(model, anchors, data.prefix), model.config)
     np.testing.assert_allclose(metrics["refusal"], np.log(2), atol=1e-5)
     np.testing.assert_allclose(metrics["harmfulness"], np.log(2), atol=1e-5)
     assert float(metrics["norm"]) < 1e-8
@@ -43,9 +43,9 @@ def test_loss_at_the_initial_prompt(tiny_dro):
 def test_norm_term_equals_the_full_basis_form_and_ablations_drop_terms(tiny_dro):
     model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
     soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(0), initial.shape)
-    batch, frozen = _full_batch(data), frozen_inputs(model, anchors)
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     total, metrics = dro_loss(soft, batch, frozen, model.config)
-    new = np.asarray(final_states(model.params, model.config, batch.token_ids, batch.attention_mask, soft, batch.soft_offsets))
+    new = np.asarray(final_states(model.params, model.config, batch.token_ids, batch.attention_mask, soft, batch.soft_offsets, prefix=frozen.prefix))
     rest = (new - data.base_states) @ anchors.basis[:, anchors.num_components :]
     np.testing.assert_allclose(metrics["norm"], np.mean(rest**2), rtol=1e-4)
     np.testing.assert_allclose(total, sum(w * metrics[t] for t, w in zip(LossWeights.terms(), LossWeights().as_tuple())), rtol=1e-6)
@@ -58,7 +58,7 @@ def test_dro_objective_binds_the_config_and_shows_every_term(tiny_dro):
     weights = LossWeights(0.5, 0.0, 2.0)
     objective = dro_objective(model.config, weights)
     assert objective.name == "DRO training" and objective.shown == ("loss", *LossWeights.terms())
-    batch, frozen = _full_batch(data), frozen_inputs(model, anchors)
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     soft = jnp.asarray(initial) + 0.05
     np.testing.assert_allclose(objective.loss(soft, batch, frozen)[0], dro_loss(soft, batch, frozen, model.config, weights)[0], rtol=1e-6)
 
@@ -68,21 +68,26 @@ def test_prompt_tuning_loss_is_likelihood_and_unlikelihood(tiny_dro):
     from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_loss, prompt_tuning_objective
     from dro_jax.models import forward
     from dro_jax.models.inputs import input_embeddings
+    from dro_jax.parity.torch_dro import whole_sequences
 
     model, initial = tiny_dro.model, tiny_dro.initial
     pairs = QueryPairs(tiny_dro.pairs.harmful[:2], tiny_dro.pairs.harmless[:2])
     responses = prepare_response_set(model, pairs, "short", len(initial), num_samples=2, max_response_tokens=6, progress=False)
     assert len(responses) == 8 and responses.response_mask.sum(axis=1).max() <= 6
-    batch = jax.tree.map(jnp.asarray, responses.rows(np.arange(8), np.ones(8, np.float32)))
-    total, metrics = prompt_tuning_loss(jnp.asarray(initial), batch, frozen_inputs(model, None), model.config)
-    # By hand, from the plain forward pass: the soft prompt equals the prompt's own embeddings here.
-    embeds = input_embeddings(model.params, batch.token_ids, jnp.asarray(initial), batch.soft_offsets)
-    logits = np.asarray(forward(model.params, model.config, inputs_embeds=embeds, attention_mask=batch.attention_mask, output_logits=True).logits)
+    assert responses.prefix is not None and int(responses.prefix.soft_offset) >= 0  # the slot is in the shared prefix
+    rows = responses.rows(np.arange(8), np.ones(8, np.float32))
+    batch = jax.tree.map(jnp.asarray, rows)
+    total, metrics = prompt_tuning_loss(jnp.asarray(initial), batch, frozen_inputs(model, None, responses.prefix), model.config)
+    # By hand, from one plain forward pass over the whole inputs: the soft prompt equals the prompt's own embeddings here.
+    ids, mask, offsets = whole_sequences(rows, responses.prefix)
+    embeds = input_embeddings(model.params, jnp.asarray(ids), jnp.asarray(initial), jnp.asarray(offsets))
+    logits = np.asarray(forward(model.params, model.config, inputs_embeds=embeds, attention_mask=jnp.asarray(mask), output_logits=True).logits)
     log_p = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    start = ids.shape[1] - responses.token_ids.shape[1]  # where the rows' own parts begin
     per_sequence = []
     for row in range(8):
-        scored = np.nonzero(responses.response_mask[row, 1:])[0]
-        token_log_p = np.array([log_p[row, i, responses.token_ids[row, i + 1]] for i in scored])
+        scored = start + np.nonzero(responses.response_mask[row])[0] - 1  # positions that predict a response token
+        token_log_p = np.array([log_p[row, i, ids[row, i + 1]] for i in scored])
         losses = -token_log_p if responses.wanted[row] else -np.log1p(-np.exp(token_log_p))
         per_sequence.append(losses.mean())
     np.testing.assert_allclose(total, np.mean(per_sequence), rtol=1e-5)

@@ -30,7 +30,7 @@ def test_training_lowers_the_loss_and_only_moves_the_prompt(tiny_dro, tmp_path):
     # Full batch and a small step: the tiny model's embeddings are only 0.02 in scale.
     config = TrainConfig(epochs=10, batch_size=12, learning_rate=1e-4, checkpoint_every=100)
     result = train_and_export(model, data, anchors, initial, config, TrainingFiles(str(tmp_path / "run")), progress=False)
-    batch, frozen = _full_batch(data), frozen_inputs(model, anchors)
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     start, _ = dro_loss(jnp.asarray(initial), batch, frozen, model.config)
     end, _ = dro_loss(jnp.asarray(result.soft_prompt), batch, frozen, model.config)
     assert float(end) < float(start) - 1e-4, (float(start), float(end))
@@ -111,4 +111,6 @@ def test_four_devices_give_the_single_device_result(tiny_dro, tmp_path):
     np.testing.assert_allclose(four_losses, one_losses, rtol=1e-5)
     one, four = np.load(tmp_path / "one.npy"), np.load(tmp_path / "four.npy")
     assert np.abs(one - tiny_dro.initial).max() > 1e-3  # it trained
-    np.testing.assert_allclose(four, one, atol=1e-5, rtol=0)
+    # The soft prompt's gradient is a sum over rows (through the shared prefix's keys and values), reduced in
+    # another order across 4 devices; Adam's normalised step carries that float32 noise into the prompt.
+    np.testing.assert_allclose(four, one, atol=1e-5, rtol=1e-3)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.generate import filter_logits, generate_tokens
+from dro_jax.inference.generate import candidates, generate_tokens
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from helpers import TINY_CONFIGS
@@ -103,12 +103,18 @@ def test_filtered_sampling_matches_its_distribution():
     expected[kept] = np.exp(scaled[kept] - scaled[kept].max())
     expected /= expected.sum()
 
-    filtered = filter_logits(logits, temperature, top_k, top_p)
+    scores, ids = candidates(logits, temperature, top_k, top_p)
+    assert scores.shape == (1, top_k)  # only the top-k survivors are sorted and drawn from
     keys = jax.random.split(jax.random.key(0), 40_000)
-    draws = jax.vmap(lambda k: jax.random.categorical(k, filtered[0]))(keys)
-    observed = np.bincount(np.asarray(draws), minlength=8) / len(keys)
+    draws = np.asarray(ids[0])[np.asarray(jax.vmap(lambda k: jax.random.categorical(k, scores[0]))(keys))]
+    observed = np.bincount(draws, minlength=8) / len(keys)
     assert set(np.flatnonzero(observed)) == set(kept)
     np.testing.assert_allclose(observed, expected, atol=0.012)
+    for k, p in ((0, 0.8), (0, 1.0), (3, 1.0)):  # top-p alone sorts everything; no filter keeps everything
+        scores, ids = candidates(logits, temperature, k, p)
+        assert scores.shape == (1, k or 8)
+        kept_ids = set(np.asarray(ids[0])[np.isfinite(np.asarray(scores[0]))])
+        assert kept_ids == set(order[: k or 8][: None if p == 1.0 else len(kept_ids)])
 
 
 @pytest.mark.parametrize(

@@ -42,9 +42,9 @@ def train_step_figures(model, torch_model, case: DroCase) -> dict:
     optimizer = make_optimizer(TrainConfig())
     step = make_train_step(dro_objective(model.config).loss, optimizer, data_mesh())
     prompt = jnp.asarray(case.prompt)
-    trained, _, metrics = step(prompt, optimizer.init(prompt), case.batch, frozen_inputs(model, case.anchors))
+    trained, _, metrics = step(prompt, optimizer.init(prompt), case.batch, frozen_inputs(model, case.anchors, case.prefix))
     stepped = torch.nn.Parameter(torch.from_numpy(case.prompt.copy()))
-    torch_metrics = torch_train_step(torch_model, stepped, make_torch_optimizer(stepped), case.batch, case.anchors)
+    torch_metrics = torch_train_step(torch_model, stepped, make_torch_optimizer(stepped), case.batch, case.anchors, prefix=case.prefix)
     return {
         "step_diff": float(np.abs(np.asarray(trained) - stepped.detach().numpy()).max()),
         "loss_rel_diff": abs(float(metrics["loss"]) - torch_metrics["loss"]) / abs(torch_metrics["loss"]),
