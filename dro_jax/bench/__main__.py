@@ -1,14 +1,14 @@
-"""`python -m dro_jax.bench forward|generate|parity|train-step`: benchmark and parity tables, the transformers baseline included."""
+"""`python -m dro_jax.bench anchor|forward|generate|parity|train-step`: benchmark and parity tables, the transformers baseline included."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dro_jax.bench import forward, generation, parity, train_step
+from dro_jax.bench import anchor, forward, generation, parity, train_step
 from dro_jax.common.errors import DroJaxError
 
-BENCHMARKS = {"forward": forward, "generate": generation, "parity": parity, "train-step": train_step}
+BENCHMARKS = {"anchor": anchor, "forward": forward, "generate": generation, "parity": parity, "train-step": train_step}
 
 
 def main(argv: list[str] | None = None) -> int:

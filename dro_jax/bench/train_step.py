@@ -16,10 +16,12 @@ cheap stand-in, fine for timing: PCA of the batch's base states (4 axes,
 completed to a full basis) and random probe weights; the loss's cost does not
 depend on the probe values.
 
-GFLOP/s counts useful work only, as `forward` does: matmul FLOPs of the real
-(unpadded) tokens plus causal attention, 2 forward passes per training step
-(the backward pass forms input gradients only, no weight gradients: about one
-forward's matmuls) and 1 per forward-only call. Memory is the process's
+Work counts, as `forward` does, the matmul FLOPs of the real (unpadded)
+tokens each side computes plus causal attention: dro-jax runs the prefix the
+inputs share once and each row's own part, PyTorch each whole input. A
+training step counts 2 forward passes (the backward pass forms input gradients
+only, no weight gradients: about one forward's matmuls), a forward-only call 1.
+Times are medians of the calls. Memory is the process's
 resident-set high-water mark (Linux VmHWM, reset through
 /proc/self/clear_refs after each warm-up, so each row's peak covers its timed
 calls only; freed heap memory is first handed back with glibc's malloc_trim,
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.bench.common import matmul_peak_gflops
+from dro_jax.bench.common import matmul_peak_gflops, work_gflop
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.loading import load_model
@@ -175,12 +177,11 @@ def run(args: argparse.Namespace) -> None:
 
     shared = 0 if data.prefix is None else len(data.prefix.token_ids)
     real = shared + batch.attention_mask[: len(index)].sum(axis=1).astype(np.int64)  # whole inputs
-    forward_flops = sum(config.forward_flops(int(n), int(n * (n + 1) // 2)) for n in real)
-    padded_tokens = batch.token_ids.size
+    forward_flops = work_gflop(config, real) * 1e9
+    shared_flops = work_gflop(config, real, shared, len(index)) * 1e9
     print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters, float32; soft prompt {init.shape[0]} rows "
           f"from the {args.init_prompt!r} prompt")
-    print(f"batch {len(index)} of {len(data)} training queries: {real.sum()} real tokens, {forward_flops / 1e9:.1f} GFLOP per "
-          f"forward pass of the whole inputs; dro-jax runs their shared prefix of {shared} tokens once and each row's own part "
+    print(f"batch {len(index)} of {len(data)} training queries: {real.sum()} real tokens; dro-jax runs their shared prefix of {shared} tokens once and each row's own part "
           f"(padded to {batch.token_ids.shape[1]}), PyTorch each whole input (padded to the batch's longest); "
           f"XLA sees {os.cpu_count()} cores, PyTorch {args.threads} threads")
 
@@ -245,31 +246,32 @@ def run(args: argparse.Namespace) -> None:
     peak = matmul_peak_gflops()
     table = []
     labels = {
-        "jax_step": ("dro-jax training step", 2, "jit; value_and_grad + optax clip/AdamW"),
-        "torch_step": ("PyTorch training step", 2, f"transformers {torch_model.config._attn_implementation} attention; backward + clip_grad_norm_ + AdamW"),
-        "jax_forward": ("dro-jax loss, forward only", 1, "jit"),
-        "torch_forward": ("PyTorch loss, forward only", 1, "torch.no_grad"),
+        "jax_step": ("dro-jax training step", 2 * shared_flops, "jit; value_and_grad + optax clip/AdamW"),
+        "torch_step": ("PyTorch training step", 2 * forward_flops,
+                       f"transformers {torch_model.config._attn_implementation} attention; backward + clip_grad_norm_ + AdamW"),
+        "jax_forward": ("dro-jax loss, forward only", shared_flops, "jit"),
+        "torch_forward": ("PyTorch loss, forward only", forward_flops, "torch.no_grad"),
     }
+    median = {key: statistics.median(result["times"]) for key, result in results.items()}
     for key in ("jax_step", "torch_step", "jax_forward", "torch_forward"):
-        label, passes, note = labels[key]
-        result = results[key]
-        seconds = min(result["times"])
-        gflops = passes * forward_flops / seconds / 1e9
+        label, work, note = labels[key]
+        result, seconds = results[key], median[key]
+        gflops = work / seconds / 1e9
         table.append([
-            label, f"{seconds:.2f}", f"{statistics.mean(result['times']):.2f}", f"{gflops:.0f}", f"{gflops / peak:.0%}",
+            label, f"{seconds:.2f}", f"{min(result['times']):.2f}", f"{work / 1e9:.0f}", f"{gflops:.0f}", f"{gflops / peak:.0%}",
             _gib(max(result["peak_rss"] - result["start_rss"], 0)), _gib(result["peak_rss"]), note,
         ])
-    jax_step_s, torch_step_s = min(results["jax_step"]["times"]), min(results["torch_step"]["times"])
-    jax_fwd_s = min(results["jax_forward"]["times"])
+    jax_step_s, torch_step_s, jax_fwd_s = median["jax_step"], median["torch_step"], median["jax_forward"]
     print(f"float32 matmul peak (XLA, best square matmul): {peak:.0f} GFLOP/s; memory: process RSS peak ({memory.kind})\n")
     print(markdown_table(
-        ["implementation", f"best s ({args.steps} calls)", "mean s", "GFLOP/s", "of peak", "peak RSS over start", "peak RSS", "note"], table
+        ["implementation", f"median s ({args.steps} calls)", "best s", "work (GFLOP)", "GFLOP/s", "of peak", "peak RSS over start",
+         "peak RSS", "note"], table
     ))
     print(f"\ndro-jax compile (first call minus the best timed call): training step "
           f"{max(results['jax_step']['first'] - jax_step_s, 0):.1f} s, forward-only loss "
           f"{max(results['jax_forward']['first'] - jax_fwd_s, 0):.1f} s")
-    print(f"dro-jax / PyTorch training step: {torch_step_s / jax_step_s:.2f}x; forward only: "
-          f"{min(results['torch_forward']['times']) / jax_fwd_s:.2f}x")
+    print(f"dro-jax / PyTorch training step: {torch_step_s / jax_step_s:.2f}x; forward only: {median['torch_forward'] / jax_fwd_s:.2f}x "
+          f"(medians)")
     first_jax, first_torch = jax_metrics["first"], torch_metrics["first"]
     print(f"first step, same inputs: gradient norm {first_jax['grad_norm']:.6f} (dro-jax) vs {first_torch['grad_norm']:.6f} (PyTorch); "
           f"loss {first_jax['loss']:.6f} vs {first_torch['loss']:.6f} (at the initial prompt new = base, so about 1.01 ln 2)")

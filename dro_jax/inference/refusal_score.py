@@ -8,7 +8,10 @@ score is logsumexp over the refusal openings minus logsumexp over the
 compliant ones (positive: the model leans towards refusing). The prompt is
 run once and its KV cache shared by all openings; the same pass yields the
 prompt's representation (final-norm state at the last position), so the
-anchor stage and evaluation need no separate representation pass.
+anchor stage and evaluation need no separate representation pass. The
+openings themselves run as one tree per prompt: openings that start alike
+("I'm sorry", "I am sorry", "I cannot") share their common tokens, and each
+token attends only to the prompt and to its own opening's earlier tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,48 +63,87 @@ class Openings:
         return cls() if path is None else cls.from_file(path)
 
 
+class OpeningTree(NamedTuple):
+    """Openings as a token tree: every distinct proper prefix of an opening is one node, run once per prompt.
+
+    Node i holds the last token of its prefix (`token_ids`), sits `depths[i]`
+    tokens after the prompt, and sees the nodes on its path (`visible`).
+    log p(opening j) = log p(first[j] | prompt) + the sum over s of
+    log p(step_tokens[j, s] | prompt + the prefix of node step_nodes[j, s]),
+    where `step_mask` marks the steps opening j has.
+    """
+
+    token_ids: np.ndarray  # [t] int32
+    depths: np.ndarray  # [t] int32, 1 = right after the prompt
+    visible: np.ndarray  # [t, t] bool
+    first: np.ndarray  # [n] int32
+    step_nodes: np.ndarray  # [n, s] int32
+    step_tokens: np.ndarray  # [n, s] int32
+    step_mask: np.ndarray  # [n, s] bool
+
+    @classmethod
+    def of(cls, openings: Sequence[Sequence[int]]) -> "OpeningTree":
+        nodes: dict[tuple[int, ...], int] = {}
+        for ids in openings:
+            for end in range(1, len(ids)):
+                nodes.setdefault(tuple(ids[:end]), len(nodes))
+        count, steps = len(nodes), max(len(ids) for ids in openings) - 1
+        visible = np.zeros((count, count), bool)
+        for path, node in nodes.items():
+            for end in range(1, len(path) + 1):
+                visible[node, nodes[path[:end]]] = True
+        step_nodes = np.zeros((len(openings), steps), np.int32)
+        step_tokens = np.zeros((len(openings), steps), np.int32)
+        for row, ids in enumerate(openings):
+            for step in range(1, len(ids)):
+                step_nodes[row, step - 1], step_tokens[row, step - 1] = nodes[tuple(ids[:step])], ids[step]
+        step_mask = np.arange(steps)[None, :] < np.array([len(ids) - 1 for ids in openings])[:, None]
+        return cls(
+            np.array([path[-1] for path in nodes], np.int32).reshape(count), np.array([len(path) for path in nodes], np.int32).reshape(count),
+            visible, np.array([ids[0] for ids in openings], np.int32), step_nodes, step_tokens, step_mask,
+        )
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def continuation_log_probs(
     params: Params,
     config: ModelConfig,
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
-    ending_ids: jax.Array,
-    ending_mask: jax.Array,
+    tree: OpeningTree,
     soft_prompt: jax.Array | None = None,
     soft_offsets: jax.Array | None = None,
     prefix: SharedPrefix | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """([b, n] log p(ending j | prompt i), [b, hidden] float32 prompt representations), each prompt run once.
+    """([b, n] log p(opening j | prompt i), [b, hidden] float32 prompt representations), each prompt run once.
 
     Prompts [b, t] are left-padded (the rows' own parts after `prefix`, when
-    given); endings [n, span] right-padded with `ending_mask`. The prompts fill
-    a KV cache, which is then shared by all endings, so the cost is one prompt
-    pass plus b * n * span tokens; the shared prefix runs once for all of them.
+    given). The prompts fill a KV cache; the opening tree then runs as one
+    more block of tokens per prompt on that cache, so the cost is one prompt
+    pass plus b x (tree nodes) tokens; the shared prefix runs once for all.
     """
     batch, prompt_len = prompt_mask.shape
-    count, span = ending_ids.shape
+    nodes = tree.token_ids.shape[0]
     dtype = params["embed_tokens"]["weight"].dtype
     shared = prefix_cache(params, config, prefix, soft_prompt)
-    key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, span), prompt_mask.dtype)], axis=1)
+    key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, nodes), prompt_mask.dtype)], axis=1)
     prefill = forward(
         params, config, inputs_embeds=input_embeddings(params, prompt_ids, soft_prompt, soft_offsets),
         attention_mask=key_mask, positions=row_positions(prompt_mask, prefix),
-        cache=KVCache.zeros(config, batch, prompt_len + span, dtype), cache_index=0, prefix=shared,
+        cache=KVCache.zeros(config, batch, prompt_len + nodes, dtype), cache_index=0, prefix=shared,
     )
     first = jax.nn.log_softmax(compute_logits(params, config, prefill.last_hidden_state[:, -1:])[:, 0], axis=-1)  # [b, v]
-    cache = jax.tree.map(lambda x: jnp.repeat(x, count, axis=1), prefill.cache)
-    ids = jnp.tile(ending_ids, (batch, 1))  # row i * n + j: prompt i, ending j
-    ends = jnp.repeat(row_positions(prompt_mask, prefix)[:, -1] + 1, count)  # each ending continues its prompt
-    out = forward(
-        params, config, ids, jnp.repeat(key_mask, count, axis=0), positions=ends[:, None] + jnp.arange(span)[None],
-        cache=cache, cache_index=prompt_len, prefix=shared,
-    )
-    rest = jax.nn.log_softmax(compute_logits(params, config, out.last_hidden_state[:, :-1]), axis=-1)
-    first_token = jnp.take_along_axis(jnp.repeat(first, count, axis=0), ids[:, :1], axis=-1)[:, 0]
-    later_tokens = jnp.take_along_axis(rest, ids[:, 1:, None], axis=-1)[..., 0]
-    total = first_token + jnp.sum(jnp.where(jnp.tile(ending_mask, (batch, 1))[:, 1:], later_tokens, 0.0), axis=-1)
-    return total.reshape(batch, count), prefill.last_hidden_state[:, -1].astype(jnp.float32)
+    total = first[:, tree.first]  # [b, n]
+    if nodes:
+        ends = row_positions(prompt_mask, prefix)[:, -1:]  # each opening continues its prompt
+        out = forward(
+            params, config, jnp.broadcast_to(tree.token_ids, (batch, nodes)), key_mask, positions=ends + tree.depths[None],
+            cache=prefill.cache, cache_index=prompt_len, prefix=shared, structure=tree.visible,
+        )
+        after = jax.nn.log_softmax(compute_logits(params, config, out.last_hidden_state), axis=-1)  # [b, nodes, v]
+        steps = after[:, tree.step_nodes, tree.step_tokens]  # [b, n, s]
+        total = total + jnp.sum(jnp.where(tree.step_mask[None], steps, 0.0), axis=-1)
+    return total, prefill.last_hidden_state[:, -1].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -122,7 +164,7 @@ def score_openings(
 ) -> OpeningScores:
     """Log-probabilities of each opening right after each chat prompt, and the prompts' representations.
 
-    `batch_size` prompts run together, with batch_size * n_openings opening rows;
+    `batch_size` prompts run together, each with the openings' tree behind it;
     with a mesh, the prompts of each batch are split over its devices.
     """
     prompts = EncodedQueries.of(prompts)
@@ -131,21 +173,14 @@ def score_openings(
     encoded = [model.tokenizer.encode(text, add_special_tokens=False) for text in openings]
     if any(not ids for ids in encoded):
         raise DroJaxError("an opening encodes to no tokens")
-    span = max(len(ids) for ids in encoded)
-    ending_ids = np.zeros((len(encoded), span), np.int32)
-    ending_mask = np.zeros((len(encoded), span), bool)
-    for row, ids in enumerate(encoded):
-        ending_ids[row, : len(ids)] = ids
-        ending_mask[row, : len(ids)] = True
-    params, ending_ids, ending_mask = replicate((model.params, ending_ids, ending_mask), mesh)
+    params, tree = replicate((model.params, OpeningTree.of(encoded)), mesh)
     log_probs = np.zeros((len(prompts), len(openings)))
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
         for batch in prompts.batches(rows_per_batch(batch_size, len(prompts), mesh), model.pad_id):
             inputs = prompts.model_inputs(batch, mesh)
             scores, last = continuation_log_probs(
-                params, model.config, inputs.token_ids, inputs.attention_mask, ending_ids, ending_mask,
-                inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
+                params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
             )
             real = batch.index >= 0
             log_probs[batch.index[real]] = np.asarray(scores)[real]

@@ -239,6 +239,7 @@ def attention_masks(
     sliding_window: int | None,
     cache_index: jax.Array | int | None = None,
     prefix_length: int = 0,
+    structure: jax.Array | None = None,
 ) -> AttentionMasks:
     """Causal, not padding, and inside the sliding window (measured in positions, so padding between a
     shared prefix and a row's own tokens does not count).
@@ -248,13 +249,17 @@ def attention_masks(
     the inputs sit at slots cache_index .. cache_index + t - 1; the slots
     before cache_index are the cache block. Queries and their own keys are at
     `positions` [b, t]; a prefix holds positions 0 .. prefix_length - 1.
+    `structure` [t, t] says which of the inputs' own tokens each may see
+    (default: the earlier ones and itself; a tree lets several continuations
+    of the same context share one row).
     """
     steps = positions.shape[1]
     if cache_index is None:
         own_mask = attention_mask
     else:
         own_mask = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, steps, axis=1)
-    own = jnp.tril(jnp.ones((steps, steps), bool))[None] & own_mask.astype(bool)[:, None, :]
+    structure = jnp.tril(jnp.ones((steps, steps), bool)) if structure is None else structure
+    own = structure[None] & own_mask.astype(bool)[:, None, :]
     inside = (lambda key_positions: positions[:, :, None] - key_positions < sliding_window) if sliding_window else None
     if inside is not None:
         own &= inside(positions[:, None, :])
@@ -294,6 +299,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
         prefix: KVCache | None = None,
+        structure: jax.Array | None = None,
         output_hidden_states: bool = False,
         output_logits: bool = False,
     ) -> ModelOutput:
@@ -311,7 +317,9 @@ class Transformer(nn.Module):
             positions = positions_from_mask(attention_mask)
         cos, sin = rotary_tables(c, positions, h.dtype)
         prefix_length = 0 if prefix is None else prefix.key.shape[-1]
-        masks = attention_masks(attention_mask, positions, c.sliding_window, None if cache is None else cache_index, prefix_length)
+        masks = attention_masks(
+            attention_mask, positions, c.sliding_window, None if cache is None else cache_index, prefix_length, structure
+        )
 
         layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
         layers = nn.scan(
@@ -362,6 +370,7 @@ def forward(
     cache: KVCache | None = None,
     cache_index: jax.Array | int = 0,
     prefix: KVCache | None = None,
+    structure: jax.Array | None = None,
     output_hidden_states: bool = False,
     output_logits: bool = False,
     remat: bool = False,
@@ -375,7 +384,8 @@ def forward(
     `attention_mask` covers all cache slots [b, slots], and `positions` must
     be given. With `prefix`, a batch-1 `KVCache` of p tokens that every row
     continues (positions 0 .. p - 1; see `dro_jax.models.inputs`), every row
-    also attends to it, and `positions` must be given.
+    also attends to it, and `positions` must be given. `structure` [t, t]
+    replaces the causal order among the inputs' own tokens (e.g. a tree).
     Wrap with `jax.jit(..., static_argnames=("config", "output_hidden_states",
     "output_logits", "remat"))`; a fixed padded shape never retraces.
     """
@@ -391,6 +401,7 @@ def forward(
         cache=cache,
         cache_index=cache_index,
         prefix=prefix,
+        structure=structure,
         output_hidden_states=output_hidden_states,
         output_logits=output_logits,
     )

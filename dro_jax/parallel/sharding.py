@@ -59,6 +59,9 @@ def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
 
 
 def rows_per_batch(batch_size: int, num_rows: int, mesh: Mesh | None = None) -> int:
-    """At most `batch_size` rows and no more than there are; with a mesh, rounded up to fill every device."""
-    rows = min(batch_size, num_rows)
+    """Rows per batch for `num_rows` rows in batches of at most `batch_size`: spread evenly over as few
+    batches as that allows, so the last batch is not mostly filler (200 rows at 32 -> 7 batches of 29);
+    with a mesh, rounded up to fill every device."""
+    batches = -(-num_rows // max(batch_size, 1))
+    rows = -(-num_rows // max(batches, 1))
     return rows if mesh is None else padded_batch_size(rows, mesh)
