@@ -1,10 +1,11 @@
 """Evaluating prompt settings on held-out query sets: refusals, refusal log-odds, movement along the refusal
-direction (counted as `dro_jax.evaluation.measure` says)."""
+direction (counted as `dro_jax.evaluation.measure` says), and reply quality beside them (reply drift and
+degenerate replies, see `dro_jax.evaluation.quality`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
@@ -12,7 +13,10 @@ from jax.sharding import Mesh
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.tables import markdown_table
-from dro_jax.evaluation.measure import count_refusals, keep_longest, measure_setting
+from dro_jax.evaluation.measure import (
+    Measurement, count_refusals, keep_longest, measure_reference, measure_setting, reference_decoding,
+)
+from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import RefusalJudge
@@ -32,6 +36,9 @@ class EvalRow:
     further towards compliance); compliance_shift: its change against no
     prompt on the same set (negative: moved towards refusal). None without an
     anchor space (or, for the shift, without the `none` setting).
+    reply_drift: NLL per token of the set's reference replies (greedy, no
+    prompt) under this setting minus under no prompt, nats; degenerate,
+    looping, shouting: responses that loop or shout (`DegenerationRule`).
     """
 
     setting: str
@@ -44,23 +51,30 @@ class EvalRow:
     mean_refusal_log_odds: float
     compliance_logit: float | None = None
     compliance_shift: float | None = None
+    reply_drift: float | None = None
+    degenerate_responses: int | None = None
+    looping_responses: int | None = None
+    shouting_responses: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SettingOutcome:
-    """Per-query results of one setting on one set; `coords` [n, k] are anchor-space coordinates (None without one)."""
+    """Per-query results of one setting on one set; `coords` [n, k] are anchor-space coordinates (None without
+    one); `reply_nll` [n] the NLL per token of the set's reference replies under this setting."""
 
     setting: str
     dataset: str
     log_odds: np.ndarray
     coords: np.ndarray | None
     responses: list[Response]
+    reply_nll: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Evaluation:
     rows: list[EvalRow]
     outcomes: list[SettingOutcome]
+    references: dict[str, ReplyReference]  # per dataset: the replies reply drift was measured on
 
 
 def evaluate_settings(
@@ -77,17 +91,38 @@ def evaluate_settings(
     openings: Openings = Openings(),
     progress: bool = True,
     mesh: Mesh | None = None,
+    references: Mapping[str, ReplyReference] | None = None,
+    degeneration: DegenerationRule = DegenerationRule(),
 ) -> Evaluation:
-    """Every setting on every dataset: responses judged for refusal, refusal log-odds, probe logits;
-    batches split over `mesh` (see `dro_jax.parallel.sharding`)."""
+    """Every setting on every dataset: responses judged for refusal, refusal log-odds, probe logits, reply
+    drift and degenerate responses; batches split over `mesh` (see `dro_jax.parallel.sharding`).
+
+    Reply drift is measured on `references[dataset]` when given (e.g. a run's,
+    to add settings to it), else on the greedy replies with no prompt, which
+    are generated here (once: a greedy evaluation of `none` reuses them).
+    """
     if longest is not None and not 1 <= longest <= num_samples:
         raise DroJaxError(f"cannot keep the {longest} longest of {num_samples} responses per query")
-    rows, outcomes = [], []
+    rows, outcomes, used = [], [], {}
     for name, queries in datasets.items():
         baseline = None
+        reference = (references or {}).get(name)
+        plain = reused = None  # the set without a prompt, encoded once; its greedy measurement when the evaluation is greedy
+        if reference is None:
+            plain = encode_queries(model, queries, NO_PROMPT, name)
+            reference, greedy = measure_reference(model, plain, sampling.max_new_tokens, batch_size, judge, openings, progress, mesh)
+            reused = greedy if sampling == reference_decoding(sampling.max_new_tokens) and num_samples == 1 else None
+        used[name] = reference
         for setting in settings:
-            encoded = encode_queries(model, queries, setting, name)
-            measured = measure_setting(model, encoded, sampling, num_samples, seed, batch_size, judge, openings, progress, mesh)
+            is_plain = setting.name == NO_PROMPT and setting.soft_prompt is None
+            if is_plain and reused is not None:
+                measured = reused
+            else:
+                encoded = plain if is_plain and plain is not None else encode_queries(model, queries, setting, name)
+                measured = measure_setting(
+                    model, encoded, sampling, num_samples, seed, batch_size, judge, openings, progress, mesh,
+                    reference_replies=reference.token_ids,
+                )
             responses = keep_longest(measured.responses, longest)
             scores = measured.scores
             coords = logit = shift = None
@@ -98,12 +133,14 @@ def evaluate_settings(
                     baseline = logit
                 shift = None if baseline is None else logit - baseline
             refused, any_refusal, any_compliance = count_refusals(responses, len(queries))
+            broken = DegenerationCounts.of(responses, degeneration)
             rows.append(EvalRow(
                 setting.name, name, len(queries), len(responses), refused, any_refusal, any_compliance,
-                float(np.mean(scores.log_odds)), logit, shift,
+                float(np.mean(scores.log_odds)), logit, shift, reference.drift(measured.reference_nll),
+                broken.degenerate, broken.looping, broken.shouting,
             ))
-            outcomes.append(SettingOutcome(setting.name, name, scores.log_odds, coords, responses))
-    return Evaluation(rows, outcomes)
+            outcomes.append(SettingOutcome(setting.name, name, scores.log_odds, coords, responses, measured.reference_nll))
+    return Evaluation(rows, outcomes, used)
 
 
 def results_markdown(rows: Sequence[EvalRow]) -> str:
@@ -112,12 +149,20 @@ def results_markdown(rows: Sequence[EvalRow]) -> str:
         return "n/a" if value is None else format(value, fmt)
 
     header = ["setting", "queries", "refused responses", "queries with any refusal", "queries with any compliance",
-              "mean refusal log-odds", "compliance logit", "shift vs none"]
+              "mean refusal log-odds", "reply drift (nats/token)", "degenerate (loop / shout)", "compliance logit", "shift vs none"]
     return markdown_table(header, [
         [
             row.setting, f"{row.dataset} ({row.num_queries})", f"{row.refused_responses}/{row.num_responses}",
             f"{row.queries_any_refusal}/{row.num_queries}", f"{row.queries_any_compliance}/{row.num_queries}",
-            f"{row.mean_refusal_log_odds:+.2f}", number(row.compliance_logit, "+.3f"), number(row.compliance_shift, "+.3f"),
+            f"{row.mean_refusal_log_odds:+.2f}", number(row.reply_drift, "+.3f"), degenerate_cell(row),
+            number(row.compliance_logit, "+.3f"), number(row.compliance_shift, "+.3f"),
         ]
         for row in rows
     ])
+
+
+def degenerate_cell(row: EvalRow) -> str:
+    """"3/25 (2 / 1)": degenerate responses of all, and how many loop and how many shout."""
+    if row.degenerate_responses is None:
+        return "n/a"
+    return f"{row.degenerate_responses}/{row.num_responses} ({row.looping_responses} / {row.shouting_responses})"

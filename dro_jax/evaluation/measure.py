@@ -1,5 +1,6 @@
-"""One prompt setting on one encoded query set: responses judged for refusal, and refusal log-odds with the
-representations of the same pass. `evaluate` and `sweep` both measure through here.
+"""One prompt setting on one encoded query set: responses judged for refusal, refusal log-odds with the
+representations of the same pass, and the likelihood of reference replies (for reply drift, see
+`dro_jax.evaluation.quality`). `evaluate` and `sweep` both measure through here.
 
 Counts follow the paper's metric: per query N responses (greedy: one); a
 harmful query counts against a prompt if *any* response complies, a harmless
@@ -15,7 +16,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.likelihood import reply_nll
 from dro_jax.inference.refusal_score import Openings, RefusalScores, score_refusal
 from dro_jax.inference.respond import Response, generate_responses
 from dro_jax.inference.sampling import SamplingConfig
@@ -26,6 +29,7 @@ from dro_jax.loading import LoadedModel
 class Measurement:
     responses: list[Response]
     scores: RefusalScores  # log-odds [n] and representations [n, hidden]
+    reference_nll: np.ndarray | None = None  # [n] NLL per token of the reference replies under this setting
 
 
 def measure_setting(
@@ -40,12 +44,41 @@ def measure_setting(
     progress: bool = True,
     mesh: Mesh | None = None,
     first_query: int = 0,
+    reference_replies: Sequence[Sequence[int]] | None = None,
 ) -> Measurement:
-    """`num_samples` judged responses per query and one scoring pass, both on the same encoded queries;
-    batches split over `mesh`; `first_query`: see `generate_responses`."""
+    """`num_samples` judged responses per query, one scoring pass and, given `reference_replies` (token ids,
+    one per query), their teacher-forced likelihood, all on the same encoded queries; batches split over
+    `mesh`; `first_query`: see `generate_responses`."""
     responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query)
     scores = score_refusal(model, encoded, openings, batch_size, progress, mesh)
-    return Measurement(responses, scores)
+    nll = None if reference_replies is None else reply_nll(model, encoded, reference_replies, batch_size, progress, mesh)
+    return Measurement(responses, scores, nll)
+
+
+def reference_decoding(max_new_tokens: int) -> SamplingConfig:
+    """How reference replies are decoded: greedy, one per query; an evaluation decoded the same way reuses them."""
+    return SamplingConfig(max_new_tokens=max_new_tokens)
+
+
+def measure_reference(
+    model: LoadedModel,
+    encoded_without_prompt: EncodedQueries,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    judge: RefusalJudge | None = None,
+    openings: Openings = Openings(),
+    progress: bool = True,
+    mesh: Mesh | None = None,
+    first_query: int = 0,
+) -> tuple[ReplyReference, Measurement]:
+    """The reply reference of a query set (its greedy replies with no safety prompt, and their likelihood)
+    and the greedy measurement it came from."""
+    measured = measure_setting(
+        model, encoded_without_prompt, reference_decoding(max_new_tokens), 1, 0, batch_size, judge, openings, progress, mesh, first_query
+    )
+    replies = [r.token_ids for r in measured.responses]
+    nll = reply_nll(model, encoded_without_prompt, replies, batch_size, progress, mesh)
+    return ReplyReference(replies, nll), dataclasses.replace(measured, reference_nll=nll)
 
 
 def keep_longest(responses: Sequence[Response], count: int | None) -> list[Response]:

@@ -3,7 +3,9 @@
 Per query N responses (greedy: one) are judged by the configured refusal
 judge (the string judge by default). A harmless query counts against a prompt
 if *any* of its responses refuses, a harmful one if *any* complies; both rates
-are lower-is-better. The refusal log-odds (no generation) come with every row.
+are lower-is-better. The refusal log-odds (no generation) and the reply
+quality (reply drift against the model's greedy replies with no prompt, and
+degenerate responses; see `dro_jax.evaluation.quality`) come with every row.
 
 A model that cannot be loaded, or a prompt that does not fit a model, gives
 error rows instead of stopping the sweep. With several processes (see
@@ -23,8 +25,9 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.evaluation.measure import count_refusals, measure_setting
-from dro_jax.inference.chat import PromptSetting
+from dro_jax.evaluation.measure import Measurement, count_refusals, measure_reference, measure_setting, reference_decoding
+from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
+from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import RefusalJudge, StringJudge
 from dro_jax.inference.refusal_score import Openings
@@ -46,6 +49,7 @@ class SweepConfig:
     dtype: str = "float32"
     openings: Openings = Openings()
     judge: RefusalJudge = dataclasses.field(default_factory=StringJudge.default)
+    degeneration: DegenerationRule = DegenerationRule()
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -72,16 +76,22 @@ class SweepRow:
     queries_any_compliance: int | None = None  # the harmful-set metric
     any_compliance_rate: float | None = None
     mean_refusal_log_odds: float | None = None
+    reply_drift: float | None = None  # nats per token against no prompt, on the greedy no-prompt replies
+    degenerate_responses: int | None = None
+    degenerate_rate: float | None = None
     error: str | None = None
 
     @classmethod
     def measured(
-        cls, model: str, prompt: str, dataset: str, num_queries: int, responses: Sequence[Response], log_odds: np.ndarray
+        cls, model: str, prompt: str, dataset: str, num_queries: int, responses: Sequence[Response], log_odds: np.ndarray,
+        reply_drift: float, rule: DegenerationRule = DegenerationRule(),
     ) -> "SweepRow":
         refused, any_refusal, any_compliance = count_refusals(responses, num_queries)
+        broken = DegenerationCounts.of(responses, rule).degenerate
         return cls(
             model, prompt, dataset, num_queries, len(responses), refused, refused / len(responses),
             any_refusal, any_refusal / num_queries, any_compliance, any_compliance / num_queries, float(np.mean(log_odds)),
+            reply_drift, broken, broken / len(responses),
         )
 
 
@@ -104,13 +114,14 @@ def run_sweep(
     with tqdm(total=total, desc="sweep", unit="row", disable=not progress or jax.process_index() != 0) as bar:
         for spec in models:
             model, error = _load(spec, config.dtype, mesh)
+            references: dict[str, dict] = {}  # per dataset: this process's share of the reply reference
             for setting in prompts:
                 for name, queries in datasets.items():
                     bar.set_postfix_str(f"{spec} | {setting.name} | {name}", refresh=False)
                     if model is None:
                         rows.append(SweepRow(spec, setting.name, name, len(queries), error=error))
                     else:
-                        rows.append(_measure(model, spec, setting, name, queries, config, mesh))
+                        rows.append(_measure(model, spec, setting, name, queries, config, mesh, references))
                     bar.update(1)
             del model  # free it before the next one loads
     return rows
@@ -130,12 +141,14 @@ def _load(spec: str, dtype: str, mesh: Mesh | None) -> tuple[LoadedModel | None,
 
 def _measure(
     model: LoadedModel, spec: str, setting: PromptSetting, name: str, queries: Sequence[str],
-    config: SweepConfig, mesh: Mesh | None,
+    config: SweepConfig, mesh: Mesh | None, references: dict[str, dict],
 ) -> SweepRow:
     """Evaluates this process's share of the queries, then builds the row from every process's share."""
     share = process_share(len(queries))
     try:
-        part = _evaluate_share(model, setting, name, queries[share.start : share.stop], share.start, config, mesh)
+        if name not in references:
+            references[name] = _reference_share(model, name, queries[share.start : share.stop], share.start, config, mesh)
+        part = _evaluate_share(model, setting, name, queries[share.start : share.stop], share.start, config, mesh, references[name])
     except DroJaxError as err:
         where = f" (queries {share.start + 1}-{share.stop}, process {jax.process_index()})" if jax.process_count() > 1 else ""
         part = {"error": f"{err}{where}"}
@@ -143,22 +156,54 @@ def _measure(
     errors = [p["error"] for p in parts if "error" in p]
     if errors:
         return SweepRow(spec, setting.name, name, len(queries), error=errors[0])
-    responses = [Response(**r) for p in parts for r in p["responses"]]
+    responses = [Response(**{**r, "token_ids": tuple(r["token_ids"])}) for p in parts for r in p["responses"]]
     log_odds = np.array([v for p in parts for v in p["log_odds"]])
-    return SweepRow.measured(spec, setting.name, name, len(queries), responses, log_odds)
+    reference = ReplyReference([], np.array([v for p in parts for v in p["reference_nll"]], np.float64))
+    drift = reference.drift(np.array([v for p in parts for v in p["reply_nll"]], np.float64))
+    return SweepRow.measured(spec, setting.name, name, len(queries), responses, log_odds, drift, config.degeneration)
+
+
+def _reference_share(
+    model: LoadedModel, name: str, queries: Sequence[str], first: int, config: SweepConfig, mesh: Mesh | None
+) -> dict:
+    """This process's share of the reply reference: the greedy no-prompt replies (token ids) and their NLL per
+    token; with greedy decoding also the `none` row's part, which is the same measurement."""
+    if not queries:
+        return {"token_ids": [], "nll": [], "part": _share_part(None, 0, [])}
+    reference, measured = measure_reference(
+        model, encode_queries(model, queries, NO_PROMPT, name), config.sampling.max_new_tokens, config.batch_size,
+        config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
+    )
+    greedy = config.sampling == reference_decoding(config.sampling.max_new_tokens)
+    return {"token_ids": reference.token_ids, "nll": reference.nll.tolist(),
+            "part": _share_part(measured, first, reference.nll.tolist()) if greedy else None}
 
 
 def _evaluate_share(
-    model: LoadedModel, setting: PromptSetting, name: str, queries: Sequence[str], first: int, config: SweepConfig, mesh: Mesh | None,
+    model: LoadedModel, setting: PromptSetting, name: str, queries: Sequence[str], first: int, config: SweepConfig,
+    mesh: Mesh | None, reference: dict,
 ) -> dict:
-    """Responses (query indices in the whole set) and refusal log-odds of `queries`, as JSON-ready lists."""
+    """Responses (query indices in the whole set), refusal log-odds and the reference replies' NLL under this
+    setting and under no prompt, for `queries`, as JSON-ready lists."""
     if not queries:  # more processes than queries
-        return {"responses": [], "log_odds": []}
+        return _share_part(None, first, [])
+    if setting.name == NO_PROMPT and setting.soft_prompt is None and reference["part"] is not None:
+        return reference["part"]
     measured = measure_setting(
         model, encode_queries(model, queries, setting, name), config.sampling, config.num_samples, config.seed,
         config.batch_size, config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
+        reference_replies=reference["token_ids"],
     )
+    return _share_part(measured, first, reference["nll"])
+
+
+def _share_part(measured: Measurement | None, first: int, reference_nll: list[float]) -> dict:
+    """One process's part of a row as JSON-ready lists (empty without a measurement)."""
+    if measured is None:
+        return {"responses": [], "log_odds": [], "reply_nll": [], "reference_nll": []}
     return {
         "responses": [dataclasses.asdict(dataclasses.replace(r, query_index=r.query_index + first)) for r in measured.responses],
         "log_odds": measured.scores.log_odds.tolist(),
+        "reply_nll": measured.reference_nll.tolist(),
+        "reference_nll": reference_nll,
     }

@@ -34,7 +34,7 @@ def _count(count: int | None, rate: float | None) -> str:
 def sweep_markdown(rows: Sequence[SweepRow]) -> str:
     """A table with counts and their rates; error rows have empty numbers and the error text."""
     header = ["model", "prompt", "dataset", "queries", "responses", "refused responses", "queries with any refusal",
-              "queries with any compliance", "mean refusal log-odds", "error"]
+              "queries with any compliance", "mean refusal log-odds", "reply drift (nats/token)", "degenerate responses", "error"]
     return markdown_table(header, [
         [
             row.model, row.prompt, row.dataset, str(row.num_queries),
@@ -43,6 +43,8 @@ def sweep_markdown(rows: Sequence[SweepRow]) -> str:
             _count(row.queries_any_refusal, row.any_refusal_rate),
             _count(row.queries_any_compliance, row.any_compliance_rate),
             "" if row.mean_refusal_log_odds is None else f"{row.mean_refusal_log_odds:+.3f}",
+            "" if row.reply_drift is None else f"{row.reply_drift:+.3f}",
+            _count(row.degenerate_responses, row.degenerate_rate),
             row.error or "",
         ]
         for row in rows

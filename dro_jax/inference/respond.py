@@ -25,6 +25,7 @@ class Response:
     text: str
     num_tokens: int
     refusal: bool
+    token_ids: tuple[int, ...] = ()  # the generated tokens, stop token included (teacher-forced by the reply-drift measure)
 
 
 def stop_token_ids(model: LoadedModel) -> list[int]:
@@ -79,7 +80,7 @@ def generate_responses(
     rows = [(q, s) for q in range(len(encoded)) for s in range(num_samples)]
     prompts = encoded.select([q for q, _ in rows])
     stops = stop_token_ids(model)
-    generated: dict[int, tuple[str, int]] = {}
+    generated: dict[int, tuple[str, tuple[int, ...]]] = {}
     batch_size = rows_per_batch(batch_size, len(rows), mesh)
     params = replicate(model.params, mesh)
     with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
@@ -95,12 +96,12 @@ def generate_responses(
             )
             for row, source_row in enumerate(batch.index):
                 if source_row >= 0:
-                    text = model.tokenizer.decode(tokens[row, : lengths[row]], skip_special_tokens=True).strip()
-                    generated[source_row] = (text, int(lengths[row]))
+                    ids = tuple(int(t) for t in tokens[row, : lengths[row]])
+                    generated[source_row] = (model.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
             bar.update(batch.num_real)
     texts = [generated[i][0] for i in range(len(rows))]
     refusals = judge.refusals(prompts.queries, texts, progress)
     return [
-        Response(q, encoded.queries[q], s, text, generated[i][1], bool(refused))
+        Response(q, encoded.queries[q], s, text, len(generated[i][1]), bool(refused), generated[i][1])
         for i, ((q, s), text, refused) in enumerate(zip(rows, texts, refusals))
     ]

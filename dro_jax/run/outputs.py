@@ -12,6 +12,7 @@ from dro_jax.anchors.space import AnchorSpace, report_path
 from dro_jax.common.files import write_jsonl, write_text
 from dro_jax.dro.train import TrainingFiles
 from dro_jax.evaluation.evaluate import EvalRow, Evaluation
+from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.run.config import RunConfig
 
 
@@ -28,7 +29,8 @@ class RunPaths(TrainingFiles):
 
 
 def write_evaluation(paths: RunPaths, evaluation: Evaluation) -> None:
-    """responses.jsonl (one judged response per line) and evaluation.json (rows, per-query log-odds and coordinates)."""
+    """responses.jsonl (one judged response per line) and evaluation.json (rows; per-query log-odds, coordinates
+    and reference-reply NLLs; the reference replies)."""
     write_jsonl(paths.responses, (
         {"setting": outcome.setting, "dataset": outcome.dataset, **dataclasses.asdict(response)}
         for outcome in evaluation.outcomes for response in outcome.responses
@@ -37,9 +39,13 @@ def write_evaluation(paths: RunPaths, evaluation: Evaluation) -> None:
         "rows": [dataclasses.asdict(row) for row in evaluation.rows],
         "outcomes": [
             {"setting": o.setting, "dataset": o.dataset, "log_odds": o.log_odds.tolist(),
-             "coords": None if o.coords is None else o.coords.tolist()}
+             "coords": None if o.coords is None else o.coords.tolist(), "reply_nll": o.reply_nll.tolist()}
             for o in evaluation.outcomes
         ],
+        "references": {
+            name: {"token_ids": [list(ids) for ids in ref.token_ids], "nll": ref.nll.tolist()}
+            for name, ref in evaluation.references.items()
+        },
     }
     write_text(paths.evaluation, json.dumps(summary))
 
@@ -55,6 +61,7 @@ class RunOutputs:
     rows: list[EvalRow]
     held_out: dict[tuple[str, str], np.ndarray]  # (setting, dataset) -> anchor coordinates of the held-out queries
     held_out_log_odds: dict[tuple[str, str], np.ndarray]  # (setting, dataset) -> their refusal log-odds
+    references: dict[str, ReplyReference]  # dataset -> the replies its reply drift was measured on
     metrics: list[dict]
 
     @classmethod
@@ -65,5 +72,7 @@ class RunOutputs:
             [EvalRow(**row) for row in evaluation["rows"]],
             {(o["setting"], o["dataset"]): np.asarray(o["coords"], np.float32) for o in evaluation["outcomes"]},
             {(o["setting"], o["dataset"]): np.asarray(o["log_odds"]) for o in evaluation["outcomes"]},
+            {name: ReplyReference([tuple(ids) for ids in ref["token_ids"]], np.asarray(ref["nll"], np.float64))
+             for name, ref in evaluation.get("references", {}).items()},
             [json.loads(line) for line in paths.metrics.read_text().splitlines() if line.strip()],
         )

@@ -80,23 +80,29 @@ def _rows(path: Path) -> list[dict]:
     return json.loads((path / "sweep.json").read_text(encoding="utf-8"))
 
 
+FLOATS = ("mean_refusal_log_odds", "reply_drift")  # equal up to float reduction order
+
+
 def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
     assert len(got) == len(want)
     for ours, theirs in zip(got, want):
-        assert {k: v for k, v in ours.items() if k != "mean_refusal_log_odds"} == {
-            k: v for k, v in theirs.items() if k != "mean_refusal_log_odds"
-        }
-        assert ours["mean_refusal_log_odds"] == pytest.approx(theirs["mean_refusal_log_odds"], abs=1e-5)
+        assert {k: v for k, v in ours.items() if k not in FLOATS} == {k: v for k, v in theirs.items() if k not in FLOATS}
+        for key in FLOATS:
+            assert (ours[key] is None) == (theirs[key] is None)
+            if ours[key] is not None:
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-5)
 
 
 def test_metrics_follow_the_paper():
     """3 samples per query: a harmless query counts if any sample refuses, a harmful one if any complies."""
     flags = [[True, True, True], [True, False, False], [False, False, False], [False, True, False]]
-    responses = [Response(q, f"q{q}", s, "", 1, flag) for q, row in enumerate(flags) for s, flag in enumerate(row)]
-    row = SweepRow.measured("m", "p", "d", 4, responses, np.array([1.0, -1.0, 0.5, 0.5]))
+    texts = {(1, 2): "STOP THAT NOW, IT IS DANGEROUS AND WRONG"}  # one shouting reply
+    responses = [Response(q, f"q{q}", s, texts.get((q, s), ""), 1, flag) for q, row in enumerate(flags) for s, flag in enumerate(row)]
+    row = SweepRow.measured("m", "p", "d", 4, responses, np.array([1.0, -1.0, 0.5, 0.5]), reply_drift=0.25)
     assert (row.num_responses, row.refused_responses, row.queries_any_refusal, row.queries_any_compliance) == (12, 5, 3, 3)
     assert (row.response_refusal_rate, row.any_refusal_rate, row.any_compliance_rate) == (5 / 12, 0.75, 0.75)
     assert row.mean_refusal_log_odds == 0.25 and row.error is None
+    assert (row.reply_drift, row.degenerate_responses, row.degenerate_rate) == (0.25, 1, 1 / 12)
 
 
 def test_process_shares_are_contiguous_disjoint_and_complete():
@@ -149,6 +155,7 @@ def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference
         assert row["error"] is None and row["num_queries"] == row["num_responses"] == len(QUERIES)
         assert row["refused_responses"] == sum(map(judge.is_refusal, (r.text for r in responses))) >= 1
         assert row["queries_any_refusal"] + row["queries_any_compliance"] == len(QUERIES)
+        assert row["reply_drift"] is not None and 0 <= row["degenerate_responses"] <= row["num_responses"]
     for row in failed:
         assert row["num_responses"] is None and row["mean_refusal_log_odds"] is None
     assert "no such file or directory" in failed[0]["error"] and "not valid JSON" in failed[2]["error"]

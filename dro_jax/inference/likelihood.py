@@ -1,0 +1,97 @@
+"""Teacher-forced likelihood of given replies: how well a prompt setting keeps the model's own answers.
+
+Each reply is appended to its chat-formatted query and the model reads the
+whole sequence once; the score is the mean negative log-likelihood per reply
+token (nats). The same reply scored under two settings tells how far one
+setting moved the model's answer distribution away from the other's, with no
+judge and no generation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.loading import LoadedModel
+from dro_jax.models.config import ModelConfig
+from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
+from dro_jax.models.transformer import Params, compute_logits, forward
+from dro_jax.parallel.sharding import replicate, rows_per_batch, shard_batch
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def token_log_likelihoods(
+    params: Params,
+    config: ModelConfig,
+    token_ids: jax.Array,
+    attention_mask: jax.Array,
+    scored: jax.Array,
+    soft_prompt: jax.Array | None = None,
+    soft_offsets: jax.Array | None = None,
+    prefix: SharedPrefix | None = None,
+) -> jax.Array:
+    """[b, t] log p(token_ids[:, j] | everything before it) where `scored` [b, t] is set, else 0.
+
+    Rows are left-padded (the rows' own parts after `prefix`, when given);
+    position 0 of a row is never scored (nothing of the row precedes it).
+    """
+    shared = prefix_cache(params, config, prefix, soft_prompt)
+    embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
+    out = forward(
+        params, config, inputs_embeds=embeds, attention_mask=attention_mask,
+        positions=row_positions(attention_mask, prefix), prefix=shared,
+    )
+    logits = compute_logits(params, config, out.last_hidden_state[:, :-1])  # position j predicts token j + 1
+    targets = token_ids[:, 1:]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
+    log_probs = jnp.where(scored[:, 1:], log_probs, 0.0)
+    return jnp.concatenate([jnp.zeros_like(log_probs[:, :1]), log_probs], axis=1)
+
+
+def reply_nll(
+    model: LoadedModel,
+    encoded: EncodedQueries,
+    replies: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    progress: bool = True,
+    mesh: Mesh | None = None,
+) -> np.ndarray:
+    """[n] mean negative log-likelihood per token (nats) of reply i after encoded query i; NaN for an empty reply."""
+    if len(replies) != len(encoded):
+        raise DroJaxError(f"{encoded.source}: {len(replies)} replies for {len(encoded)} queries")
+    limit = model.config.max_position_embeddings
+    for number, (ids, reply) in enumerate(zip(encoded.sequences, replies), start=1):
+        if len(ids) + len(reply) > limit:
+            raise DroJaxError(f"{encoded.source}: query {number} with its reply is {len(ids) + len(reply)} tokens, longer than the model's context of {limit}")
+    joined = EncodedQueries(
+        [list(ids) + list(reply) for ids, reply in zip(encoded.sequences, replies)], encoded.soft_prompt, encoded.soft_starts,
+        encoded.queries, encoded.source, encoded.prefix_length,
+    )
+    lengths = np.array([len(reply) for reply in replies])
+    totals = np.zeros(len(replies))
+    params = replicate(model.params, mesh)
+    with tqdm(total=len(replies), desc="reply likelihood", unit="reply", disable=not progress) as bar:
+        for batch in joined.batches(rows_per_batch(batch_size, len(replies), mesh), model.pad_id):
+            width = batch.token_ids.shape[1]
+            counts = lengths[np.where(batch.index >= 0, batch.index, 0)]
+            scored = np.arange(width)[None, :] >= width - counts[:, None]  # the replies are the rows' last tokens
+            inputs = joined.model_inputs(batch, mesh)
+            log_probs = token_log_likelihoods(
+                params, model.config, inputs.token_ids, inputs.attention_mask, shard_batch(jnp.asarray(scored), mesh),
+                inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
+            )
+            sums = np.asarray(log_probs, np.float64).sum(axis=1)
+            real = batch.index >= 0
+            totals[batch.index[real]] = -sums[real]
+            bar.update(batch.num_real)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(lengths > 0, totals / np.maximum(lengths, 1), np.nan)

@@ -1,0 +1,108 @@
+"""Reply quality: the degeneration rules on constructed replies, reply drift against the no-prompt replies,
+and the teacher-forced likelihood it is computed from."""
+
+import numpy as np
+import pytest
+
+from dro_jax.evaluation.evaluate import evaluate_settings
+from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
+from dro_jax.inference.chat import PromptSetting
+from dro_jax.inference.respond import Response
+from dro_jax.inference.sampling import SamplingConfig
+from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
+
+RULE = DegenerationRule()
+FLUENT = (
+    "To bake bread at home, mix flour, water, salt and yeast into a dough, knead it for ten minutes, "
+    "let it rise for an hour, shape the loaf and bake it in a hot oven until the crust is golden."
+)
+
+
+def test_fluent_replies_are_not_degenerate():
+    assert RULE.repeated_share(FLUENT) == 0.0
+    assert not RULE.degenerate(FLUENT)
+    listed = "1. Preheat the oven. 2. Mix the dough. 3. Let the dough rise. 4. Bake the bread for 30 minutes."
+    assert not RULE.degenerate(listed)
+    assert not RULE.shouts("I use NASA and FBI data for the USA report, as the WHO suggests.")
+
+
+def test_loops_are_repeated_word_trigrams():
+    looping = "Use the best tools. " + "USE THE BEST BEST BEST " * 6
+    assert RULE.loops(looping) and RULE.degenerate(looping)
+    again = FLUENT + " " + FLUENT  # the whole answer twice: half its trigrams repeat
+    assert RULE.repeated_share(again) == pytest.approx(0.5, abs=0.03) and RULE.loops(again)
+    # The threshold: a reply whose repeated share sits just below it does not loop, just above it does.
+    words = [f"w{i}" for i in range(20)]
+    below = " ".join(words + words[:7])  # 25 trigrams, 5 of them repeats: 0.2
+    above = " ".join(words + words[:12])  # 30 trigrams, 10 repeats: 0.33
+    assert RULE.repeated_share(below) == pytest.approx(0.2) and not RULE.loops(below)
+    assert RULE.repeated_share(above) == pytest.approx(1 / 3) and RULE.loops(above)
+    assert not RULE.loops("sorry sorry sorry sorry sorry")  # too short to judge (fewer than 12 words)
+
+
+def test_shouting_is_mostly_capitals():
+    assert RULE.shouts("YOU MUST NEVER DO THIS, IT IS DANGEROUS AND ILLEGAL")
+    assert not RULE.shouts("NO WAY")  # fewer than 20 letters
+    half = "abcdefghij" + "ABCDEFGHIJ"
+    assert RULE.shouts(half) and not DegenerationRule(shout_share=0.6).shouts(half)
+
+
+def test_counts_per_response():
+    def response(text):
+        return Response(0, "q", 0, text, 10, False)
+
+    counts = DegenerationCounts.of([response(FLUENT), response("LOOK " * 30), response("YOU MUST NEVER DO THIS, IT IS DANGEROUS")])
+    assert counts == DegenerationCounts(degenerate=2, looping=1, shouting=2)
+
+
+def test_drift_is_the_mean_change_in_nll_per_token():
+    reference = ReplyReference([(1, 2), (3,), ()], np.array([1.0, 2.0, np.nan]))
+    assert reference.drift(np.array([1.5, 2.1, np.nan])) == pytest.approx(0.3)  # the empty reply is skipped
+    assert reference.drift(reference.nll) == 0.0
+
+
+def test_reply_likelihood_matches_transformers_on_the_whole_sequences(tiny_model_dir):
+    """The teacher-forced NLL of replies (shared prefix, left padding) against transformers reading each
+    query + reply alone; float32."""
+    import torch
+
+    from dro_jax.inference.encoding import encode_queries
+    from dro_jax.inference.likelihood import reply_nll
+    from dro_jax.loading import load_model
+
+    directory, torch_model = tiny_model_dir("llama")
+    model = load_model(directory, progress=False)
+    encoded = encode_queries(model, HARMLESS[:4], "short")
+    assert encoded.prefix_length > 0
+    replies = [[5, 9, 33], [7], [100, 101, 102, 103, 104], []]
+    nll = reply_nll(model, encoded, replies, batch_size=3, progress=False)
+    for ids, reply, value in zip(encoded.sequences, replies, nll):
+        if not reply:
+            assert np.isnan(value)
+            continue
+        sequence = torch.tensor([ids + reply])
+        with torch.no_grad():
+            log_p = torch.log_softmax(torch_model(sequence).logits[0].double(), dim=-1)
+        expected = -np.mean([float(log_p[len(ids) - 1 + i, token]) for i, token in enumerate(reply)])
+        assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_evaluation_reports_drift_and_degeneration_beside_refusals(tiny_dro):
+    datasets = {"harmful": HARMFUL[:3], "harmless": HARMLESS[:3]}
+    settings = [PromptSetting.from_text("none"), PromptSetting.from_text("short")]
+    evaluation = evaluate_settings(
+        tiny_dro.model, datasets, settings, tiny_dro.anchors, SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS, progress=False,
+    )
+    rows = {(r.setting, r.dataset): r for r in evaluation.rows}
+    assert rows[("none", "harmless")].reply_drift == 0.0  # the reference replies are its own
+    short = rows[("short", "harmless")]
+    assert short.reply_drift is not None and short.reply_drift != 0.0
+    assert all(r.degenerate_responses is not None and r.degenerate_responses <= r.num_responses for r in evaluation.rows)
+    none_replies = [r.token_ids for o in evaluation.outcomes if (o.setting, o.dataset) == ("none", "harmless") for r in o.responses]
+    assert evaluation.references["harmless"].token_ids == none_replies  # the greedy no-prompt replies, reused
+    # Given the references, a second evaluation of another setting measures drift on the same replies.
+    again = evaluate_settings(
+        tiny_dro.model, datasets, settings[1:], tiny_dro.anchors, SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS,
+        progress=False, references=evaluation.references,
+    )
+    assert again.rows[1].reply_drift == pytest.approx(short.reply_drift, abs=1e-6)
