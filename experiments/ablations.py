@@ -1,6 +1,6 @@
-"""Experiment 3: the paper's three ablations of the DRO loss (no norm term, no refusal term, no harmfulness term).
+"""Experiment 3: the paper's ablations of the DRO loss (no norm term, no refusal term, no harmfulness term).
 
-Each ablation retrains the soft prompt with one term's weight set to zero,
+Each ablation retrains the soft prompt with one of the run's weighted terms set to zero,
 everything else as in the run (same anchor space, init, schedule, seed), and
 is evaluated on the held-out sets next to the full DRO prompt.
 
@@ -29,13 +29,14 @@ def main() -> None:
     model = load_model(config.model, config.dtype)
     sets = QuerySets.read(config)
     prompts = {}
-    for term in LossWeights.terms():
-        weights = LossWeights.from_sequence(config.loss_weights).ablate(term).as_tuple()
+    full = LossWeights.from_sequence(config.loss_weights)
+    for term in (t for t in LossWeights.terms() if getattr(full, t) > 0):  # a term the run does not use has nothing to ablate
+        weights = full.ablate(term).as_tuple()
         target = TrainingFiles(out / "ablations" / f"no_{term}")
         if not target.soft_prompt.exists():
             ablated = dataclasses.replace(config, loss_weights=weights)
             print(f"ablation: DRO without the {term} term (weights {list(weights)})")
-            train_stage(model, ablated, sets, run.paths, target, resume=True)
+            train_stage(model, ablated, sets, run.anchor_data, run.anchors, target, resume=True)
         prompts[f"DRO without {term}"] = target.soft_prompt
     rows, coords, log_odds = evaluate_extra_prompts(model, run, prompts)
     rows, moved = comparison(run, rows, coords, log_odds)

@@ -40,7 +40,7 @@ def start(args: argparse.Namespace) -> tuple[RunOutputs, Path, float]:
 def evaluate_extra_prompts(model: LoadedModel, run: RunOutputs, prompts: dict[str, Path]) -> tuple[list[EvalRow], dict, dict]:
     """The run's held-out evaluation for extra soft prompts: rows, and held-out coordinates and log-odds as the run has them."""
     settings = [PromptSetting.soft(name, load_soft_prompt(path, model.config.hidden_size)) for name, path in prompts.items()]
-    evaluation = evaluate_prompts(model, run.config, QuerySets.read(run.config), settings, run.anchors)
+    evaluation = evaluate_prompts(model, run.config, QuerySets.read(run.config), settings, run.anchors, run.references or None)
     return (evaluation.rows, {(o.setting, o.dataset): o.coords for o in evaluation.outcomes},
             {(o.setting, o.dataset): o.log_odds for o in evaluation.outcomes})
 

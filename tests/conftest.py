@@ -1,9 +1,21 @@
 import dataclasses
+import gc
 
+import jax
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_compile_caches():
+    """Each test module ends by dropping JAX's compiled programs. Every XLA CPU executable holds memory maps of
+    its own, and one process running the whole suite would otherwise pass the kernel's limit on maps per process
+    (vm.max_map_count, 65,530 by default), where compiling the next program crashes."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -50,5 +62,5 @@ def tiny_dro(tiny_model_dir):
     config = AnchorConfig(settings=("none", "short"), openings=TINY_OPENINGS, fit=TINY_FIT)
     anchors, report, _ = build_anchor_space(model, pairs, config, progress=False)
     initial = initial_soft_prompt(model.params, model.tokenizer, "short")
-    data = prepare_training_set(model, pairs, "short", len(initial), progress=False)
+    data = prepare_training_set(model, pairs, "short", len(initial), progress=False, openings=TINY_OPENINGS)
     return TinyDro(directory, model, pairs, anchors, report, initial, data)

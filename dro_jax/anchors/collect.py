@@ -13,7 +13,7 @@ from dro_jax.anchors.space import AnchorSpace, FitConfig, fit_anchor_space
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import atomic_output
 from dro_jax.data.queries import QueryPairs
-from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import RefusalJudge
 from dro_jax.inference.refusal_score import Openings, score_refusal
@@ -71,6 +71,21 @@ class AnchorData:
         """Indices of the rows computed under `setting` (harmful, then harmless queries)."""
         return np.array([i for i, name in enumerate(self.settings) if name == setting], np.int64)
 
+    def contrasts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows under each prompt, the same queries' rows with no prompt): every setting lists the same queries
+        in the same order. Empty without the `none` setting."""
+        plain = self.rows_of(NO_PROMPT)
+        if not len(plain):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        prompted = [self.rows_of(s) for s in dict.fromkeys(self.settings) if s != NO_PROMPT]
+        return (np.concatenate(prompted), np.tile(plain, len(prompted))) if prompted else (plain[:0], plain[:0])
+
+    def fit(self, config: FitConfig, label: str, metadata: dict | None = None) -> tuple[AnchorSpace, dict]:
+        """The anchor space of this data (see `fit_anchor_space`); refitting saved data needs no model."""
+        return fit_anchor_space(
+            self.states, self.compliance, self.harmless, config, label, metadata, self.refusal_log_odds, self.contrasts()
+        )
+
 
 def collect_anchor_data(
     model: LoadedModel,
@@ -117,5 +132,5 @@ def build_anchor_space(
         "num_harmless": len(pairs.harmless),
         "num_samples": config.num_samples if config.label == "sampled" else 0,
     }
-    space, report = fit_anchor_space(data.states, data.compliance, data.harmless, config.fit, config.label, metadata)
+    space, report = data.fit(config.fit, config.label, metadata)
     return space, report, data

@@ -13,6 +13,10 @@ differences: the weights start at zero rather than at a random init, so the
 average over folds is not blurred by ten different starting points; and the
 reference's gradient clipping is left out because it runs before the
 gradients exist there, so it never acts.
+
+`REFUSAL_FITS` names other ways to fit the refusal direction; each gives a
+`LinearProbe` whose logit is a compliance logit, so the loss, the plots and
+the movement tables use it unchanged.
 """
 
 from __future__ import annotations
@@ -42,8 +46,22 @@ class LinearProbe:
         return coords[..., : len(self.weight)] @ self.weight + self.bias
 
 
+REFUSAL_FITS = {
+    "logistic": "the paper's: logistic regression on the soft compliance targets (AdamW, early stopping, k folds averaged)",
+    "regression": "least squares of the refusal log-odds on z[:k], k folds averaged; the logit is minus the fitted log-odds. "
+                  "The log-odds label's soft targets sigmoid(-log-odds) sit near 1 for almost every input of a model that "
+                  "rarely refuses, which leaves the logistic fit little to follow; the log-odds themselves spread over nats",
+    "contrast": "least squares, without intercept, of each query's log-odds change under a prompt against its coordinate "
+                "change (that prompt minus no prompt), k folds averaged. A direction fitted across queries mostly encodes "
+                "what the query is (harmful or not); within-query contrasts hold the query fixed and see only what prompts "
+                "do to refusal, which is what a soft prompt can change",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
+    """How the anchor space is fitted; `refusal_fit` is one of `REFUSAL_FITS` (the harmfulness probe is always logistic)."""
+
     num_components: int = 4
     folds: int = 10
     seed: int = 42
@@ -52,6 +70,11 @@ class FitConfig:
     min_improvement: float = 1e-4
     patience: int = 3
     max_steps: int = 10_000
+    refusal_fit: str = "logistic"
+
+    def __post_init__(self) -> None:
+        if self.refusal_fit not in REFUSAL_FITS:
+            raise DroJaxError(f"refusal fit must be one of {', '.join(REFUSAL_FITS)}, got {self.refusal_fit!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -184,13 +207,18 @@ class ProbeFit:
     steps: list[int]
 
 
-def fit_probe(coords: np.ndarray, targets: np.ndarray, config: FitConfig = FitConfig()) -> ProbeFit:
-    """Logistic regression with soft targets in [0, 1] on coords [n, k], k-fold averaged."""
-    count = len(coords)
+def split_folds(count: int, config: FitConfig) -> list[np.ndarray]:
+    """`config.folds` disjoint index sets covering 0 .. count - 1, shuffled from `config.seed`."""
     if config.folds < 1 or (config.folds > 1 and count < config.folds):
         raise DroJaxError(f"cannot split {count} points into {config.folds} folds")
     order = np.random.default_rng(config.seed).permutation(count)
-    folds = [order[i * count // config.folds : (i + 1) * count // config.folds] for i in range(config.folds)]
+    return [order[i * count // config.folds : (i + 1) * count // config.folds] for i in range(config.folds)]
+
+
+def fit_probe(coords: np.ndarray, targets: np.ndarray, config: FitConfig = FitConfig()) -> ProbeFit:
+    """Logistic regression with soft targets in [0, 1] on coords [n, k], k-fold averaged."""
+    count = len(coords)
+    folds = split_folds(count, config)
     train = np.ones((config.folds, count), np.float32)
     held_out = np.zeros((config.folds, count), np.float32)
     for number, rows in enumerate(folds):
@@ -208,6 +236,57 @@ def fit_probe(coords: np.ndarray, targets: np.ndarray, config: FitConfig = FitCo
         held_out_logits[rows] = coords[rows] @ weights[number] + biases[number]
     probe = LinearProbe(weights.mean(axis=0), float(biases.mean()))
     return ProbeFit(probe, held_out_logits, [int(s) for s in np.asarray(steps)])
+
+
+def fit_least_squares(
+    inputs: np.ndarray, targets: np.ndarray, config: FitConfig, intercept: bool
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """(weight [k], intercept, held-out predictions [n]) of targets ~ inputs @ weight (+ intercept), k-fold averaged
+    (one fit on everything when `folds` is 1, whose predictions are then in-sample)."""
+    inputs = np.asarray(inputs, np.float64)
+    design = np.concatenate([inputs, np.ones((len(inputs), 1))], axis=1) if intercept else inputs
+    folds = split_folds(len(inputs), config)
+    solutions, held_out = [], np.zeros(len(inputs))
+    for rows in folds:
+        train = np.setdiff1d(np.arange(len(inputs)), rows) if config.folds > 1 else rows
+        solution = np.linalg.lstsq(design[train], targets[train], rcond=None)[0]
+        held_out[rows] = design[rows] @ solution
+        solutions.append(solution)
+    solution = np.mean(solutions, axis=0)
+    return solution[: inputs.shape[1]], float(solution[-1]) if intercept else 0.0, held_out
+
+
+def r_squared(predictions: np.ndarray, targets: np.ndarray) -> float:
+    return float(1 - np.sum((targets - predictions) ** 2) / max(np.sum((targets - np.mean(targets)) ** 2), 1e-12))
+
+
+def fit_refusal(
+    coords: np.ndarray, compliance: np.ndarray, log_odds: np.ndarray | None, contrasts: tuple[np.ndarray, np.ndarray] | None,
+    config: FitConfig,
+) -> tuple[LinearProbe, dict]:
+    """The refusal probe (compliance logit) by `config.refusal_fit`, and its report.
+
+    `contrasts` = (rows under a prompt, the same queries' rows with no prompt), indices into `coords`.
+    """
+    if config.refusal_fit == "logistic":
+        fit = fit_probe(coords, compliance, config)
+        return fit.probe, {**probe_report(fit.held_out_logits, compliance), "steps": fit.steps}
+    if log_odds is None:
+        raise DroJaxError(f"the {config.refusal_fit} refusal fit needs the anchor inputs' refusal log-odds")
+    log_odds = np.asarray(log_odds, np.float64)
+    if config.refusal_fit == "regression":
+        weight, intercept, held_out = fit_least_squares(coords, log_odds, config, intercept=True)
+        probe = LinearProbe((-weight).astype(np.float32), -intercept)
+        return probe, {**probe_report(-held_out, compliance), "r2": r_squared(held_out, log_odds)}
+    if contrasts is None or not len(contrasts[0]):
+        raise DroJaxError("the contrast refusal fit needs the anchor queries under 'none' and under at least one prompt")
+    prompted, plain = contrasts
+    change = coords[prompted] - coords[plain]
+    weight, _, held_out = fit_least_squares(change, log_odds[prompted] - log_odds[plain], config, intercept=False)
+    bias = float(np.mean(-log_odds) + np.mean(coords @ weight))  # puts the mean logit at the mean of -log-odds
+    probe = LinearProbe((-weight).astype(np.float32), bias)
+    in_sample = probe_report(probe.logits(coords), compliance)
+    return probe, {**in_sample, "r2": r_squared(held_out, log_odds[prompted] - log_odds[plain]), "held_out": "r2 only"}
 
 
 def probe_report(logits: np.ndarray, targets: np.ndarray) -> dict[str, float | None]:
@@ -233,9 +312,17 @@ def check_label_variance(targets: np.ndarray, label: str) -> None:
 
 
 def fit_anchor_space(
-    states: np.ndarray, compliance: np.ndarray, harmless: np.ndarray, config: FitConfig = FitConfig(), label: str = "sampled", metadata: dict | None = None
+    states: np.ndarray,
+    compliance: np.ndarray,
+    harmless: np.ndarray,
+    config: FitConfig = FitConfig(),
+    label: str = "sampled",
+    metadata: dict | None = None,
+    log_odds: np.ndarray | None = None,
+    contrasts: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[AnchorSpace, dict]:
-    """The anchor space from anchor representations [n, h], compliance targets [n] and harmless flags [n].
+    """The anchor space from anchor representations [n, h], compliance targets [n] and harmless flags [n]
+    (and, for the refusal fits that need them, refusal log-odds [n] and within-query contrasts, see `fit_refusal`).
 
     Returns the space and a report: explained variance and held-out metrics of both probes.
     """
@@ -246,19 +333,20 @@ def fit_anchor_space(
         raise DroJaxError("states, compliance labels and harmless flags must have the same length")
     if not 0 < harmless.mean() < 1:
         raise DroJaxError("the anchor data needs both harmful and harmless queries")
-    check_label_variance(compliance, label)
+    if config.refusal_fit == "logistic":
+        check_label_variance(compliance, label)
     mean, components, explained = fit_pca(states, config.num_components, config.seed)
     basis = complete_basis(components, config.seed)
     coords = (states - mean) @ components
-    refusal = fit_probe(coords, compliance, config)
+    refusal, refusal_report = fit_refusal(coords, compliance, log_odds, contrasts, config)
     harmfulness = fit_probe(coords, harmless, config)
     report = {
         "explained_variance_ratio": [float(v) for v in explained],
-        "refusal": {**probe_report(refusal.held_out_logits, compliance), "steps": refusal.steps},
+        "refusal": {"fit": config.refusal_fit, **refusal_report},
         "harmfulness": {**probe_report(harmfulness.held_out_logits, harmless), "steps": harmfulness.steps},
     }
     metadata = {**(metadata or {}), "label": label, "fit": dataclasses.asdict(config), "report": report}
-    space = AnchorSpace(mean, basis, config.num_components, refusal.probe, harmfulness.probe, metadata)
+    space = AnchorSpace(mean, basis, config.num_components, refusal, harmfulness.probe, metadata)
     return space, report
 
 

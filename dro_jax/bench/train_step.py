@@ -11,7 +11,11 @@ short safety prompt, float32:
   transformers' `inputs_embeds`, backward, clip_grad_norm_ 1.0, AdamW 1e-3),
   model parameters frozen.
 
-Forward-only rows time the loss alone (no gradient). The anchor space is a
+Forward-only rows time the loss alone (no gradient). The dro-jax rows run for
+each refusal score in `--refusal-scores` (the paper's `probe`, and the
+behavioural `head` and `openings`, see `dro_jax.dro.loss.REFUSAL_SCORES`) with
+the preservation term weighted `--preserve`; PyTorch runs the paper's loss.
+The anchor space is a
 cheap stand-in, fine for timing: PCA of the batch's base states (4 axes,
 completed to a full basis) and random probe weights; the loss's cost does not
 depend on the probe values.
@@ -36,6 +40,7 @@ CPU), are printed as well.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import statistics
@@ -59,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up step (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads (XLA uses every core)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random probe weights")
+    parser.add_argument("--refusal-scores", nargs="+", default=["probe", "head", "openings"],
+                        help="dro-jax rows, one per refusal score (default: %(default)s)")
+    parser.add_argument("--preserve", type=float, default=1.0, help="weight of the preservation term in the dro-jax rows (default: %(default)s)")
 
 
 class PeakMemory:
@@ -143,7 +151,8 @@ def run(args: argparse.Namespace) -> None:
 
     from dro_jax.anchors.space import AnchorSpace, LinearProbe, complete_basis, fit_pca
     from dro_jax.common.errors import DroJaxError
-    from dro_jax.dro.loss import dro_objective
+    from dro_jax.dro.loss import LossWeights, check_refusal_score, dro_objective
+    from dro_jax.inference.refusal_score import OpeningTree, Openings, encode_openings
     from dro_jax.dro.soft_prompt import initial_soft_prompt
     from dro_jax.dro.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step
     from dro_jax.dro.training_set import prepare_training_set
@@ -152,6 +161,8 @@ def run(args: argparse.Namespace) -> None:
 
     if args.steps < 1 or args.batch_size < 1:
         raise DroJaxError("--steps and --batch-size must be at least 1")
+    for score in args.refusal_scores:
+        check_refusal_score(score)
     pairs = QueryPairs(read_queries("harmful_train")[: args.num_queries], read_queries("harmless_train")[: args.num_queries])
     model = load_model(args.model, "float32", progress=False)
     config = model.config
@@ -200,26 +211,28 @@ def run(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - start)
         results[name] = {"first": first, "times": times, "start_rss": base, "peak_rss": memory.peak()}
 
-    # dro-jax: the training loop's own jitted step, state replicated and batch sharded as there.
-    loss_fn = dro_objective(config).loss
+    # dro-jax: the training loop's own jitted step, state replicated and batch sharded as there, per refusal score.
     optimizer = make_optimizer(train_config)
-    step_fn = make_train_step(loss_fn, optimizer, mesh)
     frozen = replicate(frozen_inputs(model, anchors, data.prefix), mesh)
     jax_batch = shard_batch(batch, mesh)
-    state = {"prompt": replicate(jnp.asarray(init), mesh)}
-    state["opt"] = replicate(optimizer.init(state["prompt"]), mesh)
+    weights = dataclasses.replace(LossWeights(), preserve=args.preserve)
     jax_metrics = {}
+    for score in args.refusal_scores:
+        loss_fn = dro_objective(config, weights, refusal_score=score).loss
+        step_fn = make_train_step(loss_fn, optimizer, mesh)
+        state = {"prompt": replicate(jnp.asarray(init), mesh)}
+        state["opt"] = replicate(optimizer.init(state["prompt"]), mesh)
 
-    def jax_step():
-        state["prompt"], state["opt"], metrics = step_fn(state["prompt"], state["opt"], jax_batch, frozen)
-        jax.block_until_ready(state["prompt"])
-        jax_metrics.setdefault("first", {k: float(v) for k, v in metrics.items()})
+        def jax_step():
+            state["prompt"], state["opt"], metrics = step_fn(state["prompt"], state["opt"], jax_batch, frozen)
+            jax.block_until_ready(state["prompt"])
+            jax_metrics.setdefault(score, {k: float(v) for k, v in metrics.items()})
 
-    measure("jax_step", jax_step, jax_step)
-    jax_loss = jax.jit(loss_fn)
-    prompt_now = jnp.asarray(init)
-    forward_once = lambda: jax.block_until_ready(jax_loss(prompt_now, jax_batch, frozen))
-    measure("jax_forward", forward_once, forward_once)
+        measure(f"jax_step:{score}", jax_step, jax_step)
+        jax_loss = jax.jit(loss_fn)
+        prompt_now = jnp.asarray(init)
+        forward_once = lambda: jax.block_until_ready(jax_loss(prompt_now, jax_batch, frozen))
+        measure(f"jax_forward:{score}", forward_once, forward_once)
     device_stats = jax.devices()[0].memory_stats()
 
     # PyTorch: the same step on the transformers model, each whole input left-padded to the batch's longest.
@@ -232,7 +245,7 @@ def run(args: argparse.Namespace) -> None:
 
     def torch_step():
         metrics = torch_train_step(torch_model, soft, torch_optimizer, torch_batch, t_anchors, clip_norm=train_config.clip_norm)
-        torch_metrics.setdefault("first", metrics)
+        torch_metrics.setdefault("probe", metrics)
 
     measure("torch_step", torch_step, torch_step)
     fixed = torch.from_numpy(init.copy())
@@ -245,15 +258,24 @@ def run(args: argparse.Namespace) -> None:
 
     peak = matmul_peak_gflops()
     table = []
+    nodes = OpeningTree.of(encode_openings(model.tokenizer, Openings().refusal + Openings().compliant)).token_ids.shape[0]
+    tree_flops = work_gflop(config, real + nodes, shared, len(index)) * 1e9  # the openings' tree: `nodes` more tokens per row
+
+    def jax_work(score: str) -> float:
+        return tree_flops if score == "openings" else shared_flops
+
     labels = {
-        "jax_step": ("dro-jax training step", 2 * shared_flops, "jit; value_and_grad + optax clip/AdamW"),
-        "torch_step": ("PyTorch training step", 2 * forward_flops,
+        "torch_step": ("PyTorch training step, paper's loss", 2 * forward_flops,
                        f"transformers {torch_model.config._attn_implementation} attention; backward + clip_grad_norm_ + AdamW"),
-        "jax_forward": ("dro-jax loss, forward only", shared_flops, "jit"),
         "torch_forward": ("PyTorch loss, forward only", forward_flops, "torch.no_grad"),
     }
+    for score in args.refusal_scores:
+        weighted = f"refusal score {score}, preserve weight {args.preserve:g}"
+        labels[f"jax_step:{score}"] = (f"dro-jax training step, {weighted}", 2 * jax_work(score), "jit; value_and_grad + optax clip/AdamW")
+        labels[f"jax_forward:{score}"] = (f"dro-jax loss, forward only, {weighted}", jax_work(score), "jit")
     median = {key: statistics.median(result["times"]) for key, result in results.items()}
-    for key in ("jax_step", "torch_step", "jax_forward", "torch_forward"):
+    order = [f"jax_step:{s}" for s in args.refusal_scores] + ["torch_step"] + [f"jax_forward:{s}" for s in args.refusal_scores] + ["torch_forward"]
+    for key in order:
         label, work, note = labels[key]
         result, seconds = results[key], median[key]
         gflops = work / seconds / 1e9
@@ -261,19 +283,21 @@ def run(args: argparse.Namespace) -> None:
             label, f"{seconds:.2f}", f"{min(result['times']):.2f}", f"{work / 1e9:.0f}", f"{gflops:.0f}", f"{gflops / peak:.0%}",
             _gib(max(result["peak_rss"] - result["start_rss"], 0)), _gib(result["peak_rss"]), note,
         ])
-    jax_step_s, torch_step_s, jax_fwd_s = median["jax_step"], median["torch_step"], median["jax_forward"]
     print(f"float32 matmul peak (XLA, best square matmul): {peak:.0f} GFLOP/s; memory: process RSS peak ({memory.kind})\n")
     print(markdown_table(
         ["implementation", f"median s ({args.steps} calls)", "best s", "work (GFLOP)", "GFLOP/s", "of peak", "peak RSS over start",
          "peak RSS", "note"], table
     ))
-    print(f"\ndro-jax compile (first call minus the best timed call): training step "
-          f"{max(results['jax_step']['first'] - jax_step_s, 0):.1f} s, forward-only loss "
-          f"{max(results['jax_forward']['first'] - jax_fwd_s, 0):.1f} s")
-    print(f"dro-jax / PyTorch training step: {torch_step_s / jax_step_s:.2f}x; forward only: {median['torch_forward'] / jax_fwd_s:.2f}x "
-          f"(medians)")
-    first_jax, first_torch = jax_metrics["first"], torch_metrics["first"]
-    print(f"first step, same inputs: gradient norm {first_jax['grad_norm']:.6f} (dro-jax) vs {first_torch['grad_norm']:.6f} (PyTorch); "
-          f"loss {first_jax['loss']:.6f} vs {first_torch['loss']:.6f} (at the initial prompt new = base, so about 1.01 ln 2)")
+    print()
+    for score in args.refusal_scores:
+        step, forward = median[f"jax_step:{score}"], median[f"jax_forward:{score}"]
+        print(f"refusal score {score}: dro-jax compile (first call minus the median) training step "
+              f"{max(results[f'jax_step:{score}']['first'] - step, 0):.1f} s, forward only {max(results[f'jax_forward:{score}']['first'] - forward, 0):.1f} s; "
+              f"PyTorch's paper step / this step: {median['torch_step'] / step:.2f}x, forward only {median['torch_forward'] / forward:.2f}x (medians)")
+    if "probe" in jax_metrics:
+        first_jax, first_torch = jax_metrics["probe"], torch_metrics["probe"]
+        print(f"first step of the paper's loss, same inputs: gradient norm {first_jax['grad_norm']:.6f} (dro-jax) vs "
+              f"{first_torch['grad_norm']:.6f} (PyTorch); DRO terms {first_jax['loss'] - args.preserve * first_jax['preserve']:.6f} vs "
+              f"{first_torch['loss']:.6f} (at the initial prompt new = base, so about 1.01 ln 2)")
     if device_stats:
         print(f"XLA device memory: peak {_gib(device_stats.get('peak_bytes_in_use', 0))} in use")

@@ -78,6 +78,28 @@ def add_openings_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--openings", help='JSON file {"refusal": [...], "compliant": [...]}: reply openings for the refusal log-odds')
 
 
+def add_refusal_fit_arg(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """--refusal-fit: how the anchor stage fits the refusal direction (`None`: a preset decides)."""
+    from dro_jax.anchors.space import REFUSAL_FITS
+
+    parser.add_argument(
+        "--refusal-fit", choices=tuple(REFUSAL_FITS), default=default,
+        help="how the refusal direction is fitted: " + "; ".join(f"{name}: {text.split('.')[0]}" for name, text in REFUSAL_FITS.items())
+        + f" (default: {default or 'the preset'})",
+    )
+
+
+def add_refusal_score_arg(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """--refusal-score: what the loss's refusal term reads (`None`: a preset decides)."""
+    from dro_jax.dro.loss import REFUSAL_SCORES
+
+    parser.add_argument(
+        "--refusal-score", choices=tuple(REFUSAL_SCORES), default=default,
+        help="what the refusal term of the loss reads: " + "; ".join(f"{name}: {text.split(':')[0]}" for name, text in REFUSAL_SCORES.items())
+        + f" (default: {default or 'the preset'})",
+    )
+
+
 def add_phrases_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refusal-phrases", help='JSON file {"refusal": [...], "not_refusal": [...]} for the string judge')
 

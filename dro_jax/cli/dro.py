@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from dro_jax.cli.args import add_field_arg, add_model_args, add_openings_arg, positive_int
+from dro_jax.cli.args import (
+    add_field_arg, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
+)
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
 from dro_jax.inference.chat import PROMPT_SETTINGS
@@ -28,6 +30,7 @@ def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-components", type=positive_int, default=4, help="PCA components (default: %(default)s)")
     parser.add_argument("--folds", type=positive_int, default=10, help="k-fold splits for the two probes (default: %(default)s)")
+    add_refusal_fit_arg(parser, "logistic")
     parser.add_argument("--batch-size-eval", type=positive_int, default=32, help="queries per forward pass when representing (default: %(default)s)")
 
 
@@ -57,6 +60,7 @@ def add_commands(commands) -> None:
         "--loss-weights", type=float, nargs=len(terms), metavar=tuple(t.upper() for t in terms), default=list(LossWeights().as_tuple()),
         help=f"weights of the {', '.join(terms)} terms (default: %(default)s, the paper's)",
     )
+    add_refusal_score_arg(train, "probe")
     train.add_argument("--ablate", choices=sorted({*terms, *TERM_ALIASES}), action="append", default=[], help="drop a loss term (repeatable)")
     train.add_argument(
         "--baseline", choices=("prompt-tuning",),
@@ -98,7 +102,7 @@ def _anchor_config(args: argparse.Namespace):
     from dro_jax.anchors.space import FitConfig
     from dro_jax.inference.refusal_score import Openings
 
-    fit = FitConfig(num_components=args.num_components, folds=args.folds, seed=42)
+    fit = FitConfig(num_components=args.num_components, folds=args.folds, seed=42, refusal_fit=args.refusal_fit)
     return AnchorConfig(settings=tuple(args.settings), label=args.label, num_samples=args.num_samples, fit=fit, openings=Openings.load(args.openings))
 
 
@@ -111,7 +115,8 @@ def _print_report(report: dict) -> None:
     for name in ("refusal", "harmfulness"):
         probe = report[name]
         print(
-            f"{name} probe, held out: accuracy {metric(probe['accuracy'])}, AUC {metric(probe['auc'])}, BCE {metric(probe['bce'])}",
+            f"{name} probe ({probe.get('fit', 'logistic')}): accuracy {metric(probe['accuracy'])}, AUC {metric(probe['auc'])}, "
+            f"BCE {metric(probe['bce'])}" + (f", R^2 {probe['r2']:.3f}" if "r2" in probe else ""),
             file=sys.stderr,
         )
 
@@ -140,8 +145,9 @@ def _run_anchor(args: argparse.Namespace) -> None:
 
 def _run_settings(args: argparse.Namespace) -> dict:
     """Everything that must stay the same for --resume to continue a run."""
-    keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds", "anchors",
-            "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "loss_weights", "ablate", "baseline", "response_tokens", "checkpoint_every", "remat")
+    keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds",
+            "refusal_fit", "anchors", "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "loss_weights", "refusal_score",
+            "ablate", "baseline", "response_tokens", "checkpoint_every", "remat")
     return {key: getattr(args, key) for key in keys}
 
 
@@ -159,10 +165,12 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.dro.training_set import prepare_training_set
     from dro_jax.loading import load_model
 
+    from dro_jax.inference.refusal_score import Openings
+
     weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-        loss_weights=weights, checkpoint_every=args.checkpoint_every, remat=args.remat,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, loss_weights=weights,
+        refusal_score=args.refusal_score, openings=Openings.load(args.openings), checkpoint_every=args.checkpoint_every, remat=args.remat,
     )
     pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
     if args.batch_size > len(pairs):
@@ -182,8 +190,8 @@ def _run_train(args: argparse.Namespace) -> None:
             anchor_path = files.root / "anchors.safetensors"
             anchors = AnchorSpace.load(anchor_path) if anchor_path.exists() else _build_anchors(args, model, pairs, anchor_path)
         anchors.check_hidden_size(model.config.hidden_size)
-        data = prepare_training_set(model, pairs, base_prompt, len(initial))
-        objective = dro_objective(model.config, weights, args.remat)
+        data = prepare_training_set(model, pairs, base_prompt, len(initial), openings=config.openings)
+        objective = dro_objective(model.config, weights, args.remat, args.refusal_score)
     result = train_and_export(model, data, anchors, initial, config, files, args.resume, objective=objective)
     last = result.metrics[-1] if result.metrics else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in objective.shown if k in last)

@@ -6,15 +6,19 @@ import argparse
 import dataclasses
 import sys
 
-from dro_jax.cli.args import add_field_arg, add_model_args, add_openings_arg, positive_int
+from dro_jax.cli.args import (
+    add_field_arg, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
+)
+from dro_jax.dro.loss import LossWeights
 
 DEFAULT_OUT = "dro-run"
 # Command-line name -> RunConfig field; None means "the preset's value".
 OVERRIDES = {
     "model": "model", "dtype": "dtype", "harmful": "harmful_train", "harmless": "harmless_train", "harmful_test": "harmful_test",
     "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples", "openings": "openings",
-    "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "seed": "seed",
-    "eval_samples": "eval_samples", "max_new_tokens": "max_new_tokens", "remat": "remat",
+    "refusal_fit": "refusal_fit", "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
+    "seed": "seed", "loss_weights": "loss_weights", "refusal_score": "refusal_score", "eval_samples": "eval_samples",
+    "max_new_tokens": "max_new_tokens", "remat": "remat",
 }
 
 
@@ -39,11 +43,16 @@ def add_commands(commands) -> None:
     run.add_argument("--label", choices=("logodds", "sampled"), help="refusal label (default: logodds; --paper: sampled)")
     add_openings_arg(run)
     run.add_argument("--label-samples", type=positive_int, help="sampled responses per input for --label sampled (default: 5; --paper: 25)")
+    add_refusal_fit_arg(run, None)
     run.add_argument("--init-prompt", help="the human prompt the soft prompt starts from (default: short; --paper: default)")
-    run.add_argument("--epochs", type=positive_int, help="(default: 4; --paper: 40)")
+    run.add_argument("--epochs", type=positive_int, help="(default: 8; --paper: 40)")
     run.add_argument("--batch-size", type=positive_int, help="(default: 25; --paper: 50)")
     run.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-3; --paper: 1e-3)")
     run.add_argument("--seed", type=int, help="data order, sampling (default: 42)")
+    terms = LossWeights.terms()
+    run.add_argument("--loss-weights", type=float, nargs=len(terms), metavar=tuple(t.upper() for t in terms),
+                     help=f"weights of the {', '.join(terms)} terms (default: the preset's)")
+    add_refusal_score_arg(run, None)
     run.add_argument("--eval-samples", type=int, help="sampled responses per test query, 0 = one greedy response (default: 0; --paper: 25)")
     run.add_argument("--max-new-tokens", type=positive_int, help="response length in evaluation (default: 64; --paper: 256)")
     run.add_argument("--remat", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
@@ -54,8 +63,9 @@ def run_config(args: argparse.Namespace):
     from dro_jax.run.config import RunConfig
 
     overrides = {field: getattr(args, name) for name, field in OVERRIDES.items() if getattr(args, name) is not None}
-    if "settings" in overrides:
-        overrides["settings"] = tuple(overrides["settings"])
+    for name in ("settings", "loss_weights"):
+        if name in overrides:
+            overrides[name] = tuple(overrides[name])
     return RunConfig.paper(**overrides) if args.paper else dataclasses.replace(RunConfig(), **overrides)
 
 

@@ -8,11 +8,20 @@ refusal and harmfulness probes on the leading anchor coordinates:
     refusal     = BCE_with_logits(f_r(new) - f_r(base), y)
     harmfulness = BCE_with_logits(f_h(new) - f_h(base), y)
     norm        = mean over the hidden - k remaining coordinates of (new - base)^2
-    total       = w_r * refusal + w_h * harmfulness + w_n * norm   (1, 1e-2, 1e-3)
+    preserve    = KL(p(first reply token | reference) || p(first reply token | new)), harmless rows only
+    total       = w_r * refusal + w_h * harmfulness + w_n * norm + w_p * preserve   (1, 1e-2, 1e-3, 0)
 
 The remaining coordinates are the orthonormal completion of the PCA axes, so
 their squared length is |new - base|^2 - |(new - base) @ axes|^2: the loss
 never multiplies by the full hidden x hidden basis.
+
+The first four lines are the paper's loss (the preservation term is ours and
+weighs 0 there). Its `reference` is the query's state with no safety prompt:
+the training-time form of the evaluation's reply drift, which measures the
+replies against the model's own replies with no prompt. `REFUSAL_SCORES` names what the refusal term reads; the
+paper's is `probe`. The first reply token's distribution is the frozen LM
+head applied to the final state, so the `head` score and the preservation
+term cost one [b, hidden] x [hidden, vocab] product and no extra pass.
 
 The terms are the fields of `LossWeights`: configurations, the command line,
 reports, plots, ablations and the PyTorch twin all take their names from it,
@@ -30,12 +39,24 @@ import jax.numpy as jnp
 import optax
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.refusal_score import OpeningReadout, continuation_log_probs, first_token_log_odds, log_odds_of
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, final_states
-from dro_jax.models.transformer import Params
+from dro_jax.models.transformer import Params, compute_logits
 
 # Short names the command line also accepts for a term.
 TERM_ALIASES = {"harm": "harmfulness"}
+
+REFUSAL_SCORES = {
+    "probe": "the paper's: the shift of the anchor space's refusal-probe logit against the base state, "
+             "BCE towards refusal for harmful and compliance for harmless queries",
+    "head": "the refusal log-odds of the first reply token, read through the frozen LM head from the final state; "
+            "the target is behaviour rather than a move along a direction fitted to the anchor data: harmful queries "
+            "should refuse (BCE of the log-odds towards refusal) and harmless ones lean no more towards refusal than "
+            "with no safety prompt (BCE of the log-odds' change against that, towards compliance)",
+    "openings": "the refusal log-odds of the whole reply openings (the log-odds label's score, differentiated through "
+                "one more pass over the openings' token tree), with the targets of `head`",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +66,7 @@ class LossWeights:
     refusal: float = 1.0
     harmfulness: float = 1e-2
     norm: float = 1e-3
+    preserve: float = 0.0
 
     def __post_init__(self) -> None:
         if any(weight < 0 for weight in self.as_tuple()):
@@ -79,8 +101,9 @@ class LossWeights:
 
 
 class Frozen(NamedTuple):
-    """Everything the loss reads but never trains: the model, the anchor space, and the prefix every
-    training input starts with (template head and the soft prompt's slot; run once per step)."""
+    """Everything the loss reads but never trains: the model, the anchor space, the prefix every
+    training input starts with (template head and the soft prompt's slot; run once per step), and
+    the reply openings the behavioural refusal scores read."""
 
     params: Params
     prefix: SharedPrefix | None
@@ -88,16 +111,19 @@ class Frozen(NamedTuple):
     components: jax.Array | None  # [h, k] PCA axes
     refusal_weight: jax.Array | None  # [k]
     harmfulness_weight: jax.Array | None  # [k]
+    readout: OpeningReadout | None = None
 
 
 class QueryBatch(NamedTuple):
     """Each training input's own part after the shared prefix (left-padded), with where the soft prompt sits
-    in it (-1: in the prefix), its base state and target; weight 0 marks a filler row."""
+    in it (-1: in the prefix), its base and reference states and target; weight 0 marks a filler row."""
 
     token_ids: jax.Array  # [b, t]
     attention_mask: jax.Array  # [b, t]
     soft_offsets: jax.Array  # [b]
-    base_states: jax.Array  # [b, h]
+    base_states: jax.Array  # [b, h] under the prompt the soft prompt started from
+    reference_states: jax.Array  # [b, h] with no safety prompt
+    reference_log_odds: jax.Array  # [b] refusal log-odds with no safety prompt
     harmless: jax.Array  # [b] 1 = harmless, 0 = harmful
     weights: jax.Array  # [b]
 
@@ -122,6 +148,12 @@ def dro_terms(shift: jax.Array, frozen: Frozen, target: jax.Array, row_weights: 
     return terms, refusal_shift
 
 
+def first_token_kl(reference_logits: jax.Array, new_logits: jax.Array) -> jax.Array:
+    """[b] KL(softmax(reference) || softmax(new)) over the vocabulary."""
+    reference = jax.nn.log_softmax(reference_logits, axis=-1)
+    return jnp.sum(jnp.exp(reference) * (reference - jax.nn.log_softmax(new_logits, axis=-1)), axis=-1)
+
+
 def dro_loss(
     soft_prompt: jax.Array,
     batch: QueryBatch,
@@ -129,13 +161,33 @@ def dro_loss(
     config: ModelConfig,
     weights: LossWeights = LossWeights(),
     remat: bool = False,
+    refusal_score: str = "probe",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(total loss, metrics). Bind `config`, `weights` and `remat` with functools.partial for jit/grad (or use `dro_objective`)."""
-    new = final_states(
-        frozen.params, config, batch.token_ids, batch.attention_mask, soft_prompt, batch.soft_offsets, remat, frozen.prefix
-    )
+    """(total loss, metrics). Bind `config`, `weights`, `remat` and `refusal_score` (one of `REFUSAL_SCORES`)
+    with functools.partial for jit/grad (or use `dro_objective`)."""
+    args = (frozen.params, config, batch.token_ids, batch.attention_mask)
+    if refusal_score == "openings":
+        log_probs, new = continuation_log_probs(*args, frozen.readout.tree, soft_prompt, batch.soft_offsets, frozen.prefix, remat)
+    else:
+        new = final_states(*args, soft_prompt, batch.soft_offsets, remat, frozen.prefix)
     target = batch.harmless.astype(jnp.float32)
     terms, refusal_shift = dro_terms(new - batch.base_states, frozen, target, batch.weights)
+    new_logits = compute_logits(frozen.params, config, new[:, None])[:, 0]
+    reference_logits = compute_logits(frozen.params, config, batch.reference_states[:, None])[:, 0]
+    terms["preserve"] = weighted_mean(first_token_kl(reference_logits, new_logits), batch.weights * target)
+    behaviour = {}
+    if refusal_score != "probe":
+        if refusal_score == "openings":
+            log_odds, reference = log_odds_of(log_probs, frozen.readout.is_refusal), batch.reference_log_odds
+        else:
+            log_odds, reference = first_token_log_odds(new_logits, frozen.readout), first_token_log_odds(reference_logits, frozen.readout)
+        # Harmful: refuse; harmless: no closer to refusal than with no safety prompt.
+        compliance = -(log_odds - target * reference)
+        terms["refusal"] = weighted_mean(optax.sigmoid_binary_cross_entropy(compliance, target), batch.weights)
+        behaviour = {
+            "refusal_log_odds_harmful": weighted_mean(log_odds, batch.weights * (1 - target)),
+            "refusal_log_odds_harmless": weighted_mean(log_odds, batch.weights * target),
+        }
     total = weights.combine(terms)
     return total, {
         "loss": total,
@@ -143,6 +195,7 @@ def dro_loss(
         # Mean move along the refusal direction (positive: towards compliance).
         "compliance_shift_harmful": weighted_mean(refusal_shift, batch.weights * (1 - target)),
         "compliance_shift_harmless": weighted_mean(refusal_shift, batch.weights * target),
+        **behaviour,
     }
 
 
@@ -156,7 +209,13 @@ class Objective:
     shown: tuple[str, ...]
 
 
-def dro_objective(config: ModelConfig, weights: LossWeights = LossWeights(), remat: bool = False) -> Objective:
-    """The DRO loss with its model config and term weights bound."""
-    loss = functools.partial(dro_loss, config=config, weights=weights, remat=remat)
+def check_refusal_score(name: str) -> str:
+    if name not in REFUSAL_SCORES:
+        raise DroJaxError(f"refusal score must be one of {', '.join(REFUSAL_SCORES)}, got {name!r}")
+    return name
+
+
+def dro_objective(config: ModelConfig, weights: LossWeights = LossWeights(), remat: bool = False, refusal_score: str = "probe") -> Objective:
+    """The DRO loss with its model config, term weights and refusal score bound."""
+    loss = functools.partial(dro_loss, config=config, weights=weights, remat=remat, refusal_score=check_refusal_score(refusal_score))
     return Objective("DRO training", loss, ("loss", *LossWeights.terms()))

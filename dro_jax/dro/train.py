@@ -25,7 +25,8 @@ from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_jsonl
 from dro_jax.dro.checkpoints import TrainCheckpoints
-from dro_jax.dro.loss import Frozen, LossWeights, Objective, dro_objective
+from dro_jax.dro.loss import Frozen, LossWeights, Objective, check_refusal_score, dro_objective
+from dro_jax.inference.refusal_score import OpeningReadout, Openings
 from dro_jax.dro.soft_prompt import save_soft_prompt
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import SharedPrefix
@@ -34,7 +35,9 @@ from dro_jax.parallel.sharding import data_mesh, padded_batch_size, replicate, r
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The reference's settings by default: AdamW 1e-3 (weight decay 0.01), clip 1.0, batch 50, 40 epochs, seed 42."""
+    """The reference's settings by default: AdamW 1e-3 (weight decay 0.01), clip 1.0, batch 50, 40 epochs, seed 42,
+    the paper's loss (`refusal_score` "probe", see `dro_jax.dro.loss.REFUSAL_SCORES`); `openings` are the reply
+    openings the behavioural refusal scores read."""
 
     epochs: int = 40
     batch_size: int = 50
@@ -43,6 +46,8 @@ class TrainConfig:
     clip_norm: float = 1.0
     seed: int = 42
     loss_weights: LossWeights = LossWeights()
+    refusal_score: str = "probe"
+    openings: Openings = Openings()
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     remat: bool = False
@@ -53,6 +58,7 @@ class TrainConfig:
                 raise DroJaxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise DroJaxError(f"the learning rate must be positive, got {self.learning_rate}")
+        check_refusal_score(self.refusal_score)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,15 +104,18 @@ def make_train_step(
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated(mesh))
 
 
-def frozen_inputs(model: LoadedModel, anchors: AnchorSpace | None, prefix: SharedPrefix | None) -> Frozen:
-    """The loss's fixed inputs: the parameters, the training inputs' shared prefix, and the anchor space
-    (none for the prompt-tuning baseline)."""
+def frozen_inputs(
+    model: LoadedModel, anchors: AnchorSpace | None, prefix: SharedPrefix | None, openings: Openings = Openings()
+) -> Frozen:
+    """The loss's fixed inputs: the parameters, the training inputs' shared prefix, the anchor space (none
+    for the prompt-tuning baseline) and the reply openings as the refusal scores read them."""
     prefix = None if prefix is None else SharedPrefix(*map(jnp.asarray, prefix))
     if anchors is None:
         return Frozen(model.params, prefix, None, None, None, None)
+    readout = jax.tree.map(jnp.asarray, OpeningReadout.of(model.tokenizer, openings, model.config.vocab_size))
     return Frozen(
         model.params, prefix, jnp.asarray(anchors.mean), jnp.asarray(anchors.components),
-        jnp.asarray(anchors.refusal.weight), jnp.asarray(anchors.harmfulness.weight),
+        jnp.asarray(anchors.refusal.weight), jnp.asarray(anchors.harmfulness.weight), readout,
     )
 
 
@@ -171,7 +180,7 @@ def train_soft_prompt(
     fingerprint = model_fingerprint(model)
     checkpoints = TrainCheckpoints(checkpoint_dir, config.keep_checkpoints)
     optimizer = make_optimizer(config)
-    objective = objective or dro_objective(model.config, config.loss_weights, config.remat)
+    objective = objective or dro_objective(model.config, config.loss_weights, config.remat, config.refusal_score)
     step_fn = make_train_step(objective.loss, optimizer, mesh)
     soft_prompt = jnp.asarray(initial, jnp.float32)
     opt_state = optimizer.init(soft_prompt)
@@ -187,7 +196,7 @@ def train_soft_prompt(
             history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             history = [r for r in history if r["step"] <= start]
     soft_prompt, opt_state = replicate((soft_prompt, opt_state), mesh)
-    frozen = replicate(frozen_inputs(model, anchors, data.prefix), mesh)
+    frozen = replicate(frozen_inputs(model, anchors, data.prefix, config.openings), mesh)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
     rows = padded_batch_size(config.batch_size, mesh)
 

@@ -1,4 +1,6 @@
-"""The DRO training data: every training query behind the soft prompt's slot, with its base representation."""
+"""The DRO training data: every training query behind the soft prompt's slot, with its base representation
+(under the prompt the soft prompt starts from) and, with no safety prompt, its reference representation and
+refusal log-odds."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import QueryBatch
 from dro_jax.inference.batching import bucket_length
-from dro_jax.inference.chat import PromptSetting
+from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.refusal_score import Openings, RefusalScores, score_refusal
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import SharedPrefix
@@ -28,6 +31,8 @@ class TrainingSet:
     attention_mask: np.ndarray  # [n, t]
     soft_offsets: np.ndarray  # [n]
     base_states: np.ndarray  # [n, h] under the human prompt the soft prompt starts from
+    reference_states: np.ndarray  # [n, h] with no safety prompt: what the preservation term keeps the replies near
+    reference_log_odds: np.ndarray  # [n] refusal log-odds with no safety prompt
     harmless: np.ndarray  # [n] 1 = harmless
 
     def __len__(self) -> int:
@@ -36,7 +41,7 @@ class TrainingSet:
     def rows(self, index: np.ndarray, weights: np.ndarray) -> QueryBatch:
         return QueryBatch(
             self.token_ids[index], self.attention_mask[index], self.soft_offsets[index],
-            self.base_states[index], self.harmless[index], weights,
+            self.base_states[index], self.reference_states[index], self.reference_log_odds[index], self.harmless[index], weights,
         )
 
 
@@ -47,18 +52,26 @@ def prepare_training_set(
     num_rows: int,
     progress: bool = True,
     base_states: np.ndarray | None = None,
+    reference: RefusalScores | None = None,
+    openings: Openings = Openings(),
 ) -> TrainingSet:
-    """Encodes the queries with a `num_rows`-row slot; their base states under `init_prompt` are computed
-    unless given (`base_states`: harmful then harmless, e.g. from the anchor stage)."""
+    """Encodes the queries with a `num_rows`-row slot. Their states under `init_prompt` (base) and their states
+    and refusal log-odds (with `openings`) with no prompt (reference) are computed unless given (harmful then
+    harmless, e.g. from the anchor stage)."""
     queries = pairs.queries
+    expected = (len(queries), model.config.hidden_size)
     if base_states is None:
-        base = represent_tokens(model, encode_queries(model, queries, PromptSetting.from_text(init_prompt)), progress=progress)
-    elif base_states.shape != (len(queries), model.config.hidden_size):
-        raise DroJaxError(f"base states are {base_states.shape}, expected {(len(queries), model.config.hidden_size)}")
-    else:
-        base = base_states
+        base_states = represent_tokens(model, encode_queries(model, queries, PromptSetting.from_text(init_prompt)), progress=progress)
+    if reference is None:
+        reference = score_refusal(model, encode_queries(model, queries, NO_PROMPT), openings, progress=progress)
+    for name, states in (("base", base_states), ("reference", reference.states)):
+        if states.shape != expected:
+            raise DroJaxError(f"{name} states are {states.shape}, expected {expected}")
     placeholder = PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32))
     encoded = encode_queries(model, queries, placeholder)
     room = model.config.max_position_embeddings - encoded.prefix_length
     token_ids, mask, offsets = encoded.padded_rows(model.pad_id, min(bucket_length(max(map(len, encoded.rows))), room))
-    return TrainingSet(queries, encoded.prefix(), token_ids, mask, offsets, base, pairs.harmless_flags)
+    return TrainingSet(
+        queries, encoded.prefix(), token_ids, mask, offsets, base_states, reference.states,
+        np.asarray(reference.log_odds, np.float32), pairs.harmless_flags,
+    )

@@ -103,8 +103,56 @@ class OpeningTree(NamedTuple):
             visible, np.array([ids[0] for ids in openings], np.int32), step_nodes, step_tokens, step_mask,
         )
 
+    def openings(self) -> list[list[int]]:
+        """The openings' token ids, read back from the tree."""
+        first, tokens, mask = (np.asarray(a) for a in (self.first, self.step_tokens, self.step_mask))
+        return [[int(first[j])] + [int(t) for t in tokens[j][mask[j]]] for j in range(len(first))]
 
-@functools.partial(jax.jit, static_argnames=("config",))
+
+class OpeningReadout(NamedTuple):
+    """The openings as a differentiable refusal score reads them: their token tree, which of them are
+    refusals, and which vocabulary entries start a refusal or a compliant opening."""
+
+    tree: OpeningTree
+    is_refusal: np.ndarray  # [n] bool, in the tree's opening order
+    refusal_first: np.ndarray  # [vocab] bool
+    compliant_first: np.ndarray  # [vocab] bool
+
+    @classmethod
+    def of(cls, tokenizer, openings: "Openings", vocab_size: int) -> "OpeningReadout":
+        encoded = encode_openings(tokenizer, openings.refusal + openings.compliant)
+        is_refusal = np.arange(len(encoded)) < len(openings.refusal)
+        firsts = np.array([ids[0] for ids in encoded])
+        refusal_first, compliant_first = np.zeros(vocab_size, bool), np.zeros(vocab_size, bool)
+        refusal_first[firsts[is_refusal]] = True
+        compliant_first[firsts[~is_refusal]] = True
+        if (refusal_first & compliant_first).any():
+            raise DroJaxError("a refusal opening and a compliant one start with the same token: the first-token score cannot tell them apart")
+        return cls(OpeningTree.of(encoded), is_refusal, refusal_first, compliant_first)
+
+
+def encode_openings(tokenizer, openings: Sequence[str]) -> list[list[int]]:
+    """Each opening's token ids as a reply starts (no special tokens); an empty encoding is an error."""
+    encoded = [tokenizer.encode(text, add_special_tokens=False) for text in openings]
+    if any(not ids for ids in encoded):
+        raise DroJaxError("an opening encodes to no tokens")
+    return encoded
+
+
+def log_odds_of(log_probs: jax.Array, is_refusal: jax.Array) -> jax.Array:
+    """[b] logsumexp of the refusal openings' log-probabilities [b, n] minus that of the compliant ones."""
+    refusal = jax.nn.logsumexp(jnp.where(is_refusal[None], log_probs, -jnp.inf), axis=-1)
+    return refusal - jax.nn.logsumexp(jnp.where(is_refusal[None], -jnp.inf, log_probs), axis=-1)
+
+
+def first_token_log_odds(logits: jax.Array, readout: OpeningReadout) -> jax.Array:
+    """[b] the refusal log-odds of the next token alone, from its logits [b, vocab]: the probability of a
+    token that starts a refusal opening against one that starts a compliant opening."""
+    refusal = jax.nn.logsumexp(jnp.where(readout.refusal_first[None], logits, -jnp.inf), axis=-1)
+    return refusal - jax.nn.logsumexp(jnp.where(readout.compliant_first[None], logits, -jnp.inf), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "remat"))
 def continuation_log_probs(
     params: Params,
     config: ModelConfig,
@@ -114,6 +162,7 @@ def continuation_log_probs(
     soft_prompt: jax.Array | None = None,
     soft_offsets: jax.Array | None = None,
     prefix: SharedPrefix | None = None,
+    remat: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """([b, n] log p(opening j | prompt i), [b, hidden] float32 prompt representations), each prompt run once.
 
@@ -125,12 +174,12 @@ def continuation_log_probs(
     batch, prompt_len = prompt_mask.shape
     nodes = tree.token_ids.shape[0]
     dtype = params["embed_tokens"]["weight"].dtype
-    shared = prefix_cache(params, config, prefix, soft_prompt)
+    shared = prefix_cache(params, config, prefix, soft_prompt, remat)
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, nodes), prompt_mask.dtype)], axis=1)
     prefill = forward(
         params, config, inputs_embeds=input_embeddings(params, prompt_ids, soft_prompt, soft_offsets),
         attention_mask=key_mask, positions=row_positions(prompt_mask, prefix),
-        cache=KVCache.zeros(config, batch, prompt_len + nodes, dtype), cache_index=0, prefix=shared,
+        cache=KVCache.zeros(config, batch, prompt_len + nodes, dtype), cache_index=0, prefix=shared, remat=remat,
     )
     first = jax.nn.log_softmax(compute_logits(params, config, prefill.last_hidden_state[:, -1:])[:, 0], axis=-1)  # [b, v]
     total = first[:, tree.first]  # [b, n]
@@ -138,7 +187,7 @@ def continuation_log_probs(
         ends = row_positions(prompt_mask, prefix)[:, -1:]  # each opening continues its prompt
         out = forward(
             params, config, jnp.broadcast_to(tree.token_ids, (batch, nodes)), key_mask, positions=ends + tree.depths[None],
-            cache=prefill.cache, cache_index=prompt_len, prefix=shared, structure=tree.visible,
+            cache=prefill.cache, cache_index=prompt_len, prefix=shared, structure=tree.visible, remat=remat,
         )
         after = jax.nn.log_softmax(compute_logits(params, config, out.last_hidden_state), axis=-1)  # [b, nodes, v]
         steps = after[:, tree.step_nodes, tree.step_tokens]  # [b, n, s]
@@ -170,9 +219,7 @@ def score_openings(
     prompts = EncodedQueries.of(prompts)
     if not len(prompts):
         raise DroJaxError("nothing to score: no prompts given")
-    encoded = [model.tokenizer.encode(text, add_special_tokens=False) for text in openings]
-    if any(not ids for ids in encoded):
-        raise DroJaxError("an opening encodes to no tokens")
+    encoded = encode_openings(model.tokenizer, openings)
     params, tree = replicate((model.params, OpeningTree.of(encoded)), mesh)
     log_probs = np.zeros((len(prompts), len(openings)))
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)

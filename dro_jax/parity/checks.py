@@ -32,6 +32,7 @@ from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import TrainConfig, frozen_inputs, make_optimizer
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.refusal_score import OpeningReadout, Openings
 from dro_jax.loading import LoadedModel
 from dro_jax.models import forward
 from dro_jax.models.inputs import SharedPrefix
@@ -197,14 +198,17 @@ def dro_case(
     return DroCase(init, prompt, batch, data.prefix, anchors)
 
 
-def dro_parity(model: LoadedModel, torch_model, case: DroCase, weights: LossWeights = LossWeights()) -> DroParity:
+def dro_parity(
+    model: LoadedModel, torch_model, case: DroCase, weights: LossWeights = LossWeights(), refusal_score: str = "probe",
+    openings: Openings = Openings(),
+) -> DroParity:
     """Loss, gradient and one clip + AdamW step (`TrainConfig` defaults) on both sides; `torch_model` must be frozen."""
     import torch
 
     prompt = jnp.asarray(case.prompt)
-    loss_fn = dro_objective(model.config, weights).loss
+    loss_fn = dro_objective(model.config, weights, refusal_score=refusal_score).loss
     (jax_loss, jax_metrics), jax_grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        prompt, case.batch, frozen_inputs(model, case.anchors, case.prefix)
+        prompt, case.batch, frozen_inputs(model, case.anchors, case.prefix, openings)
     )
     optimizer = make_optimizer(TrainConfig())
 
@@ -213,7 +217,8 @@ def dro_parity(model: LoadedModel, torch_model, case: DroCase, weights: LossWeig
         return np.asarray(optax.apply_updates(prompt, updates))
 
     soft = torch.nn.Parameter(torch.from_numpy(case.prompt.copy()))
-    torch_loss, torch_metrics = torch_dro_loss(torch_model, soft, case.batch, case.anchors, weights, case.prefix)
+    readout = OpeningReadout.of(model.tokenizer, openings, model.config.vocab_size)
+    torch_loss, torch_metrics = torch_dro_loss(torch_model, soft, case.batch, case.anchors, weights, case.prefix, refusal_score, readout)
     torch_loss.backward()
     metrics = {name: float(value.detach()) for name, value in torch_metrics.items()}
     a, b = np.asarray(jax_grad, np.float64), soft.grad.double().numpy()

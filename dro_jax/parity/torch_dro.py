@@ -18,6 +18,11 @@ The anchor algebra runs in float64 (`ANCHOR_DTYPE`): it is cheap ([b, h] x
 [h, h]) and makes this side the more accurate one; the model runs in its own
 dtype (float32 in the tests and benchmarks).
 
+The first reply token's distribution (the preservation term and the `head`
+refusal score) comes from the model's own output layer on the final states;
+the `openings` score runs every whole input once per opening, the opening's
+tokens appended, instead of the JAX side's one pass over a token tree.
+
 The step is torch.nn.utils.clip_grad_norm_(1.0) then torch.optim.AdamW(lr 1e-3,
 weight decay 0.01, betas and eps at their defaults), the same update as
 `dro_jax.dro.train.make_optimizer` (optax clip_by_global_norm then adamw). The
@@ -36,7 +41,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dro_jax.anchors.space import AnchorSpace
-from dro_jax.dro.loss import LossWeights
+from dro_jax.dro.loss import LossWeights, check_refusal_score
+from dro_jax.inference.refusal_score import OpeningReadout
 
 ANCHOR_DTYPE = "float64"
 
@@ -139,18 +145,41 @@ def _weighted_mean(values, weights):
     return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def torch_dro_loss(model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights(), prefix=None):
+def opening_log_probs(model, soft_prompt, batch, prefix, openings: list[list[int]]) -> Any:
+    """[b, n] float64 log p(opening j | whole input i): each whole input run once per opening, the opening appended."""
+    import torch
+
+    ids, mask, offsets = whole_sequences(batch, prefix)
+    length, columns = ids.shape[1], []
+    for opening in openings:
+        extended = _tensor(np.concatenate([ids, np.broadcast_to(np.asarray(opening), (len(ids), len(opening)))], axis=1), torch.long)
+        extended_mask = _tensor(np.concatenate([mask, np.ones((len(ids), len(opening)), mask.dtype)], axis=1), torch.long)
+        embeds = soft_prompt_embeddings(model, soft_prompt, extended, _tensor(offsets, torch.long))
+        logits = model(inputs_embeds=embeds, attention_mask=extended_mask, position_ids=position_ids(extended_mask), use_cache=False).logits
+        log_p = torch.log_softmax(logits.double(), dim=-1)
+        columns.append(sum(log_p[:, length - 1 + i, token] for i, token in enumerate(opening)))
+    return torch.stack(columns, dim=1)
+
+
+def torch_dro_loss(
+    model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights(), prefix=None,
+    refusal_score: str = "probe", readout: OpeningReadout | None = None,
+):
     """(total loss tensor, metrics dict of tensors) with the same terms and names as `dro_jax.dro.loss.dro_loss`.
 
     `batch` is a `QueryBatch` (or anything with its fields) of numpy arrays, the rows' own parts after
     `prefix` (the training set's `SharedPrefix`, or None);
-    `soft_prompt` a torch tensor [N, h], usually a leaf that requires grad.
+    `soft_prompt` a torch tensor [N, h], usually a leaf that requires grad; `readout` (numpy, from
+    `OpeningReadout.of`) is needed by the `head` and `openings` refusal scores.
     """
+    import torch
     import torch.nn.functional as F
 
+    check_refusal_score(refusal_score)
     space = torch_anchors(anchors)
     kind = space.basis.dtype
-    new = soft_prompt_states(model, soft_prompt, batch, prefix).to(kind)
+    states = soft_prompt_states(model, soft_prompt, batch, prefix)
+    new = states.to(kind)
     base = _tensor(batch.base_states).to(kind)
     z_new = (new - space.mean) @ space.basis  # [b, h], full coordinates
     z_base = (base - space.mean) @ space.basis
@@ -166,6 +195,31 @@ def torch_dro_loss(model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchor
         "harmfulness": _weighted_mean(F.binary_cross_entropy_with_logits(harm_shift, target, reduction="none"), row_weights),
         "norm": _weighted_mean(((z_new[:, k:] - z_base[:, k:]) ** 2).mean(dim=1), row_weights),
     }
+    head = model.get_output_embeddings()
+    new_log_p = torch.log_softmax(head(states).double(), dim=-1)
+    reference_log_p = torch.log_softmax(head(_tensor(batch.reference_states).to(states.dtype)).double(), dim=-1)
+    kl = (reference_log_p.exp() * (reference_log_p - new_log_p)).sum(dim=1)
+    terms["preserve"] = _weighted_mean(kl, row_weights * target)
+    behaviour = {}
+    if refusal_score != "probe":
+        def first_token(log_p):
+            return (torch.logsumexp(log_p[:, torch.from_numpy(readout.refusal_first)], dim=1)
+                    - torch.logsumexp(log_p[:, torch.from_numpy(readout.compliant_first)], dim=1))
+
+        if refusal_score == "head":
+            log_odds, reference = first_token(new_log_p), first_token(reference_log_p)
+        else:
+            log_p = opening_log_probs(model, soft_prompt, batch, prefix, readout.tree.openings())
+            refusal = torch.from_numpy(np.asarray(readout.is_refusal))
+            log_odds = torch.logsumexp(log_p[:, refusal], dim=1) - torch.logsumexp(log_p[:, ~refusal], dim=1)
+            reference = _tensor(batch.reference_log_odds).to(kind)
+        # Harmful rows: towards refusal; harmless rows: below their log-odds with no safety prompt.
+        compliance = torch.where(target > 0, reference - log_odds, -log_odds)
+        terms["refusal"] = _weighted_mean(F.binary_cross_entropy_with_logits(compliance, target, reduction="none"), row_weights)
+        behaviour = {
+            "refusal_log_odds_harmful": _weighted_mean(log_odds, row_weights * (1 - target)),
+            "refusal_log_odds_harmless": _weighted_mean(log_odds, row_weights * target),
+        }
     if set(terms) != set(LossWeights.terms()):
         raise NotImplementedError(f"the PyTorch twin computes {sorted(terms)}, the DRO loss has {sorted(LossWeights.terms())}")
     total = weights.combine(terms)
@@ -174,6 +228,7 @@ def torch_dro_loss(model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchor
         **terms,
         "compliance_shift_harmful": _weighted_mean(refusal_shift, row_weights * (1 - target)),
         "compliance_shift_harmless": _weighted_mean(refusal_shift, row_weights * target),
+        **behaviour,
     }
     return total, metrics
 

@@ -9,7 +9,7 @@ from dro_jax.anchors.collect import AnchorConfig
 from dro_jax.anchors.space import FitConfig
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs, read_queries
-from dro_jax.dro.loss import LossWeights
+from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.refusal_score import Openings
@@ -22,10 +22,14 @@ from dro_jax.run.stages import text_digest
 class RunConfig:
     """Every input of the main job; `config.json` in a run directory is this, as JSON.
 
-    The defaults make the whole job fit in about a quarter of an hour on 2 CPU
-    cores with SmolLM2-135M: the generation-free log-odds label, 4 epochs at
-    batch 25 with a 5x larger learning rate than the paper, greedy evaluation.
-    `paper()` gives the paper's protocol for machines with accelerators.
+    The defaults make the whole job fit in a few minutes on 2 CPU cores with
+    SmolLM2-135M and make it refuse: the generation-free log-odds label, the
+    `openings` refusal score (the loss reads the refusal log-odds of the reply
+    openings instead of the anchor-space probe, which does not move this
+    model's behaviour; chosen by `experiments/refusal_variants.py`), 8 epochs
+    at batch 25 (64 steps) with a 5x larger learning rate than the paper,
+    greedy evaluation. `paper()` gives the paper's protocol for machines with
+    accelerators.
     """
 
     model: str = DEFAULT_MODEL
@@ -41,13 +45,15 @@ class RunConfig:
     openings: str | None = None  # JSON file of reply openings for the log-odds score (default: the built-in ones)
     num_components: int = 4
     folds: int = 10
+    refusal_fit: str = "logistic"  # see dro_jax.anchors.space.REFUSAL_FITS
     init_prompt: str = "short"
-    epochs: int = 4
+    epochs: int = 8
     batch_size: int = 25
     learning_rate: float = 5e-3
     seed: int = 42
     loss_weights: tuple[float, ...] = LossWeights().as_tuple()  # one per term, in the order of LossWeights.terms()
-    checkpoint_every: int = 4
+    refusal_score: str = "openings"  # see dro_jax.dro.loss.REFUSAL_SCORES
+    checkpoint_every: int = 8
     eval_samples: int = 0  # 0: one greedy response per query
     eval_keep_longest: int | None = None
     max_new_tokens: int = 64
@@ -56,10 +62,12 @@ class RunConfig:
 
     @classmethod
     def paper(cls, **overrides: Any) -> "RunConfig":
-        """The reference protocol: sampled labels (25 per input), default-prompt init, 40 epochs at batch 50,
-        lr 1e-3, 25 sampled responses per test query of which the 20 longest are judged."""
+        """The reference protocol: sampled labels (25 per input), the paper's loss (logistic refusal probe, its
+        three terms and weights), default-prompt init, 40 epochs at batch 50, lr 1e-3, 25 sampled responses per
+        test query of which the 20 longest are judged."""
         preset = dict(
-            label="sampled", label_samples=25, init_prompt="default", epochs=40, batch_size=50, learning_rate=1e-3,
+            label="sampled", label_samples=25, refusal_fit="logistic", refusal_score="probe", loss_weights=LossWeights().as_tuple(),
+            init_prompt="default", epochs=40, batch_size=50, learning_rate=1e-3,
             checkpoint_every=10, eval_samples=25, eval_keep_longest=20, max_new_tokens=256,
         )
         return cls(**{**preset, **overrides})
@@ -75,10 +83,12 @@ class RunConfig:
         if not self.learning_rate > 0:
             raise DroJaxError(f"the learning rate must be positive, got {self.learning_rate}")
         LossWeights.from_sequence(self.loss_weights)
+        check_refusal_score(self.refusal_score)
+        FitConfig(refusal_fit=self.refusal_fit)
 
     def anchor_config(self) -> AnchorConfig:
         """How the anchor stage labels the anchor inputs and fits the space (the probes' folds are always seeded 42)."""
-        fit = FitConfig(num_components=self.num_components, folds=self.folds, seed=42)
+        fit = FitConfig(num_components=self.num_components, folds=self.folds, seed=42, refusal_fit=self.refusal_fit)
         return AnchorConfig(
             settings=self.settings, label=self.label, num_samples=self.label_samples, seed=self.seed, fit=fit,
             openings=self.reply_openings(),
@@ -92,7 +102,8 @@ class RunConfig:
         """The training stage's schedule (an experiment may override e.g. `epochs`)."""
         settings = dict(
             epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed,
-            loss_weights=LossWeights.from_sequence(self.loss_weights), checkpoint_every=self.checkpoint_every, remat=self.remat,
+            loss_weights=LossWeights.from_sequence(self.loss_weights), refusal_score=self.refusal_score, openings=self.reply_openings(),
+            checkpoint_every=self.checkpoint_every, remat=self.remat,
         )
         return TrainConfig(**{**settings, **overrides})
 

@@ -12,7 +12,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from dro_jax.anchors.collect import AnchorData, build_anchor_space
 from dro_jax.anchors.space import AnchorSpace, save_anchor_space
@@ -22,7 +22,9 @@ from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
 from dro_jax.dro.train import TrainingFiles, train_and_export
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.evaluation.evaluate import Evaluation, evaluate_settings
-from dro_jax.inference.chat import PromptSetting
+from dro_jax.evaluation.quality import ReplyReference
+from dro_jax.inference.chat import NO_PROMPT, PromptSetting
+from dro_jax.inference.refusal_score import RefusalScores
 from dro_jax.loading import LoadedModel, load_model
 from dro_jax.parallel.sharding import data_mesh
 from dro_jax.run.config import QuerySets, RunConfig
@@ -52,26 +54,36 @@ def anchor_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: 
     save_anchor_space(space, report, paths.anchors)
 
 
-def train_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, source: RunPaths, target: TrainingFiles, resume: bool) -> Path:
-    """Trains the soft prompt on the anchor space of `source` into `target` (the same run, or e.g. an ablation's
-    directory beside it); returns the exported prompt."""
-    data = AnchorData.load(source.anchor_data)
-    rows = data.rows_of(config.init_prompt)
-    base_states = data.states[rows] if len(rows) else None  # reuse the anchor stage's pass when it covered the init prompt
+def train_stage(
+    model: LoadedModel, config: RunConfig, sets: QuerySets, data: AnchorData, anchors: AnchorSpace, target: TrainingFiles, resume: bool
+) -> Path:
+    """Trains the soft prompt on `anchors` into `target` (the run itself, or e.g. an experiment's directory beside
+    it), with the base and reference states from the anchor stage's `data` where it covered the init prompt and
+    no prompt; returns the exported prompt."""
+    base, plain = data.rows_of(config.init_prompt), data.rows_of(NO_PROMPT)
     initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
-    training_set = prepare_training_set(model, sets.train, config.init_prompt, len(initial), base_states=base_states)
-    train_and_export(model, training_set, AnchorSpace.load(source.anchors), initial, config.train_config(), target, resume)
+    training_set = prepare_training_set(
+        model, sets.train, config.init_prompt, len(initial), base_states=data.states[base] if len(base) else None,
+        reference=RefusalScores(data.refusal_log_odds[plain], data.states[plain]) if len(plain) else None, openings=config.reply_openings(),
+    )
+    train_and_export(model, training_set, anchors, initial, config.train_config(), target, resume)
     return target.soft_prompt
 
 
 def evaluate_prompts(
-    model: LoadedModel, config: RunConfig, sets: QuerySets, settings: Sequence[PromptSetting], anchors: AnchorSpace
+    model: LoadedModel,
+    config: RunConfig,
+    sets: QuerySets,
+    settings: Sequence[PromptSetting],
+    anchors: AnchorSpace,
+    references: Mapping[str, ReplyReference] | None = None,
 ) -> Evaluation:
-    """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over all devices."""
+    """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over all devices;
+    reply drift on `references` when given (a run's, so that added settings compare with its rows)."""
     sampling, num_samples = config.evaluation_sampling()
     return evaluate_settings(
         model, sets.test, settings, anchors, sampling, num_samples, config.eval_keep_longest, config.seed, config.eval_batch_size,
-        openings=config.reply_openings(), mesh=data_mesh(),
+        openings=config.reply_openings(), mesh=data_mesh(), references=references,
     )
 
 
@@ -109,10 +121,10 @@ def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False) -> Pa
     settings = {**config.to_dict(), "openings": dataclasses.asdict(config.reply_openings())}
     model_inputs = {k: settings[k] for k in ("model", "dtype")}
     anchor_inputs = {**model_inputs, "harmful": digests["harmful_train"], "harmless": digests["harmless_train"],
-                     **{k: settings[k] for k in ("field", "settings", "label", "label_samples", "openings", "num_components", "folds", "seed")}}
+                     **{k: settings[k] for k in ("field", "settings", "label", "label_samples", "openings", "num_components", "folds", "refusal_fit", "seed")}}
     anchor_key = input_key(anchor_inputs)
     train_inputs = {"anchors": anchor_key, **{k: settings[k] for k in (
-        "init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "checkpoint_every", "remat")}}
+        "init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "refusal_score", "openings", "checkpoint_every", "remat")}}
     train_key = input_key(train_inputs)
     eval_inputs = {"trained": train_key, "harmful": digests["harmful_test"], "harmless": digests["harmless_test"],
                    **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "max_new_tokens", "openings", "seed")}}
@@ -120,7 +132,7 @@ def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False) -> Pa
         Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)", anchor_inputs,
               [paths.anchors, paths.anchor_report, paths.anchor_data], lambda m: anchor_stage(m, config, sets, paths)),
         Stage("train", "DRO training", train_inputs, [paths.soft_prompt, paths.metrics],
-              lambda m: train_stage(m, config, sets, paths, paths, resume)),
+              lambda m: train_stage(m, config, sets, AnchorData.load(paths.anchor_data), AnchorSpace.load(paths.anchors), paths, resume)),
         Stage("evaluate", "evaluation on the held-out sets", eval_inputs, [paths.evaluation, paths.responses],
               lambda m: evaluate_stage(m, config, sets, paths)),
     ]

@@ -9,6 +9,7 @@ import numpy as np
 
 from dro_jax.anchors.space import AnchorSpace, LinearProbe
 from dro_jax.common.files import atomic_output
+from dro_jax.dro.loss import LossWeights
 from dro_jax.evaluation.evaluate import EvalRow
 from dro_jax.inference.chat import NO_PROMPT
 
@@ -110,7 +111,7 @@ def loss_plot(path: Path, metrics: Sequence[dict], terms: Sequence[str], title: 
     steps = [m["step"] for m in metrics]
     for axis, term in zip(axes[0], terms):
         axis.plot(steps, [m[term] for m in metrics], color="#d62728" if term == "loss" else "#1f77b4")
-        axis.set_title("total loss" if term == "loss" else f"{term} term")
+        axis.set_title("total loss" if term == "loss" else f"{term} term" if term in LossWeights.terms() else term.replace("_", " "))
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     figure.suptitle(title)
@@ -119,30 +120,41 @@ def loss_plot(path: Path, metrics: Sequence[dict], terms: Sequence[str], title: 
 
 
 def refusal_plot(path: Path, rows: Sequence[EvalRow], title: str) -> Path:
-    """Per setting: the paper's counts (harmful queries complied with, harmless queries refused; lower is
-    better) and the mean refusal log-odds per set."""
+    """Per setting, four panels: the paper's counts (harmful queries complied with, harmless queries
+    refused; lower is better), the mean refusal log-odds, and beside them the reply quality: reply drift
+    (nats per token against no prompt) and the share of degenerate responses, per set."""
     plt = _pyplot()
     settings = list(dict.fromkeys(r.setting for r in rows))
     by_key = {(r.setting, r.dataset): r for r in rows}
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    figure, (shares, log_odds, drift, broken) = plt.subplots(1, 4, figsize=(19, 3.8))
     positions = np.arange(len(settings))
     width = 0.38
-    bars = (
-        ("harmful", "harmful queries complied with", lambda r: r.queries_any_compliance / r.num_queries, "#d62728"),
-        ("harmless", "harmless queries refused", lambda r: r.queries_any_refusal / r.num_queries, "#1f77b4"),
-    )
-    for shift, (dataset, label, value, color) in zip((-width / 2, width / 2), bars):
-        heights = [value(by_key[(s, dataset)]) if (s, dataset) in by_key else np.nan for s in settings]
-        drawn = left.bar(positions + shift, heights, width, label=label, color=color)
+    sets = (("harmful", "harmful queries complied with", lambda r: r.queries_any_compliance / r.num_queries, "#d62728"),
+            ("harmless", "harmless queries refused", lambda r: r.queries_any_refusal / r.num_queries, "#1f77b4"))
+
+    def values(dataset: str, value) -> list[float]:
+        found = [by_key.get((s, dataset)) for s in settings]
+        return [np.nan if row is None or value(row) is None else value(row) for row in found]
+
+    for shift, (dataset, label, share, color) in zip((-width / 2, width / 2), sets):
+        heights = values(dataset, share)
+        drawn = shares.bar(positions + shift, heights, width, label=label, color=color)
         counts = [f"{round(h * by_key[(s, dataset)].num_queries)}" if (s, dataset) in by_key else "" for s, h in zip(settings, heights)]
-        left.bar_label(drawn, counts, fontsize=7, padding=1)
-        heights = [by_key[(s, dataset)].mean_refusal_log_odds if (s, dataset) in by_key else np.nan for s in settings]
-        right.bar(positions + shift, heights, width, label=f"{dataset} queries", color=color)
-    left.set_ylabel("share of queries (lower is better)")
-    left.set_ylim(0, 1.12)
-    right.set_ylabel("mean refusal log-odds")
-    right.axhline(0, color="black", linewidth=0.8)
-    for axis in (left, right):
+        shares.bar_label(drawn, counts, fontsize=7, padding=1)
+        log_odds.bar(positions + shift, values(dataset, lambda r: r.mean_refusal_log_odds), width, label=f"{dataset} queries", color=color)
+        drift.bar(positions + shift, values(dataset, lambda r: r.reply_drift), width, label=f"{dataset} queries", color=color)
+        degenerate = values(dataset, lambda r: None if r.degenerate_responses is None else r.degenerate_responses / r.num_responses)
+        drawn = broken.bar(positions + shift, degenerate, width, label=f"{dataset} queries", color=color)
+        broken.bar_label(drawn, [f"{by_key[(s, dataset)].degenerate_responses}" if np.isfinite(h) else "" for s, h in zip(settings, degenerate)],
+                         fontsize=7, padding=1)
+    shares.set_ylabel("share of queries (lower is better)")
+    shares.set_ylim(0, 1.12)
+    log_odds.set_ylabel("mean refusal log-odds")
+    drift.set_ylabel("reply drift, nats/token (lower is better)")
+    broken.set_ylabel("degenerate responses (loop or shout)")
+    broken.set_ylim(0, 1.12)
+    for axis in (shares, log_odds, drift, broken):
+        axis.axhline(0, color="black", linewidth=0.8)
         axis.set_xticks(positions, settings)
         axis.legend(fontsize=8)
         axis.grid(axis="y", alpha=0.3)
@@ -177,6 +189,38 @@ def movement_plot(path: Path, panels: dict[str, Sequence], title: str) -> Path:
         axis.set_title(name)
         axis.legend(fontsize=7)
         axis.grid(alpha=0.2)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def tradeoff_plot(
+    path: Path, points: dict[str, Sequence[tuple[float, float, float]]], references: dict[str, tuple[float, float, float]], title: str
+) -> Path:
+    """Harmful refusal gain against what it costs on the harmless set, as (harmless reply drift, harmful refusal
+    gain, harmless false refusals) per seed: the gain against the drift (left) and against the false refusals
+    (right). One small marker per seed and a large one at the mean for each variant; the human prompts and no
+    prompt as squares."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+    for panel, (axis, column, label) in enumerate(zip(
+        axes, (0, 2), ("harmless reply drift, nats/token against no prompt (lower is better)", "harmless queries refused (lower is better)")
+    )):
+        for name, point in references.items():
+            axis.plot(point[column], point[1], "s", color=COLORS.get(name, "#7f7f7f"), markersize=8, alpha=0.8)
+            axis.annotate(name, (point[column], point[1]), textcoords="offset points", xytext=(5, -10), fontsize=8, color="#555555")
+        for number, (name, seeds) in enumerate(points.items()):
+            color = plt.cm.tab10(number % 10)
+            xs, ys = np.array([p[column] for p in seeds], float), np.array([p[1] for p in seeds], float)
+            axis.scatter(xs, ys, s=18, color=color, alpha=0.5)
+            axis.plot(np.nanmean(xs), np.nanmean(ys), "o", color=color, markersize=10, label=name)
+        if panel == 0:
+            axis.axvline(0.3, color="black", linestyle=":", linewidth=1, label="drift target (0.3)")
+            axis.set_ylabel("harmful queries refused, minus no prompt's (higher is better)")
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="best")
     figure.suptitle(title)
     figure.tight_layout()
     return _save(figure, path)

@@ -68,3 +68,55 @@ def test_anchor_data_file_round_trip(tmp_path):
 def test_anchor_space_refuses_a_model_of_another_width(tiny_dro):
     with pytest.raises(DroJaxError, match="64 wide but the model's hidden size is 32"):
         tiny_dro.anchors.check_hidden_size(32)
+
+
+def _anchor_data(seed: int = 0, queries: int = 60):
+    """Synthetic anchor data: per query a random position; each prompt moves the queries by its own offset plus
+    a per-query part, and the log-odds are a linear function of the coordinates plus a per-query term that no
+    direction explains."""
+    rng = np.random.default_rng(seed)
+    hidden = 8
+    base = rng.normal(size=(queries, hidden)) * np.linspace(3, 1, hidden)
+    offsets = {"none": np.zeros(hidden), "a": rng.normal(size=hidden) + 0.5 * rng.normal(size=(queries, hidden)),
+               "b": rng.normal(size=hidden) + 0.5 * rng.normal(size=(queries, hidden))}
+    truth = rng.normal(size=hidden)
+    query_term = 3 * rng.normal(size=queries)
+    states, log_odds, names = [], [], []
+    for name, offset in offsets.items():
+        states.append(base + offset)
+        log_odds.append((base + offset) @ truth + query_term)
+        names += [name] * queries
+    states, log_odds = np.concatenate(states).astype(np.float32), np.concatenate(log_odds).astype(np.float32)
+    harmless = np.tile(np.arange(queries) % 2, 3).astype(np.float32)
+    return AnchorData(states, 1 / (1 + np.exp(log_odds)), log_odds, harmless, names), truth
+
+
+def test_contrasts_pair_each_prompted_row_with_the_same_query_without_a_prompt():
+    data, _ = _anchor_data(queries=4)
+    prompted, plain = data.contrasts()
+    np.testing.assert_array_equal(prompted, np.arange(4, 12))
+    np.testing.assert_array_equal(plain, np.tile(np.arange(4), 2))
+    no_plain = AnchorData(data.states[4:], data.compliance[4:], data.refusal_log_odds[4:], data.harmless[4:], data.settings[4:])
+    assert len(no_plain.contrasts()[0]) == 0
+    with pytest.raises(DroJaxError, match="needs the anchor queries under 'none'"):
+        no_plain.fit(FitConfig(num_components=4, folds=3, refusal_fit="contrast"), "logodds")
+
+
+@pytest.mark.parametrize("refusal_fit", ["regression", "contrast"])
+def test_least_squares_fits_recover_the_log_odds_direction(refusal_fit):
+    """In the full space (k = hidden) both fits find the true direction of the log-odds: regression against
+    the per-query term's noise, the contrast fit exactly, since the per-query term cancels in a contrast."""
+    data, truth = _anchor_data()
+    space, report = data.fit(FitConfig(num_components=8, folds=5, refusal_fit=refusal_fit), "logodds")
+    direction = space.components @ space.refusal.weight  # back in the hidden space; points towards compliance
+    cosine = -direction @ truth / np.linalg.norm(direction) / np.linalg.norm(truth)
+    assert cosine > (0.999999 if refusal_fit == "contrast" else 0.9), cosine
+    assert report["refusal"]["fit"] == refusal_fit and report["refusal"]["r2"] > (0.99 if refusal_fit == "contrast" else 0.5)
+    logits = space.refusal.logits(space.leading(data.states))
+    assert np.mean(logits) == pytest.approx(np.mean(-data.refusal_log_odds), abs=1e-2)  # the logit is in nats of compliance
+    assert space.metadata["fit"]["refusal_fit"] == refusal_fit
+
+
+def test_an_unknown_refusal_fit_is_an_error():
+    with pytest.raises(DroJaxError, match="refusal fit must be one of logistic, regression, contrast"):
+        FitConfig(refusal_fit="svm")

@@ -76,7 +76,7 @@ def test_train_command_bad_input(tiny_dro, tmp_path, query_files, capsys):
     _fails(_train_args(directory, anchors, query_files, tmp_path / "c", "--batch-size", "13"), capsys, "larger than the 12 training queries")
     wrong = AnchorSpace(np.zeros(8, np.float32), np.eye(8, dtype=np.float32), 4, tiny_dro.anchors.refusal, tiny_dro.anchors.harmfulness, {})
     _fails(_train_args(directory, wrong.save(tmp_path / "wrong.safetensors"), query_files, tmp_path / "d"), capsys, "8 wide")
-    _fails(_train_args(directory, anchors, query_files, tmp_path / "w", "--loss-weights", "1", "-1", "0"), capsys, "non-negative")
+    _fails(_train_args(directory, anchors, query_files, tmp_path / "w", "--loss-weights", "1", "-1", "0", "0"), capsys, "non-negative")
     _fails(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")], capsys, "no such checkpoint directory")
     assert not (tmp_path / "x.safetensors").exists()
 

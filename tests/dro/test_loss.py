@@ -8,6 +8,7 @@ import pytest
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import LossWeights, dro_loss, dro_objective
 from dro_jax.dro.train import frozen_inputs
+from dro_jax.inference.refusal_score import Openings
 from dro_jax.models.inputs import final_states
 
 
@@ -17,17 +18,81 @@ def _full_batch(data):
 
 def test_loss_weights_name_the_terms_once():
     weights = LossWeights()
-    assert LossWeights.terms() == ("refusal", "harmfulness", "norm")
-    assert weights.as_tuple() == (1.0, 1e-2, 1e-3)
-    assert LossWeights.from_sequence([2, 3, 4]) == LossWeights(2.0, 3.0, 4.0)
-    assert weights.combine({"refusal": 2.0, "harmfulness": 100.0, "norm": 1000.0}) == pytest.approx(2.0 + 1.0 + 1.0)
-    assert weights.ablate("harm", "norm") == LossWeights(1.0, 0.0, 0.0)  # the short name of the command line
+    assert LossWeights.terms() == ("refusal", "harmfulness", "norm", "preserve")
+    assert weights.as_tuple() == (1.0, 1e-2, 1e-3, 0.0)  # the paper's, and no preservation term
+    assert LossWeights.from_sequence([2, 3, 4, 5]) == LossWeights(2.0, 3.0, 4.0, 5.0)
+    assert weights.combine({"refusal": 2.0, "harmfulness": 100.0, "norm": 1000.0, "preserve": 7.0}) == pytest.approx(2.0 + 1.0 + 1.0)
+    assert weights.ablate("harm", "norm") == LossWeights(1.0, 0.0, 0.0, 0.0)  # the short name of the command line
     with pytest.raises(ValueError, match="unknown loss terms"):
         weights.ablate("accuracy")
     with pytest.raises(DroJaxError, match="one loss weight per term"):
         LossWeights.from_sequence([1.0, 2.0])
     with pytest.raises(DroJaxError, match="non-negative"):
         LossWeights(1.0, -1.0, 0.0)
+
+
+MULTI_TOKEN = Openings(refusal=("No way", "I can not"), compliant=("Sure thing", "Here is"))
+
+
+def test_behavioural_refusal_scores_and_the_preservation_term(tiny_dro):
+    """`head` reads the first reply token from the final state, `openings` the whole openings (equal to the
+    evaluation's log-odds), `preserve` is the first-token KL from the no-prompt reference on harmless rows;
+    each checked by hand."""
+    from dro_jax.inference.encoding import EncodedQueries
+    from dro_jax.inference.refusal_score import OpeningReadout, score_refusal
+    from dro_jax.models.transformer import compute_logits
+
+    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
+    soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(1), initial.shape)
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix, MULTI_TOKEN)
+    harmless = np.asarray(data.harmless, bool)
+    weights = LossWeights(1.0, 0.0, 0.0, 0.5)
+    _, probe = dro_loss(soft, batch, frozen, model.config, weights)
+    _, head = dro_loss(soft, batch, frozen, model.config, weights, refusal_score="head")
+    _, openings = dro_loss(soft, batch, frozen, model.config, weights, refusal_score="openings")
+    new = final_states(model.params, model.config, batch.token_ids, batch.attention_mask, soft, batch.soft_offsets, prefix=frozen.prefix)
+
+    def log_probs(states):
+        return np.asarray(jax.nn.log_softmax(compute_logits(model.params, model.config, jnp.asarray(states)[:, None])[:, 0]), np.float64)
+
+    new_lp, base_lp = log_probs(new), log_probs(data.reference_states)  # base: the no-prompt reference
+    kl = np.sum(np.exp(base_lp) * (base_lp - new_lp), axis=1)
+    for metrics in (probe, head, openings):
+        np.testing.assert_allclose(metrics["preserve"], kl[harmless].mean(), rtol=1e-4)
+        np.testing.assert_allclose(metrics["compliance_shift_harmful"], probe["compliance_shift_harmful"], rtol=1e-4)
+    readout = OpeningReadout.of(model.tokenizer, MULTI_TOKEN, model.config.vocab_size)
+
+    def first_token(lp):
+        return np.logaddexp.reduce(lp[:, readout.refusal_first], axis=1) - np.logaddexp.reduce(lp[:, readout.compliant_first], axis=1)
+
+    first = first_token(new_lp)
+    # The whole openings' log-odds: the evaluation's scoring pass over the same inputs, soft prompt in place.
+    whole = EncodedQueries(
+        [list(data.prefix.token_ids) + list(ids[mask > 0]) for ids, mask in zip(data.token_ids, data.attention_mask)],
+        np.asarray(soft), [int(data.prefix.soft_offset)] * len(data), prefix_length=len(data.prefix.token_ids),
+    )
+    scored = score_refusal(model, whole, MULTI_TOKEN, batch_size=4, progress=False).log_odds
+    for metrics, log_odds, reference in ((head, first, first_token(base_lp)), (openings, scored, data.reference_log_odds)):
+        # Refuse harmful queries; lean no more towards refusal on harmless ones than with no safety prompt.
+        bce = np.where(harmless, np.logaddexp(0, log_odds - reference), np.logaddexp(0, -log_odds))
+        np.testing.assert_allclose(metrics["refusal"], bce.mean(), rtol=1e-4)
+        np.testing.assert_allclose(metrics["refusal_log_odds_harmful"], log_odds[~harmless].mean(), rtol=1e-4, atol=1e-5)
+    assert "refusal_log_odds_harmful" not in probe
+    # Gradients reach the soft prompt through each score.
+    for score in ("head", "openings"):
+        grad = jax.grad(lambda p: dro_loss(p, batch, frozen, model.config, weights, refusal_score=score)[0])(soft)
+        assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0
+
+
+def test_a_zero_preservation_weight_leaves_the_papers_loss_as_it_was(tiny_dro):
+    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
+    soft = jnp.asarray(initial) + 0.05
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
+    total, metrics = dro_loss(soft, batch, frozen, model.config)
+    assert float(metrics["preserve"]) > 0
+    assert float(total) == pytest.approx(float(metrics["refusal"] + 1e-2 * metrics["harmfulness"] + 1e-3 * metrics["norm"]), rel=1e-7)
+    with pytest.raises(DroJaxError, match="refusal score must be one of probe, head, openings"):
+        dro_objective(model.config, refusal_score="logits")
 
 
 def test_loss_at_the_initial_prompt(tiny_dro):

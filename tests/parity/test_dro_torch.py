@@ -14,6 +14,7 @@ import torch
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import LossWeights, dro_objective
 from dro_jax.dro.train import TrainConfig, frozen_inputs, make_optimizer, make_train_step
+from dro_jax.inference.refusal_score import Openings
 from dro_jax.loading import load_model, resolve_model_path
 from dro_jax.parallel.sharding import data_mesh
 from dro_jax.parity.checks import DroCase, DroParity, dro_case, dro_checks, dro_parity
@@ -82,6 +83,22 @@ def test_dro_loss_gradient_and_step_match_torch_tiny_llama(tiny_model_dir):
     assert train_step["step_diff"] <= 1e-6, train_step
     assert train_step["loss_rel_diff"] <= 1e-5, train_step
     assert train_step["grad_norm_rel_diff"] <= 1e-5, train_step
+
+
+@pytest.mark.parametrize("score", ["head", "openings"])
+def test_behavioural_refusal_scores_and_the_preservation_term_match_torch_tiny_llama(tiny_model_dir, score):
+    """The `head` and `openings` refusal scores with a weighted preservation term: the twin reads the first
+    token through transformers' own output layer and runs every opening appended to the whole inputs."""
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = tiny_model_dir("llama")
+    model = load_model(directory, progress=False)
+    torch_model = freeze(AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32))
+    case = dro_case(model, torch_model, PAIRS, noise=2.5, filler_row=True)
+    openings = Openings(refusal=("No way", "I can not"), compliant=("Sure thing", "Here is"))
+    figures = dro_parity(model, torch_model, case, LossWeights(1.0, 1e-2, 1e-3, 0.5), score, openings)
+    check(figures, metric_rtol=1e-5)
+    assert set(figures.metrics) >= {"refusal_log_odds_harmful", "refusal_log_odds_harmless"}
 
 
 def test_torch_step_refuses_trainable_model_parameters(tiny_model_dir):

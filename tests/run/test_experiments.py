@@ -40,6 +40,23 @@ def test_experiments_write_their_tables_and_plots(finished_run):
     assert [r["setting"] for r in rows if r["dataset"] == "harmful"] == ["none", "short", "DRO", "prompt tuning"]
 
 
+def test_refusal_variants_train_every_variant_and_seed_once(finished_run):
+    args = ("--variants", "paper", "contrast", "openings+preserve", "--seeds", "1", "2", "--epochs", "1")
+    assert _experiment("refusal_variants.py", finished_run, *args) == 0
+    out = finished_run / "experiments"
+    data = json.loads((out / "refusal_variants_1_epochs.json").read_text())
+    assert list(data["results"]) == ["paper", "contrast", "openings+preserve"]
+    assert [r["seed"] for r in data["results"]["openings+preserve"]] == [1, 2]
+    assert data["variants"]["openings+preserve"]["loss_weights"][-1] == 1.0 and set(data["human"]) == {"none", "short"}
+    assert (out / "variants" / "contrast" / "anchors.safetensors").is_file()  # refitted from the run's anchor data
+    kept = out / "variants" / "paper" / "epochs_1_seed_2" / "rows.json"
+    stamp = kept.stat().st_mtime_ns
+    assert _experiment("refusal_variants.py", finished_run, *args) == 0  # a re-run only reads what it kept
+    assert kept.stat().st_mtime_ns == stamp
+    assert (out / "refusal_variants_1_epochs.png").read_bytes().startswith(PNG_MAGIC)
+    assert "seeds meeting every target" in (out / "refusal_variants_1_epochs.md").read_text()
+
+
 def test_an_experiment_without_a_run_says_how_to_make_one(tmp_path, capsys):
     assert _experiment("prompt_movement.py", tmp_path / "nothing") == 2
     assert "dro-jax run --out" in capsys.readouterr().err

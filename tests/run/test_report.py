@@ -33,7 +33,8 @@ def test_the_paper_preset_is_the_reference_protocol():
     assert (paper.label, paper.label_samples, paper.init_prompt) == ("sampled", 25, "default")
     assert (paper.epochs, paper.batch_size, paper.learning_rate, paper.checkpoint_every) == (40, 50, 1e-3, 10)
     assert (paper.eval_samples, paper.eval_keep_longest, paper.max_new_tokens) == (25, 20, 256)
-    assert paper.loss_weights == (1.0, 1e-2, 1e-3) and paper.settings == ("none", "default", "short", "mistral")
+    assert paper.loss_weights == (1.0, 1e-2, 1e-3, 0.0) and paper.settings == ("none", "default", "short", "mistral")
+    assert (paper.refusal_fit, paper.refusal_score) == ("logistic", "probe")
     train = paper.train_config()
     assert (train.epochs, train.batch_size, train.learning_rate, train.weight_decay, train.clip_norm) == (40, 50, 1e-3, 0.01, 1.0)
     assert train.loss_weights == LossWeights()
@@ -49,24 +50,33 @@ def test_the_paper_preset_is_the_reference_protocol():
 
 def test_the_quick_default_and_its_overrides():
     quick = RunConfig()
-    assert (quick.label, quick.epochs, quick.batch_size, quick.learning_rate, quick.eval_samples) == ("logodds", 4, 25, 5e-3, 0)
+    assert (quick.label, quick.epochs, quick.batch_size, quick.learning_rate, quick.eval_samples) == ("logodds", 8, 25, 5e-3, 0)
+    assert (quick.refusal_fit, quick.refusal_score, quick.loss_weights) == ("logistic", "openings", (1.0, 1e-2, 1e-3, 0.0))
+    assert quick.train_config().refusal_score == "openings" and quick.train_config().openings == quick.reply_openings()
     assert quick.evaluation_sampling() == (SamplingConfig(max_new_tokens=64), 1)
     assert _cli_config() == quick
     assert _cli_config("--settings", "none", "short", "--remat") == RunConfig(settings=("none", "short"), remat=True)
+    assert _cli_config("--refusal-score", "head", "--refusal-fit", "contrast", "--loss-weights", "1", "0", "0", "2") == RunConfig(
+        refusal_score="head", refusal_fit="contrast", loss_weights=(1.0, 0.0, 0.0, 2.0))
+    assert _cli_config("--paper", "--refusal-score", "openings").refusal_score == "openings"  # an option overrides the preset
     assert RunConfig.from_dict(quick.to_dict()) == quick
     assert quick.train_config(epochs=7).epochs == 7 and quick.train_config().learning_rate == 5e-3
     assert REFERENCE_SAMPLING.greedy is False
     with pytest.raises(DroJaxError, match="one loss weight per term"):
         RunConfig(loss_weights=(1.0, 0.1))
+    with pytest.raises(DroJaxError, match="refusal score must be one of"):
+        RunConfig(refusal_score="logits")
+    with pytest.raises(DroJaxError, match="refusal fit must be one of"):
+        RunConfig(refusal_fit="svm")
     with pytest.raises(DroJaxError, match="unknown run settings: colour"):
         RunConfig.from_dict({**quick.to_dict(), "colour": "red"})
 
 
 def _rows():
-    def row(setting, dataset, refused, complied, log_odds):
-        return EvalRow(setting, dataset, 4, 4, refused, refused, complied, log_odds, 0.5, 0.0)
+    def row(setting, dataset, refused, complied, log_odds, drift=0.0, degenerate=(0, 0, 0)):
+        return EvalRow(setting, dataset, 4, 4, refused, refused, complied, log_odds, 0.5, 0.0, drift, *degenerate)
 
-    return [row("none", "harmful", 0, 4, -3.0), row("DRO", "harmful", 3, 1, 1.25), row("none", "harmless", 0, 4, -4.0)]
+    return [row("none", "harmful", 0, 4, -3.0), row("DRO", "harmful", 3, 1, 1.25, 0.5, (2, 1, 1)), row("none", "harmless", 0, 4, -4.0)]
 
 
 REPORT = {"explained_variance_ratio": [0.2, 0.1, 0.05, 0.01], "refusal": {"accuracy": 0.75, "auc": 0.9}, "harmfulness": {"accuracy": 0.5, "auc": None}}
@@ -78,9 +88,11 @@ def test_results_text_says_what_was_run_and_shows_both_tables():
     assert text.startswith("# DRO on smollm2\n")
     assert "PCA explained variance 0.200, 0.100, 0.050, 0.010" in text
     assert "refusal probe accuracy 0.750, auc 0.900; harmfulness probe accuracy 0.500." in text  # a missing AUC is left out
-    assert "init `short`, 4 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, harmfulness 0.6000, norm 2.0000." in text
+    assert ("init `short`, refusal score `openings`, refusal fit `logistic`, loss weights {'refusal': 1.0, 'harmfulness': 0.01, "
+            "'norm': 0.001, 'preserve': 0.0}, 8 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, "
+            "harmfulness 0.6000, norm 2.0000.") in text
     assert "greedy, one response per query, at most 64 new tokens" in text
-    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | +1.25 | +0.500 | +0.000 |" in text
+    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | +1.25 | +0.500 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text
     assert "Stage times: anchors 2.0 min, train 1.0 min." in text
     paper = results_text(RunConfig.paper(), _rows(), [], REPORT, METRICS, {})
     assert "25 sampled responses per query, the 20 longest judged, at most 256 new tokens" in paper and "Stage times: n/a." in paper
@@ -104,20 +116,32 @@ def test_loss_plot_has_one_panel_per_named_curve(tmp_path, figures):
     path = plots.loss_plot(tmp_path / "loss.png", METRICS, LOSS_CURVES, "training")
     assert path.read_bytes().startswith(PNG_MAGIC)
     axes = figures[0].axes
-    assert [a.get_title() for a in axes] == ["total loss", "refusal term", "harmfulness term", "norm term"]
+    assert [a.get_title() for a in axes] == ["total loss", "refusal term", "harmfulness term", "norm term"]  # curves it recorded
     np.testing.assert_array_equal(axes[3].lines[0].get_ydata(), [0.0, 2.0])
     plots.loss_plot(tmp_path / "pt.png", [{"step": 1, "loss": 1.0, "likelihood": 1.0}], LOSS_CURVES, "baseline")
     assert [a.get_title() for a in figures[1].axes] == ["total loss"]  # curves a run did not record are left out
 
 
-def test_refusal_plot_shows_the_papers_shares_and_the_log_odds(tmp_path, figures):
+def test_refusal_plot_shows_the_papers_shares_the_log_odds_and_reply_quality(tmp_path, figures):
     plots.refusal_plot(tmp_path / "refusals.png", _rows(), "held out")
-    shares, log_odds = figures[0].axes
+    shares, log_odds, drift, degenerate = figures[0].axes
     harmful, harmless = shares.containers
     np.testing.assert_allclose([bar.get_height() for bar in harmful], [1.0, 0.25])  # complied with: none 4/4, DRO 1/4
     assert harmless[0].get_height() == 0.0 and np.isnan(harmless[1].get_height())  # DRO was not run on the harmless set
     assert [t.get_text() for t in shares.get_xticklabels()] == ["none", "DRO"]
     np.testing.assert_allclose([bar.get_height() for bar in log_odds.containers[0]], [-3.0, 1.25])
+    np.testing.assert_allclose([bar.get_height() for bar in drift.containers[0]], [0.0, 0.5])  # harmful set: none, DRO
+    np.testing.assert_allclose([bar.get_height() for bar in degenerate.containers[0]], [0.0, 0.5])  # 2 of 4 DRO replies
+
+
+def test_tradeoff_plot_marks_each_seed_and_the_mean(tmp_path, figures):
+    points = {"a": [(0.1, 2, 0), (0.3, 4, 2)], "b": [(0.5, 0, 1)]}
+    plots.tradeoff_plot(tmp_path / "tradeoff.png", points, {"none": (0.0, 0, 0), "short": (0.05, 1, 0)}, "t")
+    drift, refused = figures[0].axes
+    for axis, expected in ((drift, {"a": [0.2, 3.0], "b": [0.5, 0.0]}), (refused, {"a": [1.0, 3.0], "b": [1.0, 0.0]})):
+        means = {line.get_label(): line.get_xydata()[0].tolist() for line in axis.lines if line.get_label() in ("a", "b")}
+        assert means == expected
+        assert [len(c.get_offsets()) for c in axis.collections] == [2, 1]  # one small marker per seed
 
 
 def test_anchor_space_and_movement_plots(tmp_path, figures):
