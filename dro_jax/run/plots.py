@@ -107,9 +107,13 @@ def loss_plot(path: Path, metrics: Sequence[dict], terms: Sequence[str], title: 
     """The named metrics over training steps, one panel each (their scales differ); "loss" is the total."""
     plt = _pyplot()
     terms = [t for t in terms if metrics and t in metrics[0]]
-    figure, axes = plt.subplots(1, len(terms), figsize=(3.6 * len(terms), 3.2), squeeze=False)
+    columns = min(4, max(len(terms), 1))
+    rows = max(1, -(-len(terms) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    for unused in axes.flat[len(terms):]:
+        unused.remove()
     steps = [m["step"] for m in metrics]
-    for axis, term in zip(axes[0], terms):
+    for axis, term in zip(axes.flat, terms):
         axis.plot(steps, [m[term] for m in metrics], color="#d62728" if term == "loss" else "#1f77b4")
         axis.set_title("total loss" if term == "loss" else f"{term} term" if term in LossWeights.terms() else term.replace("_", " "))
         axis.set_xlabel("step")
@@ -208,7 +212,8 @@ def tradeoff_plot(
     )):
         for name, point in references.items():
             axis.plot(point[column], point[1], "s", color=COLORS.get(name, "#7f7f7f"), markersize=8, alpha=0.8)
-            axis.annotate(name, (point[column], point[1]), textcoords="offset points", xytext=(5, -10), fontsize=8, color="#555555")
+            if panel == 0:  # on the right the human prompts share one corner: their names would overlap
+                axis.annotate(name, (point[column], point[1]), textcoords="offset points", xytext=(5, -10), fontsize=8, color="#555555")
         for number, (name, seeds) in enumerate(points.items()):
             color = plt.cm.tab10(number % 10)
             xs, ys = np.array([p[column] for p in seeds], float), np.array([p[1] for p in seeds], float)
