@@ -296,8 +296,10 @@ def run(args: argparse.Namespace) -> None:
               f"PyTorch's paper step / this step: {median['torch_step'] / step:.2f}x, forward only {median['torch_forward'] / forward:.2f}x (medians)")
     if "probe" in jax_metrics:
         first_jax, first_torch = jax_metrics["probe"], torch_metrics["probe"]
-        print(f"first step of the paper's loss, same inputs: gradient norm {first_jax['grad_norm']:.6f} (dro-jax) vs "
-              f"{first_torch['grad_norm']:.6f} (PyTorch); DRO terms {first_jax['loss'] - args.preserve * first_jax['preserve']:.6f} vs "
-              f"{first_torch['loss']:.6f} (at the initial prompt new = base, so about 1.01 ln 2)")
+        gradients = (f"gradient norm {first_jax['grad_norm']:.6f} (dro-jax) vs {first_torch['grad_norm']:.6f} (PyTorch); "
+                     if args.preserve == 0 else "")  # with a weighted preservation term the dro-jax gradient has one more part
+        print(f"first step, refusal score probe, same inputs: {gradients}the paper's terms "
+              f"{first_jax['loss'] - args.preserve * first_jax['preserve']:.6f} vs {first_torch['loss']:.6f} "
+              f"(at the initial prompt new = base, so about 1.01 ln 2)")
     if device_stats:
         print(f"XLA device memory: peak {_gib(device_stats.get('peak_bytes_in_use', 0))} in use")
