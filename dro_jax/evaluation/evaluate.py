@@ -14,7 +14,7 @@ from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.tables import markdown_table
 from dro_jax.evaluation.measure import (
-    Measurement, count_refusals, keep_longest, measure_reference, measure_setting, reference_decoding,
+    count_refusals, keep_longest, measure_reference, measure_setting, reference_decoding,
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
@@ -114,11 +114,10 @@ def evaluate_settings(
             reused = greedy if sampling == reference_decoding(sampling.max_new_tokens) and num_samples == 1 else None
         used[name] = reference
         for setting in settings:
-            is_plain = setting.name == NO_PROMPT and setting.soft_prompt is None
-            if is_plain and reused is not None:
+            if setting.is_empty and reused is not None:
                 measured = reused
             else:
-                encoded = plain if is_plain and plain is not None else encode_queries(model, queries, setting, name)
+                encoded = plain if setting.is_empty and plain is not None else encode_queries(model, queries, setting, name)
                 measured = measure_setting(
                     model, encoded, sampling, num_samples, seed, batch_size, judge, openings, progress, mesh,
                     reference_replies=reference.token_ids,

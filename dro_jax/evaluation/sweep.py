@@ -187,7 +187,7 @@ def _evaluate_share(
     setting and under no prompt, for `queries`, as JSON-ready lists."""
     if not queries:  # more processes than queries
         return _share_part(None, first, [])
-    if setting.name == NO_PROMPT and setting.soft_prompt is None and reference["part"] is not None:
+    if setting.is_empty and reference["part"] is not None:
         return reference["part"]
     measured = measure_setting(
         model, encode_queries(model, queries, setting, name), config.sampling, config.num_samples, config.seed,

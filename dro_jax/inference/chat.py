@@ -72,6 +72,11 @@ class PromptSetting:
     def soft(cls, name: str, soft_prompt: np.ndarray) -> "PromptSetting":
         return cls(name, None, np.asarray(soft_prompt, np.float32))
 
+    @property
+    def is_empty(self) -> bool:
+        """No safety prompt at all: the setting reply drift and the no-prompt rows are measured against."""
+        return self.text is None and self.soft_prompt is None
+
 
 def as_prompt_setting(setting: "PromptSetting | str | None") -> PromptSetting:
     return setting if isinstance(setting, PromptSetting) else PromptSetting.from_text(setting)

@@ -58,3 +58,13 @@ def test_tokenizer_without_template():
     tokenizer.chat_template = None
     with pytest.raises(DroJaxError, match="no chat template"):
         ChatFormatter(tokenizer, None)
+
+
+def test_only_the_no_prompt_setting_is_empty():
+    import numpy as np
+
+    from dro_jax.inference.chat import PromptSetting
+
+    assert PromptSetting.from_text("none").is_empty and PromptSetting.from_text(None).is_empty
+    assert not PromptSetting.from_text("short").is_empty
+    assert not PromptSetting.soft("none", np.zeros((2, 4), np.float32)).is_empty  # a soft prompt, whatever its name
