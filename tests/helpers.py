@@ -77,6 +77,8 @@ TINY_CONFIGS = {
         },
     ),
     "mistral": dict(model_type="mistral", sliding_window=5),
+    # Four key-value heads, so that tensor parallelism over 4 devices splits attention too.
+    "llama-4kv": dict(model_type="llama", num_attention_heads=8, num_key_value_heads=4),
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=False),
 }
 
@@ -108,18 +110,11 @@ def tiny_torch_model(name: str, seed: int = 0, max_position_embeddings: int = 12
 
     settings = dict(TINY_CONFIGS[name])
     model_type = settings.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5,
-        **settings,
+    shape = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5,
     )
+    config = AutoConfig.for_model(model_type, **{**shape, **settings})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.no_grad():  # random norm weights and biases, so that they matter in the comparison

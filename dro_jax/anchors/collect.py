@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import Mesh
 
 from dro_jax.anchors.labels import compliance_rates
 from dro_jax.anchors.space import AnchorSpace, FitConfig, fit_anchor_space
@@ -94,19 +95,20 @@ def collect_anchor_data(
     batch_size: int = 32,
     judge: RefusalJudge | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> AnchorData:
     """Representations, refusal log-odds and compliance targets of every anchor query under every setting;
-    the representations and log-odds come from one forward pass per input."""
+    the representations and log-odds come from one forward pass per input (batches split over `mesh`)."""
     queries = pairs.queries
     flags = pairs.harmless_flags.astype(np.float32)
     states, compliance, log_odds, harmless_rows, names = [], [], [], [], []
     for setting in config.settings:
         encoded = encode_queries(model, queries, setting)
-        scores = score_refusal(model, encoded, config.openings, batch_size, progress)
+        scores = score_refusal(model, encoded, config.openings, batch_size, progress, mesh)
         states.append(scores.states)
         log_odds.append(scores.log_odds.astype(np.float32))
         if config.label == "sampled":
-            rates = compliance_rates(model, encoded, config.sampling, config.num_samples, config.seed, batch_size, judge, progress)
+            rates = compliance_rates(model, encoded, config.sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh)
             compliance.append(rates.astype(np.float32))
         else:
             compliance.append((1 / (1 + np.exp(scores.log_odds))).astype(np.float32))
@@ -122,9 +124,10 @@ def build_anchor_space(
     batch_size: int = 32,
     judge: RefusalJudge | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> tuple[AnchorSpace, dict, AnchorData]:
     """Collects the anchor data and fits the space; the report holds the probes' held-out metrics."""
-    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress)
+    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress, mesh)
     metadata = {
         "model": model.source,
         "settings": list(config.settings),

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
+from jax.sharding import Mesh
 
 from dro_jax.inference.chat import PromptSetting, as_prompt_setting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
@@ -39,9 +40,10 @@ def compliance_rates(
     batch_size: int = 32,
     judge: RefusalJudge | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """[n] share of each encoded query's `num_samples` sampled responses that the judge does not call a refusal."""
-    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress)
+    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh)
     complied = np.zeros(len(encoded))
     for response in responses:
         complied[response.query_index] += not response.refusal

@@ -154,9 +154,10 @@ def run(args: argparse.Namespace) -> None:
     from dro_jax.dro.loss import LossWeights, check_refusal_score, dro_objective
     from dro_jax.inference.refusal_score import OpeningTree, Openings, encode_openings
     from dro_jax.dro.soft_prompt import initial_soft_prompt
-    from dro_jax.dro.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step
+    from dro_jax.dro.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step, place_frozen
     from dro_jax.dro.training_set import prepare_training_set
-    from dro_jax.parallel.sharding import data_mesh, padded_batch_size, replicate, shard_batch
+    from dro_jax.parallel.mesh import data_mesh
+    from dro_jax.parallel.sharding import on_mesh, padded_batch_size, replicate, shard_batch
     from dro_jax.parity.torch_dro import freeze, make_torch_optimizer, torch_anchors, torch_dro_loss, torch_train_step
 
     if args.steps < 1 or args.batch_size < 1:
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
 
     # dro-jax: the training loop's own jitted step, state replicated and batch sharded as there, per refusal score.
     optimizer = make_optimizer(train_config)
-    frozen = replicate(frozen_inputs(model, anchors, data.prefix), mesh)
+    frozen = place_frozen(frozen_inputs(model, anchors, data.prefix), config, mesh)
     jax_batch = shard_batch(batch, mesh)
     weights = dataclasses.replace(LossWeights(), preserve=args.preserve)
     jax_metrics = {}
@@ -224,7 +225,8 @@ def run(args: argparse.Namespace) -> None:
         state["opt"] = replicate(optimizer.init(state["prompt"]), mesh)
 
         def jax_step():
-            state["prompt"], state["opt"], metrics = step_fn(state["prompt"], state["opt"], jax_batch, frozen)
+            with on_mesh(mesh):
+                state["prompt"], state["opt"], metrics = step_fn(state["prompt"], state["opt"], jax_batch, frozen)
             jax.block_until_ready(state["prompt"])
             jax_metrics.setdefault(score, {k: float(v) for k, v in metrics.items()})
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.dro.microbatch import map_microbatches
 from dro_jax.inference.refusal_score import OpeningReadout, continuation_log_probs, first_token_log_odds, log_odds_of
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, final_states
@@ -162,14 +163,19 @@ def dro_loss(
     weights: LossWeights = LossWeights(),
     remat: bool = False,
     refusal_score: str = "probe",
+    microbatch: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(total loss, metrics). Bind `config`, `weights`, `remat` and `refusal_score` (one of `REFUSAL_SCORES`)
-    with functools.partial for jit/grad (or use `dro_objective`)."""
-    args = (frozen.params, config, batch.token_ids, batch.attention_mask)
-    if refusal_score == "openings":
-        log_probs, new = continuation_log_probs(*args, frozen.readout.tree, soft_prompt, batch.soft_offsets, frozen.prefix, remat)
-    else:
-        new = final_states(*args, soft_prompt, batch.soft_offsets, remat, frozen.prefix)
+    """(total loss, metrics). Bind `config`, `weights`, `remat`, `refusal_score` (one of `REFUSAL_SCORES`) and
+    `microbatch` (rows through the model at a time, see `dro_jax.dro.microbatch`) with functools.partial for
+    jit/grad (or use `dro_objective`)."""
+
+    def through_model(rows):
+        args = (frozen.params, config, *rows[:2])
+        if refusal_score == "openings":
+            return continuation_log_probs(*args, frozen.readout.tree, soft_prompt, rows[2], frozen.prefix, remat)
+        return None, final_states(*args, soft_prompt, rows[2], remat, frozen.prefix)
+
+    log_probs, new = map_microbatches(through_model, (batch.token_ids, batch.attention_mask, batch.soft_offsets), microbatch)
     target = batch.harmless.astype(jnp.float32)
     terms, refusal_shift = dro_terms(new - batch.base_states, frozen, target, batch.weights)
     new_logits = compute_logits(frozen.params, config, new[:, None])[:, 0]
@@ -215,7 +221,11 @@ def check_refusal_score(name: str) -> str:
     return name
 
 
-def dro_objective(config: ModelConfig, weights: LossWeights = LossWeights(), remat: bool = False, refusal_score: str = "probe") -> Objective:
-    """The DRO loss with its model config, term weights and refusal score bound."""
-    loss = functools.partial(dro_loss, config=config, weights=weights, remat=remat, refusal_score=check_refusal_score(refusal_score))
+def dro_objective(
+    config: ModelConfig, weights: LossWeights = LossWeights(), remat: bool = False, refusal_score: str = "probe", microbatch: int | None = None
+) -> Objective:
+    """The DRO loss with its model config, term weights, refusal score and microbatch size bound."""
+    loss = functools.partial(
+        dro_loss, config=config, weights=weights, remat=remat, refusal_score=check_refusal_score(refusal_score), microbatch=microbatch
+    )
     return Objective("DRO training", loss, ("loss", *LossWeights.terms()))

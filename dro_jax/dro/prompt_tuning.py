@@ -15,10 +15,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from dro_jax.anchors.collect import LABEL_SAMPLING
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import Frozen, Objective, weighted_mean
+from dro_jax.dro.microbatch import map_microbatches
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import RefusalJudge
@@ -41,25 +43,33 @@ class ResponseBatch(NamedTuple):
 
 
 def prompt_tuning_loss(
-    soft_prompt: jax.Array, batch: ResponseBatch, frozen: Frozen, config: ModelConfig, remat: bool = False
+    soft_prompt: jax.Array, batch: ResponseBatch, frozen: Frozen, config: ModelConfig, remat: bool = False,
+    microbatch: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Vanilla prompt tuning: mean token NLL of wanted responses, -log(1 - p) of unwanted ones."""
     params = frozen.params
-    shared = prefix_cache(params, config, frozen.prefix, soft_prompt, remat)
-    embeds = input_embeddings(params, batch.token_ids, soft_prompt, batch.soft_offsets)
-    positions = row_positions(batch.attention_mask, frozen.prefix)
-    hidden = forward(
-        params, config, inputs_embeds=embeds, attention_mask=batch.attention_mask, positions=positions, prefix=shared, remat=remat
-    ).last_hidden_state
-    log_probs = jax.nn.log_softmax(compute_logits(params, config, hidden[:, :-1]).astype(jnp.float32), axis=-1)
-    token_log_p = jnp.take_along_axis(log_probs, batch.token_ids[:, 1:, None], axis=-1)[..., 0]  # [b, t-1]
-    scored = batch.response_mask[:, 1:].astype(jnp.float32)
-    likelihood = -token_log_p
-    # -log(1 - p) = -log(-expm1(log p)); p is clipped below 1 so a certain token gives a large finite loss.
-    unlikelihood = -jnp.log(-jnp.expm1(jnp.minimum(token_log_p, -1e-6)))
+
+    def per_sequence_loss(rows):
+        token_ids, attention_mask, soft_offsets, response_mask, wanted = rows
+        shared = prefix_cache(params, config, frozen.prefix, soft_prompt, remat)
+        embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
+        positions = row_positions(attention_mask, frozen.prefix)
+        hidden = forward(
+            params, config, inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, prefix=shared, remat=remat
+        ).last_hidden_state
+        log_probs = jax.nn.log_softmax(compute_logits(params, config, hidden[:, :-1]).astype(jnp.float32), axis=-1)
+        token_log_p = jnp.take_along_axis(log_probs, token_ids[:, 1:, None], axis=-1)[..., 0]  # [b, t-1]
+        scored = response_mask[:, 1:].astype(jnp.float32)
+        likelihood = -token_log_p
+        # -log(1 - p) = -log(-expm1(log p)); p is clipped below 1 so a certain token gives a large finite loss.
+        unlikelihood = -jnp.log(-jnp.expm1(jnp.minimum(token_log_p, -1e-6)))
+        wanted = wanted.astype(jnp.float32)[:, None]
+        per_token = wanted * likelihood + (1 - wanted) * unlikelihood
+        return jnp.sum(per_token * scored, axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1.0)
+
+    rows = (batch.token_ids, batch.attention_mask, batch.soft_offsets, batch.response_mask, batch.wanted)
+    per_sequence = map_microbatches(per_sequence_loss, rows, microbatch)
     wanted = batch.wanted.astype(jnp.float32)[:, None]
-    per_token = wanted * likelihood + (1 - wanted) * unlikelihood
-    per_sequence = jnp.sum(per_token * scored, axis=1) / jnp.maximum(jnp.sum(scored, axis=1), 1.0)
     total = weighted_mean(per_sequence, batch.weights)
     metrics = {
         "loss": total,
@@ -101,6 +111,7 @@ def prepare_response_set(
     seed: int = 42,
     judge: RefusalJudge | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> ResponseSet:
     """Samples `num_samples` responses per query under `init_prompt` and lays them out behind a `num_rows` slot."""
     queries = pairs.queries
@@ -108,7 +119,7 @@ def prepare_response_set(
         LABEL_SAMPLING, max_new_tokens=max_response_tokens, min_new_tokens=min(LABEL_SAMPLING.min_new_tokens, max_response_tokens)
     )
     encoded = encode_queries(model, queries, PromptSetting.from_text(init_prompt))
-    responses = generate_responses(model, encoded, sampling, num_samples, seed, judge=judge, progress=progress)
+    responses = generate_responses(model, encoded, sampling, num_samples, seed, judge=judge, progress=progress, mesh=mesh)
     slot = encode_queries(model, queries, PromptSetting.soft("slot", np.zeros((num_rows, model.config.hidden_size), np.float32)))
     replies = [model.tokenizer.encode(r.text, add_special_tokens=False)[:max_response_tokens] for r in responses]
     inputs = dataclasses.replace(
@@ -123,7 +134,7 @@ def prepare_response_set(
     return ResponseSet(inputs.prefix(), token_ids, mask, offsets, response_mask, np.asarray(wanted, np.int32))
 
 
-def prompt_tuning_objective(config: ModelConfig, remat: bool = False) -> Objective:
-    """The baseline's loss with its model config bound."""
-    loss = functools.partial(prompt_tuning_loss, config=config, remat=remat)
+def prompt_tuning_objective(config: ModelConfig, remat: bool = False, microbatch: int | None = None) -> Objective:
+    """The baseline's loss with its model config and microbatch size bound."""
+    loss = functools.partial(prompt_tuning_loss, config=config, remat=remat, microbatch=microbatch)
     return Objective("prompt tuning", loss, ("loss", "likelihood", "unlikelihood"))

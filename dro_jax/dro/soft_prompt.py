@@ -17,6 +17,7 @@ from dro_jax.common.files import atomic_output, check_writable
 from dro_jax.inference.chat import ChatFormatter, PromptSetting, resolve_system_prompt
 from dro_jax.models.inputs import embed_tokens
 from dro_jax.models.transformer import Params
+from dro_jax.parallel.sharding import to_host
 
 TENSOR_NAME = "soft_prompt"
 SOFT_PREFIX = "soft:"
@@ -81,7 +82,7 @@ def initial_soft_prompt(params: Params, tokenizer, init: str) -> np.ndarray:
     if text is None:
         raise DroJaxError("a soft prompt needs an initial prompt text; 'none' has no tokens")
     ids = prompt_token_ids(tokenizer, text)
-    return np.asarray(embed_tokens(params, jnp.asarray(ids)), np.float32)
+    return to_host(embed_tokens(params, jnp.asarray(ids))).astype(np.float32)  # the table may span processes
 
 
 def random_soft_prompt(params: Params, num_rows: int, seed: int) -> np.ndarray:
@@ -90,4 +91,4 @@ def random_soft_prompt(params: Params, num_rows: int, seed: int) -> np.ndarray:
         raise DroJaxError(f"a soft prompt needs at least one row, got {num_rows}")
     table = params["embed_tokens"]["weight"]
     ids = np.random.default_rng(seed).choice(table.shape[0], size=num_rows, replace=False)
-    return np.asarray(table[ids], np.float32)
+    return to_host(table[ids]).astype(np.float32)

@@ -2,8 +2,11 @@
 
 Only the soft prompt is an argument of `jax.grad`; the model's parameters
 enter as frozen inputs, so no weight gradient is ever formed and nothing of
-the model is copied per step. The batch is sharded over all local devices,
-the soft prompt and optimizer state are replicated.
+the model is copied per step. On a mesh (`dro_jax.parallel.mesh`) the batch
+is split over the batch axes, the weights as `dro_jax.models.partitioning`
+says, and the soft prompt and optimizer state (float32) are replicated. With
+several processes, each fills its own devices' part of the batch, they all
+take part in every checkpoint, and only process 0 writes the other files.
 """
 
 from __future__ import annotations
@@ -26,18 +29,24 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_jsonl
 from dro_jax.dro.checkpoints import TrainCheckpoints
 from dro_jax.dro.loss import Frozen, LossWeights, Objective, check_refusal_score, dro_objective
+from dro_jax.dro.microbatch import check_microbatch
 from dro_jax.inference.refusal_score import OpeningReadout, Openings
 from dro_jax.dro.soft_prompt import save_soft_prompt
 from dro_jax.loading import LoadedModel
+from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix
-from dro_jax.parallel.sharding import data_mesh, padded_batch_size, replicate, replicated, shard_batch
+from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.distributed import is_writer
+from dro_jax.parallel.mesh import batch_devices, data_mesh
+from dro_jax.parallel.sharding import on_mesh, padded_batch_size, replicate, replicated, shard_batch, to_host
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The reference's settings by default: AdamW 1e-3 (weight decay 0.01), clip 1.0, batch 50, 40 epochs, seed 42,
     the paper's loss (`refusal_score` "probe", see `dro_jax.dro.loss.REFUSAL_SCORES`); `openings` are the reply
-    openings the behavioural refusal scores read."""
+    openings the behavioural refusal scores read. `microbatch` (rows through the model at a time) and `remat`
+    trade time for memory and leave the updates as they are, so a resumed run may change them."""
 
     epochs: int = 40
     batch_size: int = 50
@@ -51,10 +60,11 @@ class TrainConfig:
     checkpoint_every: int = 10
     keep_checkpoints: int = 3
     remat: bool = False
+    microbatch: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+        for name in ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "microbatch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DroJaxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise DroJaxError(f"the learning rate must be positive, got {self.learning_rate}")
@@ -62,6 +72,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+EXECUTION_ONLY = ("microbatch", "remat")  # TrainConfig fields that change memory and time, never the result
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -94,7 +107,8 @@ class Batches(Protocol):
 def make_train_step(
     loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh
 ) -> Callable:
-    """jit(soft_prompt, opt_state, batch, frozen) -> (soft_prompt, opt_state, metrics); state replicated."""
+    """jit(soft_prompt, opt_state, batch, frozen) -> (soft_prompt, opt_state, metrics); state replicated.
+    Call (and lower) it inside `on_mesh(mesh)`, which puts the model's activation constraints in."""
     def step(soft_prompt, opt_state, batch, frozen):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(soft_prompt, batch, frozen)
         updates, opt_state = optimizer.update(grads, opt_state, soft_prompt)
@@ -119,10 +133,15 @@ def frozen_inputs(
     )
 
 
+def place_frozen(frozen: Frozen, config: ModelConfig, mesh: jax.sharding.Mesh) -> Frozen:
+    """The loss's fixed inputs on the mesh: the weights split by their partition rules, the rest replicated."""
+    return replicate(frozen._replace(params=None), mesh)._replace(params=place_params(frozen.params, config, mesh))
+
+
 def model_fingerprint(model: LoadedModel) -> dict:
     """What a checkpoint must match: sizes, tokenizer, and the input-embedding table the prompt lives in."""
     vocab = json.dumps(sorted(model.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
-    table = np.asarray(model.params["embed_tokens"]["weight"], np.float32)
+    table = to_host(model.params["embed_tokens"]["weight"]).astype(np.float32)
     return {
         "hidden_size": model.config.hidden_size,
         "vocab_size": model.config.vocab_size,
@@ -149,7 +168,9 @@ def _check_resumable(record: dict, fingerprint: dict, config: TrainConfig, direc
             "use a new output directory"
         )
     saved = record.get("config", {})
-    changed = sorted(k for k, v in config.to_dict().items() if json.loads(json.dumps(v)) != saved.get(k))
+    changed = sorted(
+        k for k, v in config.to_dict().items() if k not in EXECUTION_ONLY and json.loads(json.dumps(v)) != saved.get(k)
+    )
     if changed:
         raise DroJaxError(f"{directory}: the checkpoint was made with different settings ({', '.join(changed)}); resume with the same ones")
 
@@ -177,13 +198,15 @@ def train_soft_prompt(
     last good checkpoint stays on disk.
     """
     mesh = mesh or data_mesh()
+    rows = padded_batch_size(config.batch_size, mesh)
+    check_microbatch(config.microbatch, rows, batch_devices(mesh))
     fingerprint = model_fingerprint(model)
     checkpoints = TrainCheckpoints(checkpoint_dir, config.keep_checkpoints)
     optimizer = make_optimizer(config)
-    objective = objective or dro_objective(model.config, config.loss_weights, config.remat, config.refusal_score)
+    objective = objective or dro_objective(model.config, config.loss_weights, config.remat, config.refusal_score, config.microbatch)
     step_fn = make_train_step(objective.loss, optimizer, mesh)
     soft_prompt = jnp.asarray(initial, jnp.float32)
-    opt_state = optimizer.init(soft_prompt)
+    soft_prompt, opt_state = replicate((soft_prompt, optimizer.init(soft_prompt)), mesh)  # restored into this placement
     start, history = 0, []
     metrics_path = Path(metrics_path) if metrics_path else None
     if checkpoints.latest_step() is not None:
@@ -195,17 +218,15 @@ def train_soft_prompt(
         if metrics_path is not None and metrics_path.exists():
             history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             history = [r for r in history if r["step"] <= start]
-    soft_prompt, opt_state = replicate((soft_prompt, opt_state), mesh)
-    frozen = replicate(frozen_inputs(model, anchors, data.prefix, config.openings), mesh)
+    frozen = place_frozen(frozen_inputs(model, anchors, data.prefix, config.openings), model.config, mesh)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
-    rows = padded_batch_size(config.batch_size, mesh)
 
     def save(step: int) -> None:
         record = {
             "step": step, "epoch": step // steps_per_epoch(len(data), config.batch_size), "seed": config.seed,
             "config": config.to_dict(), "model": fingerprint, "num_examples": len(data),
         }
-        if metrics_path is not None:  # first: a resume drops lines beyond its checkpoint, never misses one
+        if metrics_path is not None and is_writer():  # first: a resume drops lines beyond its checkpoint, never misses one
             write_jsonl(metrics_path, history)
         checkpoints.save(step, (soft_prompt, opt_state), record)
 
@@ -218,8 +239,9 @@ def train_soft_prompt(
                 weights[: len(index)] = 1
                 padded = np.concatenate([index, np.full(rows - len(index), index[0])])
                 batch = shard_batch(data.rows(padded, weights), mesh)
-                new_prompt, new_state, metrics = step_fn(soft_prompt, opt_state, batch, frozen)
-                metrics = {k: float(v) for k, v in metrics.items()}
+                with on_mesh(mesh):
+                    new_prompt, new_state, metrics = step_fn(soft_prompt, opt_state, batch, frozen)
+                metrics = {k: float(to_host(v)) for k, v in metrics.items()}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     last = checkpoints.latest_step()
                     raise DroJaxError(
@@ -240,7 +262,7 @@ def train_soft_prompt(
             raise
         finally:
             checkpoints.close()
-    return TrainResult(np.asarray(soft_prompt), total, history)
+    return TrainResult(to_host(soft_prompt), total, history)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,10 +289,12 @@ def train_and_export(
     resume: bool = False,
     progress: bool = True,
     objective: Objective | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
     """`train_soft_prompt` into `files`, then the trained prompt written in the paper's format beside its checkpoints."""
     result = train_soft_prompt(
-        model, data, anchors, initial, config, files.checkpoints, files.metrics, resume, progress, objective
+        model, data, anchors, initial, config, files.checkpoints, files.metrics, resume, progress, objective, mesh
     )
-    save_soft_prompt(files.soft_prompt, result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
+    if is_writer():
+        save_soft_prompt(files.soft_prompt, result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
     return result

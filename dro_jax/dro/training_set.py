@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
@@ -54,16 +55,17 @@ def prepare_training_set(
     base_states: np.ndarray | None = None,
     reference: RefusalScores | None = None,
     openings: Openings = Openings(),
+    mesh: Mesh | None = None,
 ) -> TrainingSet:
     """Encodes the queries with a `num_rows`-row slot. Their states under `init_prompt` (base) and their states
     and refusal log-odds (with `openings`) with no prompt (reference) are computed unless given (harmful then
-    harmless, e.g. from the anchor stage)."""
+    harmless, e.g. from the anchor stage), in batches split over `mesh`."""
     queries = pairs.queries
     expected = (len(queries), model.config.hidden_size)
     if base_states is None:
-        base_states = represent_tokens(model, encode_queries(model, queries, PromptSetting.from_text(init_prompt)), progress=progress)
+        base_states = represent_tokens(model, encode_queries(model, queries, PromptSetting.from_text(init_prompt)), progress=progress, mesh=mesh)
     if reference is None:
-        reference = score_refusal(model, encode_queries(model, queries, NO_PROMPT), openings, progress=progress)
+        reference = score_refusal(model, encode_queries(model, queries, NO_PROMPT), openings, progress=progress, mesh=mesh)
     for name, states in (("base", base_states), ("reference", reference.states)):
         if states.shape != expected:
             raise DroJaxError(f"{name} states are {states.shape}, expected {expected}")

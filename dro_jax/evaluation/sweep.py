@@ -34,8 +34,8 @@ from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel, load_model
+from dro_jax.models.partitioning import place_params
 from dro_jax.parallel.distributed import allgather_json, process_share
-from dro_jax.parallel.sharding import replicate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +128,7 @@ def run_sweep(
 
 
 def _load(spec: str, dtype: str, mesh: Mesh | None) -> tuple[LoadedModel | None, str | None]:
-    """The model with its parameters placed on every device once, or None and why (if it failed on any process)."""
+    """The model with its parameters placed on the mesh once, or None and why (if it failed on any process)."""
     try:
         model, error = load_model(spec, dtype, progress=False), None
     except (DroJaxError, OSError) as err:
@@ -136,7 +136,7 @@ def _load(spec: str, dtype: str, mesh: Mesh | None) -> tuple[LoadedModel | None,
     errors = [e for e in allgather_json(error) if e is not None]
     if errors:
         return None, errors[0]
-    return dataclasses.replace(model, params=replicate(model.params, mesh)), None
+    return dataclasses.replace(model, params=place_params(model.params, model.config, mesh)), None
 
 
 def _measure(

@@ -19,6 +19,7 @@ from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, embed_tokens, input_embeddings, prefix_cache
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
+from dro_jax.parallel.sharding import to_host
 
 
 def candidates(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
@@ -134,4 +135,4 @@ def generate_tokens(
         params, config, jnp.asarray(token_ids), jnp.asarray(attention_mask), jnp.asarray(list(stop_ids), jnp.int32).reshape(-1),
         row_keys, jnp.int32(pad_id), sampling, soft_prompt, soft_offsets, prefix,
     )
-    return np.asarray(tokens), np.asarray(lengths)
+    return to_host(tokens), to_host(lengths)

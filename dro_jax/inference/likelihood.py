@@ -24,7 +24,8 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import Params, compute_logits, forward
-from dro_jax.parallel.sharding import replicate, rows_per_batch, shard_batch
+from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch, to_host
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -78,18 +79,19 @@ def reply_nll(
     )
     lengths = np.array([len(reply) for reply in replies])
     totals = np.zeros(len(replies))
-    params = replicate(model.params, mesh)
+    params = place_params(model.params, model.config, mesh)
     with tqdm(total=len(replies), desc="reply likelihood", unit="reply", disable=not progress) as bar:
         for batch in joined.batches(rows_per_batch(batch_size, len(replies), mesh), model.pad_id):
             width = batch.token_ids.shape[1]
             counts = lengths[np.where(batch.index >= 0, batch.index, 0)]
             scored = np.arange(width)[None, :] >= width - counts[:, None]  # the replies are the rows' last tokens
             inputs = joined.model_inputs(batch, mesh)
-            log_probs = token_log_likelihoods(
-                params, model.config, inputs.token_ids, inputs.attention_mask, shard_batch(jnp.asarray(scored), mesh),
-                inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-            )
-            sums = np.asarray(log_probs, np.float64).sum(axis=1)
+            with on_mesh(mesh):
+                log_probs = token_log_likelihoods(
+                    params, model.config, inputs.token_ids, inputs.attention_mask, shard_batch(scored, mesh),
+                    inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
+                )
+            sums = to_host(log_probs).astype(np.float64).sum(axis=1)
             real = batch.index >= 0
             totals[batch.index[real]] = -sums[real]
             bar.update(batch.num_real)

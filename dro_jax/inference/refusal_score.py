@@ -34,7 +34,8 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward
-from dro_jax.parallel.sharding import replicate, rows_per_batch
+from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.sharding import on_mesh, replicate, rows_per_batch, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,18 +221,19 @@ def score_openings(
     if not len(prompts):
         raise DroJaxError("nothing to score: no prompts given")
     encoded = encode_openings(model.tokenizer, openings)
-    params, tree = replicate((model.params, OpeningTree.of(encoded)), mesh)
+    params, tree = place_params(model.params, model.config, mesh), replicate(OpeningTree.of(encoded), mesh)
     log_probs = np.zeros((len(prompts), len(openings)))
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
         for batch in prompts.batches(rows_per_batch(batch_size, len(prompts), mesh), model.pad_id):
             inputs = prompts.model_inputs(batch, mesh)
-            scores, last = continuation_log_probs(
-                params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-            )
+            with on_mesh(mesh):
+                scores, last = continuation_log_probs(
+                    params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
+                )
             real = batch.index >= 0
-            log_probs[batch.index[real]] = np.asarray(scores)[real]
-            states[batch.index[real]] = np.asarray(last)[real]
+            log_probs[batch.index[real]] = to_host(scores)[real]
+            states[batch.index[real]] = to_host(last)[real]
             bar.update(batch.num_real)
     return OpeningScores(log_probs, states)
 

@@ -14,7 +14,8 @@ from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import final_states
-from dro_jax.parallel.sharding import replicate, rows_per_batch
+from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.sharding import on_mesh, rows_per_batch, to_host
 
 last_position_states = jax.jit(final_states, static_argnames=("config", "remat"))
 
@@ -31,16 +32,17 @@ def represent_tokens(
     if not len(prompts):
         raise DroJaxError("nothing to represent: no sequences given")
     batch_size = rows_per_batch(batch_size, len(prompts), mesh)
-    params = replicate(model.params, mesh)
+    params = place_params(model.params, model.config, mesh)
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
     with tqdm(total=len(prompts), desc="representations", unit="query", disable=not progress) as bar:
         for batch in prompts.batches(batch_size, model.pad_id, model.config.max_position_embeddings):
             inputs = prompts.model_inputs(batch, mesh)
-            out = last_position_states(
-                params, model.config, inputs.token_ids, inputs.attention_mask, inputs.soft_prompt, inputs.soft_offsets, prefix=inputs.prefix
-            )
+            with on_mesh(mesh):
+                out = last_position_states(
+                    params, model.config, inputs.token_ids, inputs.attention_mask, inputs.soft_prompt, inputs.soft_offsets, prefix=inputs.prefix
+                )
             real = batch.index >= 0
-            states[batch.index[real]] = np.asarray(out)[real]
+            states[batch.index[real]] = to_host(out)[real]
             bar.update(batch.num_real)
     return states
 

@@ -14,7 +14,8 @@ from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.judges import RefusalJudge, StringJudge
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
-from dro_jax.parallel.sharding import replicate, rows_per_batch, shard_batch
+from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ def generate_responses(
     stops = stop_token_ids(model)
     generated: dict[int, tuple[str, tuple[int, ...]]] = {}
     batch_size = rows_per_batch(batch_size, len(rows), mesh)
-    params = replicate(model.params, mesh)
+    params = place_params(model.params, model.config, mesh)
     with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
         for batch in prompts.batches(batch_size, model.pad_id):
             row_ids = np.where(batch.index >= 0, batch.index, 0)
@@ -90,10 +91,11 @@ def generate_responses(
             sample_idx = np.array([rows[r][1] for r in row_ids])
             keys = shard_batch(sample_keys(seed, query_idx + first_query, sample_idx), mesh)
             inputs = prompts.model_inputs(batch, mesh)
-            tokens, lengths = generate_tokens(
-                params, model.config, inputs.token_ids, inputs.attention_mask, stops, sampling, keys, model.pad_id,
-                inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-            )
+            with on_mesh(mesh):
+                tokens, lengths = generate_tokens(
+                    params, model.config, inputs.token_ids, inputs.attention_mask, stops, sampling, keys, model.pad_id,
+                    inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
+                )
             for row, source_row in enumerate(batch.index):
                 if source_row >= 0:
                     ids = tuple(int(t) for t in tokens[row, : lengths[row]])

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
 from dro_jax.loading.weights import build_params
 from dro_jax.models.config import ModelConfig
+from dro_jax.models.partitioning import place_params
 from dro_jax.models.transformer import Params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,8 +88,12 @@ def parse_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", *, with_tokenizer: bool = True, progress: bool = True) -> LoadedModel:
-    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file."""
+def load_model(
+    spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", *, with_tokenizer: bool = True, progress: bool = True,
+    mesh: Mesh | None = None,
+) -> LoadedModel:
+    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file;
+    with a `mesh`, the params are split over it as `dro_jax.models.partitioning` says."""
     jnp_dtype = parse_dtype(dtype)
     path = resolve_model_path(spec)
     if path.is_dir():
@@ -103,7 +109,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
     else:
         raise DroJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path))
+    return LoadedModel(config=config, params=place_params(params, config, mesh), tokenizer=tokenizer, source=str(path))
 
 
 def tokenizer_cache_dir() -> Path:

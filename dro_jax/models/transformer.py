@@ -17,8 +17,13 @@ import jax.numpy as jnp
 
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.rope import apply_rotary, rotary_tables
+from dro_jax.parallel.sharding import constrain
 
 Params = Any  # a nested dict of arrays
+# Logical axes of activations (see dro_jax.parallel.sharding): the residual stream is split by rows only; attention
+# tensors in the head-major layout [b, kv_heads, rows, d] (keys [b, kv_heads, d, t]) by rows and key-value heads.
+STREAM = ("batch", None, None)
+HEAD_MAJOR = ("batch", "kv_heads", None, None)
 
 
 @flax.struct.dataclass
@@ -37,7 +42,9 @@ class KVCache:
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
         heads = (config.num_layers, batch, config.num_kv_heads)
-        return cls(jnp.zeros(heads + (config.head_dim, slots), dtype), jnp.zeros(heads + (slots, config.head_dim), dtype))
+        axes = (None, "batch", "kv_heads", None, None)  # split like the attention that writes it
+        key = constrain(jnp.zeros(heads + (config.head_dim, slots), dtype), axes)
+        return cls(key, constrain(jnp.zeros(heads + (slots, config.head_dim), dtype), axes))
 
 
 @flax.struct.dataclass
@@ -89,7 +96,7 @@ class Embedding(nn.Module):
         return jnp.take(self.weight, token_ids, axis=0)
 
     def attend(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("bth,vh->btv", hidden, self.weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return head_logits(self.weight, hidden)
 
 
 class RMSNorm(nn.Module):
@@ -175,13 +182,14 @@ class Attention(nn.Module):
         q = q.transpose(0, 2, 3, 1, 4).reshape(batch, c.num_kv_heads, group * seq, c.head_dim)
         k = k.transpose(0, 2, 3, 1)
         v = v.reshape(batch, seq, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = (constrain(t, HEAD_MAJOR) for t in (q, k, v))
         blocks = []
         if layer_prefix is not None:
             blocks.append(KeyBlock(layer_prefix[0][0].astype(x.dtype), layer_prefix[1][0].astype(x.dtype), masks.prefix))
         if masks.cache is not None:
             blocks.append(KeyBlock(layer_cache[0].astype(x.dtype), layer_cache[1].astype(x.dtype), masks.cache))
         blocks.append(KeyBlock(k, v, masks.own))
-        out = attend(q, blocks)  # [b, kv, group * t, d]
+        out = constrain(attend(q, blocks), HEAD_MAJOR)  # [b, kv, group * t, d]
         out = out.reshape(batch, c.num_kv_heads, group, seq, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
         return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out), (k, v)
@@ -196,7 +204,8 @@ class MLP(nn.Module):
         c = self.config
         gate = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, name="gate_proj")(x)
         up = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, name="up_proj")(x)
-        return Linear(c.hidden_size, c.mlp_bias, self.param_dtype, name="down_proj")(jax.nn.silu(gate) * up)
+        inner = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+        return Linear(c.hidden_size, c.mlp_bias, self.param_dtype, name="down_proj")(inner)
 
 
 class DecoderLayer(nn.Module):
@@ -221,7 +230,7 @@ class DecoderLayer(nn.Module):
         )
         h = h + attn
         h = h + MLP(c, dt, name="mlp")(RMSNorm(c.rms_norm_eps, dt, name="post_attention_layernorm")(h))
-        return h, (h_in if self.collect_hidden else None, new_entries if self.write_cache else None)
+        return constrain(h, STREAM), (h_in if self.collect_hidden else None, new_entries if self.write_cache else None)
 
 
 class AttentionMasks(NamedTuple):
@@ -309,6 +318,7 @@ class Transformer(nn.Module):
             h = embed(input_ids)
         else:
             h = inputs_embeds.astype(embed.weight.dtype)
+        h = constrain(h, STREAM)
         if attention_mask is None:
             attention_mask = jnp.ones(h.shape[:2] if cache is None else (h.shape[0], cache.value.shape[3]), jnp.int32)
         if positions is None:
@@ -410,4 +420,10 @@ def forward(
 def compute_logits(params: Params, config: ModelConfig, hidden: jax.Array) -> jax.Array:
     """float32 logits of final-norm hidden states [b, t, hidden] (e.g. only the last position)."""
     head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("bth,vh->btv", hidden, head["weight"].astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return head_logits(head["weight"], hidden)
+
+
+def head_logits(weight: jax.Array, hidden: jax.Array) -> jax.Array:
+    """float32 logits [b, t, vocab] of hidden [b, t, hidden] through a [vocab, hidden] head, split like the head."""
+    logits = jnp.einsum("bth,vh->btv", hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", None, "vocab"))

@@ -9,12 +9,14 @@ default CPU collectives once `jax.distributed` is initialized.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import jax
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
+
+T = TypeVar("T")
 
 
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -37,6 +39,27 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     except RuntimeError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DroJaxError(f"cannot join the job at {coordinator} as process {process_id}: {first_line}") from None
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier `name` (e.g. after process 0 wrote a file the others read)."""
+    if jax.process_count() > 1:
+        from jax.experimental.multihost_utils import sync_global_devices
+
+        sync_global_devices(name)
+
+
+def is_writer() -> bool:
+    """Whether this process writes the job's files: process 0 does, the others compute alongside it."""
+    return jax.process_index() == 0
+
+
+def writer_first(action: Callable[[], T], name: str) -> T:
+    """`action()` on process 0, then, after the barrier `name`, on the others: e.g. creating a run directory
+    that the others then find and only check."""
+    result = action() if is_writer() else None
+    barrier(name)
+    return result if is_writer() else action()
 
 
 def process_share(num_items: int, index: int | None = None, count: int | None = None) -> range:

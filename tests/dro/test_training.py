@@ -79,7 +79,7 @@ from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import TrainConfig, train_soft_prompt
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.loading import load_model
-from dro_jax.parallel.sharding import data_mesh
+from dro_jax.parallel.mesh import data_mesh
 assert len(jax.devices()) == 4
 model = load_model({model!r}, progress=False)
 anchors = AnchorSpace.load({anchors!r})

@@ -226,7 +226,7 @@ from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.inference.respond import generate_responses
-from dro_jax.parallel.sharding import local_mesh
+from dro_jax.parallel.mesh import local_mesh
 from dro_jax.evaluation.sweep import SweepConfig, run_sweep
 
 spans = {{}}

@@ -126,7 +126,7 @@ sys.path[:0] = [{tests!r}, {helpers!r}]
 from test_shared_prefix import QUERIES, _passes
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.loading import load_model
-from dro_jax.parallel.sharding import data_mesh
+from dro_jax.parallel.mesh import data_mesh
 import dro_jax.inference.represent as represent
 assert len(jax.devices()) == 4
 model = load_model({model!r}, progress=False)

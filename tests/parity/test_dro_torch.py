@@ -16,7 +16,7 @@ from dro_jax.dro.loss import LossWeights, dro_objective
 from dro_jax.dro.train import TrainConfig, frozen_inputs, make_optimizer, make_train_step
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.loading import load_model, resolve_model_path
-from dro_jax.parallel.sharding import data_mesh
+from dro_jax.parallel.mesh import data_mesh
 from dro_jax.parity.checks import DroCase, DroParity, dro_case, dro_checks, dro_parity
 from dro_jax.parity.torch_dro import freeze, make_torch_optimizer, torch_train_step
 

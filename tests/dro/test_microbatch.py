@@ -1,0 +1,94 @@
+"""Gradient accumulation: a batch of 50 run 10 rows at a time gives the loss and gradient of the whole batch,
+for every refusal score and the prompt-tuning baseline; microbatch sizes that cannot split the batch are refused."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.dro.loss import REFUSAL_SCORES, dro_loss
+from dro_jax.dro.microbatch import check_microbatch, map_microbatches
+from dro_jax.dro.train import TrainConfig, frozen_inputs, train_soft_prompt
+
+ROWS = 50
+
+
+def _batch(data):
+    """50 rows drawn from the training set, some weighted 0 like the filler rows of a padded batch."""
+    index = np.arange(ROWS) % len(data)
+    weights = np.ones(ROWS, np.float32)
+    weights[-3:] = 0
+    return jax.tree.map(jnp.asarray, data.rows(index, weights))
+
+
+def _value_and_grad(loss, soft_prompt, batch, frozen):
+    (total, metrics), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(soft_prompt, batch, frozen)
+    return float(total), jax.tree.map(float, metrics), np.asarray(grad)
+
+
+def _assert_same(accumulated, whole):
+    assert accumulated[0] == pytest.approx(whole[0], rel=1e-6)
+    assert accumulated[1] == pytest.approx(whole[1], rel=1e-6, abs=1e-9)
+    np.testing.assert_allclose(accumulated[2], whole[2], rtol=0, atol=1e-6 * np.abs(whole[2]).max())
+    assert np.abs(whole[2]).max() > 0
+
+
+@pytest.mark.parametrize("score", sorted(REFUSAL_SCORES))
+def test_microbatches_give_the_whole_batch_loss_and_gradient(tiny_dro, score):
+    from helpers import TINY_OPENINGS
+    from dro_jax.inference.refusal_score import Openings
+
+    model = tiny_dro.model
+    openings = TINY_OPENINGS if score == "openings" else Openings()
+    frozen = frozen_inputs(model, tiny_dro.anchors, tiny_dro.data.prefix, openings)
+    soft = jnp.asarray(tiny_dro.initial) + 0.05 * jax.random.normal(jax.random.key(0), tiny_dro.initial.shape)
+    loss = functools.partial(dro_loss, config=model.config, refusal_score=score)
+    whole = _value_and_grad(loss, soft, _batch(tiny_dro.data), frozen)
+    accumulated = _value_and_grad(functools.partial(loss, microbatch=10), soft, _batch(tiny_dro.data), frozen)
+    _assert_same(accumulated, whole)
+
+
+def test_prompt_tuning_microbatches_give_the_whole_batch(tiny_dro):
+    from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_loss
+
+    model = tiny_dro.model
+    responses = prepare_response_set(model, tiny_dro.pairs, "short", len(tiny_dro.initial), num_samples=1, max_response_tokens=6, progress=False)
+    frozen = frozen_inputs(model, None, responses.prefix)
+    soft = jnp.asarray(tiny_dro.initial) + 0.05
+    index = np.arange(ROWS) % len(responses)
+    batch = jax.tree.map(jnp.asarray, responses.rows(index, np.ones(ROWS, np.float32)))
+    loss = functools.partial(prompt_tuning_loss, config=model.config)
+    _assert_same(_value_and_grad(functools.partial(loss, microbatch=10), soft, batch, frozen), _value_and_grad(loss, soft, batch, frozen))
+
+
+def test_microbatches_keep_row_order():
+    rows = (jnp.arange(12.0), jnp.arange(24.0).reshape(12, 2))
+    out = map_microbatches(lambda r: (r[0] * 2, r[1].sum(axis=1)), rows, 4)
+    np.testing.assert_array_equal(out[0], np.arange(12.0) * 2)
+    np.testing.assert_array_equal(out[1], np.arange(24.0).reshape(12, 2).sum(axis=1))
+
+
+def test_training_with_microbatches_takes_the_same_steps(tiny_dro, tmp_path):
+    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
+    config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100)
+    whole = train_soft_prompt(model, data, anchors, initial, config, tmp_path / "whole", progress=False)
+    config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100, microbatch=2)
+    accumulated = train_soft_prompt(model, data, anchors, initial, config, tmp_path / "micro", progress=False)
+    np.testing.assert_allclose([m["loss"] for m in accumulated.metrics], [m["loss"] for m in whole.metrics], rtol=1e-6)
+    # Four Adam steps carry the gradients' float32 reduction noise (1e-6) into the prompt, a few times larger.
+    np.testing.assert_allclose(accumulated.soft_prompt, whole.soft_prompt, rtol=0, atol=1e-5 * np.abs(whole.soft_prompt).max())
+
+
+def test_microbatch_sizes_that_cannot_split_the_batch_are_refused():
+    check_microbatch(None, 50, 1)
+    check_microbatch(10, 50, 2)
+    check_microbatch(64, 50, 2)  # no smaller than the batch: one pass
+    with pytest.raises(DroJaxError, match="must divide the batch of 50 rows"):
+        check_microbatch(15, 50, 1)
+    with pytest.raises(DroJaxError, match="multiple of the 4 ways"):
+        check_microbatch(10, 40, 4)
+    with pytest.raises(DroJaxError, match="microbatch must be at least 1"):
+        TrainConfig(microbatch=0)

@@ -1,0 +1,72 @@
+"""Run by test_meshes.py in a process with 8 forced CPU devices: trains, scores and generates with the tiny
+4-key-value-head llama on one device and on several meshes, and prints what each gave as one JSON line."""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
+from dro_jax.data.queries import QueryPairs
+from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.dro.train import TrainConfig, train_soft_prompt
+from dro_jax.dro.training_set import prepare_training_set
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.refusal_score import score_refusal
+from dro_jax.inference.respond import generate_responses
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.loading import load_model
+from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.mesh import make_mesh
+from helpers import HARMFUL, HARMLESS, TINY_FIT, TINY_OPENINGS
+
+MESHES = {"one": (1, None), "data=8": (8, "data=8"), "fsdp=8": (8, "fsdp=8"), "data=2,model=4": (8, "data=2,model=4")}
+# Parameters whose per-device share the test checks, one per kind of split.
+WATCHED = {
+    "q_proj": ("layers", "self_attn", "q_proj", "weight"),
+    "gate_proj": ("layers", "mlp", "gate_proj", "weight"),
+    "down_proj": ("layers", "mlp", "down_proj", "weight"),
+    "embed_tokens": ("embed_tokens", "weight"),
+}
+
+
+def device_share(array: jax.Array) -> float:
+    """The largest fraction of the array any one device holds."""
+    return max(shard.data.nbytes for shard in array.addressable_shards) / array.nbytes
+
+
+def main(directory: str, out: str) -> None:
+    assert len(jax.devices()) == 8
+    model = load_model(directory, progress=False)
+    pairs = QueryPairs(HARMFUL, HARMLESS)
+    anchors = build_anchor_space(model, pairs, AnchorConfig(settings=("none", "short"), openings=TINY_OPENINGS, fit=TINY_FIT), progress=False)[0]
+    initial = initial_soft_prompt(model.params, model.tokenizer, "short")
+    data = prepare_training_set(model, pairs, "short", len(initial), progress=False, openings=TINY_OPENINGS)
+    config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100, refusal_score="openings", openings=TINY_OPENINGS)
+    encoded = encode_queries(model, HARMFUL + HARMLESS, "short")
+    greedy = SamplingConfig(greedy=True, max_new_tokens=8)
+    results = {}
+    for name, (count, shape) in MESHES.items():
+        mesh = make_mesh(shape, jax.devices()[:count])
+        placed = type(model)(model.config, place_params(model.params, model.config, mesh), model.tokenizer, model.source)
+        trained = train_soft_prompt(placed, data, anchors, initial, config, f"{out}/{name}", progress=False, mesh=mesh)
+        responses = generate_responses(placed, encoded, greedy, batch_size=12, progress=False, mesh=mesh)
+        results[name] = {
+            "losses": [m["loss"] for m in trained.metrics],
+            "soft_prompt": trained.soft_prompt.tolist(),
+            "tokens": [list(r.token_ids) for r in responses],
+            "log_odds": score_refusal(placed, encoded, TINY_OPENINGS, batch_size=12, progress=False, mesh=mesh).log_odds.tolist(),
+            "share": {key: device_share(_leaf(placed.params, path)) for key, path in WATCHED.items()},
+        }
+    print(json.dumps(results))
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,87 @@
+"""Meshes: `--mesh` parsing, the partition rules, and training / scoring / generation on 8 forced devices
+split by data, by FSDP and by data x tensor parallelism giving the single-device results with the weights
+really split."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.models.partitioning import PARAM_AXES, param_shardings
+from dro_jax.parallel.mesh import MeshShape, data_mesh
+from dro_jax.parallel.sharding import logical_spec
+from jax.sharding import PartitionSpec as P
+
+from helpers import TINY_CONFIGS
+
+HERE = Path(__file__).parent
+
+
+def test_mesh_shapes_parse_and_fill_the_data_axis():
+    assert MeshShape.parse("data=2,model=4") == MeshShape(2, 1, 4)
+    assert MeshShape.parse(" fsdp=8 ").resolve(8) == (1, 8, 1)
+    assert MeshShape.parse("model=2").resolve(8) == (4, 1, 2)
+    assert MeshShape().resolve(3) == (3, 1, 1)
+    for text, message in (("data=2,data=4", "twice"), ("pipeline=2", "AXIS=SIZE"), ("data=two", "AXIS=SIZE"), ("model=0", "at least 1")):
+        with pytest.raises(DroJaxError, match=message):
+            MeshShape.parse(text)
+    with pytest.raises(DroJaxError, match="needs a multiple of 3 devices, there are 8"):
+        MeshShape(model=3).resolve(8)
+    with pytest.raises(DroJaxError, match="needs 4 devices, there are 8"):
+        MeshShape(data=2, fsdp=2).resolve(8)
+
+
+def test_logical_axes_map_onto_the_mesh_only_where_they_divide():
+    mesh = {"data": 2, "fsdp": 4, "model": 2}
+    assert logical_spec(mesh, ("batch", None, None), (16, 5, 64)) == P(("data", "fsdp"))
+    assert logical_spec(mesh, ("layers", "heads", "embed"), (2, 4, 64)) == P(None, "model", "fsdp")
+    assert logical_spec(mesh, ("layers", "kv_heads", "embed"), (2, 3, 64)) == P(None, None, "fsdp")  # 3 heads do not split in 2
+    assert logical_spec(mesh, ("batch", "embed"), (8, 64)) == P(("data", "fsdp"))  # fsdp already splits the batch
+    assert logical_spec({"data": 8, "fsdp": 1, "model": 1}, ("vocab", "embed"), (320, 64)) == P()  # weights copied
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_every_parameter_has_partition_rules(tiny_model_dir, name):
+    from dro_jax.loading import load_model
+
+    model = load_model(tiny_model_dir(name)[0], with_tokenizer=False, progress=False)
+    shardings = param_shardings(model.config, data_mesh())
+    import jax
+
+    paths = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    assert paths <= set(PARAM_AXES)
+    assert jax.tree.structure(shardings) == jax.tree.structure(model.params)
+
+
+def test_eight_device_meshes_give_the_single_device_results(tiny_model_dir, tmp_path):
+    directory = tiny_model_dir("llama-4kv")[0]
+    env = {
+        **os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, str(HERE / "mesh_worker.py"), str(directory), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    one = results.pop("one")
+    prompt = np.asarray(one["soft_prompt"])
+    assert len(set(one["losses"])) == len(one["losses"]) == 4  # it trained
+    for name, got in results.items():
+        np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-5, err_msg=name)
+        # Relative to the prompt's scale: an entry near zero after an Adam step keeps the reduction order's noise.
+        difference = np.abs(np.asarray(got["soft_prompt"]) - prompt)
+        assert difference.max() <= 1e-5 * np.abs(prompt).max(), (name, difference.max())
+        np.testing.assert_allclose(got["log_odds"], one["log_odds"], rtol=1e-5, atol=1e-5, err_msg=name)
+        assert got["tokens"] == one["tokens"], name
+    # One device holds the whole of every weight; data parallelism copies them; FSDP splits every matrix in 8
+    # along the hidden axis; tensor parallelism splits heads, the MLP and the vocabulary in 4.
+    assert set(one["share"].values()) == {1.0}
+    assert set(results["data=8"]["share"].values()) == {1.0}
+    assert results["fsdp=8"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 8))
+    assert results["data=2,model=4"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 4))
