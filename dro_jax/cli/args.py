@@ -130,3 +130,35 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
         greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
     )
+
+
+def add_host_args(parser: argparse.ArgumentParser) -> None:
+    """--coordinator, --num-processes, --process-id: one process of a multi-host job."""
+    hosts = parser.add_argument_group("multi-host (give all three, or none for one process; start one process per host)")
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    hosts.add_argument("--num-processes", type=positive_int, help="processes in the job")
+    hosts.add_argument("--process-id", type=non_negative_int, help="this process's index; only process 0 writes files")
+
+
+def add_mesh_args(parser: argparse.ArgumentParser, microbatch: bool = False) -> None:
+    """--mesh (and, for training, --microbatch), and the multi-host options."""
+    parser.add_argument(
+        "--mesh", metavar="AXIS=N,...",
+        help="how the devices of every process are used: sizes of the data, fsdp and model axes, e.g. fsdp=8 or "
+        "data=2,model=4; an axis left out is 1, data takes the rest (default: every device on data)",
+    )
+    if microbatch:
+        parser.add_argument(
+            "--microbatch", type=positive_int, metavar="B",
+            help="run B rows through the model at a time and accumulate: the same update as the whole batch, less memory",
+        )
+    add_host_args(parser)
+
+
+def start_job(args: argparse.Namespace):
+    """Joins the multi-host job when asked to, then returns the mesh of `--mesh` over every process's devices."""
+    from dro_jax.parallel import distributed
+    from dro_jax.parallel.mesh import make_mesh
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return make_mesh(args.mesh)

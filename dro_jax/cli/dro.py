@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from dro_jax.cli.args import (
-    add_field_arg, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
+    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
+    start_job,
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
@@ -71,7 +72,9 @@ def add_commands(commands) -> None:
     train.add_argument("--checkpoint-every", type=positive_int, default=10, help="steps between checkpoints (default: %(default)s)")
     train.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory, for large models)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--out", required=True, help="run directory: anchors, checkpoints/, metrics.jsonl, soft_prompt.safetensors")
+    train.add_argument("--out", required=True, help="run directory: anchors, checkpoints/, metrics.jsonl, soft_prompt.safetensors "
+                       "(with several processes, one directory every process reaches)")
+    add_mesh_args(train, microbatch=True)
     train.set_defaults(run=_run_train)
 
     export = commands.add_parser("export", help="write a checkpoint's soft prompt as safetensors (tensor 'soft_prompt' [N, hidden])")
@@ -94,6 +97,7 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy response length (default: %(default)s)")
     evaluate.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     evaluate.add_argument("--out", required=True, help="output .md table; a .json with the same rows is written next to it")
+    add_mesh_args(evaluate)
     evaluate.set_defaults(run=_run_evaluate)
 
 
@@ -121,13 +125,15 @@ def _print_report(report: dict) -> None:
         )
 
 
-def _build_anchors(args: argparse.Namespace, model, pairs, out: Path):
+def _build_anchors(args: argparse.Namespace, model, pairs, out: Path, mesh=None):
     from dro_jax.anchors.collect import build_anchor_space
     from dro_jax.anchors.space import save_anchor_space
+    from dro_jax.parallel.distributed import is_writer
 
-    space, report, _ = build_anchor_space(model, pairs, _anchor_config(args), args.batch_size_eval)
-    save_anchor_space(space, report, out)
-    _print_report(report)
+    space, report, _ = build_anchor_space(model, pairs, _anchor_config(args), args.batch_size_eval, mesh=mesh)
+    if is_writer():
+        save_anchor_space(space, report, out)
+        _print_report(report)
     return space
 
 
@@ -163,36 +169,43 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
     from dro_jax.dro.train import TrainConfig, TrainingFiles, train_and_export
     from dro_jax.dro.training_set import prepare_training_set
-    from dro_jax.loading import load_model
-
     from dro_jax.inference.refusal_score import Openings
+    from dro_jax.loading import load_model
+    from dro_jax.parallel.distributed import barrier, is_writer, writer_first
 
     weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
     config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, loss_weights=weights,
         refusal_score=args.refusal_score, openings=Openings.load(args.openings), checkpoint_every=args.checkpoint_every, remat=args.remat,
+        microbatch=args.microbatch,
     )
     pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
     if args.batch_size > len(pairs):
         raise DroJaxError(f"batch size {args.batch_size} is larger than the {len(pairs)} training queries")
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
-    files = TrainingFiles(claim_run_directory(args.out, _run_settings(args), args.resume, _training_in_progress))
-    model = load_model(args.model, args.dtype)
+    mesh = start_job(args)
+    settings = _run_settings(args)
+    files = TrainingFiles(writer_first(lambda: claim_run_directory(args.out, settings, args.resume, _training_in_progress), "run directory"))
+    model = load_model(args.model, args.dtype, mesh=mesh)
     if args.init_random:
         initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
     else:
         initial, base_prompt = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt), args.init_prompt
     if args.baseline:
-        data = prepare_response_set(model, pairs, base_prompt, len(initial), args.num_samples, args.response_tokens, args.seed)
-        objective = prompt_tuning_objective(model.config, args.remat)
+        data = prepare_response_set(model, pairs, base_prompt, len(initial), args.num_samples, args.response_tokens, args.seed, mesh=mesh)
+        objective = prompt_tuning_objective(model.config, args.remat, args.microbatch)
     else:
         if anchors is None:
             anchor_path = files.root / "anchors.safetensors"
-            anchors = AnchorSpace.load(anchor_path) if anchor_path.exists() else _build_anchors(args, model, pairs, anchor_path)
+            built = anchor_path.exists()
+            barrier("anchor file checked")  # before process 0 may write it
+            anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, model, pairs, anchor_path, mesh)
         anchors.check_hidden_size(model.config.hidden_size)
-        data = prepare_training_set(model, pairs, base_prompt, len(initial), openings=config.openings)
-        objective = dro_objective(model.config, weights, args.remat, args.refusal_score)
-    result = train_and_export(model, data, anchors, initial, config, files, args.resume, objective=objective)
+        data = prepare_training_set(model, pairs, base_prompt, len(initial), openings=config.openings, mesh=mesh)
+        objective = dro_objective(model.config, weights, args.remat, args.refusal_score, args.microbatch)
+    result = train_and_export(model, data, anchors, initial, config, files, args.resume, objective=objective, mesh=mesh)
+    if not is_writer():
+        return
     last = result.metrics[-1] if result.metrics else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in objective.shown if k in last)
     print(f"trained {result.steps} steps ({summary}); wrote {files.soft_prompt}", file=sys.stderr)
@@ -230,13 +243,18 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from dro_jax.evaluation.evaluate import evaluate_settings, results_markdown
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.loading import load_model
+    from dro_jax.parallel.distributed import is_writer
 
     out = check_writable(args.out)
     settings = [parse_prompt_setting(spec) for spec in args.settings + [SOFT_PREFIX + p for p in args.soft_prompt]]
     datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
-    model = load_model(args.model, args.dtype)
-    rows = evaluate_settings(model, datasets, settings, anchors, SamplingConfig(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size).rows
+    mesh = start_job(args)
+    model = load_model(args.model, args.dtype, mesh=mesh)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
+    rows = evaluate_settings(model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh).rows
+    if not is_writer():
+        return
     table = results_markdown(rows)
     write_text(out, table + "\n")
     write_text(out.with_suffix(".json"), json.dumps([dataclasses.asdict(r) for r in rows], indent=2))

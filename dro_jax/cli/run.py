@@ -7,7 +7,8 @@ import dataclasses
 import sys
 
 from dro_jax.cli.args import (
-    add_field_arg, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
+    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
+    start_job,
 )
 from dro_jax.dro.loss import LossWeights
 
@@ -18,7 +19,7 @@ OVERRIDES = {
     "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples", "openings": "openings",
     "refusal_fit": "refusal_fit", "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
     "seed": "seed", "loss_weights": "loss_weights", "refusal_score": "refusal_score", "eval_samples": "eval_samples",
-    "max_new_tokens": "max_new_tokens", "remat": "remat",
+    "max_new_tokens": "max_new_tokens", "remat": "remat", "microbatch": "microbatch",
 }
 
 
@@ -56,6 +57,7 @@ def add_commands(commands) -> None:
     run.add_argument("--eval-samples", type=int, help="sampled responses per test query, 0 = one greedy response (default: 0; --paper: 25)")
     run.add_argument("--max-new-tokens", type=positive_int, help="response length in evaluation (default: 64; --paper: 256)")
     run.add_argument("--remat", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
+    add_mesh_args(run, microbatch=True)
     run.set_defaults(run=_run)
 
 
@@ -73,10 +75,13 @@ def _run(args: argparse.Namespace) -> None:
     from dro_jax.run.pipeline import run_pipeline
 
     config = run_config(args)
+    mesh = start_job(args)
     try:
-        results = run_pipeline(config, args.out, args.resume)
+        results = run_pipeline(config, args.out, args.resume, mesh)
     except KeyboardInterrupt:
         print(f"stopped; `dro-jax run --out {args.out} --resume` (same options) continues", file=sys.stderr)
         raise
+    if results is None:  # another process than 0: it wrote nothing
+        return
     print(results.read_text(encoding="utf-8"))
     print(f"wrote {results.parent}: results.md/.csv/.json, plots, soft_prompt.safetensors", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dro_jax.cli.args import add_field_arg, add_openings_arg, add_phrases_arg, non_negative_int, positive_int
+from dro_jax.cli.args import add_field_arg, add_host_args, add_openings_arg, add_phrases_arg, positive_int
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING
@@ -42,10 +42,11 @@ def add_commands(commands) -> None:
     add_phrases_arg(sweep)
     add_openings_arg(sweep)
     sweep.add_argument("--devices", type=positive_int, metavar="N", help="use only this process's first N devices (default: all)")
-    hosts = sweep.add_argument_group("multi-host (give all three, or none for one process)")
-    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
-    hosts.add_argument("--num-processes", type=positive_int, help="processes in the job")
-    hosts.add_argument("--process-id", type=non_negative_int, help="this process's index; only process 0 writes files")
+    sweep.add_argument(
+        "--mesh", metavar="AXIS=N,...", help="how each process's devices are used: data, fsdp and model sizes, e.g. model=4 "
+        "(default: all on data); each process evaluates its share of the queries on its own devices",
+    )
+    add_host_args(sweep)
     sweep.add_argument("--out", required=True, help="output directory: sweep.csv, sweep.md, sweep.json")
     sweep.set_defaults(run=_run_sweep)
 
@@ -76,14 +77,15 @@ def _run_sweep(args: argparse.Namespace) -> None:
     from dro_jax.evaluation.sweep import run_sweep
     from dro_jax.evaluation.sweep_output import prepare_output_dir, sweep_markdown, write_sweep
     from dro_jax.parallel import distributed
-    from dro_jax.parallel.sharding import local_mesh
+    from dro_jax.parallel.mesh import MeshShape, local_mesh
 
     config = _sweep_config(args)
     prompts = [parse_prompt_setting(spec) for spec in args.prompts]
     datasets = {spec: read_queries(spec, args.field) for spec in args.datasets}
+    shape = MeshShape.parse(args.mesh) if args.mesh else None
     out = prepare_output_dir(args.out) if not args.process_id else None
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    rows = run_sweep(args.models, prompts, datasets, config, local_mesh(args.devices))
+    rows = run_sweep(args.models, prompts, datasets, config, local_mesh(args.devices, shape))
     if jax.process_index() != 0:
         return
     for model, error in dict.fromkeys((row.model, row.error) for row in rows if row.error):

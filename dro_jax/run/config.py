@@ -59,6 +59,7 @@ class RunConfig:
     max_new_tokens: int = 64
     eval_batch_size: int = 32
     remat: bool = False
+    microbatch: int | None = None  # rows through the model at a time in training (see dro_jax.dro.microbatch)
 
     @classmethod
     def paper(cls, **overrides: Any) -> "RunConfig":
@@ -103,7 +104,7 @@ class RunConfig:
         settings = dict(
             epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.learning_rate, seed=self.seed,
             loss_weights=LossWeights.from_sequence(self.loss_weights), refusal_score=self.refusal_score, openings=self.reply_openings(),
-            checkpoint_every=self.checkpoint_every, remat=self.remat,
+            checkpoint_every=self.checkpoint_every, remat=self.remat, microbatch=self.microbatch,
         )
         return TrainConfig(**{**settings, **overrides})
 

@@ -2,7 +2,10 @@
 
 Each stage is skipped when its record says it finished from the same inputs
 (see `dro_jax.run.stages`); training continues from its last checkpoint with
-`resume`. The model is loaded only if some stage has work to do.
+`resume`. The model is loaded only if some stage has work to do. On a mesh
+the weights are split over it and every stage's batches too; with several
+processes all of them compute every stage and process 0 writes the files
+(the others wait for them at a barrier after each stage).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
+
+from jax.sharding import Mesh
 
 from dro_jax.anchors.collect import AnchorData, build_anchor_space
 from dro_jax.anchors.space import AnchorSpace, save_anchor_space
@@ -26,7 +31,8 @@ from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.refusal_score import RefusalScores
 from dro_jax.loading import LoadedModel, load_model
-from dro_jax.parallel.sharding import data_mesh
+from dro_jax.parallel.distributed import barrier, is_writer, writer_first
+from dro_jax.parallel.mesh import data_mesh
 from dro_jax.run.config import QuerySets, RunConfig
 from dro_jax.run.outputs import RunOutputs, RunPaths, write_evaluation
 from dro_jax.run.report import write_report
@@ -41,21 +47,24 @@ def prepare_run_dir(config: RunConfig, root: str | Path, resume: bool) -> RunPat
         stopped = StageRecords(directory).unfinished()
         return f"an unfinished run (stopped in: {', '.join(stopped)})" if stopped else None
 
-    return RunPaths(claim_run_directory(root, config.to_dict(), resume, unfinished))
+    return RunPaths(writer_first(lambda: claim_run_directory(root, config.to_dict(), resume, unfinished), "run directory"))
 
 
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if is_writer():
+        print(message, file=sys.stderr, flush=True)
 
 
-def anchor_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths) -> None:
-    space, report, data = build_anchor_space(model, sets.train, config.anchor_config(), config.eval_batch_size)
-    data.save(paths.anchor_data)
-    save_anchor_space(space, report, paths.anchors)
+def anchor_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None) -> None:
+    space, report, data = build_anchor_space(model, sets.train, config.anchor_config(), config.eval_batch_size, mesh=mesh)
+    if is_writer():
+        data.save(paths.anchor_data)
+        save_anchor_space(space, report, paths.anchors)
 
 
 def train_stage(
-    model: LoadedModel, config: RunConfig, sets: QuerySets, data: AnchorData, anchors: AnchorSpace, target: TrainingFiles, resume: bool
+    model: LoadedModel, config: RunConfig, sets: QuerySets, data: AnchorData, anchors: AnchorSpace, target: TrainingFiles, resume: bool,
+    mesh: Mesh | None = None,
 ) -> Path:
     """Trains the soft prompt on `anchors` into `target` (the run itself, or e.g. an experiment's directory beside
     it), with the base and reference states from the anchor stage's `data` where it covered the init prompt and
@@ -65,8 +74,9 @@ def train_stage(
     training_set = prepare_training_set(
         model, sets.train, config.init_prompt, len(initial), base_states=data.states[base] if len(base) else None,
         reference=RefusalScores(data.refusal_log_odds[plain], data.states[plain]) if len(plain) else None, openings=config.reply_openings(),
+        mesh=mesh,
     )
-    train_and_export(model, training_set, anchors, initial, config.train_config(), target, resume)
+    train_and_export(model, training_set, anchors, initial, config.train_config(), target, resume, mesh=mesh)
     return target.soft_prompt
 
 
@@ -77,20 +87,23 @@ def evaluate_prompts(
     settings: Sequence[PromptSetting],
     anchors: AnchorSpace,
     references: Mapping[str, ReplyReference] | None = None,
+    mesh: Mesh | None = None,
 ) -> Evaluation:
-    """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over all devices;
-    reply drift on `references` when given (a run's, so that added settings compare with its rows)."""
+    """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over `mesh` (default:
+    all devices on data); reply drift on `references` when given (a run's, so that added settings compare with its rows)."""
     sampling, num_samples = config.evaluation_sampling()
     return evaluate_settings(
         model, sets.test, settings, anchors, sampling, num_samples, config.eval_keep_longest, config.seed, config.eval_batch_size,
-        openings=config.reply_openings(), mesh=data_mesh(), references=references,
+        openings=config.reply_openings(), mesh=mesh or data_mesh(), references=references,
     )
 
 
-def evaluate_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths) -> None:
+def evaluate_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None) -> None:
     settings = [PromptSetting.from_text(name) for name in config.settings]
     settings.append(PromptSetting.soft(DRO_SETTING, load_soft_prompt(paths.soft_prompt, model.config.hidden_size)))
-    write_evaluation(paths, evaluate_prompts(model, config, sets, settings, AnchorSpace.load(paths.anchors)))
+    evaluation = evaluate_prompts(model, config, sets, settings, AnchorSpace.load(paths.anchors), mesh=mesh)
+    if is_writer():
+        write_evaluation(paths, evaluation)
 
 
 def finish_run(directory: str | Path) -> RunOutputs:
@@ -112,8 +125,9 @@ class Stage:
     work: Callable[[LoadedModel], None]
 
 
-def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False) -> Path:
-    """Runs (or continues) the main job in `out`; returns the path of `results.md`."""
+def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False, mesh: Mesh | None = None) -> Path | None:
+    """Runs (or continues) the main job in `out` on `mesh` (default: every device on data); returns the path of
+    `results.md` (None on processes other than 0, which write nothing)."""
     paths = prepare_run_dir(config, out, resume)
     sets = QuerySets.read(config)
     digests = sets.digests()
@@ -130,21 +144,25 @@ def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False) -> Pa
                    **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "max_new_tokens", "openings", "seed")}}
     stages = [
         Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)", anchor_inputs,
-              [paths.anchors, paths.anchor_report, paths.anchor_data], lambda m: anchor_stage(m, config, sets, paths)),
+              [paths.anchors, paths.anchor_report, paths.anchor_data], lambda m: anchor_stage(m, config, sets, paths, mesh)),
         Stage("train", "DRO training", train_inputs, [paths.soft_prompt, paths.metrics],
-              lambda m: train_stage(m, config, sets, AnchorData.load(paths.anchor_data), AnchorSpace.load(paths.anchors), paths, resume)),
+              lambda m: train_stage(m, config, sets, AnchorData.load(paths.anchor_data), AnchorSpace.load(paths.anchors), paths, resume, mesh)),
         Stage("evaluate", "evaluation on the held-out sets", eval_inputs, [paths.evaluation, paths.responses],
-              lambda m: evaluate_stage(m, config, sets, paths)),
+              lambda m: evaluate_stage(m, config, sets, paths, mesh)),
     ]
-    model = functools.cache(lambda: load_model(config.model, config.dtype))
+    model = functools.cache(lambda: load_model(config.model, config.dtype, mesh=mesh))
     for number, stage in enumerate(stages, start=1):
         key = input_key(stage.inputs)
-        if records.is_done(stage.name, key, stage.outputs):
+        done = records.is_done(stage.name, key, stage.outputs)
+        barrier(f"stage {stage.name} checked")  # every process decides before process 0 writes anything
+        if done:
             _log(f"[{number}/{len(stages) + 1}] {stage.title}: done earlier with the same inputs, skipped")
             continue
         _log(f"[{number}/{len(stages) + 1}] {stage.title}")
-        started = records.start(stage.name, key)
+        started = records.start(stage.name, key) if is_writer() else None
         stage.work(model())
-        records.finish(stage.name, key, started)
+        if is_writer():
+            records.finish(stage.name, key, started)
+        barrier(f"stage {stage.name} written")
     _log(f"[{len(stages) + 1}/{len(stages) + 1}] report and plots")
-    return write_report(RunOutputs.load(config, paths), records)
+    return write_report(RunOutputs.load(config, paths), records) if is_writer() else None
