@@ -9,14 +9,14 @@ import importlib.metadata
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
-from dro_jax.loading.weights import build_params
+from dro_jax.loading.weights import Shardings, TensorSource, build_params
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import Params
 
@@ -86,19 +86,38 @@ def parse_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", *, with_tokenizer: bool = True, progress: bool = True) -> LoadedModel:
-    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file."""
+def load_model(
+    spec: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str = "float32",
+    *,
+    with_tokenizer: bool = True,
+    progress: bool = True,
+    shardings: Callable[[ModelConfig], Shardings] | None = None,
+) -> LoadedModel:
+    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file.
+
+    Params land whole on the default device unless `shardings` is given: a
+    function from the model's config to a tree like `param_shapes(config)` of
+    `jax.sharding.Sharding`s (a function, since the caller knows its mesh but
+    not the config until the checkpoint is opened). Each parameter is then
+    laid out as its sharding says, every process reading only the parts its
+    own devices hold (see `dro_jax.loading.weights`).
+    """
     jnp_dtype = parse_dtype(dtype)
     path = resolve_model_path(spec)
+
+    def read_params(config: ModelConfig, source: TensorSource) -> Params:
+        return build_params(config, source, jnp_dtype, progress, None if shardings is None else shardings(config))
+
     if path.is_dir():
         config = read_hf_config(path)
         with contextlib.ExitStack() as stack:
-            params = build_params(config, SafetensorsSource(path, stack), jnp_dtype, progress)
+            params = read_params(config, SafetensorsSource(path, stack))
         tokenizer = _load_tokenizer(path) if with_tokenizer else None
     elif path.suffix.lower() == ".gguf":
         reader = open_gguf(path)
         config = read_gguf_config(reader, path)
-        params = build_params(config, GGUFSource(reader, path, config), jnp_dtype, progress)
+        params = read_params(config, GGUFSource(reader, path, config))
         del reader
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
     else:
