@@ -104,7 +104,14 @@ def read_gguf_config(reader, path: Path) -> ModelConfig:
 
 
 class GGUFSource:
-    """Dequantises tensors on demand and hands them out under HF names."""
+    """Dequantises tensors on demand and hands them out under HF names.
+
+    A slice is cut from the whole tensor dequantised (and un-permuted, which
+    mixes rows within each head), so a sharded load dequantises each tensor
+    once per distinct part this process's devices hold: GGUF files are meant
+    for models that fit one host, and loading them sharded spends time, not
+    memory beyond one dequantised tensor.
+    """
 
     def __init__(self, reader, path: Path, config: ModelConfig):
         self.description = str(path)
@@ -118,7 +125,13 @@ class GGUFSource:
     def names(self) -> set[str]:
         return set(self._tensors)
 
-    def read(self, name: str) -> np.ndarray:
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self._tensors[name].shape))  # GGUF lists the fastest axis first
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        return self._read(name)[index]
+
+    def _read(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 
         tensor = self._tensors[name]

@@ -49,7 +49,11 @@ def _hf_name(name: str) -> str:
 
 
 class SafetensorsSource:
-    """Reads tensors lazily (memory-mapped) from the shards of one directory."""
+    """Reads tensors lazily (memory-mapped) from the shards of one directory.
+
+    `read_slice` copies only the requested part out of the mapped file, so
+    reading one device's part of a tensor never reads the whole tensor.
+    """
 
     def __init__(self, directory: Path, stack: contextlib.ExitStack):
         self.description = str(directory)
@@ -65,6 +69,10 @@ class SafetensorsSource:
     def names(self) -> set[str]:
         return set(self._where)
 
-    def read(self, name: str) -> np.ndarray:
+    def shape(self, name: str) -> tuple[int, ...]:
         handle, key = self._where[name]
-        return handle.get_tensor(key)
+        return tuple(handle.get_slice(key).get_shape())
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        handle, key = self._where[name]
+        return handle.get_slice(key)[index]

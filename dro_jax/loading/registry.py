@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -17,9 +18,9 @@ from jax.sharding import Mesh
 from dro_jax.common.errors import DroJaxError
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
-from dro_jax.loading.weights import build_params
+from dro_jax.loading.weights import Shardings, TensorSource, build_params
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.partitioning import place_params
+from dro_jax.models.partitioning import param_shardings
 from dro_jax.models.transformer import Params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -89,27 +90,48 @@ def parse_dtype(name: str) -> Any:
 
 
 def load_model(
-    spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", *, with_tokenizer: bool = True, progress: bool = True,
+    spec: str | os.PathLike = DEFAULT_MODEL,
+    dtype: str = "float32",
+    *,
+    with_tokenizer: bool = True,
+    progress: bool = True,
     mesh: Mesh | None = None,
+    shardings: Callable[[ModelConfig], Shardings] | None = None,
 ) -> LoadedModel:
-    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file;
-    with a `mesh`, the params are split over it as `dro_jax.models.partitioning` says."""
+    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file.
+
+    Params land whole on the default device unless a `mesh` is given (they
+    are split over it as `dro_jax.models.partitioning` says) or `shardings`:
+    a function from the model's config to a tree like `param_shapes(config)`
+    of `jax.sharding.Sharding`s, for any other layout (a function, since the
+    caller does not know the config until the checkpoint is opened). Each
+    parameter is then laid out straight from the checkpoint, every process
+    reading only the parts its own devices hold (see `dro_jax.loading.weights`).
+    """
+    if mesh is not None and shardings is not None:
+        raise ValueError("give a mesh (the partition rules) or shardings (a layout of your own), not both")
+    if mesh is not None:
+        shardings = functools.partial(param_shardings, mesh=mesh)
     jnp_dtype = parse_dtype(dtype)
     path = resolve_model_path(spec)
+
+    def read_params(config: ModelConfig, source: TensorSource) -> Params:
+        return build_params(config, source, jnp_dtype, progress, None if shardings is None else shardings(config))
+
     if path.is_dir():
         config = read_hf_config(path)
         with contextlib.ExitStack() as stack:
-            params = build_params(config, SafetensorsSource(path, stack), jnp_dtype, progress)
+            params = read_params(config, SafetensorsSource(path, stack))
         tokenizer = _load_tokenizer(path) if with_tokenizer else None
     elif path.suffix.lower() == ".gguf":
         reader = open_gguf(path)
         config = read_gguf_config(reader, path)
-        params = build_params(config, GGUFSource(reader, path, config), jnp_dtype, progress)
+        params = read_params(config, GGUFSource(reader, path, config))
         del reader
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
     else:
         raise DroJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    return LoadedModel(config=config, params=place_params(params, config, mesh), tokenizer=tokenizer, source=str(path))
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path))
 
 
 def tokenizer_cache_dir() -> Path:
