@@ -138,7 +138,7 @@ def _run_anchor(args: argparse.Namespace) -> None:
 
     out = check_writable(args.out)
     pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, attention=args.attention)
     _build_anchors(args, model, pairs, out)
     print(f"wrote {out}", file=sys.stderr)
 
@@ -177,7 +177,7 @@ def _run_train(args: argparse.Namespace) -> None:
         raise DroJaxError(f"batch size {args.batch_size} is larger than the {len(pairs)} training queries")
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
     files = TrainingFiles(claim_run_directory(args.out, _run_settings(args), args.resume, _training_in_progress))
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, attention=args.attention)
     if args.init_random:
         initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
     else:
@@ -235,7 +235,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     settings = [parse_prompt_setting(spec) for spec in args.settings + [SOFT_PREFIX + p for p in args.soft_prompt]]
     datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, attention=args.attention)
     rows = evaluate_settings(model, datasets, settings, anchors, SamplingConfig(max_new_tokens=args.max_new_tokens), batch_size=args.batch_size).rows
     table = results_markdown(rows)
     write_text(out, table + "\n")

@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace) -> None:
 
     config = run_config(args)
     try:
-        results = run_pipeline(config, args.out, args.resume)
+        results = run_pipeline(config, args.out, args.resume, attention=args.attention)
     except KeyboardInterrupt:
         print(f"stopped; `dro-jax run --out {args.out} --resume` (same options) continues", file=sys.stderr)
         raise

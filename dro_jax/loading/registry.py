@@ -17,7 +17,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
 from dro_jax.loading.weights import build_params
-from dro_jax.models.config import ModelConfig
+from dro_jax.models.config import ModelConfig, check_attention
 from dro_jax.models.transformer import Params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,9 +86,19 @@ def parse_dtype(name: str) -> Any:
     return DTYPES[name]
 
 
-def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", *, with_tokenizer: bool = True, progress: bool = True) -> LoadedModel:
-    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file."""
+def load_model(
+    spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", *, attention: str = "reference", with_tokenizer: bool = True,
+    progress: bool = True,
+) -> LoadedModel:
+    """Loads config, params (cast to `dtype`) and tokenizer from a name, a HF directory or a .gguf file.
+
+    `attention` names how the model computes attention (see
+    `dro_jax.models.config.ATTENTION_IMPLEMENTATIONS`); checkpoints do not say,
+    so it is the caller's choice. To switch a loaded model, replace the field:
+    `dataclasses.replace(model, config=dataclasses.replace(model.config, attention="fused"))`.
+    """
     jnp_dtype = parse_dtype(dtype)
+    check_attention(attention)  # before the weights are read
     path = resolve_model_path(spec)
     if path.is_dir():
         config = read_hf_config(path)
@@ -103,7 +113,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
     else:
         raise DroJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path))
+    return LoadedModel(config=dataclasses.replace(config, attention=attention), params=params, tokenizer=tokenizer, source=str(path))
 
 
 def tokenizer_cache_dir() -> Path:

@@ -112,8 +112,12 @@ class Stage:
     work: Callable[[LoadedModel], None]
 
 
-def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False) -> Path:
-    """Runs (or continues) the main job in `out`; returns the path of `results.md`."""
+def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False, attention: str = "reference") -> Path:
+    """Runs (or continues) the main job in `out`; returns the path of `results.md`.
+
+    `attention` picks how the model computes attention (see `load_model`). It is
+    not one of the run's settings: both ways give the same results within float
+    rounding, so a run may be continued with either."""
     paths = prepare_run_dir(config, out, resume)
     sets = QuerySets.read(config)
     digests = sets.digests()
@@ -136,7 +140,7 @@ def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False) -> Pa
         Stage("evaluate", "evaluation on the held-out sets", eval_inputs, [paths.evaluation, paths.responses],
               lambda m: evaluate_stage(m, config, sets, paths)),
     ]
-    model = functools.cache(lambda: load_model(config.model, config.dtype))
+    model = functools.cache(lambda: load_model(config.model, config.dtype, attention=attention))
     for number, stage in enumerate(stages, start=1):
         key = input_key(stage.inputs)
         if records.is_done(stage.name, key, stage.outputs):
