@@ -11,6 +11,7 @@ import argparse
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
 from dro_jax.loading.registry import DEFAULT_MODEL, DTYPES
+from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS
 
 
 def positive_int(text: str) -> int:
@@ -34,10 +35,15 @@ def add_model_arg(parser: argparse.ArgumentParser, default: str | None = DEFAULT
 
 
 def add_model_args(parser: argparse.ArgumentParser, default: str | None = "float32") -> None:
-    """--model and --dtype (see `add_model_arg` for `default=None`)."""
+    """--model, --dtype and --attention (see `add_model_arg` for `default=None`; --attention has no preset)."""
     add_model_arg(parser, DEFAULT_MODEL if default else None)
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=default, help="parameter and activation dtype (default: float32)"
+    )
+    parser.add_argument(
+        "--attention", choices=tuple(ATTENTION_IMPLEMENTATIONS), default="reference",
+        help="how attention is computed, with the same results: "
+        + "; ".join(f"{name}: {why.split(';')[0]}" for name, why in ATTENTION_IMPLEMENTATIONS.items()) + " (default: %(default)s)",
     )
 
 

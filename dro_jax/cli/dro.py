@@ -144,7 +144,7 @@ def _run_anchor(args: argparse.Namespace) -> None:
 
     out = check_writable(args.out)
     pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, attention=args.attention)
     _build_anchors(args, model, pairs, out)
     print(f"wrote {out}", file=sys.stderr)
 
@@ -186,7 +186,7 @@ def _run_train(args: argparse.Namespace) -> None:
     mesh = start_job(args)
     settings = _run_settings(args)
     files = TrainingFiles(writer_first(lambda: claim_run_directory(args.out, settings, args.resume, _training_in_progress), "run directory"))
-    model = load_model(args.model, args.dtype, mesh=mesh)
+    model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     if args.init_random:
         initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
     else:
@@ -250,7 +250,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
     mesh = start_job(args)
-    model = load_model(args.model, args.dtype, mesh=mesh)
+    model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
     rows = evaluate_settings(model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh).rows
     if not is_writer():

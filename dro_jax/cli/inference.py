@@ -61,7 +61,7 @@ def _run_represent(args: argparse.Namespace) -> None:
     out = check_writable(args.out)
     queries = read_queries(args.queries, args.field)
     setting = prompt_setting(args)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, attention=args.attention)
     states = represent_queries(model, queries, setting, args.batch_size, source=args.queries)
     with atomic_output(out) as tmp:
         with open(tmp, "wb") as handle:
@@ -81,7 +81,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     sampling, judge = sampling_config(args), StringJudge.load(args.refusal_phrases)
     queries = read_queries(args.queries, args.field)
     setting = prompt_setting(args)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, attention=args.attention)
     encoded = encode_queries(model, queries, setting, args.queries)
     responses = generate_responses(model, encoded, sampling, args.num_samples, args.seed, args.batch_size, judge)
     write_jsonl(out, (
@@ -108,9 +108,9 @@ def _run_label(args: argparse.Namespace) -> None:
     specs = args.settings + [SOFT_PREFIX + path for path in args.soft_prompt]
     settings = [parse_prompt_setting(spec) for spec in specs]
     queries = read_queries(args.queries, args.field)
-    model = load_model(args.model, args.dtype)
+    model = load_model(args.model, args.dtype, attention=args.attention)
     if args.judge_model:
-        judge = PaperJudge(judge, ModelJudge(load_model(args.judge_model, args.dtype)))
+        judge = PaperJudge(judge, ModelJudge(load_model(args.judge_model, args.dtype, attention=args.attention)))
     labels = label_queries(model, queries, settings, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries)
     write_jsonl(out, (dataclasses.asdict(label) for label in labels))
     print(f"wrote {out}: {len(labels)} labels ({len(queries)} queries x {len(settings)} settings)", file=sys.stderr)

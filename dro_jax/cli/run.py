@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> None:
     config = run_config(args)
     mesh = start_job(args)
     try:
-        results = run_pipeline(config, args.out, args.resume, mesh)
+        results = run_pipeline(config, args.out, args.resume, mesh, args.attention)
     except KeyboardInterrupt:
         print(f"stopped; `dro-jax run --out {args.out} --resume` (same options) continues", file=sys.stderr)
         raise

@@ -19,7 +19,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
 from dro_jax.loading.weights import Shardings, TensorSource, build_params
-from dro_jax.models.config import ModelConfig
+from dro_jax.models.config import ModelConfig, check_attention
 from dro_jax.models.partitioning import param_shardings
 from dro_jax.models.transformer import Params
 
@@ -93,6 +93,7 @@ def load_model(
     spec: str | os.PathLike = DEFAULT_MODEL,
     dtype: str = "float32",
     *,
+    attention: str = "reference",
     with_tokenizer: bool = True,
     progress: bool = True,
     mesh: Mesh | None = None,
@@ -107,12 +108,18 @@ def load_model(
     caller does not know the config until the checkpoint is opened). Each
     parameter is then laid out straight from the checkpoint, every process
     reading only the parts its own devices hold (see `dro_jax.loading.weights`).
+
+    `attention` names how the model computes attention (see
+    `dro_jax.models.config.ATTENTION_IMPLEMENTATIONS`); checkpoints do not say,
+    so it is the caller's choice. To switch a loaded model, replace the field:
+    `dataclasses.replace(model, config=dataclasses.replace(model.config, attention="fused"))`.
     """
     if mesh is not None and shardings is not None:
         raise ValueError("give a mesh (the partition rules) or shardings (a layout of your own), not both")
     if mesh is not None:
         shardings = functools.partial(param_shardings, mesh=mesh)
     jnp_dtype = parse_dtype(dtype)
+    check_attention(attention)  # before the weights are read
     path = resolve_model_path(spec)
 
     def read_params(config: ModelConfig, source: TensorSource) -> Params:
@@ -131,7 +138,7 @@ def load_model(
         tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
     else:
         raise DroJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, source=str(path))
+    return LoadedModel(config=dataclasses.replace(config, attention=attention), params=params, tokenizer=tokenizer, source=str(path))
 
 
 def tokenizer_cache_dir() -> Path:

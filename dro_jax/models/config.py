@@ -14,6 +14,19 @@ from dro_jax.common.errors import DroJaxError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# How attention is computed; both give the same result within float rounding (tests/models/test_attention.py).
+ATTENTION_IMPLEMENTATIONS = {
+    "reference": "einsums per key block in a head-major layout; the blocks join one softmax without being copied "
+    "into one array, and this is the path the parity tests against transformers pin down",
+    "fused": "jax.nn.dot_product_attention over the key blocks joined into one; for backends with a fused attention "
+    "kernel, as it picks its own implementation (in jax 0.10 that is still XLA's on every backend)",
+}
+
+
+def check_attention(name: str) -> None:
+    """Raises a `DroJaxError` unless `name` is a key of ATTENTION_IMPLEMENTATIONS."""
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise DroJaxError(f"unknown attention implementation {name!r}; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +64,10 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    attention: str = "reference"  # a key of ATTENTION_IMPLEMENTATIONS; a choice of the run, not of the checkpoint
 
     def __post_init__(self) -> None:
+        check_attention(self.attention)
         if self.num_heads % self.num_kv_heads:
             raise DroJaxError(
                 f"num_attention_heads ({self.num_heads}) is not a multiple of "

@@ -123,6 +123,13 @@ class KeyBlock(NamedTuple):
     allowed: jax.Array | None
 
 
+def joined_mask(blocks: list[KeyBlock], batch: int) -> jax.Array:
+    """[b, t, keys of all blocks in order]: which keys each query may see (all of a block without a mask)."""
+    steps = blocks[-1].allowed.shape[1]  # the last block is the inputs' own keys, always masked
+    allowed = [jnp.ones((batch, steps, block.key_t.shape[-1]), bool) if block.allowed is None else block.allowed for block in blocks]
+    return jnp.concatenate(allowed, axis=-1) if len(allowed) > 1 else allowed[0]
+
+
 def attend(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
     """Grouped-query attention in the head-major layout that CPU and GPU matmuls like.
 
@@ -134,16 +141,13 @@ def attend(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
     on padding rows, whose output is never used). Returns [b, kv_heads, group * t, d].
     """
     batch, kv_heads, rows, dim = query.shape
-    steps = blocks[-1].allowed.shape[1]  # the last block is the inputs' own keys, always masked
-    scores, allowed = [], []
+    allowed = joined_mask(blocks, batch)
+    steps, total = allowed.shape[1:]
+    scores = []
     for block in blocks:
         spec = "bkqd,kds->bkqs" if block.key_t.ndim == 3 else "bkqd,bkds->bkqs"
         scores.append(jnp.einsum(spec, query, block.key_t, preferred_element_type=jnp.float32))
-        slots = block.key_t.shape[-1]
-        allowed.append(jnp.ones((batch, steps, slots), bool) if block.allowed is None else block.allowed)
     scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
-    allowed = jnp.concatenate(allowed, axis=-1) if len(allowed) > 1 else allowed[0]
-    total = scores.shape[-1]
     scores = (scores * dim**-0.5).reshape(batch, kv_heads, rows // steps, steps, total)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).reshape(batch, kv_heads, rows, total)
@@ -154,6 +158,41 @@ def attend(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
         out = out + jnp.einsum(spec, probs[..., start : start + slots].astype(block.value.dtype), block.value)
         start += slots
     return out
+
+
+def attend_fused(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
+    """`attend` through `jax.nn.dot_product_attention`, which a backend may run as one fused kernel.
+
+    Same arguments and result as `attend`. The function takes one key and one
+    value array [b, s, kv_heads, d], so the blocks are turned token-major, a
+    shared block is broadcast over the batch, and all are joined along s; the
+    query rows become heads kv * group + g, HF's order, which is also the
+    function's grouping of query heads onto key heads. It picks its own
+    implementation (`implementation=None`). A query that may see no key (a
+    padding row) may see every key instead: an empty softmax is NaN in a
+    kernel that does not guard it, and NaN would reach the gradient even
+    though that row's output is never used.
+    """
+    batch, kv_heads, rows, dim = query.shape
+    allowed = joined_mask(blocks, batch)
+    steps = allowed.shape[1]
+    allowed = allowed | ~allowed.any(axis=-1, keepdims=True)
+    keys = jnp.concatenate([_token_major(block.key_t, batch, (0, 3, 1, 2)) for block in blocks], axis=1)
+    values = jnp.concatenate([_token_major(block.value, batch, (0, 2, 1, 3)) for block in blocks], axis=1)
+    query = query.reshape(batch, kv_heads, rows // steps, steps, dim).transpose(0, 3, 1, 2, 4).reshape(batch, steps, -1, dim)
+    out = jax.nn.dot_product_attention(query, keys, values, mask=allowed[:, None], implementation=None)
+    return out.reshape(batch, steps, kv_heads, rows // steps, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, dim)
+
+
+def _token_major(array: jax.Array, batch: int, axes: tuple[int, ...]) -> jax.Array:
+    """A block's keys or values as [b, s, kv_heads, d]; `axes` reorders a batched block's axes, and a shared
+    block (no batch axis) is broadcast over the batch."""
+    array = (array[None] if array.ndim == 3 else array).transpose(axes)
+    return jnp.broadcast_to(array, (batch, *array.shape[1:]))
+
+
+# ModelConfig.attention -> the function computing attention (see config.ATTENTION_IMPLEMENTATIONS for why each).
+ATTENTION_FUNCTIONS = {"reference": attend, "fused": attend_fused}
 
 
 class Attention(nn.Module):
@@ -189,7 +228,7 @@ class Attention(nn.Module):
         if masks.cache is not None:
             blocks.append(KeyBlock(layer_cache[0].astype(x.dtype), layer_cache[1].astype(x.dtype), masks.cache))
         blocks.append(KeyBlock(k, v, masks.own))
-        out = constrain(attend(q, blocks), HEAD_MAJOR)  # [b, kv, group * t, d]
+        out = constrain(ATTENTION_FUNCTIONS[c.attention](q, blocks), HEAD_MAJOR)  # [b, kv, group * t, d]
         out = out.reshape(batch, c.num_kv_heads, group, seq, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
         return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out), (k, v)

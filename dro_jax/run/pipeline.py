@@ -125,9 +125,15 @@ class Stage:
     work: Callable[[LoadedModel], None]
 
 
-def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False, mesh: Mesh | None = None) -> Path | None:
+def run_pipeline(
+    config: RunConfig, out: str | Path, resume: bool = False, mesh: Mesh | None = None, attention: str = "reference"
+) -> Path | None:
     """Runs (or continues) the main job in `out` on `mesh` (default: every device on data); returns the path of
-    `results.md` (None on processes other than 0, which write nothing)."""
+    `results.md` (None on processes other than 0, which write nothing).
+
+    `mesh` and `attention` (how the model computes attention, see `load_model`)
+    are not among the run's settings: they give the same results within float
+    rounding, so a run may be continued with others."""
     paths = prepare_run_dir(config, out, resume)
     sets = QuerySets.read(config)
     digests = sets.digests()
@@ -150,7 +156,7 @@ def run_pipeline(config: RunConfig, out: str | Path, resume: bool = False, mesh:
         Stage("evaluate", "evaluation on the held-out sets", eval_inputs, [paths.evaluation, paths.responses],
               lambda m: evaluate_stage(m, config, sets, paths, mesh)),
     ]
-    model = functools.cache(lambda: load_model(config.model, config.dtype, mesh=mesh))
+    model = functools.cache(lambda: load_model(config.model, config.dtype, attention=attention, mesh=mesh))
     for number, stage in enumerate(stages, start=1):
         key = input_key(stage.inputs)
         done = records.is_done(stage.name, key, stage.outputs)

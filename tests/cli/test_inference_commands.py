@@ -48,6 +48,27 @@ def test_represent_writes_last_position_final_norm_states(model_dir, query_file,
         np.testing.assert_allclose(states[row], want, atol=1e-4, rtol=0)
 
 
+def test_attention_option_reaches_the_model(model_dir, query_file, tmp_path, monkeypatch):
+    """--attention fused loads the model with the fused attention path, which gives the reference's states."""
+    import dro_jax.loading
+
+    loaded = []
+
+    def recording_load_model(*args, **kwargs):
+        loaded.append(real_load_model(*args, **kwargs))
+        return loaded[-1]
+
+    real_load_model = dro_jax.loading.load_model
+    monkeypatch.setattr(dro_jax.loading, "load_model", recording_load_model)
+    states = {}
+    for attention in ("reference", "fused"):
+        out = tmp_path / f"{attention}.npy"
+        assert main(["represent", "--model", str(model_dir), "--queries", str(query_file), "--attention", attention, "--out", str(out)]) == 0
+        states[attention] = np.load(out)
+    assert [model.config.attention for model in loaded] == ["reference", "fused"]
+    np.testing.assert_allclose(states["fused"], states["reference"], atol=1e-5, rtol=0)
+
+
 def _run_failing(args, capsys, *fragments):
     assert main(args) == 2
     stderr = capsys.readouterr().err

@@ -1,0 +1,172 @@
+"""The fused attention path (`jax.nn.dot_product_attention`) gives what the reference path gives: every layer's
+states and the logits with left padding, greedy generation through the KV cache, a shared prefix with its
+soft-prompt gradient, in float32 and bfloat16, for the llama, mistral (sliding window) and qwen2 families.
+
+The reference path is held to transformers in test_model_parity.py and the inference tests, so agreeing with
+it within float rounding is agreeing with transformers.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.generate import generate_tokens
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.loading import load_model
+from dro_jax.models import KVCache, ModelConfig, compute_logits, forward
+from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from dro_jax.models.inputs import SharedPrefix, final_states
+from dro_jax.models.transformer import ATTENTION_FUNCTIONS, KeyBlock, attend, attend_fused
+
+FAMILIES = ("llama", "mistral", "qwen2")  # mistral's window (5) is shorter than the inputs, so it masks keys
+# Both paths compute scores, softmax and the value sums in float32 and differ only in the order of the sums:
+# 1e-5 is about 100 float32 roundings of the O(1) states and logits.
+FLOAT32_ATOL = 1e-5
+jit_forward = jax.jit(forward, static_argnames=("config", "output_hidden_states", "output_logits"))
+
+
+def _both(model):
+    """(reference config, fused config) of a loaded model."""
+    assert model.config.attention == "reference"  # the default
+    return model.config, dataclasses.replace(model.config, attention="fused")
+
+
+def _left_padded(seed=0, pads=(0, 4, 9), length=12, vocab=320):
+    """Random ids [len(pads), length] and their mask, row i left-padded by pads[i]."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(len(pads), length)).astype(np.int32)
+    mask = (np.arange(length)[None] >= np.asarray(pads)[:, None]).astype(np.int32)
+    return ids, mask
+
+
+def test_every_implementation_has_a_function_and_a_reason():
+    assert set(ATTENTION_FUNCTIONS) == set(ATTENTION_IMPLEMENTATIONS) == {"reference", "fused"}
+
+
+def test_an_unknown_implementation_is_refused(tiny_model_dir):
+    config = ModelConfig("llama", 320, 64, 128, 2, 4, 2, 16)
+    assert config.attention == "reference"
+    with pytest.raises(DroJaxError, match=r"unknown attention implementation 'flash'; choose one of reference, fused"):
+        dataclasses.replace(config, attention="flash")
+    with pytest.raises(DroJaxError, match="unknown attention implementation 'flash'"):
+        load_model(tiny_model_dir("llama")[0], attention="flash", with_tokenizer=False, progress=False)
+    assert load_model(tiny_model_dir("llama")[0], attention="fused", with_tokenizer=False, progress=False).config.attention == "fused"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_left_padded_states_and_logits_equal_the_reference(tiny_model_dir, name):
+    model = load_model(tiny_model_dir(name)[0], with_tokenizer=False, progress=False)
+    ids, mask = _left_padded()
+    reference, fused = (jit_forward(model.params, c, ids, mask, output_hidden_states=True, output_logits=True) for c in _both(model))
+    real = mask.astype(bool)
+    for want, got in [(reference.hidden_states, fused.hidden_states), (reference.last_hidden_state[None], fused.last_hidden_state[None])]:
+        np.testing.assert_allclose(np.asarray(got)[:, real], np.asarray(want)[:, real], atol=FLOAT32_ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(fused.logits)[real], np.asarray(reference.logits)[real], atol=FLOAT32_ATOL, rtol=0)
+    # Padding rows see no key in their first layer; their output is unused, but must stay finite.
+    assert np.isfinite(np.asarray(fused.hidden_states)).all() and np.isfinite(np.asarray(fused.logits)).all()
+
+
+def test_a_query_that_sees_no_key_attends_to_every_key():
+    """Batch row 0 may see no key at all: the fused path lets it see all of them (finite values and gradients,
+    whatever the kernel does with an empty softmax); batch row 1 is an ordinary causal one."""
+    rng = np.random.default_rng(0)
+    batch, kv_heads, group, steps, dim = 2, 2, 2, 4, 8
+    query = jnp.asarray(rng.normal(size=(batch, kv_heads, group * steps, dim)), jnp.float32)
+    key_t = jnp.asarray(rng.normal(size=(batch, kv_heads, dim, steps)), jnp.float32)
+    value = jnp.asarray(rng.normal(size=(batch, kv_heads, steps, dim)), jnp.float32)
+    allowed = jnp.stack([jnp.zeros((steps, steps), bool), jnp.tril(jnp.ones((steps, steps), bool))])
+
+    out = attend_fused(query, [KeyBlock(key_t, value, allowed)])
+    np.testing.assert_allclose(out[0], attend(query, [KeyBlock(key_t, value, jnp.ones_like(allowed))])[0], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(out[1], attend(query, [KeyBlock(key_t, value, allowed)])[1], atol=1e-6, rtol=0)
+    grad = jax.grad(lambda q: attend_fused(q, [KeyBlock(key_t, value, allowed)]).sum())(query)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+def _prefill_and_decode(params, config, ids, mask, tokens):
+    """Logits [b, 1 + n, vocab] of the last prompt position and of feeding tokens [b, n] one at a time through
+    the KV cache (as generation does)."""
+    batch, length = ids.shape
+    steps = tokens.shape[1]
+    key_mask = jnp.concatenate([mask, jnp.ones((batch, steps), mask.dtype)], axis=1)
+    lengths = mask.sum(axis=1)
+    cache = KVCache.zeros(config, batch, length + steps, params["embed_tokens"]["weight"].dtype)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    out = forward(params, config, ids, key_mask, positions=positions, cache=cache, cache_index=0)
+    logits = [compute_logits(params, config, out.last_hidden_state[:, -1:])]
+    for step in range(steps):
+        out = forward(
+            params, config, tokens[:, step : step + 1], key_mask, positions=(lengths + step)[:, None], cache=out.cache, cache_index=length + step
+        )
+        logits.append(compute_logits(params, config, out.last_hidden_state))
+    return jnp.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kv_cache_decoding_equals_the_reference(tiny_model_dir, name):
+    model = load_model(tiny_model_dir(name)[0], with_tokenizer=False, progress=False)
+    ids, mask = _left_padded(seed=1, pads=(0, 3, 6, 1), length=10)
+    greedy = SamplingConfig(max_new_tokens=12)
+    reference, fused = _both(model)
+    want, _ = generate_tokens(model.params, reference, ids, mask, [1], greedy)
+    got, _ = generate_tokens(model.params, fused, ids, mask, [1], greedy)
+    np.testing.assert_array_equal(got, want)
+    # The numbers behind those tokens: prefill, then 6 decode steps past mistral's 5-token window.
+    decode = jax.jit(_prefill_and_decode, static_argnums=1)
+    logits = [np.asarray(decode(model.params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(want[:, :6]))) for config in (reference, fused)]
+    np.testing.assert_allclose(logits[1], logits[0], atol=FLOAT32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_shared_prefix_equals_the_reference(tiny_model_dir, name):
+    """A 9-token prefix without a batch axis with a 3-vector soft prompt inside it, then left-padded rows:
+    final states, their gradient with respect to the soft prompt, and greedy tokens."""
+    model = load_model(tiny_model_dir(name)[0], with_tokenizer=False, progress=False)
+    rng = np.random.default_rng(2)
+    prefix = SharedPrefix(jnp.asarray(rng.integers(3, 320, size=9), jnp.int32), jnp.int32(2))
+    soft = jnp.asarray(0.02 * rng.normal(size=(3, model.config.hidden_size)), jnp.float32)
+    ids, mask = _left_padded(seed=3, pads=(0, 3, 5), length=8)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+
+    def loss(prompt, config):
+        states = final_states(model.params, config, ids, mask, prompt, jnp.full(ids.shape[0], -1), prefix=prefix)
+        return jnp.sum(states**2), states
+
+    results = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(soft, config) for config in _both(model)]
+    ((_, want_states), want_grad), ((_, got_states), got_grad) = results
+    np.testing.assert_allclose(np.asarray(got_states), np.asarray(want_states), atol=FLOAT32_ATOL, rtol=0)
+    scale = np.abs(np.asarray(want_grad)).max()  # the soft prompt is within reach of every family's last positions
+    assert scale > 1e-3
+    np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), atol=1e-4 * scale, rtol=0)
+    greedy = SamplingConfig(max_new_tokens=8)
+    tokens = [generate_tokens(model.params, config, ids, mask, [1], greedy, soft_prompt=soft, soft_offsets=jnp.full(3, -1), prefix=prefix)[0]
+              for config in _both(model)]
+    np.testing.assert_array_equal(tokens[1], tokens[0])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bfloat16_equals_the_reference_within_bfloat16_rounding(tiny_model_dir, name):
+    """Both paths compute scores and softmax in float32 and round the probabilities to bfloat16 before the value
+    sums. Over one key block (a forward pass) they do the same sums; over a KV cache and the new keys the
+    reference rounds each block's share to bfloat16 before adding them, the fused path sums all keys at once.
+    bfloat16 keeps 8 significant bits (2^-9 ~ 2e-3 relative per rounding): the two differ by about 5e-3 of the
+    logits' scale, as much as either differs from float32, so the bound is 2e-2 of the largest |value| per
+    tensor (test_model_parity.py holds the reference to 3e-2 against float32). No shared prefix here: on
+    XLA:CPU the reference path's einsum over a prefix without batch axis has no bfloat16 kernel."""
+    model = load_model(tiny_model_dir(name)[0], dtype="bfloat16", with_tokenizer=False, progress=False)
+    ids, mask = _left_padded()
+    reference, fused = (jit_forward(model.params, c, ids, mask, output_logits=True) for c in _both(model))
+    real = mask.astype(bool)
+    pairs = [(reference.last_hidden_state[real], fused.last_hidden_state[real]), (reference.logits[real], fused.logits[real])]
+    ids, mask = _left_padded(seed=1, pads=(0, 3, 6, 1), length=10)
+    tokens = np.random.default_rng(4).integers(3, 320, size=(4, 6)).astype(np.int32)
+    decode = jax.jit(_prefill_and_decode, static_argnums=1)
+    pairs.append(tuple(decode(model.params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tokens)) for config in _both(model)))
+    for want, got in pairs:
+        assert got.dtype == want.dtype
+        want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+        assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
