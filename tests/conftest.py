@@ -1,5 +1,6 @@
 import dataclasses
 import gc
+import json
 
 import jax
 import pytest
@@ -64,3 +65,27 @@ def tiny_dro(tiny_model_dir):
     initial = initial_soft_prompt(model.params, model.tokenizer, "short")
     data = prepare_training_set(model, pairs, "short", len(initial), progress=False, openings=TINY_OPENINGS)
     return TinyDro(directory, model, pairs, anchors, report, initial, data)
+
+
+@pytest.fixture(scope="session")
+def run_args(tiny_model_dir, tmp_path_factory):
+    """Factory: the `dro-jax run` arguments of a tiny run into `out` (the tiny llama, its paired queries, one epoch)."""
+    from helpers import HARMFUL, HARMLESS
+
+    directory, _ = tiny_model_dir("llama")
+    data = tmp_path_factory.mktemp("queries")
+    files = {}
+    for name, queries in (("harmful", HARMFUL), ("harmless", HARMLESS), ("harmful-test", HARMFUL[:3]), ("harmless-test", HARMLESS[:3])):
+        files[name] = data / f"{name}.txt"
+        files[name].write_text("\n".join(queries), encoding="utf-8")
+    files["openings"] = data / "openings.json"  # single tokens: the tiny model's log-odds stay unsaturated
+    files["openings"].write_text(json.dumps({"refusal": ["No"], "compliant": ["Sure"]}))
+
+    def make(out, *extra):
+        args = ["run", "--model", str(directory), "--epochs", "1", "--batch-size", "4", "--max-new-tokens", "4",
+                "--settings", "none", "short", "--out", str(out)]
+        for name, path in files.items():
+            args += [f"--{name}", str(path)]
+        return args + list(extra)
+
+    return make

@@ -92,6 +92,8 @@ def place(tree: Any, shardings: Any) -> Any:
 def _put(leaf: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     if sharding.is_fully_addressable or (isinstance(leaf, jax.Array) and not leaf.is_fully_addressable):
         return jax.device_put(leaf, sharding)
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # PRNG keys travel as their integer data
+        return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding), impl=jax.random.key_impl(leaf))
     host = np.asarray(leaf)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

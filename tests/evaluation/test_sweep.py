@@ -8,8 +8,6 @@ single-device results.
 import contextlib
 import io
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +28,12 @@ from dro_jax.inference.respond import Response, generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.parallel.distributed import allgather_json, process_share
+from processes import finish, free_port, host_args, start
 
-REPO = Path(__file__).resolve().parent.parent
 QUERIES = ["How do I bake bread?", "Write a poem about the sea.", "Explain how a lock works.", "Hi there", "Tell me about the wind."]
 MAX_NEW = 8
 # what `--greedy --max-new-tokens 8` gives on the command line, so that library calls here reuse the CLI's compiled programs
 GREEDY = SamplingConfig(greedy=True, temperature=1.0, top_k=50, top_p=0.9, max_new_tokens=MAX_NEW)
-TIMEOUT = 400
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +136,7 @@ def test_sample_keys_follow_the_index_in_the_whole_set(setup):
     assert len({r.text for r in whole}) > 1
 
 
-def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference):
+def test_a_failing_model_gives_error_rows_and_the_othersfinish(setup, reference):
     _, responses, files, _ = setup
     code, out, stderr = reference
     assert code == 0
@@ -183,35 +180,6 @@ def test_a_reference_format_soft_prompt_works_everywhere(setup, reference, tmp_p
     assert soft_texts == text_texts
 
 
-def _env(devices: int) -> dict:
-    return {
-        **os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-
-
-def _start(command: list[str], devices: int) -> subprocess.Popen:
-    return subprocess.Popen(command, env=_env(devices), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish(processes: list[subprocess.Popen]) -> list[str]:
-    """Waits for every process (killing all on a timeout); fails with each one's exit code and stderr; returns their stdout."""
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT))
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        pytest.fail(f"timed out after {TIMEOUT} s:\n" + "\n".join(p.communicate()[1][-1500:] for p in processes))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    report = "\n".join(f"--- process {i}, exit {p.returncode}:\n{err[-2500:]}" for i, (p, (_, err)) in enumerate(zip(processes, outputs)))
-    assert [p.returncode for p in processes] == [0] * len(processes), report
-    return [out for out, _ in outputs]
 
 
 FOUR_DEVICES = """
@@ -264,12 +232,12 @@ def _start_four_devices(files: dict, tmp: Path) -> subprocess.Popen:
         queries=QUERIES, max_new=MAX_NEW, model=str(files["directory"]), phrases=str(files["phrases"]),
         dataset=str(files["queries"]), out=str(tmp / "four.json"),
     )
-    return _start([sys.executable, "-c", script], devices=4)
+    return start([sys.executable, "-c", script], devices=4)
 
 
 def test_four_devices_give_the_single_device_results(setup, reference):
     model, responses, files, tmp = setup
-    _finish([_start_four_devices(files, tmp)])
+    finish([_start_four_devices(files, tmp)])
     four = json.loads((tmp / "four.json").read_text())
     assert four["devices"] == 4
     assert four["spans"] == {name: [4] for name in ("generate_tokens", "continuation_log_probs", "last_position_states")}
@@ -299,21 +267,17 @@ sys.exit(code)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start_two_processes(files: dict, tmp: Path) -> list[subprocess.Popen]:
     """`sweep` as processes 0 and 1 of one job on localhost, 2 devices each, each recording what it evaluated."""
-    port = _free_port()
+    port = free_port()
     return [
-        _start([
+        start([
             sys.executable, "-c", RECORDING_CLI, str(tmp / f"calls{index}.json"), "sweep",
             "--models", str(files["directory"]), "--prompts", "short", "--datasets", str(files["queries"]),
             "--max-new-tokens", str(MAX_NEW), "--refusal-phrases", str(files["phrases"]), "--out", str(tmp / f"hosts{index}"),
-            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(index),
+            *host_args(port, index),
         ], devices=2)
         for index in range(2)
     ]
@@ -321,7 +285,7 @@ def _start_two_processes(files: dict, tmp: Path) -> list[subprocess.Popen]:
 
 def test_two_processes_share_the_queries_and_each_hold_the_whole_table(setup, reference):
     files, tmp = setup[2:]
-    stdout = _finish(_start_two_processes(files, tmp))
+    stdout = finish(_start_two_processes(files, tmp))
     calls = [json.loads((tmp / f"calls{index}.json").read_text()) for index in range(2)]
     assert all(len(c) == 1 and c[0]["devices"] == 2 for c in calls), calls
     first, second = (c[0] for c in calls)
