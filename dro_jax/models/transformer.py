@@ -145,8 +145,10 @@ def attend(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
     steps, total = allowed.shape[1:]
     scores = []
     for block in blocks:
-        spec = "bkqd,kds->bkqs" if block.key_t.ndim == 3 else "bkqd,bkds->bkqs"
-        scores.append(jnp.einsum(spec, query, block.key_t, preferred_element_type=jnp.float32))
+        if block.key_t.ndim == 3:  # shared: in float32, since XLA:CPU has no bfloat16 kernel for this contraction
+            scores.append(jnp.einsum("bkqd,kds->bkqs", query.astype(jnp.float32), block.key_t.astype(jnp.float32)))
+        else:
+            scores.append(jnp.einsum("bkqd,bkds->bkqs", query, block.key_t, preferred_element_type=jnp.float32))
     scores = jnp.concatenate(scores, axis=-1) if len(scores) > 1 else scores[0]
     scores = (scores * dim**-0.5).reshape(batch, kv_heads, rows // steps, steps, total)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)

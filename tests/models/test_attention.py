@@ -155,8 +155,8 @@ def test_bfloat16_equals_the_reference_within_bfloat16_rounding(tiny_model_dir, 
     reference rounds each block's share to bfloat16 before adding them, the fused path sums all keys at once.
     bfloat16 keeps 8 significant bits (2^-9 ~ 2e-3 relative per rounding): the two differ by about 5e-3 of the
     logits' scale, as much as either differs from float32, so the bound is 2e-2 of the largest |value| per
-    tensor (test_model_parity.py holds the reference to 3e-2 against float32). No shared prefix here: on
-    XLA:CPU the reference path's einsum over a prefix without batch axis has no bfloat16 kernel."""
+    tensor (test_model_parity.py holds the reference to 3e-2 against float32). A shared prefix too, whose
+    scores the reference computes in float32 (XLA:CPU has no bfloat16 kernel for a key block without batch axis)."""
     model = load_model(tiny_model_dir(name)[0], dtype="bfloat16", with_tokenizer=False, progress=False)
     ids, mask = _left_padded()
     reference, fused = (jit_forward(model.params, c, ids, mask, output_logits=True) for c in _both(model))
@@ -166,6 +166,8 @@ def test_bfloat16_equals_the_reference_within_bfloat16_rounding(tiny_model_dir, 
     tokens = np.random.default_rng(4).integers(3, 320, size=(4, 6)).astype(np.int32)
     decode = jax.jit(_prefill_and_decode, static_argnums=1)
     pairs.append(tuple(decode(model.params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tokens)) for config in _both(model)))
+    prefix = SharedPrefix(jnp.asarray(np.random.default_rng(5).integers(3, 320, size=9), jnp.int32), jnp.int32(-1))
+    pairs.append(tuple(jax.jit(final_states, static_argnums=1)(model.params, c, jnp.asarray(ids), jnp.asarray(mask), prefix=prefix) for c in _both(model)))
     for want, got in pairs:
         assert got.dtype == want.dtype
         want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
