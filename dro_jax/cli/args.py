@@ -40,6 +40,10 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "float
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=default, help="parameter and activation dtype (default: float32)"
     )
+    add_attention_arg(parser)
+
+
+def add_attention_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention", choices=tuple(ATTENTION_IMPLEMENTATIONS), default="reference",
         help="how attention is computed, with the same results: "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dro_jax.cli.args import add_field_arg, add_host_args, add_openings_arg, add_phrases_arg, positive_int
+from dro_jax.cli.args import add_attention_arg, add_field_arg, add_host_args, add_openings_arg, add_phrases_arg, positive_int
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING
@@ -29,6 +29,7 @@ def add_commands(commands) -> None:
     )
     add_field_arg(sweep)
     sweep.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype (default: %(default)s)")
+    add_attention_arg(sweep)
     decoding = sweep.add_argument_group("decoding (default: greedy, one response per query)")
     mode = decoding.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
@@ -64,7 +65,7 @@ def _sweep_config(args: argparse.Namespace):
         raise DroJaxError(f"{flags} only apply with --num-samples (the default is greedy decoding)")
     sampling = dataclasses.replace(REFERENCE_SAMPLING, greedy=args.num_samples is None, max_new_tokens=args.max_new_tokens, **given)
     return SweepConfig(
-        sampling=sampling, num_samples=args.num_samples or 1, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+        sampling=sampling, num_samples=args.num_samples or 1, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, attention=args.attention,
         openings=Openings.load(args.openings), judge=StringJudge.load(args.refusal_phrases),
     )
 

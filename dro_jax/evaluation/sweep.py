@@ -34,7 +34,6 @@ from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel, load_model
-from dro_jax.models.partitioning import place_params
 from dro_jax.parallel.distributed import allgather_json, process_share
 
 
@@ -47,6 +46,7 @@ class SweepConfig:
     seed: int = 0
     batch_size: int = 32
     dtype: str = "float32"
+    attention: str = "reference"  # see dro_jax.models.config.ATTENTION_IMPLEMENTATIONS
     openings: Openings = Openings()
     judge: RefusalJudge = dataclasses.field(default_factory=StringJudge.default)
     degeneration: DegenerationRule = DegenerationRule()
@@ -113,7 +113,7 @@ def run_sweep(
     total = len(models) * len(prompts) * len(datasets)
     with tqdm(total=total, desc="sweep", unit="row", disable=not progress or jax.process_index() != 0) as bar:
         for spec in models:
-            model, error = _load(spec, config.dtype, mesh)
+            model, error = _load(spec, config, mesh)
             references: dict[str, dict] = {}  # per dataset: this process's share of the reply reference
             for setting in prompts:
                 for name, queries in datasets.items():
@@ -127,16 +127,16 @@ def run_sweep(
     return rows
 
 
-def _load(spec: str, dtype: str, mesh: Mesh | None) -> tuple[LoadedModel | None, str | None]:
-    """The model with its parameters placed on the mesh once, or None and why (if it failed on any process)."""
+def _load(spec: str, config: SweepConfig, mesh: Mesh | None) -> tuple[LoadedModel | None, str | None]:
+    """The model with its parameters split over the mesh once, or None and why (if it failed on any process)."""
     try:
-        model, error = load_model(spec, dtype, progress=False), None
+        model, error = load_model(spec, config.dtype, attention=config.attention, progress=False, mesh=mesh), None
     except (DroJaxError, OSError) as err:
         model, error = None, str(err)
     errors = [e for e in allgather_json(error) if e is not None]
     if errors:
         return None, errors[0]
-    return dataclasses.replace(model, params=place_params(model.params, model.config, mesh)), None
+    return model, None
 
 
 def _measure(
