@@ -145,7 +145,10 @@ def sampling_config(args: argparse.Namespace) -> SamplingConfig:
 def add_host_args(parser: argparse.ArgumentParser) -> None:
     """--coordinator, --num-processes, --process-id: one process of a multi-host job."""
     hosts = parser.add_argument_group("multi-host (give all three, or none for one process; start one process per host)")
-    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service")
+    hosts.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0's coordination service, or 'auto' alone where jax "
+        "detects the job (TPU pods, SLURM)",
+    )
     hosts.add_argument("--num-processes", type=positive_int, help="processes in the job")
     hosts.add_argument("--process-id", type=non_negative_int, help="this process's index; only process 0 writes files")
 

@@ -19,13 +19,22 @@ from dro_jax.common.errors import DroJaxError
 T = TypeVar("T")
 
 
+AUTO = "auto"  # --coordinator auto: jax finds the job itself (TPU pods, SLURM, ...)
+
+
 def initialize(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Joins a multi-process job (all three given), or does nothing (none given: one process).
+    """Joins a multi-process job (all three given, or `coordinator` "auto" alone, where jax detects the
+    cluster), or does nothing (none given: one process).
 
     Must run before anything touches a jax device.
     """
     given = [value is not None for value in (coordinator, num_processes, process_id)]
     if not any(given):
+        return
+    if coordinator == AUTO:
+        if any(given[1:]):
+            raise DroJaxError("--coordinator auto finds the processes itself: leave out --num-processes and --process-id")
+        _join()
         return
     if not all(given):
         raise DroJaxError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
@@ -34,11 +43,16 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
         raise DroJaxError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
     if not 0 <= process_id < num_processes:
         raise DroJaxError(f"--process-id must be in 0..{num_processes - 1}, got {process_id}")
+    _join(coordinator, num_processes, process_id)
+
+
+def _join(*args) -> None:
     try:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    except RuntimeError as err:
+        jax.distributed.initialize(*args)
+    except (RuntimeError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DroJaxError(f"cannot join the job at {coordinator} as process {process_id}: {first_line}") from None
+        where = f"the job at {args[0]} as process {args[2]}" if args else "the job jax detects (--coordinator auto)"
+        raise DroJaxError(f"cannot join {where}: {first_line}") from None
 
 
 def barrier(name: str) -> None:

@@ -121,6 +121,8 @@ def test_config_and_flag_errors(capsys, tmp_path):
     assert "needs all of --coordinator, --num-processes and --process-id" in capsys.readouterr().err
     assert main([*base, "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+    assert main([*base, "--coordinator", "auto", "--process-id", "0"]) == 2
+    assert "--coordinator auto finds the processes itself" in capsys.readouterr().err
 
 
 def test_sample_keys_follow_the_index_in_the_whole_set(setup):
@@ -136,7 +138,7 @@ def test_sample_keys_follow_the_index_in_the_whole_set(setup):
     assert len({r.text for r in whole}) > 1
 
 
-def test_a_failing_model_gives_error_rows_and_the_othersfinish(setup, reference):
+def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference):
     _, responses, files, _ = setup
     code, out, stderr = reference
     assert code == 0
