@@ -67,6 +67,15 @@ def tiny_dro(tiny_model_dir):
     return TinyDro(directory, model, pairs, anchors, report, initial, data)
 
 
+@pytest.fixture()
+def query_files(tmp_path, tiny_dro):
+    """The tiny paired queries as harmful.txt and harmless.txt files."""
+    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
+    harmful.write_text("\n".join(tiny_dro.pairs.harmful), encoding="utf-8")
+    harmless.write_text("\n".join(tiny_dro.pairs.harmless), encoding="utf-8")
+    return harmful, harmless
+
+
 @pytest.fixture(scope="session")
 def run_args(tiny_model_dir, tmp_path_factory):
     """Factory: the `dro-jax run` arguments of a tiny run into `out` (the tiny llama, its paired queries, one epoch)."""

@@ -22,14 +22,6 @@ def _train_args(directory, anchors, files, out, *extra):
     ]
 
 
-@pytest.fixture()
-def query_files(tmp_path, tiny_dro):
-    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
-    harmful.write_text("\n".join(tiny_dro.pairs.harmful), encoding="utf-8")
-    harmless.write_text("\n".join(tiny_dro.pairs.harmless), encoding="utf-8")
-    return harmful, harmless
-
-
 def test_resume_after_sigkill_ends_with_the_uninterrupted_prompt(tiny_dro, tmp_path, query_files):
     directory = tiny_dro.directory
     anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")

@@ -231,9 +231,10 @@ def test_host_memory_is_one_device_part_not_the_whole_tensor(eight_devices):
     report = eight_devices
     largest, shard = report["largest_param"], report["largest_shard"]
     assert largest == 8 * 2**20 and shard == largest // 8
-    # No loader buffer stays held by the loaded arrays (only their small Python objects), so the peaks measure
-    # what loading holds on the host on top of the result.
-    assert report["whole_held"] < shard and report["sharded_held"] < shard, report
+    # No loader buffer stays held by the sharded arrays (only their small Python objects), so its peak measures
+    # what loading holds on the host on top of the result. (The whole-buffer load's one array may stay held:
+    # XLA:CPU may adopt an aligned host buffer as the device buffer instead of copying it.)
+    assert report["sharded_held"] < shard, report
     assert report["whole_peak"] >= largest, report  # the old way: the whole stacked tensor at once
     # The part being read, the one before it (jax lets go of a transferred buffer at its next transfer) and one
     # layer's half of the part while stacking: 2.5 parts, and the arrays' Python objects.

@@ -39,14 +39,6 @@ def _wrote(names: set[str], output: str) -> bool:
     return any(output in name for name in names)
 
 
-@pytest.fixture()
-def query_files(tmp_path, tiny_dro):
-    harmful, harmless = tmp_path / "harmful.txt", tmp_path / "harmless.txt"
-    harmful.write_text("\n".join(tiny_dro.pairs.harmful), encoding="utf-8")
-    harmless.write_text("\n".join(tiny_dro.pairs.harmless), encoding="utf-8")
-    return harmful, harmless
-
-
 def test_two_hosts_train_and_resume_like_one(tiny_dro, tmp_path, query_files):
     anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
 
