@@ -465,6 +465,10 @@ def compute_logits(params: Params, config: ModelConfig, hidden: jax.Array) -> ja
 
 
 def head_logits(weight: jax.Array, hidden: jax.Array) -> jax.Array:
-    """float32 logits [b, t, vocab] of hidden [b, t, hidden] through a [vocab, hidden] head, split like the head."""
-    logits = jnp.einsum("bth,vh->btv", hidden, weight.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    """float32 logits [b, t, vocab] of hidden [b, t, hidden] through a [vocab, hidden] head, split like the head.
+
+    The product runs in the head's dtype (accumulated in float32): float32 states of a bfloat16 model (the DRO
+    loss's) are its own bfloat16 values widened, so rounding them back loses nothing, while widening the head
+    would copy the whole [vocab, hidden] matrix in float32 (gathered so under FSDP)."""
+    logits = jnp.einsum("bth,vh->btv", hidden.astype(weight.dtype), weight, preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", None, "vocab"))
