@@ -36,7 +36,7 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix
 from dro_jax.models.partitioning import place_params
-from dro_jax.parallel.distributed import is_writer
+from dro_jax.parallel.distributed import is_writer, shows_progress
 from dro_jax.parallel.mesh import batch_devices, data_mesh
 from dro_jax.parallel.sharding import on_mesh, padded_batch_size, replicate, replicated, shard_batch, to_host
 
@@ -230,7 +230,7 @@ def train_soft_prompt(
             write_jsonl(metrics_path, history)
         checkpoints.save(step, (soft_prompt, opt_state), record)
 
-    with tqdm(total=total, initial=start, desc=objective.name, unit="step", disable=not progress) as bar:
+    with tqdm(total=total, initial=start, desc=objective.name, unit="step", disable=not shows_progress(progress)) as bar:
         step = start
         try:
             for step in range(start, total):

@@ -34,7 +34,7 @@ from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel, load_model
-from dro_jax.parallel.distributed import allgather_json, process_share
+from dro_jax.parallel.distributed import allgather_json, process_share, shows_progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +111,7 @@ def run_sweep(
         raise DroJaxError(f"{empty[0]}: the query set is empty")
     rows = []
     total = len(models) * len(prompts) * len(datasets)
-    with tqdm(total=total, desc="sweep", unit="row", disable=not progress or jax.process_index() != 0) as bar:
+    with tqdm(total=total, desc="sweep", unit="row", disable=not shows_progress(progress) or jax.process_index() != 0) as bar:
         for spec in models:
             model, error = _load(spec, config, mesh)
             references: dict[str, dict] = {}  # per dataset: this process's share of the reply reference

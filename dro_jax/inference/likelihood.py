@@ -25,6 +25,7 @@ from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import Params, compute_logits, forward
 from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.distributed import shows_progress
 from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch, to_host
 
 
@@ -80,7 +81,7 @@ def reply_nll(
     lengths = np.array([len(reply) for reply in replies])
     totals = np.zeros(len(replies))
     params = place_params(model.params, model.config, mesh)
-    with tqdm(total=len(replies), desc="reply likelihood", unit="reply", disable=not progress) as bar:
+    with tqdm(total=len(replies), desc="reply likelihood", unit="reply", disable=not shows_progress(progress)) as bar:
         for batch in joined.batches(rows_per_batch(batch_size, len(replies), mesh), model.pad_id):
             width = batch.token_ids.shape[1]
             counts = lengths[np.where(batch.index >= 0, batch.index, 0)]

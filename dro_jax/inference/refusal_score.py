@@ -35,6 +35,7 @@ from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward
 from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.distributed import shows_progress
 from dro_jax.parallel.sharding import on_mesh, replicate, rows_per_batch, to_host
 
 
@@ -224,7 +225,7 @@ def score_openings(
     params, tree = place_params(model.params, model.config, mesh), replicate(OpeningTree.of(encoded), mesh)
     log_probs = np.zeros((len(prompts), len(openings)))
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
-    with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not shows_progress(progress)) as bar:
         for batch in prompts.batches(rows_per_batch(batch_size, len(prompts), mesh), model.pad_id):
             inputs = prompts.model_inputs(batch, mesh)
             with on_mesh(mesh):

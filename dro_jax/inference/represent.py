@@ -15,6 +15,7 @@ from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import final_states
 from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.distributed import shows_progress
 from dro_jax.parallel.sharding import on_mesh, rows_per_batch, to_host
 
 last_position_states = jax.jit(final_states, static_argnames=("config", "remat"))
@@ -34,7 +35,7 @@ def represent_tokens(
     batch_size = rows_per_batch(batch_size, len(prompts), mesh)
     params = place_params(model.params, model.config, mesh)
     states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
-    with tqdm(total=len(prompts), desc="representations", unit="query", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc="representations", unit="query", disable=not shows_progress(progress)) as bar:
         for batch in prompts.batches(batch_size, model.pad_id, model.config.max_position_embeddings):
             inputs = prompts.model_inputs(batch, mesh)
             with on_mesh(mesh):

@@ -15,6 +15,7 @@ from dro_jax.inference.judges import RefusalJudge, StringJudge
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.distributed import shows_progress
 from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch
 
 
@@ -84,7 +85,7 @@ def generate_responses(
     generated: dict[int, tuple[str, tuple[int, ...]]] = {}
     batch_size = rows_per_batch(batch_size, len(rows), mesh)
     params = place_params(model.params, model.config, mesh)
-    with tqdm(total=len(rows), desc="generating", unit="response", disable=not progress) as bar:
+    with tqdm(total=len(rows), desc="generating", unit="response", disable=not shows_progress(progress)) as bar:
         for batch in prompts.batches(batch_size, model.pad_id):
             row_ids = np.where(batch.index >= 0, batch.index, 0)
             query_idx = np.array([rows[r][0] for r in row_ids])

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from dro_jax.common.errors import DroJaxError
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import Params, param_shapes
+from dro_jax.parallel.distributed import shows_progress
 
 Index = tuple[slice, ...]
 Shardings = Any  # a tree like `param_shapes(config)` with a `jax.sharding.Sharding` as each leaf
@@ -129,7 +130,7 @@ def build_params(
     placements = [None] * len(parameters) if shardings is None else treedef.flatten_up_to(shardings)
     out = []
     for parameter, sharding in tqdm(
-        list(zip(parameters, placements)), desc="loading weights", unit="tensor", disable=not progress, leave=False
+        list(zip(parameters, placements)), desc="loading weights", unit="tensor", disable=not shows_progress(progress), leave=False
     ):
         if sharding is None:
             out.append(jnp.asarray(parameter.read(source, (slice(None),) * len(parameter.shape))))

@@ -68,6 +68,11 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+def shows_progress(progress: bool) -> bool:
+    """Whether this process draws progress bars: asked for, and process 0 (one set of bars per job, not per host)."""
+    return progress and is_writer()
+
+
 def writer_first(action: Callable[[], T], name: str) -> T:
     """`action()` on process 0, then, after the barrier `name`, on the others: e.g. creating a run directory
     that the others then find and only check."""
