@@ -12,6 +12,7 @@ every pair in both orders (see `dro_jax.evaluation.helpfulness`) cancel that.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from dro_jax.inference.refusal_score import opening_log_probs
 from dro_jax.loading import LoadedModel
 
 PLACEHOLDERS = ("{instruction}", "{answer_a}", "{answer_b}")
+_PLACEHOLDER = re.compile(r"\{(instruction|answer_a|answer_b)\}")
 DEFAULT_TEMPLATE = (
     "Two assistants answered the same instruction. Decide which answer is more helpful: correct, complete, "
     "clear and on topic.\n\n"
@@ -65,7 +67,8 @@ class ModelPairwiseJudge:
         check_template(self.template)
 
     def _encode(self, instruction: str, answer_a: str, answer_b: str) -> list[int]:
-        text = self.template.format(instruction=instruction, answer_a=answer_a, answer_b=answer_b)
+        values = {"instruction": instruction, "answer_a": answer_a, "answer_b": answer_b}
+        text = _PLACEHOLDER.sub(lambda match: values[match.group(1)], self.template)  # other braces stay as they are
         messages = [{"role": "user", "content": text}]
         encoded = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(encoded["input_ids"])

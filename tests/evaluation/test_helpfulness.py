@@ -111,7 +111,9 @@ def test_the_command_with_a_judge_model_reports_win_rates(command, tiny_dro, tmp
 
 
 def test_the_model_judge_reads_a_and_b(tiny_dro):
-    judge = ModelPairwiseJudge(tiny_dro.model, "{instruction} A: {answer_a} B: {answer_b}", batch_size=4)
+    judge = ModelPairwiseJudge(tiny_dro.model, "{instruction} A: {answer_a} B: {answer_b} {x}", batch_size=4)
+    rendered = tiny_dro.model.tokenizer.decode(judge._encode("Hi", "{answer_b}", "No"))
+    assert "Hi A: {answer_b} B: No {x}" in rendered  # answers are inserted once, other braces kept
     p = judge.first_preferred(["Hi"] * 2, ["Hello", "No"], ["No", "Hello"])
     assert p.shape == (2,) and np.all((0 < p) & (p < 1))
 
