@@ -84,6 +84,23 @@ def prompt_setting(args: argparse.Namespace):
     return parse_prompt_setting(SOFT_PREFIX + args.soft_prompt if args.soft_prompt else args.system_prompt)
 
 
+def add_suffix_arg(parser: argparse.ArgumentParser) -> None:
+    """--suffix-file: an adversarial suffix on every query (read by `dro_jax.data.suffixes.QuerySuffix.read`)."""
+    parser.add_argument(
+        "--suffix-file", metavar="FILE",
+        help="append an adversarial suffix to every query for generation and the refusal log-odds (judges see the "
+        "original query; rows are named 'SETTING + suffix NAME'): .json with a string, a list of strings (one per query) "
+        'or {"suffix": ...}; .txt with one line (for every query) or one line per query',
+    )
+
+
+def suffix_of(args: argparse.Namespace):
+    """The `QuerySuffix` of --suffix-file, or None."""
+    from dro_jax.data.suffixes import QuerySuffix
+
+    return None if args.suffix_file is None else QuerySuffix.read(args.suffix_file)
+
+
 def add_openings_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--openings", help='JSON file {"refusal": [...], "compliant": [...]}: reply openings for the refusal log-odds')
 

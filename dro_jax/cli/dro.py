@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from dro_jax.cli.args import (
-    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
-    start_job,
+    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, add_suffix_arg,
+    positive_int, start_job, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
@@ -94,6 +94,7 @@ def add_commands(commands) -> None:
     )
     evaluate.add_argument("--soft-prompt", metavar="FILE", action="append", default=[], help="also evaluate this soft prompt (repeatable)")
     evaluate.add_argument("--anchors", help="anchor file: adds the mean refusal-probe logit and its shift against no prompt")
+    add_suffix_arg(evaluate)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy response length (default: %(default)s)")
     evaluate.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     evaluate.add_argument("--out", required=True, help="output .md table; a .json with the same rows is written next to it")
@@ -249,10 +250,13 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     settings = [parse_prompt_setting(spec) for spec in args.settings + [SOFT_PREFIX + p for p in args.soft_prompt]]
     datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
+    suffix = suffix_of(args)
+    if suffix is not None:
+        suffix.per_set(datasets)  # a wrong count of per-query suffixes fails before the model loads
     mesh = start_job(args)
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    rows = evaluate_settings(model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh).rows
+    rows = evaluate_settings(model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh, suffix=suffix).rows
     if not is_writer():
         return
     table = results_markdown(rows)

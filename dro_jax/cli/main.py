@@ -6,12 +6,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from dro_jax.cli import compare, dro, inference, run, sweep
+from dro_jax.cli import compare, dro, helpfulness, inference, run, sweep
 from dro_jax.common.errors import DroJaxError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-COMMAND_GROUPS = (inference, run, dro, compare, sweep)
+COMMAND_GROUPS = (inference, run, dro, compare, sweep, helpfulness)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dro_jax.cli.args import add_attention_arg, add_field_arg, add_host_args, add_openings_arg, add_phrases_arg, positive_int
+from dro_jax.cli.args import (
+    add_attention_arg, add_field_arg, add_host_args, add_openings_arg, add_phrases_arg, add_suffix_arg, positive_int, suffix_of,
+)
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING
@@ -28,6 +30,7 @@ def add_commands(commands) -> None:
         help="packaged query sets or .txt/.csv/.jsonl files (default: %(default)s)",
     )
     add_field_arg(sweep)
+    add_suffix_arg(sweep)
     sweep.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype (default: %(default)s)")
     add_attention_arg(sweep)
     decoding = sweep.add_argument_group("decoding (default: greedy, one response per query)")
@@ -66,7 +69,7 @@ def _sweep_config(args: argparse.Namespace):
     sampling = dataclasses.replace(REFERENCE_SAMPLING, greedy=args.num_samples is None, max_new_tokens=args.max_new_tokens, **given)
     return SweepConfig(
         sampling=sampling, num_samples=args.num_samples or 1, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, attention=args.attention,
-        openings=Openings.load(args.openings), judge=StringJudge.load(args.refusal_phrases),
+        openings=Openings.load(args.openings), judge=StringJudge.load(args.refusal_phrases), suffix=suffix_of(args),
     )
 
 

@@ -13,6 +13,7 @@ from jax.sharding import Mesh
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.tables import markdown_table
+from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
     count_refusals, keep_longest, measure_reference, measure_setting, reference_decoding,
 )
@@ -93,6 +94,7 @@ def evaluate_settings(
     mesh: Mesh | None = None,
     references: Mapping[str, ReplyReference] | None = None,
     degeneration: DegenerationRule = DegenerationRule(),
+    suffix: QuerySuffix | None = None,
 ) -> Evaluation:
     """Every setting on every dataset: responses judged for refusal, refusal log-odds, probe logits, reply
     drift and degenerate responses; batches split over `mesh` (see `dro_jax.parallel.sharding`).
@@ -100,16 +102,20 @@ def evaluate_settings(
     Reply drift is measured on `references[dataset]` when given (e.g. a run's,
     to add settings to it), else on the greedy replies with no prompt, which
     are generated here (once: a greedy evaluation of `none` reuses them).
+    With `suffix`, every setting (and the reference replies) reads query +
+    suffix, judges see the original query, and rows name the setting with the
+    suffix (`QuerySuffix.label`).
     """
     if longest is not None and not 1 <= longest <= num_samples:
         raise DroJaxError(f"cannot keep the {longest} longest of {num_samples} responses per query")
+    suffixes = {} if suffix is None else suffix.per_set(datasets)
     rows, outcomes, used = [], [], {}
     for name, queries in datasets.items():
         baseline = None
         reference = (references or {}).get(name)
         plain = reused = None  # the set without a prompt, encoded once; its greedy measurement when the evaluation is greedy
         if reference is None:
-            plain = encode_queries(model, queries, NO_PROMPT, name)
+            plain = encode_queries(model, queries, NO_PROMPT, name, suffixes.get(name))
             reference, greedy = measure_reference(model, plain, sampling.max_new_tokens, batch_size, judge, openings, progress, mesh)
             reused = greedy if sampling == reference_decoding(sampling.max_new_tokens) and num_samples == 1 else None
         used[name] = reference
@@ -117,7 +123,7 @@ def evaluate_settings(
             if setting.is_empty and reused is not None:
                 measured = reused
             else:
-                encoded = plain if setting.is_empty and plain is not None else encode_queries(model, queries, setting, name)
+                encoded = plain if setting.is_empty and plain is not None else encode_queries(model, queries, setting, name, suffixes.get(name))
                 measured = measure_setting(
                     model, encoded, sampling, num_samples, seed, batch_size, judge, openings, progress, mesh,
                     reference_replies=reference.token_ids,
@@ -133,12 +139,13 @@ def evaluate_settings(
                 shift = None if baseline is None else logit - baseline
             refused, any_refusal, any_compliance = count_refusals(responses, len(queries))
             broken = DegenerationCounts.of(responses, degeneration)
+            label = setting.name if suffix is None else suffix.label(setting.name)
             rows.append(EvalRow(
-                setting.name, name, len(queries), len(responses), refused, any_refusal, any_compliance,
+                label, name, len(queries), len(responses), refused, any_refusal, any_compliance,
                 float(np.mean(scores.log_odds)), logit, shift, reference.drift(measured.reference_nll),
                 broken.degenerate, broken.looping, broken.shouting,
             ))
-            outcomes.append(SettingOutcome(setting.name, name, scores.log_odds, coords, responses, measured.reference_nll))
+            outcomes.append(SettingOutcome(label, name, scores.log_odds, coords, responses, measured.reference_nll))
     return Evaluation(rows, outcomes, used)
 
 
@@ -164,4 +171,4 @@ def degenerate_cell(row: EvalRow) -> str:
     """"3/25 (2 / 1)": degenerate responses of all, and how many loop and how many shout."""
     if row.degenerate_responses is None:
         return "n/a"
-    return f"{row.degenerate_responses}/{row.num_responses} ({row.looping_responses} / {row.shouting_responses})"
+    return DegenerationCounts(row.degenerate_responses, row.looping_responses, row.shouting_responses).cell(row.num_responses)

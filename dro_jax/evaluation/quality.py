@@ -75,6 +75,10 @@ class DegenerationCounts:
         shouts = [rule.shouts(r.text) for r in responses]
         return cls(sum(a or b for a, b in zip(loops, shouts)), sum(loops), sum(shouts))
 
+    def cell(self, total: int) -> str:
+        """"3/25 (2 / 1)": degenerate replies of all `total`, and how many loop and how many shout."""
+        return f"{self.degenerate}/{total} ({self.looping} / {self.shouting})"
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReplyReference:

@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import Measurement, count_refusals, measure_reference, measure_setting, reference_decoding
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
@@ -39,7 +40,8 @@ from dro_jax.parallel.distributed import allgather_json, process_share, shows_pr
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """How every row is measured: greedy by default; a sampling config gives `num_samples` responses per query."""
+    """How every row is measured: greedy by default; a sampling config gives `num_samples` responses per query;
+    `suffix`: an adversarial suffix on every query (see `dro_jax.data.suffixes`; rows name it in `prompt`)."""
 
     sampling: SamplingConfig = SamplingConfig()
     num_samples: int = 1
@@ -50,6 +52,7 @@ class SweepConfig:
     openings: Openings = Openings()
     judge: RefusalJudge = dataclasses.field(default_factory=StringJudge.default)
     degeneration: DegenerationRule = DegenerationRule()
+    suffix: QuerySuffix | None = None
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -109,6 +112,7 @@ def run_sweep(
     empty = [name for name, queries in datasets.items() if not queries]
     if empty:
         raise DroJaxError(f"{empty[0]}: the query set is empty")
+    suffixes = {} if config.suffix is None else config.suffix.per_set(datasets)
     rows = []
     total = len(models) * len(prompts) * len(datasets)
     with tqdm(total=total, desc="sweep", unit="row", disable=not shows_progress(progress) or jax.process_index() != 0) as bar:
@@ -117,11 +121,12 @@ def run_sweep(
             references: dict[str, dict] = {}  # per dataset: this process's share of the reply reference
             for setting in prompts:
                 for name, queries in datasets.items():
-                    bar.set_postfix_str(f"{spec} | {setting.name} | {name}", refresh=False)
+                    label = setting.name if config.suffix is None else config.suffix.label(setting.name)
+                    bar.set_postfix_str(f"{spec} | {label} | {name}", refresh=False)
                     if model is None:
-                        rows.append(SweepRow(spec, setting.name, name, len(queries), error=error))
+                        rows.append(SweepRow(spec, label, name, len(queries), error=error))
                     else:
-                        rows.append(_measure(model, spec, setting, name, queries, config, mesh, references))
+                        rows.append(_measure(model, spec, setting, label, name, queries, suffixes.get(name), config, mesh, references))
                     bar.update(1)
             del model  # free it before the next one loads
     return rows
@@ -140,38 +145,42 @@ def _load(spec: str, config: SweepConfig, mesh: Mesh | None) -> tuple[LoadedMode
 
 
 def _measure(
-    model: LoadedModel, spec: str, setting: PromptSetting, name: str, queries: Sequence[str],
-    config: SweepConfig, mesh: Mesh | None, references: dict[str, dict],
+    model: LoadedModel, spec: str, setting: PromptSetting, label: str, name: str, queries: Sequence[str],
+    suffixes: Sequence[str] | None, config: SweepConfig, mesh: Mesh | None, references: dict[str, dict],
 ) -> SweepRow:
-    """Evaluates this process's share of the queries, then builds the row from every process's share."""
+    """Evaluates this process's share of the queries (with their `suffixes`, if any), then builds the row
+    (named `label`) from every process's share."""
     share = process_share(len(queries))
+    mine = queries[share.start : share.stop]
+    my_suffixes = None if suffixes is None else suffixes[share.start : share.stop]
     try:
         if name not in references:
-            references[name] = _reference_share(model, name, queries[share.start : share.stop], share.start, config, mesh)
-        part = _evaluate_share(model, setting, name, queries[share.start : share.stop], share.start, config, mesh, references[name])
+            references[name] = _reference_share(model, name, mine, my_suffixes, share.start, config, mesh)
+        part = _evaluate_share(model, setting, name, mine, my_suffixes, share.start, config, mesh, references[name])
     except DroJaxError as err:
         where = f" (queries {share.start + 1}-{share.stop}, process {jax.process_index()})" if jax.process_count() > 1 else ""
         part = {"error": f"{err}{where}"}
     parts = allgather_json(part)
     errors = [p["error"] for p in parts if "error" in p]
     if errors:
-        return SweepRow(spec, setting.name, name, len(queries), error=errors[0])
+        return SweepRow(spec, label, name, len(queries), error=errors[0])
     responses = [Response(**{**r, "token_ids": tuple(r["token_ids"])}) for p in parts for r in p["responses"]]
     log_odds = np.array([v for p in parts for v in p["log_odds"]])
     reference = ReplyReference([], np.array([v for p in parts for v in p["reference_nll"]], np.float64))
     drift = reference.drift(np.array([v for p in parts for v in p["reply_nll"]], np.float64))
-    return SweepRow.measured(spec, setting.name, name, len(queries), responses, log_odds, drift, config.degeneration)
+    return SweepRow.measured(spec, label, name, len(queries), responses, log_odds, drift, config.degeneration)
 
 
 def _reference_share(
-    model: LoadedModel, name: str, queries: Sequence[str], first: int, config: SweepConfig, mesh: Mesh | None
+    model: LoadedModel, name: str, queries: Sequence[str], suffixes: Sequence[str] | None, first: int, config: SweepConfig,
+    mesh: Mesh | None,
 ) -> dict:
     """This process's share of the reply reference: the greedy no-prompt replies (token ids) and their NLL per
     token; with greedy decoding also the `none` row's part, which is the same measurement."""
     if not queries:
         return {"token_ids": [], "nll": [], "part": _share_part(None, 0, [])}
     reference, measured = measure_reference(
-        model, encode_queries(model, queries, NO_PROMPT, name), config.sampling.max_new_tokens, config.batch_size,
+        model, encode_queries(model, queries, NO_PROMPT, name, suffixes), config.sampling.max_new_tokens, config.batch_size,
         config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
     )
     greedy = config.sampling == reference_decoding(config.sampling.max_new_tokens)
@@ -180,8 +189,8 @@ def _reference_share(
 
 
 def _evaluate_share(
-    model: LoadedModel, setting: PromptSetting, name: str, queries: Sequence[str], first: int, config: SweepConfig,
-    mesh: Mesh | None, reference: dict,
+    model: LoadedModel, setting: PromptSetting, name: str, queries: Sequence[str], suffixes: Sequence[str] | None, first: int,
+    config: SweepConfig, mesh: Mesh | None, reference: dict,
 ) -> dict:
     """Responses (query indices in the whole set), refusal log-odds and the reference replies' NLL under this
     setting and under no prompt, for `queries`, as JSON-ready lists."""
@@ -190,7 +199,7 @@ def _evaluate_share(
     if setting.is_empty and reference["part"] is not None:
         return reference["part"]
     measured = measure_setting(
-        model, encode_queries(model, queries, setting, name), config.sampling, config.num_samples, config.seed,
+        model, encode_queries(model, queries, setting, name, suffixes), config.sampling, config.num_samples, config.seed,
         config.batch_size, config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
         reference_replies=reference["token_ids"],
     )

@@ -15,14 +15,15 @@ from dro_jax.evaluation.sweep import SweepRow
 FILE_NAMES = ("sweep.csv", "sweep.md", "sweep.json")
 
 
-def prepare_output_dir(directory: str | Path) -> Path:
-    """Creates the directory if needed and checks that the three files can be written, before any work."""
+def prepare_output_dir(directory: str | Path, names: Sequence[str] = FILE_NAMES) -> Path:
+    """Creates the directory if needed and checks that the files `names` (default: the sweep's three) can be
+    written, before any work."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DroJaxError(f"{directory}: cannot create the output directory ({err.strerror or err})") from None
-    for name in FILE_NAMES:
+    for name in names:
         check_writable(directory / name)
     return directory
 

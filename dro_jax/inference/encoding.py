@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.data.suffixes import append_suffix
 from dro_jax.inference.batching import PaddedBatch, left_pad, left_padded_batches, shared_prefix_length
 from dro_jax.inference.chat import SLOT_PLACEHOLDER, ChatFormatter, PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
@@ -122,14 +123,26 @@ class EncodedQueries:
 
 
 def encode_queries(
-    model: LoadedModel, queries: Sequence[str], setting: PromptSetting | str | None, source: str = "queries"
+    model: LoadedModel,
+    queries: Sequence[str],
+    setting: PromptSetting | str | None,
+    source: str = "queries",
+    suffixes: Sequence[str] | None = None,
 ) -> EncodedQueries:
-    """Chat-formats every query under a prompt setting; a query that does not fit the context is an error."""
+    """Chat-formats every query under a prompt setting; a query that does not fit the context is an error.
+
+    With `suffixes` (one per query, see `dro_jax.data.suffixes`), the token ids
+    carry query + suffix while `EncodedQueries.queries` keeps the original
+    texts: generation and scoring read the attack, judges the question asked.
+    """
     setting = as_prompt_setting(setting)
     queries = list(queries)
+    if suffixes is not None and len(suffixes) != len(queries):
+        raise DroJaxError(f"{source}: {len(suffixes)} suffixes for {len(queries)} queries")
+    texts = queries if suffixes is None else [append_suffix(q, s) for q, s in zip(queries, suffixes)]
     if setting.soft_prompt is None:
         formatter = ChatFormatter(model.tokenizer, setting.text)
-        encoded = EncodedQueries([formatter.encode(q) for q in queries], queries=queries, source=source)
+        encoded = EncodedQueries([formatter.encode(t) for t in texts], queries=queries, source=source)
     else:
         if setting.soft_prompt.shape[1] != model.config.hidden_size:
             raise DroJaxError(
@@ -137,13 +150,13 @@ def encode_queries(
                 f"is {model.config.hidden_size}"
             )
         formatter = ChatFormatter(model.tokenizer, SLOT_PLACEHOLDER)
-        pairs = [formatter.encode_setting(q, len(setting.soft_prompt), model.pad_id) for q in queries]
+        pairs = [formatter.encode_setting(t, len(setting.soft_prompt), model.pad_id) for t in texts]
         encoded = EncodedQueries([ids for ids, _ in pairs], setting.soft_prompt, [start for _, start in pairs], queries, source)
     limit = model.config.max_position_embeddings
     for number, ids in enumerate(encoded.sequences, start=1):
         if len(ids) > limit:
             raise DroJaxError(
-                f"{source}: query {number} is {len(ids)} tokens with its chat template, "
+                f"{source}: query {number} is {len(ids)} tokens with its chat template{'' if suffixes is None else ' and suffix'}, "
                 f"longer than the model's context of {limit}"
             )
     return encoded

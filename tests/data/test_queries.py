@@ -69,3 +69,9 @@ def test_query_pairs_are_checked_once_when_made(tmp_path):
 def test_everyday_queries_are_fixed_and_varied():
     queries = everyday_queries(24)
     assert queries == everyday_queries(24) and len(set(queries)) == 24
+
+
+def test_the_packaged_helpful_instructions_are_many_and_distinct():
+    instructions = read_queries("helpful_instructions")
+    assert len(instructions) >= 50
+    assert len({" ".join(i.lower().split()) for i in instructions}) == len(instructions)
