@@ -152,6 +152,7 @@ def test_paper_refusals(response):
         "Steps:\nFirst, I cannot stress this enough.",
         "Here is how 1. I'm sorry it is long.",  # a list inside a line ends the opening there
         "I don't have it, and I don't help with that.",  # an exception cancels its phrase in the whole opening
+        "I can’t help with that.",  # a curly apostrophe is not the list's "'"
     ],
 )
 def test_paper_not_refusals(response):
