@@ -15,10 +15,10 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import atomic_output
 from dro_jax.data.queries import QueryPairs
 from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS
-from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge
 from dro_jax.inference.refusal_score import Openings, score_refusal
-from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.inference.sampling import REFERENCE_SAMPLING, SetSampling
 from dro_jax.loading import LoadedModel
 
 LABELS = ("logodds", "sampled")
@@ -29,12 +29,16 @@ LABEL_SAMPLING = dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=64, min_
 @dataclasses.dataclass(frozen=True)
 class AnchorConfig:
     """`logodds`: compliance target sigmoid(-refusal log-odds), generation-free. `sampled`: the share
-    of `num_samples` sampled responses that are not refusals (the paper's label)."""
+    of `num_samples` sampled responses that are not refusals (the paper's label), decoded per kind of query
+    by `sampling`, judged by `judge` (default: the packaged `dro-jax` string judge).
+
+    The reference labels with all of its 25 samples: ALGORITHM.md 4.2 takes the compliance rate over every
+    sampled response, and only the evaluation (4.6) keeps the 20 longest, so no longest rule applies here."""
 
     settings: tuple[str, ...] = PROMPT_SETTINGS
     label: str = "logodds"
     num_samples: int = 5
-    sampling: SamplingConfig = LABEL_SAMPLING
+    sampling: SetSampling = SetSampling.same(LABEL_SAMPLING)
     seed: int = 42
     fit: FitConfig = FitConfig()
     openings: Openings = Openings()
@@ -108,13 +112,25 @@ def collect_anchor_data(
         states.append(scores.states)
         log_odds.append(scores.log_odds.astype(np.float32))
         if config.label == "sampled":
-            rates = compliance_rates(model, encoded, config.sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh)
-            compliance.append(rates.astype(np.float32))
+            compliance.append(_sampled_compliance(model, encoded, len(pairs.harmful), config, batch_size, judge, progress, mesh))
         else:
             compliance.append((1 / (1 + np.exp(scores.log_odds))).astype(np.float32))
         harmless_rows.append(flags)
         names += [setting] * len(queries)
     return AnchorData(np.concatenate(states), np.concatenate(compliance), np.concatenate(log_odds), np.concatenate(harmless_rows), names)
+
+
+def _sampled_compliance(
+    model: LoadedModel, encoded: EncodedQueries, num_harmful: int, config: AnchorConfig, batch_size: int,
+    judge: RefusalJudge | None, progress: bool, mesh: Mesh | None,
+) -> np.ndarray:
+    """[n] compliance rates of the harmful rows, then the harmless rows, each decoded with its own sampling; sample
+    keys use the row's index in `encoded`, so they do not depend on the split."""
+    parts = ((config.sampling.harmful, range(num_harmful)), (config.sampling.harmless, range(num_harmful, len(encoded))))
+    return np.concatenate([
+        compliance_rates(model, encoded.select(rows), sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, rows.start)
+        for sampling, rows in parts
+    ]).astype(np.float32)
 
 
 def build_anchor_space(

@@ -41,9 +41,11 @@ def compliance_rates(
     judge: RefusalJudge | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    first_query: int = 0,
 ) -> np.ndarray:
-    """[n] share of each encoded query's `num_samples` sampled responses that the judge does not call a refusal."""
-    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh)
+    """[n] share of each encoded query's `num_samples` sampled responses that the judge does not call a refusal
+    (every sample counts: the reference's label keeps no longest subset); `first_query`: see `generate_responses`."""
+    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query)
     complied = np.zeros(len(encoded))
     for response in responses:
         complied[response.query_index] += not response.refusal

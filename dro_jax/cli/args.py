@@ -127,8 +127,14 @@ def add_refusal_score_arg(parser: argparse.ArgumentParser, default: str | None) 
     )
 
 
-def add_phrases_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refusal-phrases", help='JSON file {"refusal": [...], "not_refusal": [...]} for the string judge')
+def add_phrases_arg(parser: argparse.ArgumentParser, default: str | None = "dro-jax") -> None:
+    """--refusal-phrases: which string judge decides refusals (`None`: a preset decides)."""
+    parser.add_argument(
+        "--refusal-phrases", metavar="paper|dro-jax|FILE", default=default,
+        help="the string judge: paper (the reference's rule: case-sensitive phrases with their exceptions over the first "
+        "two non-empty lines), dro-jax (this project's phrases, lower-cased, over the first two paragraphs) or a JSON "
+        'file {"refusal": [...], "not_refusal": [...]} read like dro-jax' + f" (default: {default or 'the preset'})",
+    )
 
 
 def add_decoding_args(parser: argparse.ArgumentParser, samples_default: int, allow_zero_samples: bool = False) -> None:

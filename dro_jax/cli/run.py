@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 from dro_jax.cli.args import (
-    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
-    start_job,
+    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_phrases_arg, add_refusal_fit_arg, add_refusal_score_arg,
+    non_negative_int, positive_int, start_job,
 )
 from dro_jax.dro.loss import LossWeights
 
@@ -19,7 +20,9 @@ OVERRIDES = {
     "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples", "openings": "openings",
     "refusal_fit": "refusal_fit", "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
     "seed": "seed", "loss_weights": "loss_weights", "refusal_score": "refusal_score", "eval_samples": "eval_samples",
-    "max_new_tokens": "max_new_tokens", "remat": "remat", "microbatch": "microbatch",
+    "max_new_tokens_harmful": "max_new_tokens_harmful", "max_new_tokens_harmless": "max_new_tokens_harmless",
+    "min_new_tokens": "min_new_tokens", "trim_incomplete_lines": "trim_incomplete_lines", "refusal_phrases": "refusal_phrases",
+    "remat": "remat", "microbatch": "microbatch",
 }
 
 
@@ -31,7 +34,9 @@ def add_commands(commands) -> None:
     )
     run.add_argument("--out", default=DEFAULT_OUT, help="run directory (default: %(default)s)")
     run.add_argument("--paper", action="store_true", help="the paper's protocol: 25 sampled labels per input, default-prompt init, "
-                     "40 epochs at batch 50, lr 1e-3, 25 sampled test responses (20 longest judged); for accelerators")
+                     "40 epochs at batch 50, lr 1e-3, 25 sampled test responses (20 longest by words judged), 10 to 300 (harmful) / "
+                     "200 (harmless) new tokens, incomplete last lines trimmed, the paper's string judge; for accelerators")
+    run.add_argument("--show-config", action="store_true", help="print the resolved configuration as JSON and exit (loads no model)")
     run.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     add_model_args(run, default=None)
     run.add_argument("--harmful", help="harmful anchor/training queries: a packaged set or a file (default: harmful_train)")
@@ -55,7 +60,16 @@ def add_commands(commands) -> None:
                      help=f"weights of the {', '.join(terms)} terms (default: the preset's)")
     add_refusal_score_arg(run, None)
     run.add_argument("--eval-samples", type=int, help="sampled responses per test query, 0 = one greedy response (default: 0; --paper: 25)")
-    run.add_argument("--max-new-tokens", type=positive_int, help="response length in evaluation (default: 64; --paper: 256)")
+    run.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                     help="new tokens at most for both kinds of query (a per-kind option below wins)")
+    run.add_argument("--max-new-tokens-harmful", type=positive_int, metavar="N",
+                     help="new tokens at most, replies to harmful queries, in labels and evaluation (default: 64; --paper: 300)")
+    run.add_argument("--max-new-tokens-harmless", type=positive_int, metavar="N",
+                     help="the same for harmless queries (default: 64; --paper: 200)")
+    run.add_argument("--min-new-tokens", type=non_negative_int, metavar="N", help="new tokens at least (default: 0; --paper: 10)")
+    run.add_argument("--trim-incomplete-lines", action=argparse.BooleanOptionalAction, default=None,
+                     help="drop last lines that do not end a sentence before judging (default: no; --paper: yes)")
+    add_phrases_arg(run, None)
     run.add_argument("--remat", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
     add_mesh_args(run, microbatch=True)
     run.set_defaults(run=_run)
@@ -64,7 +78,8 @@ def add_commands(commands) -> None:
 def run_config(args: argparse.Namespace):
     from dro_jax.run.config import RunConfig
 
-    overrides = {field: getattr(args, name) for name, field in OVERRIDES.items() if getattr(args, name) is not None}
+    both = {} if args.max_new_tokens is None else dict.fromkeys(("max_new_tokens_harmful", "max_new_tokens_harmless"), args.max_new_tokens)
+    overrides = {**both, **{field: getattr(args, name) for name, field in OVERRIDES.items() if getattr(args, name) is not None}}
     for name in ("settings", "loss_weights"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
@@ -75,6 +90,9 @@ def _run(args: argparse.Namespace) -> None:
     from dro_jax.run.pipeline import run_pipeline
 
     config = run_config(args)
+    if args.show_config:
+        print(json.dumps(config.resolved(), indent=2))
+        return
     mesh = start_job(args)
     try:
         results = run_pipeline(config, args.out, args.resume, mesh, args.attention)

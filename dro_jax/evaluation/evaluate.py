@@ -83,7 +83,7 @@ def evaluate_settings(
     datasets: dict[str, Sequence[str]],
     settings: Sequence[PromptSetting],
     anchors: AnchorSpace | None = None,
-    sampling: SamplingConfig = GREEDY,
+    sampling: SamplingConfig | Mapping[str, SamplingConfig] = GREEDY,
     num_samples: int = 1,
     longest: int | None = None,
     seed: int = 0,
@@ -99,6 +99,8 @@ def evaluate_settings(
     """Every setting on every dataset: responses judged for refusal, refusal log-odds, probe logits, reply
     drift and degenerate responses; batches split over `mesh` (see `dro_jax.parallel.sharding`).
 
+    `sampling` decodes every dataset, or, as a mapping, each dataset by its
+    name (the reference gives harmful and harmless queries different lengths).
     Reply drift is measured on `references[dataset]` when given (e.g. a run's,
     to add settings to it), else on the greedy replies with no prompt, which
     are generated here (once: a greedy evaluation of `none` reuses them).
@@ -111,13 +113,14 @@ def evaluate_settings(
     suffixes = {} if suffix is None else suffix.per_set(datasets)
     rows, outcomes, used = [], [], {}
     for name, queries in datasets.items():
+        decoding = _decoding_of(sampling, name)
         baseline = None
         reference = (references or {}).get(name)
         plain = reused = None  # the set without a prompt, encoded once; its greedy measurement when the evaluation is greedy
         if reference is None:
             plain = encode_queries(model, queries, NO_PROMPT, name, suffixes.get(name))
-            reference, greedy = measure_reference(model, plain, sampling.max_new_tokens, batch_size, judge, openings, progress, mesh)
-            reused = greedy if sampling == reference_decoding(sampling.max_new_tokens) and num_samples == 1 else None
+            reference, greedy = measure_reference(model, plain, decoding.max_new_tokens, batch_size, judge, openings, progress, mesh)
+            reused = greedy if decoding == reference_decoding(decoding.max_new_tokens) and num_samples == 1 else None
         used[name] = reference
         for setting in settings:
             if setting.is_empty and reused is not None:
@@ -125,7 +128,7 @@ def evaluate_settings(
             else:
                 encoded = plain if setting.is_empty and plain is not None else encode_queries(model, queries, setting, name, suffixes.get(name))
                 measured = measure_setting(
-                    model, encoded, sampling, num_samples, seed, batch_size, judge, openings, progress, mesh,
+                    model, encoded, decoding, num_samples, seed, batch_size, judge, openings, progress, mesh,
                     reference_replies=reference.token_ids,
                 )
             responses = keep_longest(measured.responses, longest)
@@ -147,6 +150,15 @@ def evaluate_settings(
             ))
             outcomes.append(SettingOutcome(label, name, scores.log_odds, coords, responses, measured.reference_nll))
     return Evaluation(rows, outcomes, used)
+
+
+def _decoding_of(sampling: SamplingConfig | Mapping[str, SamplingConfig], dataset: str) -> SamplingConfig:
+    """The decoding of `dataset`: the one given for all, or its own; a set without one is an error, not a default."""
+    if isinstance(sampling, SamplingConfig):
+        return sampling
+    if dataset not in sampling:
+        raise DroJaxError(f"no decoding given for the query set {dataset!r} (given: {', '.join(sampling)})")
+    return sampling[dataset]
 
 
 def results_markdown(rows: Sequence[EvalRow]) -> str:

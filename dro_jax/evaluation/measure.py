@@ -81,8 +81,15 @@ def measure_reference(
     return ReplyReference(replies, nll), dataclasses.replace(measured, reference_nll=nll)
 
 
+def response_words(response: Response) -> int:
+    """A response's length as the reference measures it to keep the longest: whitespace-separated words of the
+    (trimmed) text, so a reply that rambles in few long tokens and one in many short ones compare as read."""
+    return len(response.text.split())
+
+
 def keep_longest(responses: Sequence[Response], count: int | None) -> list[Response]:
-    """Each query's `count` longest responses (the paper keeps 20 of 25); all of them when `count` is None."""
+    """Each query's `count` longest responses by `response_words` (the reference keeps 20 of 25; ties keep the
+    earlier sample); all of them when `count` is None."""
     if count is None:
         return list(responses)
     by_query: dict[int, list[Response]] = {}
@@ -90,7 +97,7 @@ def keep_longest(responses: Sequence[Response], count: int | None) -> list[Respo
         by_query.setdefault(response.query_index, []).append(response)
     kept = []
     for group in by_query.values():
-        kept += sorted(group, key=lambda r: (-r.num_tokens, r.sample))[:count]
+        kept += sorted(group, key=lambda r: (-response_words(r), r.sample))[:count]
     return sorted(kept, key=lambda r: (r.query_index, r.sample))
 
 

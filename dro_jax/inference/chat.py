@@ -93,6 +93,42 @@ def template_has_system_role(tokenizer: Any) -> bool:
     return probe in rendered
 
 
+TURN_PROBE = "dro-jax end-of-turn probe"
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special tokens the chat template writes after an assistant message's content (`<|im_end|>`,
+    `<|eot_id|>`, `<|end_of_turn|>`, `</s>`, ...), in order; empty when the template cannot render one turn.
+
+    Found by rendering a one-turn conversation whose assistant content is a probe text and tokenizing what follows
+    the probe: whatever is special there is what the model was trained to write when its turn ends, whether or
+    not the tokenizer calls it end-of-sequence."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": TURN_PROBE}]
+    try:
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # jinja raises TemplateError from the template's own `raise_exception`
+        return []
+    at = rendered.rfind(TURN_PROBE)
+    if at < 0:
+        return []
+    special = set(tokenizer.all_special_ids) | {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    after = tokenizer(rendered[at + len(TURN_PROBE):], add_special_tokens=False)["input_ids"]
+    return [i for i in after if i in special]
+
+
+def stop_token_ids(tokenizer: Any, source: str = "the model") -> list[int]:
+    """The ids that end a generated turn: the tokenizer's end-of-sequence token(s), then the template's
+    `end_of_turn_ids`, without repeats. EOS alone misses the turn end of templates whose end-of-turn token is
+    not EOS (a generation would run on into a made-up next turn until the length limit)."""
+    eos = tokenizer.eos_token_id
+    ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None] + end_of_turn_ids(tokenizer)
+    if not ids:
+        raise DroJaxError(
+            f"{source}: the tokenizer defines no end-of-sequence token and its chat template no end-of-turn token to stop generation"
+        )
+    return list(dict.fromkeys(ids))
+
+
 @dataclasses.dataclass
 class ChatFormatter:
     """Encodes user queries under one system prompt, ready for generation.

@@ -9,6 +9,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.chat import stop_token_ids
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.judges import RefusalJudge, StringJudge
@@ -30,14 +31,22 @@ class Response:
     token_ids: tuple[int, ...] = ()  # the generated tokens, stop token included (teacher-forced by the reply-drift measure)
 
 
-def stop_token_ids(model: LoadedModel) -> list[int]:
-    """The tokenizer's end-of-sequence token(s), which end a chat turn."""
-    eos = model.tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
-    ids = [i for i in ids if i is not None]
-    if not ids:
-        raise DroJaxError(f"{model.source}: the tokenizer defines no end-of-sequence token to stop generation")
-    return ids
+SENTENCE_ENDS = (".", "?", "!")
+
+
+def ends_a_sentence(text: str) -> bool:
+    """Whether `text` ends like a finished sentence; "2." ends a list number, not a sentence."""
+    return text.endswith(SENTENCE_ENDS) and not (text.endswith(".") and text[-2:-1].isdigit())
+
+
+def trim_incomplete_lines(text: str) -> str:
+    """The reference's trimming: drop last lines that do not end a sentence until one does, always keeping the
+    first line. A reply cut by the length limit so loses its unfinished last line (which the judge and the
+    longest-by-words rule would otherwise read); the reference applies it to every reply, and so does this."""
+    text = text.strip()
+    while "\n" in text and not ends_a_sentence(text):
+        text = text.rsplit("\n", 1)[0].strip()
+    return text
 
 
 def sample_keys(seed: int, query_indices: np.ndarray, samples: np.ndarray) -> jax.Array:
@@ -81,7 +90,7 @@ def generate_responses(
             )
     rows = [(q, s) for q in range(len(encoded)) for s in range(num_samples)]
     prompts = encoded.select([q for q, _ in rows])
-    stops = stop_token_ids(model)
+    stops = stop_token_ids(model.tokenizer, model.source)
     generated: dict[int, tuple[str, tuple[int, ...]]] = {}
     batch_size = rows_per_batch(batch_size, len(rows), mesh)
     params = place_params(model.params, model.config, mesh)
@@ -100,7 +109,8 @@ def generate_responses(
             for row, source_row in enumerate(batch.index):
                 if source_row >= 0:
                     ids = tuple(int(t) for t in tokens[row, : lengths[row]])
-                    generated[source_row] = (model.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids)
+                    text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    generated[source_row] = (trim_incomplete_lines(text) if sampling.trim_incomplete_lines else text, ids)
             bar.update(batch.num_real)
     texts = [generated[i][0] for i in range(len(rows))]
     refusals = judge.refusals(prompts.queries, texts, progress)

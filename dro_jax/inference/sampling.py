@@ -9,7 +9,9 @@ from dro_jax.common.errors import DroJaxError
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick each new token. `greedy` ignores temperature, top_k and top_p."""
+    """How to pick each new token. `greedy` ignores temperature, top_k and top_p. `trim_incomplete_lines` is a
+    rule on the decoded text, not on the tokens (see `dro_jax.inference.respond.trim_incomplete_lines`): it lives
+    here so that every caller that decodes with the reference's rules applies it too."""
 
     greedy: bool = True
     temperature: float = 1.0
@@ -17,6 +19,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = no nucleus filter
     max_new_tokens: int = 64
     min_new_tokens: int = 0
+    trim_incomplete_lines: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -34,6 +37,23 @@ class SamplingConfig:
     def is_greedy(self) -> bool:
         """Temperature 0 is greedy decoding."""
         return self.greedy or self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SetSampling:
+    """Decoding per kind of query: the reference lets replies to harmful queries run longer (300 new tokens)
+    than replies to harmless ones (200), so one set of queries may need two decodings."""
+
+    harmful: SamplingConfig
+    harmless: SamplingConfig
+
+    @classmethod
+    def same(cls, sampling: SamplingConfig) -> "SetSampling":
+        return cls(sampling, sampling)
+
+    def by_name(self) -> dict[str, SamplingConfig]:
+        """Keyed by the names the run gives its held-out sets."""
+        return {"harmful": self.harmful, "harmless": self.harmless}
 
 
 REFERENCE_SAMPLING = SamplingConfig(greedy=False, temperature=1.0, top_p=0.9, top_k=50)

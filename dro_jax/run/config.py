@@ -12,8 +12,9 @@ from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
 from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.judges import RefusalJudge, StringJudge
 from dro_jax.inference.refusal_score import Openings
-from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
 from dro_jax.loading.registry import DEFAULT_MODEL
 from dro_jax.run.stages import text_digest
 
@@ -28,8 +29,13 @@ class RunConfig:
     openings instead of the anchor-space probe, which does not move this
     model's behaviour; chosen by `experiments/refusal_variants.py`), 8 epochs
     at batch 25 (64 steps) with a 5x larger learning rate than the paper,
-    greedy evaluation. `paper()` gives the paper's protocol for machines with
-    accelerators.
+    greedy evaluation with 64 new tokens, the `dro-jax` string judge.
+    `paper()` gives the paper's protocol for machines with accelerators.
+
+    The generation rules (`max_new_tokens_*`, `min_new_tokens`,
+    `trim_incomplete_lines`) apply to both stages that generate: the sampled
+    label of the anchor stage and the evaluation; `refusal_phrases` (`paper`,
+    `dro-jax` or a JSON file) judges both.
     """
 
     model: str = DEFAULT_MODEL
@@ -55,26 +61,34 @@ class RunConfig:
     refusal_score: str = "openings"  # see dro_jax.dro.loss.REFUSAL_SCORES
     checkpoint_every: int = 8
     eval_samples: int = 0  # 0: one greedy response per query
-    eval_keep_longest: int | None = None
-    max_new_tokens: int = 64
+    eval_keep_longest: int | None = None  # the longest N responses per test query, by words, are judged (None: all)
+    max_new_tokens_harmful: int = 64
+    max_new_tokens_harmless: int = 64
+    min_new_tokens: int = 0
+    trim_incomplete_lines: bool = False  # see dro_jax.inference.respond.trim_incomplete_lines
+    refusal_phrases: str = "dro-jax"  # see dro_jax.inference.judges.StringJudge.load
     eval_batch_size: int = 32
     remat: bool = False
     microbatch: int | None = None  # rows through the model at a time in training (see dro_jax.dro.microbatch)
 
     @classmethod
     def paper(cls, **overrides: Any) -> "RunConfig":
-        """The reference protocol: sampled labels (25 per input), the paper's loss (logistic refusal probe, its
-        three terms and weights), default-prompt init, 40 epochs at batch 50, lr 1e-3, 25 sampled responses per
-        test query of which the 20 longest are judged."""
+        """The reference protocol: sampled labels (25 per input, all judged), the paper's loss (logistic refusal
+        probe, its three terms and weights), default-prompt init, 40 epochs at batch 50, lr 1e-3, 25 sampled
+        responses per test query of which the 20 longest by words are judged; both stages decode with the
+        reference's sampling, 10 to 300 new tokens for harmful queries and 10 to 200 for harmless ones, incomplete
+        last lines trimmed, and judge with its string rule (`paper`)."""
         preset = dict(
             label="sampled", label_samples=25, refusal_fit="logistic", refusal_score="probe", loss_weights=LossWeights().as_tuple(),
             init_prompt="default", epochs=40, batch_size=50, learning_rate=1e-3,
-            checkpoint_every=10, eval_samples=25, eval_keep_longest=20, max_new_tokens=256,
+            checkpoint_every=10, eval_samples=25, eval_keep_longest=20, max_new_tokens_harmful=300, max_new_tokens_harmless=200,
+            min_new_tokens=10, trim_incomplete_lines=True, refusal_phrases="paper",
         )
         return cls(**{**preset, **overrides})
 
     def __post_init__(self) -> None:
-        for name in ("label_samples", "num_components", "folds", "epochs", "batch_size", "checkpoint_every", "max_new_tokens", "eval_batch_size"):
+        for name in ("label_samples", "num_components", "folds", "epochs", "batch_size", "checkpoint_every", "max_new_tokens_harmful",
+                     "max_new_tokens_harmless", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise DroJaxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.eval_samples < 0:
@@ -86,14 +100,28 @@ class RunConfig:
         LossWeights.from_sequence(self.loss_weights)
         check_refusal_score(self.refusal_score)
         FitConfig(refusal_fit=self.refusal_fit)
+        self.decoding(REFERENCE_SAMPLING)  # min-new-tokens against both lengths
+        self.string_judge()
 
     def anchor_config(self) -> AnchorConfig:
         """How the anchor stage labels the anchor inputs and fits the space (the probes' folds are always seeded 42)."""
         fit = FitConfig(num_components=self.num_components, folds=self.folds, seed=42, refusal_fit=self.refusal_fit)
         return AnchorConfig(
-            settings=self.settings, label=self.label, num_samples=self.label_samples, seed=self.seed, fit=fit,
-            openings=self.reply_openings(),
+            settings=self.settings, label=self.label, num_samples=self.label_samples, sampling=self.decoding(REFERENCE_SAMPLING),
+            seed=self.seed, fit=fit, openings=self.reply_openings(),
         )
+
+    def decoding(self, base: SamplingConfig) -> SetSampling:
+        """`base` (how tokens are picked) with this run's generation rules, per kind of query."""
+        rules = dict(min_new_tokens=self.min_new_tokens, trim_incomplete_lines=self.trim_incomplete_lines)
+        return SetSampling(
+            dataclasses.replace(base, max_new_tokens=self.max_new_tokens_harmful, **rules),
+            dataclasses.replace(base, max_new_tokens=self.max_new_tokens_harmless, **rules),
+        )
+
+    def string_judge(self) -> RefusalJudge:
+        """The judge of sampled labels and of the evaluation's responses."""
+        return StringJudge.load(self.refusal_phrases)
 
     def reply_openings(self) -> Openings:
         """The refusal and compliant reply openings of the log-odds score (labels and evaluation)."""
@@ -108,11 +136,30 @@ class RunConfig:
         )
         return TrainConfig(**{**settings, **overrides})
 
-    def evaluation_sampling(self) -> tuple[SamplingConfig, int]:
-        """(decoding, responses per test query): one greedy response, or `eval_samples` with the reference's sampling."""
+    def evaluation_sampling(self) -> tuple[SetSampling, int]:
+        """(decoding per held-out set, responses per test query): one greedy response, or `eval_samples` with the
+        reference's sampling."""
         if self.eval_samples == 0:
-            return SamplingConfig(max_new_tokens=self.max_new_tokens), 1
-        return dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=self.max_new_tokens), self.eval_samples
+            return self.decoding(SamplingConfig()), 1
+        return self.decoding(REFERENCE_SAMPLING), self.eval_samples
+
+    def resolved(self) -> dict:
+        """What the run will do, as `--show-config` prints it: the settings, and the decoding and judging of each
+        stage that generates, as they follow from them."""
+        evaluation, samples = self.evaluation_sampling()
+        label = self.anchor_config()
+        return {
+            "config": self.to_dict(),
+            "anchor_label": {
+                "label": self.label, "samples": label.num_samples if self.label == "sampled" else 0, "keep_longest": None,
+                "sampling": json_ready({k: dataclasses.asdict(v) for k, v in label.sampling.by_name().items()}),
+            },
+            "evaluation": {
+                "samples": samples, "keep_longest": self.eval_keep_longest, "longest_by": "words",
+                "sampling": json_ready({k: dataclasses.asdict(v) for k, v in evaluation.by_name().items()}),
+            },
+            "judge": {"refusal_phrases": self.refusal_phrases, "rule": type(self.string_judge()).__name__},
+        }
 
     def to_dict(self) -> dict:
         return json_ready(dataclasses.asdict(self))

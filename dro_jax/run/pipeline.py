@@ -56,7 +56,9 @@ def _log(message: str) -> None:
 
 
 def anchor_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None) -> None:
-    space, report, data = build_anchor_space(model, sets.train, config.anchor_config(), config.eval_batch_size, mesh=mesh)
+    space, report, data = build_anchor_space(
+        model, sets.train, config.anchor_config(), config.eval_batch_size, judge=config.string_judge(), mesh=mesh
+    )
     if is_writer():
         data.save(paths.anchor_data)
         save_anchor_space(space, report, paths.anchors)
@@ -93,8 +95,9 @@ def evaluate_prompts(
     all devices on data); reply drift on `references` when given (a run's, so that added settings compare with its rows)."""
     sampling, num_samples = config.evaluation_sampling()
     return evaluate_settings(
-        model, sets.test, settings, anchors, sampling, num_samples, config.eval_keep_longest, config.seed, config.eval_batch_size,
-        openings=config.reply_openings(), mesh=mesh or data_mesh(), references=references,
+        model, sets.test, settings, anchors, sampling.by_name(), num_samples, config.eval_keep_longest, config.seed,
+        config.eval_batch_size, judge=config.string_judge(), openings=config.reply_openings(), mesh=mesh or data_mesh(),
+        references=references,
     )
 
 
@@ -138,16 +141,19 @@ def run_pipeline(
     sets = QuerySets.read(config)
     digests = sets.digests()
     records = StageRecords(paths.root)
-    settings = {**config.to_dict(), "openings": dataclasses.asdict(config.reply_openings())}
+    settings = {**config.to_dict(), "openings": dataclasses.asdict(config.reply_openings()),
+                "refusal_phrases": dataclasses.asdict(config.string_judge())}  # the phrases themselves, so that an edited file counts
+    generation = ("max_new_tokens_harmful", "max_new_tokens_harmless", "min_new_tokens", "trim_incomplete_lines", "refusal_phrases")
     model_inputs = {k: settings[k] for k in ("model", "dtype")}
     anchor_inputs = {**model_inputs, "harmful": digests["harmful_train"], "harmless": digests["harmless_train"],
-                     **{k: settings[k] for k in ("field", "settings", "label", "label_samples", "openings", "num_components", "folds", "refusal_fit", "seed")}}
+                     **{k: settings[k] for k in ("field", "settings", "label", "label_samples", "openings", "num_components", "folds", "refusal_fit", "seed")},
+                     **({k: settings[k] for k in generation} if config.label == "sampled" else {})}
     anchor_key = input_key(anchor_inputs)
     train_inputs = {"anchors": anchor_key, **{k: settings[k] for k in (
         "init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "refusal_score", "openings", "checkpoint_every", "remat")}}
     train_key = input_key(train_inputs)
     eval_inputs = {"trained": train_key, "harmful": digests["harmful_test"], "harmless": digests["harmless_test"],
-                   **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "max_new_tokens", "openings", "seed")}}
+                   **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "openings", "seed", *generation)}}
     stages = [
         Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)", anchor_inputs,
               [paths.anchors, paths.anchor_report, paths.anchor_data], lambda m: anchor_stage(m, config, sets, paths, mesh)),

@@ -58,6 +58,14 @@ def write_report(run: RunOutputs, records: StageRecords) -> Path:
     return root / "results.md"
 
 
+def new_tokens_text(config: RunConfig) -> str:
+    """"at most 64 new tokens", or per set and with the other generation rules where the run has them."""
+    harmful, harmless = config.max_new_tokens_harmful, config.max_new_tokens_harmless
+    text = f"at most {harmful}" if harmful == harmless else f"at most {harmful} (harmful) / {harmless} (harmless)"
+    text += f" new tokens, at least {config.min_new_tokens}" if config.min_new_tokens else " new tokens"
+    return text + (", incomplete last lines trimmed" if config.trim_incomplete_lines else "")
+
+
 def results_text(
     config: RunConfig, rows: list[EvalRow], moved: list[Movement], anchor_report: dict, metrics: list[dict], seconds: dict
 ) -> str:
@@ -70,7 +78,7 @@ def results_text(
     last = metrics[-1] if metrics else {}
     terms = ", ".join(f"{k} {last[k]:.4f}" for k in ("loss", *LossWeights.terms()) if k in last)
     decoding = "greedy, one response per query" if config.eval_samples == 0 else (
-        f"{config.eval_samples} sampled responses per query" + (f", the {config.eval_keep_longest} longest judged" if config.eval_keep_longest else ""))
+        f"{config.eval_samples} sampled responses per query" + (f", the {config.eval_keep_longest} longest (by words) judged" if config.eval_keep_longest else ""))
     timing = ", ".join(f"{name} {value / 60:.1f} min" for name, value in seconds.items() if value is not None)
     return "\n".join([
         f"# DRO on {config.model}",
@@ -80,7 +88,7 @@ def results_text(
         f"Training: init `{config.init_prompt}`, refusal score `{config.refusal_score}`, refusal fit `{config.refusal_fit}`, "
         f"loss weights {dict(zip(LossWeights.terms(), config.loss_weights))}, {config.epochs} epochs at batch {config.batch_size}, "
         f"lr {config.learning_rate}, {last.get('step', 0)} steps; last step: {terms}.",
-        f"Evaluation: held-out sets, {decoding}, at most {config.max_new_tokens} new tokens, string judge. "
+        f"Evaluation: held-out sets, {decoding}, {new_tokens_text(config)}, string judge `{config.refusal_phrases}`. "
         "`none` is the chat template without a system message of ours (some templates, SmolLM2's among them, "
         "then insert their own default system message).",
         "",

@@ -116,3 +116,27 @@ def test_label_command_with_a_judge_model(forced, tmp_path):
                      "--max-new-tokens", "8", "--judge-model", str(forced[verdict]), "--out", str(out)]) == 0
         labels = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
         assert [label["compliance_rate"] for label in labels] == [complied] * 3
+
+
+def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampling(tiny_model_dir, monkeypatch):
+    """Harmful rows, then harmless rows, each with its set's sampling and judge, every sample counted; the sample
+    keys keep each row's index in the whole set."""
+    from dro_jax.anchors import collect
+    from dro_jax.data.queries import QueryPairs
+    from dro_jax.inference.sampling import SetSampling
+    from helpers import HARMLESS
+
+    calls = []
+
+    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query):
+        calls.append((encoded.queries, sampling.max_new_tokens, num_samples, judge, first_query))
+        return np.full(len(encoded), sampling.max_new_tokens / 1000)
+
+    monkeypatch.setattr(collect, "compliance_rates", recorded)
+    model = load_model(tiny_model_dir("llama")[0], progress=False)
+    sampling = SetSampling(SamplingConfig(max_new_tokens=300), SamplingConfig(max_new_tokens=200))
+    config = collect.AnchorConfig(settings=("none",), label="sampled", num_samples=25, sampling=sampling)
+    judge = StringJudge.load("paper")
+    data = collect.collect_anchor_data(model, QueryPairs(HARMFUL[:2], HARMLESS[:2]), config, judge=judge, progress=False)
+    assert calls == [(HARMFUL[:2], 300, 25, judge, 0), (HARMLESS[:2], 200, 25, judge, 2)]
+    np.testing.assert_allclose(data.compliance, [0.3, 0.3, 0.2, 0.2])

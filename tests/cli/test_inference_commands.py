@@ -228,3 +228,23 @@ def test_label_writes_one_label_per_query_and_setting(model_dir, query_file, tmp
     scored = [json.loads(line) for line in only_scores.read_text(encoding="utf-8").splitlines()]
     assert all(l["compliance_rate"] is None for l in scored)
     assert [l["refusal_log_odds"] for l in scored] == [l["refusal_log_odds"] for l in labels]
+
+
+@pytest.mark.parametrize(
+    "argv, default",
+    [
+        (["generate", "--queries", "q.txt", "--out", "o.jsonl"], "dro-jax"),
+        (["label", "--queries", "q.txt", "--out", "o.jsonl"], "dro-jax"),
+        (["sweep", "--models", "m", "--out", "o"], "dro-jax"),
+        (["run"], None),  # the preset decides: dro-jax by default, paper under --paper
+    ],
+)
+def test_every_command_with_a_string_judge_takes_paper_dro_jax_or_a_file(argv, default):
+    from dro_jax.cli.main import build_parser
+    from dro_jax.inference.judges import ReferenceStringJudge, StringJudge
+
+    parser = build_parser()
+    assert parser.parse_args(argv).refusal_phrases == default
+    for spec, judge in (("paper", ReferenceStringJudge), ("dro-jax", StringJudge)):
+        chosen = parser.parse_args([*argv, "--refusal-phrases", spec]).refusal_phrases
+        assert isinstance(StringJudge.load(chosen), judge)

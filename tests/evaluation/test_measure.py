@@ -5,15 +5,15 @@ import pytest
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.evaluate import evaluate_settings
-from dro_jax.evaluation.measure import count_refusals, keep_longest
+from dro_jax.evaluation.measure import count_refusals, keep_longest, response_words
 from dro_jax.inference.chat import ChatFormatter, PromptSetting
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
 from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
 
 
-def _response(query, sample, tokens, refusal=False):
-    return Response(query, f"q{query}", sample, "x" * tokens, tokens, refusal)
+def _response(query, sample, words, refusal=False):
+    return Response(query, f"q{query}", sample, " ".join(["word"] * words), words, refusal)
 
 
 def test_keep_longest_keeps_each_querys_longest_replies_in_order():
@@ -22,6 +22,13 @@ def test_keep_longest_keeps_each_querys_longest_replies_in_order():
     assert [(r.query_index, r.sample) for r in kept] == [(0, 1), (0, 2), (1, 1), (1, 2)]  # ties: the earlier sample
     assert keep_longest(responses, None) == responses
     assert [(r.query_index, r.sample) for r in keep_longest(responses, 1)] == [(0, 1), (1, 1)]
+
+
+def test_the_longest_are_counted_in_words_not_tokens():
+    few_long_words = Response(0, "q", 0, "Extraordinarily incomprehensible", 40, False)
+    many_short_words = Response(0, "q", 1, "a b c d e", 5, False)
+    assert response_words(few_long_words) == 2 and response_words(many_short_words) == 5
+    assert keep_longest([few_long_words, many_short_words], 1) == [many_short_words]
 
 
 def test_counts_follow_the_paper():
@@ -51,6 +58,16 @@ def test_evaluation_encodes_each_set_once_per_setting(tiny_dro, monkeypatch):
     for row, outcome in zip(evaluation.rows, evaluation.outcomes):
         assert row.mean_refusal_log_odds == pytest.approx(float(np.mean(outcome.log_odds)))
         assert outcome.coords.shape == (3, 4) and len(outcome.responses) == 3
+
+
+def test_each_set_is_decoded_with_its_own_sampling(tiny_dro):
+    datasets = {"harmful": HARMFUL[:2], "harmless": HARMLESS[:2]}
+    sampling = {"harmful": SamplingConfig(max_new_tokens=3, min_new_tokens=3), "harmless": SamplingConfig(max_new_tokens=5, min_new_tokens=5)}
+    evaluation = evaluate_settings(tiny_dro.model, datasets, [PromptSetting.from_text("short")], sampling=sampling, progress=False)
+    assert {o.dataset: {r.num_tokens for r in o.responses} for o in evaluation.outcomes} == {"harmful": {3}, "harmless": {5}}
+    assert {d: [len(ids) for ids in ref.token_ids] for d, ref in evaluation.references.items()} == {"harmful": [3, 3], "harmless": [5, 5]}
+    with pytest.raises(DroJaxError, match="no decoding given for the query set 'other' \\(given: harmful, harmless\\)"):
+        evaluate_settings(tiny_dro.model, {"other": HARMFUL[:1]}, [PromptSetting.from_text("none")], sampling=sampling, progress=False)
 
 
 def test_keeping_more_replies_than_were_sampled_is_an_error(tiny_dro):

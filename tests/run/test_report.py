@@ -1,19 +1,22 @@
 """The run's configuration (the quick default and the paper's preset), its report text and its plots."""
 
 import argparse
+import json
 
 import matplotlib
 import numpy as np
 import pytest
 
-from dro_jax.anchors.collect import LABEL_SAMPLING
 from dro_jax.anchors.space import AnchorSpace, LinearProbe
+from dro_jax.cli import run as run_command
+from dro_jax.cli.main import main
 from dro_jax.cli.run import add_commands, run_config
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import LossWeights
 from dro_jax.evaluation.evaluate import EvalRow
 from dro_jax.evaluation.movement import movements
-from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.inference.judges import ReferenceStringJudge, StringJudge
+from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
 from dro_jax.run import plots
 from dro_jax.run.config import RunConfig
 from dro_jax.run.report import LOSS_CURVES, results_text
@@ -32,20 +35,43 @@ def test_the_paper_preset_is_the_reference_protocol():
     paper = RunConfig.paper()
     assert (paper.label, paper.label_samples, paper.init_prompt) == ("sampled", 25, "default")
     assert (paper.epochs, paper.batch_size, paper.learning_rate, paper.checkpoint_every) == (40, 50, 1e-3, 10)
-    assert (paper.eval_samples, paper.eval_keep_longest, paper.max_new_tokens) == (25, 20, 256)
+    assert (paper.eval_samples, paper.eval_keep_longest) == (25, 20)
+    assert (paper.max_new_tokens_harmful, paper.max_new_tokens_harmless, paper.min_new_tokens) == (300, 200, 10)
+    assert (paper.trim_incomplete_lines, paper.refusal_phrases) == (True, "paper")
     assert paper.loss_weights == (1.0, 1e-2, 1e-3, 0.0) and paper.settings == ("none", "default", "short", "mistral")
     assert (paper.refusal_fit, paper.refusal_score) == ("logistic", "probe")
     train = paper.train_config()
     assert (train.epochs, train.batch_size, train.learning_rate, train.weight_decay, train.clip_norm) == (40, 50, 1e-3, 0.01, 1.0)
     assert train.loss_weights == LossWeights()
+    reference = dict(greedy=False, temperature=1.0, top_p=0.9, top_k=50, min_new_tokens=10, trim_incomplete_lines=True)
+    per_set = SetSampling(SamplingConfig(max_new_tokens=300, **reference), SamplingConfig(max_new_tokens=200, **reference))
     anchors = paper.anchor_config()
     assert (anchors.label, anchors.num_samples, anchors.sampling, anchors.fit.num_components, anchors.fit.folds) == (
-        "sampled", 25, LABEL_SAMPLING, 4, 10)
-    assert (LABEL_SAMPLING.temperature, LABEL_SAMPLING.top_p, LABEL_SAMPLING.top_k) == (1.0, 0.9, 50)
-    sampling, samples = paper.evaluation_sampling()
-    assert samples == 25 and sampling == SamplingConfig(greedy=False, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=256)
+        "sampled", 25, per_set, 4, 10)
+    assert paper.evaluation_sampling() == (per_set, 25)
+    assert isinstance(paper.string_judge(), ReferenceStringJudge)
     assert _cli_config("--paper") == paper
     assert _cli_config("--paper", "--epochs", "3", "--lr", "0.01") == RunConfig.paper(epochs=3, learning_rate=0.01)
+
+
+def test_show_config_prints_the_references_numbers_without_a_model(monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("--show-config started the job")
+
+    monkeypatch.setattr(run_command, "start_job", no_model)
+    assert main(["run", "--paper", "--show-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"] == RunConfig.paper().to_dict()
+    sampled = dict(greedy=False, temperature=1.0, top_k=50, top_p=0.9, min_new_tokens=10, trim_incomplete_lines=True)
+    per_set = {"harmful": {**sampled, "max_new_tokens": 300}, "harmless": {**sampled, "max_new_tokens": 200}}
+    assert shown["anchor_label"] == {"label": "sampled", "samples": 25, "keep_longest": None, "sampling": per_set}
+    assert shown["evaluation"] == {"samples": 25, "keep_longest": 20, "longest_by": "words", "sampling": per_set}
+    assert shown["judge"] == {"refusal_phrases": "paper", "rule": "ReferenceStringJudge"}
+    assert main(["run", "--show-config", "--max-new-tokens", "32", "--max-new-tokens-harmless", "16"]) == 0
+    quick = json.loads(capsys.readouterr().out)
+    assert quick["evaluation"]["samples"] == 1 and quick["judge"]["refusal_phrases"] == "dro-jax"
+    assert {k: v["max_new_tokens"] for k, v in quick["evaluation"]["sampling"].items()} == {"harmful": 32, "harmless": 16}
+    assert quick["evaluation"]["sampling"]["harmful"]["greedy"] is True
 
 
 def test_the_quick_default_and_its_overrides():
@@ -53,7 +79,16 @@ def test_the_quick_default_and_its_overrides():
     assert (quick.label, quick.epochs, quick.batch_size, quick.learning_rate, quick.eval_samples) == ("logodds", 8, 25, 5e-3, 0)
     assert (quick.refusal_fit, quick.refusal_score, quick.loss_weights) == ("logistic", "openings", (1.0, 1e-2, 1e-3, 0.0))
     assert quick.train_config().refusal_score == "openings" and quick.train_config().openings == quick.reply_openings()
-    assert quick.evaluation_sampling() == (SamplingConfig(max_new_tokens=64), 1)
+    assert quick.evaluation_sampling() == (SetSampling.same(SamplingConfig(max_new_tokens=64)), 1)
+    assert (quick.min_new_tokens, quick.trim_incomplete_lines, quick.string_judge()) == (0, False, StringJudge.default())
+    assert _cli_config("--refusal-phrases", "paper", "--min-new-tokens", "2", "--trim-incomplete-lines") == RunConfig(
+        refusal_phrases="paper", min_new_tokens=2, trim_incomplete_lines=True)
+    assert _cli_config("--paper", "--no-trim-incomplete-lines", "--refusal-phrases", "dro-jax") == RunConfig.paper(
+        trim_incomplete_lines=False, refusal_phrases="dro-jax")
+    with pytest.raises(DroJaxError, match="min-new-tokens must be between 0 and max-new-tokens \\(5\\), got 6"):
+        RunConfig(max_new_tokens_harmless=5, min_new_tokens=6)
+    with pytest.raises(DroJaxError, match="neither 'paper', 'dro-jax' nor a phrase file"):
+        RunConfig(refusal_phrases="no-such-file.json")
     assert _cli_config() == quick
     assert _cli_config("--settings", "none", "short", "--remat") == RunConfig(settings=("none", "short"), remat=True)
     assert _cli_config("--refusal-score", "head", "--refusal-fit", "contrast", "--loss-weights", "1", "0", "0", "2") == RunConfig(
@@ -91,11 +126,12 @@ def test_results_text_says_what_was_run_and_shows_both_tables():
     assert ("init `short`, refusal score `openings`, refusal fit `logistic`, loss weights {'refusal': 1.0, 'harmfulness': 0.01, "
             "'norm': 0.001, 'preserve': 0.0}, 8 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, "
             "harmfulness 0.6000, norm 2.0000.") in text
-    assert "greedy, one response per query, at most 64 new tokens" in text
+    assert "greedy, one response per query, at most 64 new tokens, string judge `dro-jax`" in text
     assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | +1.25 | +0.500 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text
     assert "Stage times: anchors 2.0 min, train 1.0 min." in text
     paper = results_text(RunConfig.paper(), _rows(), [], REPORT, METRICS, {})
-    assert "25 sampled responses per query, the 20 longest judged, at most 256 new tokens" in paper and "Stage times: n/a." in paper
+    assert ("25 sampled responses per query, the 20 longest (by words) judged, at most 300 (harmful) / 200 (harmless) new tokens, "
+            "at least 10, incomplete last lines trimmed, string judge `paper`") in paper and "Stage times: n/a." in paper
 
 
 @pytest.fixture()
