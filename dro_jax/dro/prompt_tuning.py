@@ -111,6 +111,7 @@ class PromptTuningConfig:
 
     @property
     def generated_tokens(self) -> int:
+        """How many tokens each response is sampled to: the judge reads the whole reply, training its first part."""
         return self.max_response_tokens if self.max_new_tokens is None else self.max_new_tokens
 
     def describe(self) -> str:
