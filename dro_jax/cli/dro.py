@@ -14,6 +14,15 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
 from dro_jax.inference.chat import PROMPT_SETTINGS
 
+DRO_EPOCHS = 40
+# `dro-jax train` option -> PromptTuningConfig field; unset options keep the preset's value.
+BASELINE_OPTIONS = {
+    "pt_responses": "responses", "pt_samples": "samples", "pt_negatives": "negatives", "pt_token_mean": "token_mean",
+    "unlikelihood_weight": "unlikelihood_weight", "response_tokens": "max_response_tokens", "epochs": "epochs",
+}
+# The options that mean nothing without --baseline (--epochs and --response-tokens have uses or defaults of their own).
+BASELINE_ONLY = ("pt_paper", "pt_responses", "pt_samples", "pt_negatives", "pt_token_mean", "unlikelihood_weight")
+
 
 def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--harmful", default="harmful_train", help="harmful anchor/training queries: a packaged set or a file (default: %(default)s)")
@@ -24,7 +33,7 @@ def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
         help="refusal label: refusal log-odds (no generation) or the sampled compliance rate (default: %(default)s)",
     )
     add_openings_arg(parser)
-    parser.add_argument("--num-samples", type=positive_int, default=5, help="responses per query for --label sampled and --baseline prompt-tuning (default: %(default)s)")
+    parser.add_argument("--num-samples", type=positive_int, default=5, help="responses per input for --label sampled (default: %(default)s)")
     parser.add_argument(
         "--settings", nargs="+", default=list(PROMPT_SETTINGS),
         help="prompt settings whose representations make the anchor space (default: %(default)s)",
@@ -53,7 +62,7 @@ def add_commands(commands) -> None:
         help=f"start from the token embeddings of this prompt: {', '.join(PROMPT_SETTINGS[1:])} or text (default: %(default)s)",
     )
     init.add_argument("--init-random", type=positive_int, metavar="N", help="start from N random vocabulary embeddings instead")
-    train.add_argument("--epochs", type=positive_int, default=40, help="(default: %(default)s)")
+    train.add_argument("--epochs", type=positive_int, help=f"(default: {DRO_EPOCHS}; --baseline: 5, the paper's)")
     train.add_argument("--batch-size", type=positive_int, default=50, help="(default: %(default)s)")
     train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
     train.add_argument("--seed", type=int, default=42, help="data order and random init (default: %(default)s)")
@@ -66,9 +75,25 @@ def add_commands(commands) -> None:
     train.add_argument(
         "--baseline", choices=("prompt-tuning",),
         help="train the vanilla prompt-tuning baseline instead of DRO: likelihood on wanted and unlikelihood on "
-        "unwanted sampled responses (the paper trains it for 5 epochs); --num-samples responses per query",
+        "unwanted sampled responses; the --pt-* options and --unlikelihood-weight shape it",
     )
-    train.add_argument("--response-tokens", type=positive_int, default=100, help="baseline responses are cut to this many tokens (default: %(default)s)")
+    baseline = train.add_argument_group("prompt-tuning baseline (with --baseline prompt-tuning; each default is the preset's)")
+    baseline.add_argument(
+        "--pt-paper", action="store_true", default=None,
+        help="the reference's baseline: the 20 longest of 25 responses per query, no-prompt negatives, token-level means, "
+        "unlikelihood weight 5 for Llama-2-chat / CodeLlama-Instruct (1 otherwise), 5 epochs; the options below override it",
+    )
+    baseline.add_argument("--pt-responses", type=positive_int, metavar="N", help="responses per query to train on (default: 2; --pt-paper: 20)")
+    baseline.add_argument("--pt-samples", type=positive_int, metavar="N",
+                          help="responses sampled per query, of which the --pt-responses longest are kept (default: --pt-responses; --pt-paper: 25)")
+    baseline.add_argument("--pt-negatives", action=argparse.BooleanOptionalAction,
+                          help="add the unwanted no-prompt responses (compliant answers to harmful queries, refusals of harmless ones) "
+                          "as unlikelihood rows (default: off; --pt-paper: on)")
+    baseline.add_argument("--pt-token-mean", action=argparse.BooleanOptionalAction,
+                          help="average over all scored tokens of the batch (wanted and unwanted rows apart) instead of per "
+                          "sequence (default: off; --pt-paper: on)")
+    baseline.add_argument("--unlikelihood-weight", type=float, metavar="W", help="weight of the unlikelihood term (default: 1; --pt-paper: 5 or 1 by model)")
+    baseline.add_argument("--response-tokens", type=positive_int, default=100, help="responses are cut to this many tokens (default: %(default)s, the reference's)")
     train.add_argument("--checkpoint-every", type=positive_int, default=10, help="steps between checkpoints (default: %(default)s)")
     train.add_argument("--remat", action="store_true", help="recompute activations in the backward pass (less memory, for large models)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -154,8 +179,23 @@ def _run_settings(args: argparse.Namespace) -> dict:
     """Everything that must stay the same for --resume to continue a run."""
     keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds",
             "refusal_fit", "anchors", "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "loss_weights", "refusal_score",
-            "ablate", "baseline", "response_tokens", "checkpoint_every", "remat")
+            "ablate", "baseline", "response_tokens", "checkpoint_every", "remat", *BASELINE_ONLY)
     return {key: getattr(args, key) for key in keys}
+
+
+def baseline_config(args: argparse.Namespace):
+    """The prompt-tuning baseline's settings: the quick default or, with --pt-paper, the reference's for
+    this model, with the options given on the command line on top."""
+    from dro_jax.dro.prompt_tuning import PromptTuningConfig
+
+    given = {name: getattr(args, name) for name in BASELINE_OPTIONS if getattr(args, name) is not None}
+    if not args.baseline:
+        stray = [name for name in BASELINE_ONLY if getattr(args, name) is not None]
+        if stray:
+            raise DroJaxError(f"--{stray[0].replace('_', '-')} shapes the prompt-tuning baseline: use it with --baseline prompt-tuning")
+        return None
+    given = {BASELINE_OPTIONS[name]: value for name, value in given.items()}
+    return PromptTuningConfig.reference(args.model, **given) if args.pt_paper else PromptTuningConfig(**given)
 
 
 def _training_in_progress(run_dir: Path) -> str | None:
@@ -175,8 +215,10 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.parallel.distributed import barrier, is_writer, writer_first
 
     weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
+    baseline = baseline_config(args)
     config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, loss_weights=weights,
+        epochs=baseline.epochs if baseline else args.epochs or DRO_EPOCHS, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        loss_weights=weights,
         refusal_score=args.refusal_score, openings=Openings.load(args.openings), checkpoint_every=args.checkpoint_every, remat=args.remat,
         microbatch=args.microbatch,
     )
@@ -185,16 +227,18 @@ def _run_train(args: argparse.Namespace) -> None:
         raise DroJaxError(f"batch size {args.batch_size} is larger than the {len(pairs)} training queries")
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
     mesh = start_job(args)
-    settings = _run_settings(args)
+    settings = {**_run_settings(args), "epochs": config.epochs}  # the count trained: DRO runs made while 40 was --epochs' default resume
     files = TrainingFiles(writer_first(lambda: claim_run_directory(args.out, settings, args.resume, _training_in_progress), "run directory"))
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     if args.init_random:
         initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
     else:
         initial, base_prompt = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt), args.init_prompt
-    if args.baseline:
-        data = prepare_response_set(model, pairs, base_prompt, len(initial), args.num_samples, args.response_tokens, args.seed, mesh=mesh)
-        objective = prompt_tuning_objective(model.config, args.remat, args.microbatch)
+    if baseline:
+        if is_writer():
+            print(f"prompt-tuning baseline: {baseline.describe()}", file=sys.stderr)
+        data = prepare_response_set(model, pairs, base_prompt, len(initial), baseline, args.seed, mesh=mesh)
+        objective = prompt_tuning_objective(model.config, baseline, args.remat, args.microbatch)
     else:
         if anchors is None:
             anchor_path = files.root / "anchors.safetensors"

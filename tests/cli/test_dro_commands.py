@@ -99,10 +99,15 @@ def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files):
     directory = tiny_dro.directory
     run = tmp_path / "pt"
     args = ["train", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
-            "--baseline", "prompt-tuning", "--num-samples", "1", "--response-tokens", "8", "--epochs", "1", "--batch-size", "4", "--out", str(run)]
+            "--baseline", "prompt-tuning", "--pt-responses", "1", "--pt-negatives", "--pt-token-mean", "--unlikelihood-weight", "2",
+            "--response-tokens", "8", "--epochs", "1", "--batch-size", "4", "--out", str(run)]
     assert main(args) == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 3 and "likelihood" in metrics[0]
+    # 12 queries x 1 response + the 6 harmful queries' no-prompt answers (the tiny model never refuses): 18 rows, 5 steps
+    assert len(metrics) == 5 and "likelihood" in metrics[0]
+    assert metrics[0]["loss"] == pytest.approx(metrics[0]["likelihood"] + 2 * metrics[0]["unlikelihood"], rel=1e-5)
+    recorded = json.loads((run / "config.json").read_text())
+    assert (recorded["pt_negatives"], recorded["pt_token_mean"], recorded["unlikelihood_weight"], recorded["epochs"]) == (True, True, 2.0, 1)
     anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
     out = tmp_path / "eval.md"
     assert main(["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
@@ -112,3 +117,34 @@ def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files):
     assert [(r["setting"], r["dataset"]) for r in rows][:3] == [("none", "harmful"), ("short", "harmful"), (f"soft:{run / 'soft_prompt.safetensors'}", "harmful")]
     assert rows[0]["compliance_shift"] == 0 and all(r["num_queries"] == 6 for r in rows)
     assert out.read_text().count("\n") == 2 + len(rows)
+
+
+def _parsed(*extra):
+    from dro_jax.cli.main import build_parser
+
+    return build_parser().parse_args(["train", "--model", "meta-llama/Llama-2-7b-chat-hf", "--out", "run", *extra])
+
+
+def test_baseline_options_pick_the_preset_and_override_it():
+    from dro_jax.cli.dro import baseline_config
+    from dro_jax.dro.prompt_tuning import PromptTuningConfig
+
+    assert baseline_config(_parsed()) is None  # DRO
+    assert baseline_config(_parsed("--baseline", "prompt-tuning")) == PromptTuningConfig()
+    paper = baseline_config(_parsed("--baseline", "prompt-tuning", "--pt-paper"))
+    assert paper == PromptTuningConfig.reference("meta-llama/Llama-2-7b-chat-hf") and paper.unlikelihood_weight == 5.0
+    changed = baseline_config(_parsed("--baseline", "prompt-tuning", "--pt-paper", "--no-pt-negatives", "--pt-responses", "3",
+                                      "--pt-samples", "4", "--unlikelihood-weight", "1.5", "--response-tokens", "50", "--epochs", "2"))
+    assert changed == PromptTuningConfig.reference("meta-llama/Llama-2-7b-chat-hf", negatives=False, responses=3, samples=4,
+                                                   unlikelihood_weight=1.5, max_response_tokens=50, epochs=2)
+    quick = baseline_config(_parsed("--baseline", "prompt-tuning", "--pt-token-mean"))
+    assert quick == PromptTuningConfig(token_mean=True)
+
+
+@pytest.mark.parametrize("option", [["--pt-paper"], ["--pt-responses", "3"], ["--no-pt-negatives"], ["--unlikelihood-weight", "5"]])
+def test_baseline_options_without_the_baseline_are_refused(option):
+    from dro_jax.cli.dro import baseline_config
+    from dro_jax.common.errors import DroJaxError
+
+    with pytest.raises(DroJaxError, match=f"{option[0].replace('no-', '')} shapes the prompt-tuning baseline"):
+        baseline_config(_parsed(*option))

@@ -1,4 +1,4 @@
-"""The DRO loss (its terms named once, in `LossWeights`) and the prompt-tuning loss, against direct computations."""
+"""The DRO loss (its terms named once, in `LossWeights`), against direct computations (the prompt-tuning loss: test_prompt_tuning.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -126,35 +126,3 @@ def test_dro_objective_binds_the_config_and_shows_every_term(tiny_dro):
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     soft = jnp.asarray(initial) + 0.05
     np.testing.assert_allclose(objective.loss(soft, batch, frozen)[0], dro_loss(soft, batch, frozen, model.config, weights)[0], rtol=1e-6)
-
-
-def test_prompt_tuning_loss_is_likelihood_and_unlikelihood(tiny_dro):
-    from dro_jax.data.queries import QueryPairs
-    from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_loss, prompt_tuning_objective
-    from dro_jax.models import forward
-    from dro_jax.models.inputs import input_embeddings
-    from dro_jax.parity.torch_dro import whole_sequences
-
-    model, initial = tiny_dro.model, tiny_dro.initial
-    pairs = QueryPairs(tiny_dro.pairs.harmful[:2], tiny_dro.pairs.harmless[:2])
-    responses = prepare_response_set(model, pairs, "short", len(initial), num_samples=2, max_response_tokens=6, progress=False)
-    assert len(responses) == 8 and responses.response_mask.sum(axis=1).max() <= 6
-    assert responses.prefix is not None and int(responses.prefix.soft_offset) >= 0  # the slot is in the shared prefix
-    rows = responses.rows(np.arange(8), np.ones(8, np.float32))
-    batch = jax.tree.map(jnp.asarray, rows)
-    total, metrics = prompt_tuning_loss(jnp.asarray(initial), batch, frozen_inputs(model, None, responses.prefix), model.config)
-    # By hand, from one plain forward pass over the whole inputs: the soft prompt equals the prompt's own embeddings here.
-    ids, mask, offsets = whole_sequences(rows, responses.prefix)
-    embeds = input_embeddings(model.params, jnp.asarray(ids), jnp.asarray(initial), jnp.asarray(offsets))
-    logits = np.asarray(forward(model.params, model.config, inputs_embeds=embeds, attention_mask=jnp.asarray(mask), output_logits=True).logits)
-    log_p = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    start = ids.shape[1] - responses.token_ids.shape[1]  # where the rows' own parts begin
-    per_sequence = []
-    for row in range(8):
-        scored = start + np.nonzero(responses.response_mask[row])[0] - 1  # positions that predict a response token
-        token_log_p = np.array([log_p[row, i, ids[row, i + 1]] for i in scored])
-        losses = -token_log_p if responses.wanted[row] else -np.log1p(-np.exp(token_log_p))
-        per_sequence.append(losses.mean())
-    np.testing.assert_allclose(total, np.mean(per_sequence), rtol=1e-5)
-    assert set(metrics) == {"loss", "likelihood", "unlikelihood"}
-    assert prompt_tuning_objective(model.config).shown == ("loss", "likelihood", "unlikelihood")

@@ -51,17 +51,19 @@ def test_microbatches_give_the_whole_batch_loss_and_gradient(tiny_dro, score):
     _assert_same(accumulated, whole)
 
 
-def test_prompt_tuning_microbatches_give_the_whole_batch(tiny_dro):
-    from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_loss
+@pytest.mark.parametrize("token_mean, unlikelihood_weight", [(False, 1.0), (True, 5.0)])
+def test_prompt_tuning_microbatches_give_the_whole_batch(tiny_dro, token_mean, unlikelihood_weight):
+    from dro_jax.dro.prompt_tuning import PromptTuningConfig, prepare_response_set, prompt_tuning_loss
 
     model = tiny_dro.model
-    responses = prepare_response_set(model, tiny_dro.pairs, "short", len(tiny_dro.initial), num_samples=1, max_response_tokens=6, progress=False)
+    settings = PromptTuningConfig(responses=1, max_response_tokens=6, negatives=True)
+    responses = prepare_response_set(model, tiny_dro.pairs, "short", len(tiny_dro.initial), settings, progress=False)
+    assert 0 < responses.wanted.sum() < len(responses)  # both terms in the batch
     frozen = frozen_inputs(model, None, responses.prefix)
     soft = jnp.asarray(tiny_dro.initial) + 0.05
-    index = np.arange(ROWS) % len(responses)
-    batch = jax.tree.map(jnp.asarray, responses.rows(index, np.ones(ROWS, np.float32)))
-    loss = functools.partial(prompt_tuning_loss, config=model.config)
-    _assert_same(_value_and_grad(functools.partial(loss, microbatch=10), soft, batch, frozen), _value_and_grad(loss, soft, batch, frozen))
+    loss = functools.partial(prompt_tuning_loss, config=model.config, token_mean=token_mean, unlikelihood_weight=unlikelihood_weight)
+    _assert_same(_value_and_grad(functools.partial(loss, microbatch=10), soft, _batch(responses), frozen),
+                 _value_and_grad(loss, soft, _batch(responses), frozen))
 
 
 def test_microbatches_keep_row_order():

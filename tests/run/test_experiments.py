@@ -60,3 +60,27 @@ def test_refusal_variants_train_every_variant_and_seed_once(finished_run):
 def test_an_experiment_without_a_run_says_how_to_make_one(tmp_path, capsys):
     assert _experiment("prompt_movement.py", tmp_path / "nothing") == 2
     assert "dro-jax run --out" in capsys.readouterr().err
+
+
+def test_the_baseline_experiment_trains_the_reference_baseline_on_a_paper_run(monkeypatch):
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from dro_jax.dro.prompt_tuning import PromptTuningConfig
+    from dro_jax.run.config import RunConfig
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "experiments"))
+    monkeypatch.delitem(sys.modules, "dro_vs_baselines", raising=False)
+    import dro_vs_baselines as experiment
+
+    def options(paper=False, **given):
+        return SimpleNamespace(paper=paper, **{name: given.get(name) for name in experiment.OPTIONS})
+
+    paper_run = RunConfig.paper(model="/models/Llama-2-7b-chat-hf", batch_size=50)
+    assert experiment.is_paper_run(paper_run) and not experiment.is_paper_run(RunConfig())
+    assert not experiment.is_paper_run(RunConfig.paper(epochs=3))  # an overridden preset is not taken for the paper's
+    assert experiment.baseline_config(options(), paper_run) == PromptTuningConfig.reference("/models/Llama-2-7b-chat-hf")
+    assert experiment.baseline_config(options(paper=True), RunConfig()) == PromptTuningConfig.reference(RunConfig().model)
+    assert experiment.baseline_config(options(samples=1, epochs=2), RunConfig()) == PromptTuningConfig(
+        responses=1, max_response_tokens=64, epochs=2)
