@@ -16,7 +16,7 @@ from dro_jax.common.files import atomic_output
 from dro_jax.data.queries import QueryPairs
 from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings, score_refusal
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
 from dro_jax.loading import LoadedModel
@@ -29,7 +29,8 @@ LABEL_SAMPLING = dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=64, min_
 @dataclasses.dataclass(frozen=True)
 class AnchorConfig:
     """`logodds`: compliance target sigmoid(-refusal log-odds), generation-free. `sampled`: the share
-    of `num_samples` sampled responses that are not refusals (the paper's label)."""
+    of `num_samples` sampled responses that are not refusals (the paper's label; with a judge model, the
+    harmful queries' responses must also pass the rest of the paper's rule, see `compliance_rates`)."""
 
     settings: tuple[str, ...] = PROMPT_SETTINGS
     label: str = "logodds"
@@ -96,9 +97,11 @@ def collect_anchor_data(
     judge: RefusalJudge | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    safety: SafetyJudge | None = None,
 ) -> AnchorData:
     """Representations, refusal log-odds and compliance targets of every anchor query under every setting;
-    the representations and log-odds come from one forward pass per input (batches split over `mesh`)."""
+    the representations and log-odds come from one forward pass per input (batches split over `mesh`). The
+    judge model `safety` judges the sampled label's responses to the harmful queries only."""
     queries = pairs.queries
     flags = pairs.harmless_flags.astype(np.float32)
     states, compliance, log_odds, harmless_rows, names = [], [], [], [], []
@@ -108,13 +111,21 @@ def collect_anchor_data(
         states.append(scores.states)
         log_odds.append(scores.log_odds.astype(np.float32))
         if config.label == "sampled":
-            rates = compliance_rates(model, encoded, config.sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh)
+            rates = compliance_rates(
+                model, encoded, config.sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, safety, pairs.harmless_flags == 0,
+            )
             compliance.append(rates.astype(np.float32))
         else:
             compliance.append((1 / (1 + np.exp(scores.log_odds))).astype(np.float32))
         harmless_rows.append(flags)
         names += [setting] * len(queries)
     return AnchorData(np.concatenate(states), np.concatenate(compliance), np.concatenate(log_odds), np.concatenate(harmless_rows), names)
+
+
+def check_judged_label(config: AnchorConfig, judged: bool) -> None:
+    """A judge model judges sampled responses, so it needs the sampled label (checked before it loads)."""
+    if judged and config.label != "sampled":
+        raise DroJaxError(f"a judge model judges sampled responses: it needs the sampled label, not {config.label!r}")
 
 
 def build_anchor_space(
@@ -125,15 +136,18 @@ def build_anchor_space(
     judge: RefusalJudge | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    safety: SafetyJudge | None = None,
 ) -> tuple[AnchorSpace, dict, AnchorData]:
     """Collects the anchor data and fits the space; the report holds the probes' held-out metrics."""
-    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress, mesh)
+    check_judged_label(config, safety is not None)
+    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress, mesh, safety)
     metadata = {
         "model": model.source,
         "settings": list(config.settings),
         "num_harmful": len(pairs.harmful),
         "num_harmless": len(pairs.harmless),
         "num_samples": config.num_samples if config.label == "sampled" else 0,
+        **({} if safety is None else {"judge_model": safety.name}),
     }
     space, report = data.fit(config.fit, config.label, metadata)
     return space, report, data

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 
 from dro_jax.cli.args import (
-    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
+    add_field_arg, add_judge_args, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, positive_int,
     start_job,
 )
 from dro_jax.dro.loss import LossWeights
@@ -19,7 +19,8 @@ OVERRIDES = {
     "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples", "openings": "openings",
     "refusal_fit": "refusal_fit", "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
     "seed": "seed", "loss_weights": "loss_weights", "refusal_score": "refusal_score", "eval_samples": "eval_samples",
-    "max_new_tokens": "max_new_tokens", "remat": "remat", "microbatch": "microbatch",
+    "max_new_tokens": "max_new_tokens", "remat": "remat", "microbatch": "microbatch", "judge_model": "judge_model",
+    "judge_template": "judge_template",
 }
 
 
@@ -57,17 +58,23 @@ def add_commands(commands) -> None:
     run.add_argument("--eval-samples", type=int, help="sampled responses per test query, 0 = one greedy response (default: 0; --paper: 25)")
     run.add_argument("--max-new-tokens", type=positive_int, help="response length in evaluation (default: 64; --paper: 256)")
     run.add_argument("--remat", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
+    add_judge_args(run, "a response to a harmful query (in the sampled label and the evaluation's harmful set)")
     add_mesh_args(run, microbatch=True)
     run.set_defaults(run=_run)
 
 
 def run_config(args: argparse.Namespace):
+    """The RunConfig of the command line: the preset with every given option over it (a judge template file is
+    read here, so that config.json holds the template's text)."""
+    from dro_jax.inference.judges import read_judge_template
     from dro_jax.run.config import RunConfig
 
     overrides = {field: getattr(args, name) for name, field in OVERRIDES.items() if getattr(args, name) is not None}
     for name in ("settings", "loss_weights"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
+    if "judge_template" in overrides:
+        overrides["judge_template"] = read_judge_template(overrides["judge_template"])
     return RunConfig.paper(**overrides) if args.paper else dataclasses.replace(RunConfig(), **overrides)
 
 
