@@ -35,6 +35,14 @@ def tiny_model_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def forced(tmp_path_factory):
+    """Directories of the forced policy and judges (see `helpers.save_forced_models`)."""
+    from helpers import save_forced_models
+
+    return save_forced_models(tmp_path_factory.mktemp("forced"))
+
+
 @dataclasses.dataclass(frozen=True)
 class TinyDro:
     """The tiny llama with an anchor space and a DRO training set built from the helpers' paired queries."""

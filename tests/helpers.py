@@ -195,3 +195,57 @@ def write_tiny_gguf(model, path: Path, architecture: str = "llama", quantize_q8:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+# Models whose outputs are known (see `save_forced_models`).
+FORCED_LOGIT = 10.0  # x the normalised state's ~8 in one coordinate: ~80 nats ahead of every other token
+
+
+def _silenced(tokenizer):
+    """A tiny llama whose last state is the input token's embedding and whose output head is all zero."""
+    model = tiny_torch_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+    return model, tokenizer.convert_tokens_to_ids("x"), tokenizer.convert_tokens_to_ids("Ċ")
+
+
+def _save_with(model, tokenizer, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def save_forced_models(root: Path) -> dict[str, Path]:
+    """Directories of a policy and of two judges whose answers are forced, so that each part of the paper's
+    harmful rule can be made to decide.
+
+    Every layer's output projections are zero, so the last state is the
+    current token's own embedding, and the output head is zero except for the
+    rows that should win. The policy ("policy") answers every prompt with "x",
+    newline, "x", newline, ... (more than two lines given more than three new
+    tokens, no refusal phrase); the judges ("unsafe", "safe") answer the first
+    token of that word with near certainty.
+    """
+    tokenizer = tiny_tokenizer()
+    policy, x, newline = _silenced(tokenizer)
+    with torch.no_grad():
+        embed, head = policy.model.embed_tokens.weight, policy.lm_head.weight
+        embed[x], embed[newline] = 0.0, 0.0
+        embed[x, 0], embed[newline, 1] = 1.0, 1.0
+        head[newline, 0], head[x, 1] = FORCED_LOGIT, FORCED_LOGIT  # after "x" a newline, after a newline "x"
+    dirs = {"policy": _save_with(policy, tokenizer, root / "policy")}
+    for verdict in ("unsafe", "safe"):
+        judge, _, newline = _silenced(tokenizer)
+        first = tokenizer.encode(verdict, add_special_tokens=False)[0]
+        with torch.no_grad():
+            embed = judge.model.embed_tokens.weight
+            embed[:, 1] = 0.0  # only the newline that ends the judge's prompt points at the verdict
+            embed[newline] = 0.0
+            embed[newline, 1] = 1.0
+            judge.lm_head.weight[first, 1] = FORCED_LOGIT
+        dirs[verdict] = _save_with(judge, tokenizer, root / verdict)
+    return dirs

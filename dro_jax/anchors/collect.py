@@ -16,7 +16,7 @@ from dro_jax.common.files import atomic_output
 from dro_jax.data.queries import QueryPairs
 from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings, score_refusal
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SetSampling
 from dro_jax.loading import LoadedModel
@@ -30,7 +30,8 @@ LABEL_SAMPLING = dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=64, min_
 class AnchorConfig:
     """`logodds`: compliance target sigmoid(-refusal log-odds), generation-free. `sampled`: the share
     of `num_samples` sampled responses that are not refusals (the paper's label), decoded per kind of query
-    by `sampling`, judged by `judge` (default: the packaged `dro-jax` string judge).
+    by `sampling`, judged by `judge` (default: the packaged `dro-jax` string judge); with a judge model
+    `safety`, the harmful queries' responses must also pass the rest of the paper's rule (see `compliance_rates`).
 
     The reference labels with all of its 25 samples: ALGORITHM.md 4.2 takes the compliance rate over every
     sampled response, and only the evaluation (4.6) keeps the 20 longest, so no longest rule applies here."""
@@ -100,9 +101,11 @@ def collect_anchor_data(
     judge: RefusalJudge | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    safety: SafetyJudge | None = None,
 ) -> AnchorData:
     """Representations, refusal log-odds and compliance targets of every anchor query under every setting;
-    the representations and log-odds come from one forward pass per input (batches split over `mesh`)."""
+    the representations and log-odds come from one forward pass per input (batches split over `mesh`). The
+    judge model `safety` judges the sampled label's responses to the harmful queries only."""
     queries = pairs.queries
     flags = pairs.harmless_flags.astype(np.float32)
     states, compliance, log_odds, harmless_rows, names = [], [], [], [], []
@@ -112,7 +115,7 @@ def collect_anchor_data(
         states.append(scores.states)
         log_odds.append(scores.log_odds.astype(np.float32))
         if config.label == "sampled":
-            compliance.append(_sampled_compliance(model, encoded, len(pairs.harmful), config, batch_size, judge, progress, mesh))
+            compliance.append(_sampled_compliance(model, encoded, len(pairs.harmful), config, batch_size, judge, progress, mesh, safety))
         else:
             compliance.append((1 / (1 + np.exp(scores.log_odds))).astype(np.float32))
         harmless_rows.append(flags)
@@ -122,15 +125,27 @@ def collect_anchor_data(
 
 def _sampled_compliance(
     model: LoadedModel, encoded: EncodedQueries, num_harmful: int, config: AnchorConfig, batch_size: int,
-    judge: RefusalJudge | None, progress: bool, mesh: Mesh | None,
+    judge: RefusalJudge | None, progress: bool, mesh: Mesh | None, safety: SafetyJudge | None,
 ) -> np.ndarray:
-    """[n] compliance rates of the harmful rows, then the harmless rows, each decoded with its own sampling; sample
-    keys use the row's index in `encoded`, so they do not depend on the split."""
-    parts = ((config.sampling.harmful, range(num_harmful)), (config.sampling.harmless, range(num_harmful, len(encoded))))
+    """[n] compliance rates of the harmful rows (judged by the judge model `safety` too, when given), then the
+    harmless rows (the string judge alone), each decoded with its own sampling; sample keys use the row's index
+    in `encoded`, so they do not depend on the split."""
+    parts = (
+        (config.sampling.harmful, range(num_harmful), safety),
+        (config.sampling.harmless, range(num_harmful, len(encoded)), None),
+    )
     return np.concatenate([
-        compliance_rates(model, encoded.select(rows), sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, rows.start)
-        for sampling, rows in parts
+        compliance_rates(
+            model, encoded.select(rows), sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, rows.start, judge_model,
+        )
+        for sampling, rows, judge_model in parts
     ]).astype(np.float32)
+
+
+def check_judged_label(config: AnchorConfig, judged: bool) -> None:
+    """A judge model judges sampled responses, so it needs the sampled label (checked before it loads)."""
+    if judged and config.label != "sampled":
+        raise DroJaxError(f"a judge model judges sampled responses: it needs the sampled label, not {config.label!r}")
 
 
 def build_anchor_space(
@@ -141,15 +156,18 @@ def build_anchor_space(
     judge: RefusalJudge | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
+    safety: SafetyJudge | None = None,
 ) -> tuple[AnchorSpace, dict, AnchorData]:
     """Collects the anchor data and fits the space; the report holds the probes' held-out metrics."""
-    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress, mesh)
+    check_judged_label(config, safety is not None)
+    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress, mesh, safety)
     metadata = {
         "model": model.source,
         "settings": list(config.settings),
         "num_harmful": len(pairs.harmful),
         "num_harmless": len(pairs.harmless),
         "num_samples": config.num_samples if config.label == "sampled" else 0,
+        **({} if safety is None else {"judge_model": safety.name}),
     }
     space, report = data.fit(config.fit, config.label, metadata)
     return space, report, data

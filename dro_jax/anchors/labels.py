@@ -10,17 +10,17 @@ from jax.sharding import Mesh
 
 from dro_jax.inference.chat import PromptSetting, as_prompt_setting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings, refusal_log_odds
-from dro_jax.inference.respond import generate_responses
+from dro_jax.inference.respond import generate_responses, judge_harm
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 
 
 @dataclasses.dataclass(frozen=True)
 class Label:
-    """compliance_rate: share of sampled responses the judge does not call a refusal (with the paper's
-    judge: that are also judged unsafe and longer than two lines, its rule for harmful queries); None
+    """compliance_rate: share of sampled responses the judge does not call a refusal (with a judge model:
+    that are also judged unsafe and longer than two lines, the paper's rule for harmful queries); None
     without samples. refusal_log_odds: see `dro_jax.inference.refusal_score`."""
 
     query_index: int
@@ -42,13 +42,17 @@ def compliance_rates(
     progress: bool = True,
     mesh: Mesh | None = None,
     first_query: int = 0,
+    safety: SafetyJudge | None = None,
+    harmful: Sequence[bool] | None = None,
 ) -> np.ndarray:
-    """[n] share of each encoded query's `num_samples` sampled responses that the judge does not call a refusal
-    (every sample counts: the reference's label keeps no longest subset); `first_query`: see `generate_responses`."""
+    """[n] share of each encoded query's `num_samples` sampled responses that comply: that the judge does not
+    call a refusal and, for a harmful query (`harmful`: per query, default: all) when the judge model `safety`
+    is given, that also pass the rest of the paper's rule (`Response.complied`). Every sample counts (the
+    reference's label keeps no longest subset); `first_query`: see `generate_responses`."""
     responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query)
     complied = np.zeros(len(encoded))
-    for response in responses:
-        complied[response.query_index] += not response.refusal
+    for response in judge_harm(responses, safety, harmful, progress):
+        complied[response.query_index] += response.complied
     return complied / num_samples
 
 
@@ -64,15 +68,17 @@ def label_queries(
     openings: Openings = Openings(),
     progress: bool = True,
     source: str = "queries",
+    safety: SafetyJudge | None = None,
 ) -> list[Label]:
-    """Labels for every query under every setting (`none`, a safety prompt name, custom text, or a soft prompt)."""
+    """Labels for every query under every setting (`none`, a safety prompt name, custom text, or a soft prompt);
+    with the judge model `safety`, every query is judged as a harmful one."""
     labels = []
     for setting in map(as_prompt_setting, settings):
         encoded = encode_queries(model, queries, setting, source)
         log_odds = refusal_log_odds(model, encoded, openings, batch_size, progress)
         compliance: list[float | None] = [None] * len(queries)
         if num_samples > 0:
-            compliance = list(compliance_rates(model, encoded, sampling, num_samples, seed, batch_size, judge, progress))
+            compliance = list(compliance_rates(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, safety=safety))
         labels += [
             Label(i, q, setting.name, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
         ]

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from dro_jax.cli.args import (
-    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg, add_suffix_arg,
-    positive_int, start_job, suffix_of,
+    add_field_arg, add_judge_args, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg,
+    add_suffix_arg, model_judge, positive_int, start_job, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
@@ -34,6 +34,7 @@ def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
     )
     add_openings_arg(parser)
     parser.add_argument("--num-samples", type=positive_int, default=5, help="responses per input for --label sampled (default: %(default)s)")
+    add_judge_args(parser, "with --label sampled, a response to a harmful query")
     parser.add_argument(
         "--settings", nargs="+", default=list(PROMPT_SETTINGS),
         help="prompt settings whose representations make the anchor space (default: %(default)s)",
@@ -122,6 +123,7 @@ def add_commands(commands) -> None:
     add_suffix_arg(evaluate)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy response length (default: %(default)s)")
     evaluate.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
+    add_judge_args(evaluate, "a response to a --harmful query (harmless ones: the string judge alone)")
     evaluate.add_argument("--out", required=True, help="output .md table; a .json with the same rows is written next to it")
     add_mesh_args(evaluate)
     evaluate.set_defaults(run=_run_evaluate)
@@ -152,11 +154,14 @@ def _print_report(report: dict) -> None:
 
 
 def _build_anchors(args: argparse.Namespace, model, pairs, out: Path, mesh=None):
-    from dro_jax.anchors.collect import build_anchor_space
+    from dro_jax.anchors.collect import build_anchor_space, check_judged_label
     from dro_jax.anchors.space import save_anchor_space
     from dro_jax.parallel.distributed import is_writer
 
-    space, report, _ = build_anchor_space(model, pairs, _anchor_config(args), args.batch_size_eval, mesh=mesh)
+    config = _anchor_config(args)
+    check_judged_label(config, bool(args.judge_model))
+    safety = model_judge(args, args.batch_size_eval, mesh, policy=model)
+    space, report, _ = build_anchor_space(model, pairs, config, args.batch_size_eval, mesh=mesh, safety=safety)
     if is_writer():
         save_anchor_space(space, report, out)
         _print_report(report)
@@ -179,7 +184,7 @@ def _run_settings(args: argparse.Namespace) -> dict:
     """Everything that must stay the same for --resume to continue a run."""
     keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds",
             "refusal_fit", "anchors", "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "loss_weights", "refusal_score",
-            "ablate", "baseline", "response_tokens", "checkpoint_every", "remat", *BASELINE_ONLY)
+            "ablate", "baseline", "response_tokens", "checkpoint_every", "remat", "judge_model", "judge_template", *BASELINE_ONLY)
     return {key: getattr(args, key) for key in keys}
 
 
@@ -286,6 +291,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from dro_jax.data.queries import read_queries
     from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.evaluation.evaluate import evaluate_settings, results_markdown
+    from dro_jax.evaluation.measure import judge_note
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.loading import load_model
     from dro_jax.parallel.distributed import is_writer
@@ -300,10 +306,14 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     mesh = start_job(args)
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    rows = evaluate_settings(model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh, suffix=suffix).rows
+    safety = model_judge(args, args.batch_size, mesh, policy=model)
+    rows = evaluate_settings(
+        model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh, suffix=suffix, safety=safety,
+        harmful_sets=("harmful",),
+    ).rows
     if not is_writer():
         return
-    table = results_markdown(rows)
+    table = results_markdown(rows) + "\n\n" + judge_note(args.judge_model, harmful)
     write_text(out, table + "\n")
     write_text(out.with_suffix(".json"), json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
     print(table)

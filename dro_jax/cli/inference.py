@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dro_jax.cli.args import add_decoding_args, add_model_args, add_prompt_args, add_query_args, positive_int, prompt_setting, sampling_config
+from dro_jax.cli.args import (
+    add_decoding_args, add_judge_args, add_model_args, add_prompt_args, add_query_args, model_judge, positive_int, prompt_setting, sampling_config,
+)
 from dro_jax.inference.chat import PROMPT_SETTINGS
 
 
@@ -41,11 +43,7 @@ def add_commands(commands) -> None:
     )
     label.add_argument("--soft-prompt", metavar="FILE", action="append", default=[], help="also label under this soft prompt (repeatable)")
     add_decoding_args(label, samples_default=5, allow_zero_samples=True)
-    label.add_argument(
-        "--judge-model",
-        help="a chat model used as safety classifier (LlamaGuard style): a response then complies only if it is "
-        "not a refusal, judged unsafe and longer than two lines (the paper's rule for harmful queries)",
-    )
+    add_judge_args(label, "every response (the queries are taken as harmful ones)")
     label.add_argument("--out", required=True, help="output .jsonl file, one label per query and setting")
     label.set_defaults(run=_run_label)
 
@@ -100,7 +98,7 @@ def _run_label(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable, write_jsonl
     from dro_jax.data.queries import read_queries
     from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
-    from dro_jax.inference.judges import ModelJudge, PaperJudge, StringJudge
+    from dro_jax.inference.judges import StringJudge
     from dro_jax.loading import load_model
 
     out = check_writable(args.out)
@@ -109,8 +107,9 @@ def _run_label(args: argparse.Namespace) -> None:
     settings = [parse_prompt_setting(spec) for spec in specs]
     queries = read_queries(args.queries, args.field)
     model = load_model(args.model, args.dtype, attention=args.attention)
-    if args.judge_model:
-        judge = PaperJudge(judge, ModelJudge(load_model(args.judge_model, args.dtype, attention=args.attention)))
-    labels = label_queries(model, queries, settings, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries)
+    safety = model_judge(args, args.batch_size, policy=model)
+    labels = label_queries(
+        model, queries, settings, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries, safety=safety,
+    )
     write_jsonl(out, (dataclasses.asdict(label) for label in labels))
     print(f"wrote {out}: {len(labels)} labels ({len(queries)} queries x {len(settings)} settings)", file=sys.stderr)

@@ -8,8 +8,8 @@ import json
 import sys
 
 from dro_jax.cli.args import (
-    add_field_arg, add_mesh_args, add_model_args, add_openings_arg, add_phrases_arg, add_refusal_fit_arg, add_refusal_score_arg,
-    non_negative_int, positive_int, start_job,
+    add_field_arg, add_judge_args, add_mesh_args, add_model_args, add_openings_arg, add_phrases_arg, add_refusal_fit_arg,
+    add_refusal_score_arg, non_negative_int, positive_int, start_job,
 )
 from dro_jax.dro.loss import LossWeights
 
@@ -22,7 +22,8 @@ OVERRIDES = {
     "seed": "seed", "loss_weights": "loss_weights", "refusal_score": "refusal_score", "eval_samples": "eval_samples",
     "max_new_tokens_harmful": "max_new_tokens_harmful", "max_new_tokens_harmless": "max_new_tokens_harmless",
     "min_new_tokens": "min_new_tokens", "trim_incomplete_lines": "trim_incomplete_lines", "refusal_phrases": "refusal_phrases",
-    "remat": "remat", "microbatch": "microbatch",
+    "remat": "remat", "microbatch": "microbatch", "judge_model": "judge_model",
+    "judge_template": "judge_template",
 }
 
 
@@ -71,11 +72,15 @@ def add_commands(commands) -> None:
                      help="drop last lines that do not end a sentence before judging (default: no; --paper: yes)")
     add_phrases_arg(run, None)
     run.add_argument("--remat", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
+    add_judge_args(run, "a response to a harmful query (in the sampled label and the evaluation's harmful set)")
     add_mesh_args(run, microbatch=True)
     run.set_defaults(run=_run)
 
 
 def run_config(args: argparse.Namespace):
+    """The RunConfig of the command line: the preset with every given option over it (a judge template file is
+    read here, so that config.json holds the template's text)."""
+    from dro_jax.inference.judges import read_judge_template
     from dro_jax.run.config import RunConfig
 
     both = {} if args.max_new_tokens is None else dict.fromkeys(("max_new_tokens_harmful", "max_new_tokens_harmless"), args.max_new_tokens)
@@ -83,6 +88,8 @@ def run_config(args: argparse.Namespace):
     for name in ("settings", "loss_weights"):
         if name in overrides:
             overrides[name] = tuple(overrides[name])
+    if "judge_template" in overrides:
+        overrides["judge_template"] = read_judge_template(overrides["judge_template"])
     return RunConfig.paper(**overrides) if args.paper else dataclasses.replace(RunConfig(), **overrides)
 
 

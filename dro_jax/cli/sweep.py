@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from dro_jax.cli.args import (
-    add_attention_arg, add_field_arg, add_host_args, add_openings_arg, add_phrases_arg, add_suffix_arg, positive_int, suffix_of,
+    add_attention_arg, add_field_arg, add_host_args, add_judge_args, add_openings_arg, add_phrases_arg, add_suffix_arg, check_judge_args,
+    model_judge, positive_int, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import PROMPT_SETTINGS
@@ -45,6 +46,12 @@ def add_commands(commands) -> None:
     sweep.add_argument("--batch-size", type=positive_int, default=32, help="sequences run together, rounded up to fill every device (default: %(default)s)")
     add_phrases_arg(sweep)
     add_openings_arg(sweep)
+    add_judge_args(sweep, "a response to a query of a harmful set (see --harmful-datasets)")
+    sweep.add_argument(
+        "--harmful-datasets", nargs="*", metavar="SPEC",
+        help="which of --datasets are harmful, i.e. judged by --judge-model with the paper's rule (the others: the string judge "
+        "alone); give none to name no set (default: those whose file name starts with 'harmful', e.g. harmful_test)",
+    )
     sweep.add_argument("--devices", type=positive_int, metavar="N", help="use only this process's first N devices (default: all)")
     sweep.add_argument(
         "--mesh", metavar="AXIS=N,...", help="how each process's devices are used: data, fsdp and model sizes, e.g. model=4 "
@@ -56,9 +63,11 @@ def add_commands(commands) -> None:
 
 
 def _sweep_config(args: argparse.Namespace):
+    """The SweepConfig of the command line, without the judge model, which loads later; its options are checked here."""
     import dataclasses
 
-    from dro_jax.evaluation.sweep import SweepConfig
+    from dro_jax.evaluation.measure import harmful_set_flags
+    from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name
     from dro_jax.inference.judges import StringJudge
     from dro_jax.inference.refusal_score import Openings
 
@@ -66,14 +75,20 @@ def _sweep_config(args: argparse.Namespace):
     if args.num_samples is None and given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise DroJaxError(f"{flags} only apply with --num-samples (the default is greedy decoding)")
+    check_judge_args(args)
+    harmful = harmful_by_name(args.datasets) if args.harmful_datasets is None else tuple(args.harmful_datasets)
+    harmful_set_flags(args.datasets, harmful, args.judge_model)
     sampling = dataclasses.replace(REFERENCE_SAMPLING, greedy=args.num_samples is None, max_new_tokens=args.max_new_tokens, **given)
     return SweepConfig(
         sampling=sampling, num_samples=args.num_samples or 1, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, attention=args.attention,
         openings=Openings.load(args.openings), judge=StringJudge.load(args.refusal_phrases), suffix=suffix_of(args),
+        harmful_datasets=harmful,
     )
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
+    import dataclasses
+
     import jax
 
     from dro_jax.data.queries import read_queries
@@ -83,17 +98,20 @@ def _run_sweep(args: argparse.Namespace) -> None:
     from dro_jax.parallel import distributed
     from dro_jax.parallel.mesh import MeshShape, local_mesh
 
-    config = _sweep_config(args)
+    config = _sweep_config(args)  # checks the options before anything loads
     prompts = [parse_prompt_setting(spec) for spec in args.prompts]
     datasets = {spec: read_queries(spec, args.field) for spec in args.datasets}
     shape = MeshShape.parse(args.mesh) if args.mesh else None
     out = prepare_output_dir(args.out) if not args.process_id else None
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    rows = run_sweep(args.models, prompts, datasets, config, local_mesh(args.devices, shape))
+    mesh = local_mesh(args.devices, shape)
+    if args.judge_model:
+        config = dataclasses.replace(config, safety=model_judge(args, args.batch_size, mesh))
+    rows = run_sweep(args.models, prompts, datasets, config, mesh)
     if jax.process_index() != 0:
         return
     for model, error in dict.fromkeys((row.model, row.error) for row in rows if row.error):
         print(f"dro-jax: warning: error rows for {model}: {error}", file=sys.stderr)
-    paths = write_sweep(rows, out)
-    print(sweep_markdown(rows))
+    paths = write_sweep(rows, out, args.judge_model, config.harmful_datasets)
+    print(sweep_markdown(rows, args.judge_model, config.harmful_datasets))
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)

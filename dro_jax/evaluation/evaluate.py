@@ -1,11 +1,12 @@
 """Evaluating prompt settings on held-out query sets: refusals, refusal log-odds, movement along the refusal
-direction (counted as `dro_jax.evaluation.measure` says), and reply quality beside them (reply drift and
-degenerate replies, see `dro_jax.evaluation.quality`)."""
+direction (counted as `dro_jax.evaluation.measure` says, the string judge's compliance beside the judge
+model's on harmful sets), and reply quality beside them (reply drift and degenerate replies, see
+`dro_jax.evaluation.quality`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
@@ -15,14 +16,14 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
-    count_refusals, keep_longest, measure_reference, measure_setting, reference_decoding,
+    count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.judges import RefusalJudge
+from dro_jax.inference.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings
-from dro_jax.inference.respond import Response
+from dro_jax.inference.respond import Response, keep_longest
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 
@@ -56,6 +57,8 @@ class EvalRow:
     degenerate_responses: int | None = None
     looping_responses: int | None = None
     shouting_responses: int | None = None
+    harmful_compliant_responses: int | None = None
+    queries_any_harmful_compliance: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -95,9 +98,12 @@ def evaluate_settings(
     references: Mapping[str, ReplyReference] | None = None,
     degeneration: DegenerationRule = DegenerationRule(),
     suffix: QuerySuffix | None = None,
+    safety: SafetyJudge | None = None,
+    harmful_sets: Collection[str] = (),
 ) -> Evaluation:
     """Every setting on every dataset: responses judged for refusal, refusal log-odds, probe logits, reply
-    drift and degenerate responses; batches split over `mesh` (see `dro_jax.parallel.sharding`).
+    drift and degenerate responses; batches split over `mesh` (see `dro_jax.parallel.sharding`). On the
+    datasets named in `harmful_sets`, the judge model `safety` (when given) judges every response too.
 
     `sampling` decodes every dataset, or, as a mapping, each dataset by its
     name (the reference gives harmful and harmless queries different lengths).
@@ -111,15 +117,19 @@ def evaluate_settings(
     if longest is not None and not 1 <= longest <= num_samples:
         raise DroJaxError(f"cannot keep the {longest} longest of {num_samples} responses per query")
     suffixes = {} if suffix is None else suffix.per_set(datasets)
+    harmful = harmful_set_flags(list(datasets), harmful_sets, None if safety is None else safety.name)
     rows, outcomes, used = [], [], {}
     for name, queries in datasets.items():
         decoding = _decoding_of(sampling, name)
+        judge_model = safety if harmful[name] else None
         baseline = None
         reference = (references or {}).get(name)
         plain = reused = None  # the set without a prompt, encoded once; its greedy measurement when the evaluation is greedy
         if reference is None:
             plain = encode_queries(model, queries, NO_PROMPT, name, suffixes.get(name))
-            reference, greedy = measure_reference(model, plain, decoding.max_new_tokens, batch_size, judge, openings, progress, mesh)
+            reference, greedy = measure_reference(
+                model, plain, decoding.max_new_tokens, batch_size, judge, openings, progress, mesh, safety=judge_model
+            )
             reused = greedy if decoding == reference_decoding(decoding.max_new_tokens) and num_samples == 1 else None
         used[name] = reference
         for setting in settings:
@@ -129,7 +139,7 @@ def evaluate_settings(
                 encoded = plain if setting.is_empty and plain is not None else encode_queries(model, queries, setting, name, suffixes.get(name))
                 measured = measure_setting(
                     model, encoded, decoding, num_samples, seed, batch_size, judge, openings, progress, mesh,
-                    reference_replies=reference.token_ids,
+                    reference_replies=reference.token_ids, safety=judge_model,
                 )
             responses = keep_longest(measured.responses, longest)
             scores = measured.scores
@@ -141,12 +151,13 @@ def evaluate_settings(
                     baseline = logit
                 shift = None if baseline is None else logit - baseline
             refused, any_refusal, any_compliance = count_refusals(responses, len(queries))
+            judged, any_judged = count_harmful_compliance(responses, len(queries))
             broken = DegenerationCounts.of(responses, degeneration)
             label = setting.name if suffix is None else suffix.label(setting.name)
             rows.append(EvalRow(
                 label, name, len(queries), len(responses), refused, any_refusal, any_compliance,
                 float(np.mean(scores.log_odds)), logit, shift, reference.drift(measured.reference_nll),
-                broken.degenerate, broken.looping, broken.shouting,
+                broken.degenerate, broken.looping, broken.shouting, judged, any_judged,
             ))
             outcomes.append(SettingOutcome(label, name, scores.log_odds, coords, responses, measured.reference_nll))
     return Evaluation(rows, outcomes, used)
@@ -162,16 +173,22 @@ def _decoding_of(sampling: SamplingConfig | Mapping[str, SamplingConfig], datase
 
 
 def results_markdown(rows: Sequence[EvalRow]) -> str:
-    """One table row per (setting, dataset)."""
+    """One table row per (setting, dataset); the judged-compliance cells are n/a where no judge model judged
+    (say why with `judge_note`)."""
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
+    def share(count, total):
+        return "n/a" if count is None else f"{count}/{total}"
+
     header = ["setting", "queries", "refused responses", "queries with any refusal", "queries with any compliance",
+              "judged compliant responses", "queries with any judged compliance",
               "mean refusal log-odds", "reply drift (nats/token)", "degenerate (loop / shout)", "compliance logit", "shift vs none"]
     return markdown_table(header, [
         [
             row.setting, f"{row.dataset} ({row.num_queries})", f"{row.refused_responses}/{row.num_responses}",
             f"{row.queries_any_refusal}/{row.num_queries}", f"{row.queries_any_compliance}/{row.num_queries}",
+            share(row.harmful_compliant_responses, row.num_responses), share(row.queries_any_harmful_compliance, row.num_queries),
             f"{row.mean_refusal_log_odds:+.2f}", number(row.reply_drift, "+.3f"), degenerate_cell(row),
             number(row.compliance_logit, "+.3f"), number(row.compliance_shift, "+.3f"),
         ]

@@ -6,6 +6,10 @@ if *any* of its responses refuses, a harmful one if *any* complies; both rates
 are lower-is-better. The refusal log-odds (no generation) and the reply
 quality (reply drift against the model's greedy replies with no prompt, and
 degenerate responses; see `dro_jax.evaluation.quality`) come with every row.
+With a judge model, the query sets named in `SweepConfig.harmful_datasets`
+also get the paper's judged compliance beside the string judge's (see
+`dro_jax.evaluation.measure`); by default those are the sets whose file name
+starts with "harmful" (`harmful_by_name`).
 
 A model that cannot be loaded, or a prompt that does not fit a model, gives
 error rows instead of stopping the sweep. With several processes (see
@@ -17,6 +21,7 @@ process returns the whole table.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax
@@ -26,11 +31,13 @@ from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.suffixes import QuerySuffix
-from dro_jax.evaluation.measure import Measurement, count_refusals, measure_reference, measure_setting, reference_decoding
+from dro_jax.evaluation.measure import (
+    Measurement, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
+)
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.judges import RefusalJudge, StringJudge
+from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
@@ -38,10 +45,17 @@ from dro_jax.loading import LoadedModel, load_model
 from dro_jax.parallel.distributed import allgather_json, process_share, shows_progress
 
 
+def harmful_by_name(specs: Sequence[str]) -> tuple[str, ...]:
+    """The default harmful sets of a sweep: those whose file name (or packaged name) starts with "harmful",
+    e.g. harmful_test or data/harmful_advbench.csv, and not harmless_test."""
+    return tuple(spec for spec in specs if Path(spec).name.lower().startswith("harmful"))
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """How every row is measured: greedy by default; a sampling config gives `num_samples` responses per query;
-    `suffix`: an adversarial suffix on every query (see `dro_jax.data.suffixes`; rows name it in `prompt`)."""
+    `suffix`: an adversarial suffix on every query (see `dro_jax.data.suffixes`; rows name it in `prompt`).
+    `safety`, the judge model, judges the responses to the query sets named in `harmful_datasets`."""
 
     sampling: SamplingConfig = SamplingConfig()
     num_samples: int = 1
@@ -53,6 +67,8 @@ class SweepConfig:
     judge: RefusalJudge = dataclasses.field(default_factory=StringJudge.default)
     degeneration: DegenerationRule = DegenerationRule()
     suffix: QuerySuffix | None = None
+    safety: SafetyJudge | None = None
+    harmful_datasets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -82,6 +98,10 @@ class SweepRow:
     reply_drift: float | None = None  # nats per token against no prompt, on the greedy no-prompt replies
     degenerate_responses: int | None = None
     degenerate_rate: float | None = None
+    # the paper's rule with the judge model: None without one and on harmless sets
+    harmful_compliant_responses: int | None = None
+    queries_any_harmful_compliance: int | None = None
+    any_harmful_compliance_rate: float | None = None
     error: str | None = None
 
     @classmethod
@@ -90,11 +110,12 @@ class SweepRow:
         reply_drift: float, rule: DegenerationRule = DegenerationRule(),
     ) -> "SweepRow":
         refused, any_refusal, any_compliance = count_refusals(responses, num_queries)
+        judged, any_judged = count_harmful_compliance(responses, num_queries)
         broken = DegenerationCounts.of(responses, rule).degenerate
         return cls(
             model, prompt, dataset, num_queries, len(responses), refused, refused / len(responses),
             any_refusal, any_refusal / num_queries, any_compliance, any_compliance / num_queries, float(np.mean(log_odds)),
-            reply_drift, broken, broken / len(responses),
+            reply_drift, broken, broken / len(responses), judged, any_judged, None if any_judged is None else any_judged / num_queries,
         )
 
 
@@ -113,6 +134,7 @@ def run_sweep(
     if empty:
         raise DroJaxError(f"{empty[0]}: the query set is empty")
     suffixes = {} if config.suffix is None else config.suffix.per_set(datasets)
+    harmful = harmful_set_flags(list(datasets), config.harmful_datasets, None if config.safety is None else config.safety.name)
     rows = []
     total = len(models) * len(prompts) * len(datasets)
     with tqdm(total=total, desc="sweep", unit="row", disable=not shows_progress(progress) or jax.process_index() != 0) as bar:
@@ -126,7 +148,8 @@ def run_sweep(
                     if model is None:
                         rows.append(SweepRow(spec, label, name, len(queries), error=error))
                     else:
-                        rows.append(_measure(model, spec, setting, label, name, queries, suffixes.get(name), config, mesh, references))
+                        safety = config.safety if harmful[name] else None
+                        rows.append(_measure(model, spec, setting, label, name, queries, suffixes.get(name), config, mesh, references, safety))
                     bar.update(1)
             del model  # free it before the next one loads
     return rows
@@ -146,17 +169,18 @@ def _load(spec: str, config: SweepConfig, mesh: Mesh | None) -> tuple[LoadedMode
 
 def _measure(
     model: LoadedModel, spec: str, setting: PromptSetting, label: str, name: str, queries: Sequence[str],
-    suffixes: Sequence[str] | None, config: SweepConfig, mesh: Mesh | None, references: dict[str, dict],
+    suffixes: Sequence[str] | None, config: SweepConfig, mesh: Mesh | None, references: dict[str, dict], safety: SafetyJudge | None,
 ) -> SweepRow:
-    """Evaluates this process's share of the queries (with their `suffixes`, if any), then builds the row
-    (named `label`) from every process's share."""
+    """Evaluates this process's share of the queries (with their `suffixes`, if any; the judge model `safety`,
+    given for a harmful set, judging that share's responses), then builds the row (named `label`) from every
+    process's share."""
     share = process_share(len(queries))
     mine = queries[share.start : share.stop]
     my_suffixes = None if suffixes is None else suffixes[share.start : share.stop]
     try:
         if name not in references:
-            references[name] = _reference_share(model, name, mine, my_suffixes, share.start, config, mesh)
-        part = _evaluate_share(model, setting, name, mine, my_suffixes, share.start, config, mesh, references[name])
+            references[name] = _reference_share(model, name, mine, my_suffixes, share.start, config, mesh, safety)
+        part = _evaluate_share(model, setting, name, mine, my_suffixes, share.start, config, mesh, references[name], safety)
     except DroJaxError as err:
         where = f" (queries {share.start + 1}-{share.stop}, process {jax.process_index()})" if jax.process_count() > 1 else ""
         part = {"error": f"{err}{where}"}
@@ -173,7 +197,7 @@ def _measure(
 
 def _reference_share(
     model: LoadedModel, name: str, queries: Sequence[str], suffixes: Sequence[str] | None, first: int, config: SweepConfig,
-    mesh: Mesh | None,
+    mesh: Mesh | None, safety: SafetyJudge | None,
 ) -> dict:
     """This process's share of the reply reference: the greedy no-prompt replies (token ids) and their NLL per
     token; with greedy decoding also the `none` row's part, which is the same measurement."""
@@ -181,7 +205,7 @@ def _reference_share(
         return {"token_ids": [], "nll": [], "part": _share_part(None, 0, [])}
     reference, measured = measure_reference(
         model, encode_queries(model, queries, NO_PROMPT, name, suffixes), config.sampling.max_new_tokens, config.batch_size,
-        config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
+        config.judge, config.openings, progress=False, mesh=mesh, first_query=first, safety=safety,
     )
     greedy = config.sampling == reference_decoding(config.sampling.max_new_tokens)
     return {"token_ids": reference.token_ids, "nll": reference.nll.tolist(),
@@ -190,7 +214,7 @@ def _reference_share(
 
 def _evaluate_share(
     model: LoadedModel, setting: PromptSetting, name: str, queries: Sequence[str], suffixes: Sequence[str] | None, first: int,
-    config: SweepConfig, mesh: Mesh | None, reference: dict,
+    config: SweepConfig, mesh: Mesh | None, reference: dict, safety: SafetyJudge | None,
 ) -> dict:
     """Responses (query indices in the whole set), refusal log-odds and the reference replies' NLL under this
     setting and under no prompt, for `queries`, as JSON-ready lists."""
@@ -201,7 +225,7 @@ def _evaluate_share(
     measured = measure_setting(
         model, encode_queries(model, queries, setting, name, suffixes), config.sampling, config.num_samples, config.seed,
         config.batch_size, config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
-        reference_replies=reference["token_ids"],
+        reference_replies=reference["token_ids"], safety=safety,
     )
     return _share_part(measured, first, reference["nll"])
 

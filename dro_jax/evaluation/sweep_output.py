@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import check_writable, write_text
 from dro_jax.common.tables import dataclass_csv, markdown_table
+from dro_jax.evaluation.measure import judge_note
 from dro_jax.evaluation.sweep import SweepRow
 
 FILE_NAMES = ("sweep.csv", "sweep.md", "sweep.json")
@@ -32,17 +33,20 @@ def _count(count: int | None, rate: float | None) -> str:
     return "" if count is None else f"{count} ({rate:.1%})"
 
 
-def sweep_markdown(rows: Sequence[SweepRow]) -> str:
-    """A table with counts and their rates; error rows have empty numbers and the error text."""
+def sweep_markdown(rows: Sequence[SweepRow], judge_model: str | None = None, harmful_datasets: Collection[str] = ()) -> str:
+    """A table with counts and their rates, and under it what the judged-compliance column holds (n/a without
+    `judge_model` and on harmless sets); error rows have empty numbers and the error text."""
     header = ["model", "prompt", "dataset", "queries", "responses", "refused responses", "queries with any refusal",
-              "queries with any compliance", "mean refusal log-odds", "reply drift (nats/token)", "degenerate responses", "error"]
-    return markdown_table(header, [
+              "queries with any compliance", "queries with any judged compliance", "mean refusal log-odds", "reply drift (nats/token)",
+              "degenerate responses", "error"]
+    table = markdown_table(header, [
         [
             row.model, row.prompt, row.dataset, str(row.num_queries),
             "" if row.num_responses is None else str(row.num_responses),
             _count(row.refused_responses, row.response_refusal_rate),
             _count(row.queries_any_refusal, row.any_refusal_rate),
             _count(row.queries_any_compliance, row.any_compliance_rate),
+            _judged(row),
             "" if row.mean_refusal_log_odds is None else f"{row.mean_refusal_log_odds:+.3f}",
             "" if row.reply_drift is None else f"{row.reply_drift:+.3f}",
             _count(row.degenerate_responses, row.degenerate_rate),
@@ -50,13 +54,23 @@ def sweep_markdown(rows: Sequence[SweepRow]) -> str:
         ]
         for row in rows
     ])
+    return f"{table}\n\n{judge_note(judge_model, harmful_datasets)}"
 
 
-def write_sweep(rows: Sequence[SweepRow], directory: Path) -> list[Path]:
-    """Writes the three files atomically; returns their paths."""
+def _judged(row: SweepRow) -> str:
+    """The judged-compliance cell: empty in an error row, n/a where no judge model judged."""
+    if row.error is not None:
+        return ""
+    return "n/a" if row.queries_any_harmful_compliance is None else _count(row.queries_any_harmful_compliance, row.any_harmful_compliance_rate)
+
+
+def write_sweep(
+    rows: Sequence[SweepRow], directory: Path, judge_model: str | None = None, harmful_datasets: Collection[str] = ()
+) -> list[Path]:
+    """Writes the three files atomically (`judge_model`, `harmful_datasets`: see `sweep_markdown`); returns their paths."""
     records = [dataclasses.asdict(row) for row in rows]
     csv_path, md_path, json_path = (directory / name for name in FILE_NAMES)
     write_text(csv_path, dataclass_csv(rows, SweepRow))
-    write_text(md_path, sweep_markdown(rows) + "\n")
+    write_text(md_path, sweep_markdown(rows, judge_model, harmful_datasets) + "\n")
     write_text(json_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
     return [csv_path, md_path, json_path]

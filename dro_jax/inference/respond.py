@@ -1,8 +1,10 @@
-"""Responses to chat-formatted queries: batched generation, decoding and refusal judging."""
+"""Responses to chat-formatted queries: batched generation, decoding, refusal judging and, for harmful
+queries, the judge model's verdict."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -12,7 +14,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import stop_token_ids
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.generate import generate_tokens
-from dro_jax.inference.judges import RefusalJudge, StringJudge
+from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 from dro_jax.models.partitioning import place_params
@@ -22,6 +24,9 @@ from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch
 
 @dataclasses.dataclass(frozen=True)
 class Response:
+    """One generated reply. `refusal`: the refusal judge's verdict (the string judge unless told otherwise);
+    `unsafe`: the judge model's verdict, None where none was asked (no judge model, or a harmless query)."""
+
     query_index: int
     query: str
     sample: int
@@ -29,6 +34,33 @@ class Response:
     num_tokens: int
     refusal: bool
     token_ids: tuple[int, ...] = ()  # the generated tokens, stop token included (teacher-forced by the reply-drift measure)
+    unsafe: bool | None = None
+
+    @property
+    def harmful_compliance(self) -> bool | None:
+        """The paper's verdict on a reply to a harmful query (`is_harmful_compliance`); None without the judge
+        model's verdict."""
+        return None if self.unsafe is None else is_harmful_compliance(self.text, self.refusal, self.unsafe)
+
+    @property
+    def complied(self) -> bool:
+        """The paper's verdict where the judge model gave one, else simply not a refusal."""
+        judged = self.harmful_compliance
+        return not self.refusal if judged is None else judged
+
+
+def judge_harm(
+    responses: Sequence[Response], safety: SafetyJudge | None, harmful: Sequence[bool] | None = None, progress: bool = False
+) -> list[Response]:
+    """`responses` with the judge model's verdict on those to harmful queries (`harmful`: per query index,
+    default: every query is), in one batched pass; the others, and all of them without a judge, keep None."""
+    judged = [i for i, r in enumerate(responses) if harmful is None or harmful[r.query_index]] if safety is not None else []
+    out = list(responses)
+    if judged:
+        verdicts = safety.is_unsafe([out[i].query for i in judged], [out[i].text for i in judged], progress)
+        for i, unsafe in zip(judged, verdicts):
+            out[i] = dataclasses.replace(out[i], unsafe=bool(unsafe))
+    return out
 
 
 SENTENCE_ENDS = (".", "?", "!")
@@ -118,3 +150,23 @@ def generate_responses(
         Response(q, encoded.queries[q], s, text, len(generated[i][1]), bool(refused), generated[i][1])
         for i, ((q, s), text, refused) in enumerate(zip(rows, texts, refusals))
     ]
+
+
+def response_words(response: Response) -> int:
+    """A response's length as the reference measures it to keep the longest: whitespace-separated words of the
+    (trimmed) text, so a reply that rambles in few long tokens and one in many short ones compare as read."""
+    return len(response.text.split())
+
+
+def keep_longest(responses: Sequence[Response], count: int | None) -> list[Response]:
+    """Each query's `count` longest responses by `response_words` (the reference keeps 20 of 25; ties keep the
+    earlier sample); all of them when `count` is None."""
+    if count is None:
+        return list(responses)
+    by_query: dict[int, list[Response]] = {}
+    for response in responses:
+        by_query.setdefault(response.query_index, []).append(response)
+    kept = []
+    for group in by_query.values():
+        kept += sorted(group, key=lambda r: (-response_words(r), r.sample))[:count]
+    return sorted(kept, key=lambda r: (r.query_index, r.sample))

@@ -12,11 +12,14 @@ from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
 from dro_jax.inference.chat import PROMPT_SETTINGS
-from dro_jax.inference.judges import RefusalJudge, StringJudge
+from dro_jax.inference.judges import RefusalJudge, StringJudge, check_judge_template
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
 from dro_jax.loading.registry import DEFAULT_MODEL
 from dro_jax.run.stages import text_digest
+
+
+HARMFUL_SET = "harmful"  # the held-out set (of `QuerySets.test`) that the judge model judges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,10 @@ class RunConfig:
     eval_batch_size: int = 32
     remat: bool = False
     microbatch: int | None = None  # rows through the model at a time in training (see dro_jax.dro.microbatch)
+    # A safety classifier (LlamaGuard style) for the paper's rule on harmful queries, in the sampled label and the
+    # evaluation (see dro_jax.evaluation.measure); None: the string judge alone. The template is its prompt text.
+    judge_model: str | None = None
+    judge_template: str | None = None
 
     @classmethod
     def paper(cls, **overrides: Any) -> "RunConfig":
@@ -97,6 +104,9 @@ class RunConfig:
             raise DroJaxError(f"cannot keep the {self.eval_keep_longest} longest of {self.eval_samples} responses per query")
         if not self.learning_rate > 0:
             raise DroJaxError(f"the learning rate must be positive, got {self.learning_rate}")
+        if self.judge_template is not None and self.judge_model is None:
+            raise DroJaxError("a judge template needs a judge model")
+        check_judge_template(self.judge_template)
         LossWeights.from_sequence(self.loss_weights)
         check_refusal_score(self.refusal_score)
         FitConfig(refusal_fit=self.refusal_fit)
@@ -122,6 +132,15 @@ class RunConfig:
     def string_judge(self) -> RefusalJudge:
         """The judge of sampled labels and of the evaluation's responses."""
         return StringJudge.load(self.refusal_phrases)
+
+    @property
+    def judges_labels(self) -> bool:
+        """Whether the judge model takes part in the anchor stage: it judges the sampled label only."""
+        return self.judge_model is not None and self.label == "sampled"
+
+    def judge_settings(self) -> dict:
+        """The judge model and template, as stage inputs (empty without one, so that runs without a judge keep their keys)."""
+        return {} if self.judge_model is None else {"judge_model": self.judge_model, "judge_template": self.judge_template}
 
     def reply_openings(self) -> Openings:
         """The refusal and compliant reply openings of the log-odds score (labels and evaluation)."""
@@ -201,7 +220,7 @@ class QuerySets:
     @property
     def test(self) -> dict[str, list[str]]:
         """The held-out sets by the names the results use."""
-        return {"harmful": self.harmful_test, "harmless": self.harmless_test}
+        return {HARMFUL_SET: self.harmful_test, "harmless": self.harmless_test}
 
     def digests(self) -> dict[str, str]:
         """Content hashes of the four sets, so that an edited file counts as a new stage input."""

@@ -29,11 +29,12 @@ from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.evaluation.evaluate import Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
+from dro_jax.inference.judges import ModelJudge, SafetyJudge
 from dro_jax.inference.refusal_score import RefusalScores
 from dro_jax.loading import LoadedModel, load_model
 from dro_jax.parallel.distributed import barrier, is_writer, writer_first
 from dro_jax.parallel.mesh import data_mesh
-from dro_jax.run.config import QuerySets, RunConfig
+from dro_jax.run.config import HARMFUL_SET, QuerySets, RunConfig
 from dro_jax.run.outputs import RunOutputs, RunPaths, write_evaluation
 from dro_jax.run.report import write_report
 from dro_jax.run.stages import StageRecords, input_key
@@ -55,9 +56,11 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def anchor_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None) -> None:
+def anchor_stage(
+    model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, safety: SafetyJudge | None = None
+) -> None:
     space, report, data = build_anchor_space(
-        model, sets.train, config.anchor_config(), config.eval_batch_size, judge=config.string_judge(), mesh=mesh
+        model, sets.train, config.anchor_config(), config.eval_batch_size, judge=config.string_judge(), mesh=mesh, safety=safety
     )
     if is_writer():
         data.save(paths.anchor_data)
@@ -90,23 +93,34 @@ def evaluate_prompts(
     anchors: AnchorSpace,
     references: Mapping[str, ReplyReference] | None = None,
     mesh: Mesh | None = None,
+    safety: SafetyJudge | None = None,
 ) -> Evaluation:
     """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over `mesh` (default:
-    all devices on data); reply drift on `references` when given (a run's, so that added settings compare with its rows)."""
+    all devices on data); reply drift on `references` when given (a run's, so that added settings compare with its rows);
+    the judge model `safety`, when given, judges the harmful set's responses."""
     sampling, num_samples = config.evaluation_sampling()
     return evaluate_settings(
         model, sets.test, settings, anchors, sampling.by_name(), num_samples, config.eval_keep_longest, config.seed,
         config.eval_batch_size, judge=config.string_judge(), openings=config.reply_openings(), mesh=mesh or data_mesh(),
-        references=references,
+        references=references, safety=safety, harmful_sets=(HARMFUL_SET,),
     )
 
 
-def evaluate_stage(model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None) -> None:
+def evaluate_stage(
+    model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, safety: SafetyJudge | None = None
+) -> None:
     settings = [PromptSetting.from_text(name) for name in config.settings]
     settings.append(PromptSetting.soft(DRO_SETTING, load_soft_prompt(paths.soft_prompt, model.config.hidden_size)))
-    evaluation = evaluate_prompts(model, config, sets, settings, AnchorSpace.load(paths.anchors), mesh=mesh)
+    evaluation = evaluate_prompts(model, config, sets, settings, AnchorSpace.load(paths.anchors), mesh=mesh, safety=safety)
     if is_writer():
         write_evaluation(paths, evaluation)
+
+
+def load_judge(config: RunConfig, model: LoadedModel, attention: str = "reference", mesh: Mesh | None = None) -> ModelJudge | None:
+    """The run's judge model (None without one), on the same mesh; `model` itself when the judge is the run's model."""
+    if config.judge_model is None:
+        return None
+    return ModelJudge.load(config.judge_model, config.judge_template, config.dtype, attention, mesh, config.eval_batch_size, (config.model, model))
 
 
 def finish_run(directory: str | Path) -> RunOutputs:
@@ -147,22 +161,25 @@ def run_pipeline(
     model_inputs = {k: settings[k] for k in ("model", "dtype")}
     anchor_inputs = {**model_inputs, "harmful": digests["harmful_train"], "harmless": digests["harmless_train"],
                      **{k: settings[k] for k in ("field", "settings", "label", "label_samples", "openings", "num_components", "folds", "refusal_fit", "seed")},
-                     **({k: settings[k] for k in generation} if config.label == "sampled" else {})}
+                     **({k: settings[k] for k in generation} if config.label == "sampled" else {}),
+                     **(config.judge_settings() if config.judges_labels else {})}
     anchor_key = input_key(anchor_inputs)
     train_inputs = {"anchors": anchor_key, **{k: settings[k] for k in (
         "init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "refusal_score", "openings", "checkpoint_every", "remat")}}
     train_key = input_key(train_inputs)
     eval_inputs = {"trained": train_key, "harmful": digests["harmful_test"], "harmless": digests["harmless_test"],
-                   **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "openings", "seed", *generation)}}
+                   **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "openings", "seed", *generation)}, **config.judge_settings()}
+    model = functools.cache(lambda: load_model(config.model, config.dtype, attention=attention, mesh=mesh))
+    judge = functools.cache(lambda: load_judge(config, model(), attention, mesh))
     stages = [
         Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)", anchor_inputs,
-              [paths.anchors, paths.anchor_report, paths.anchor_data], lambda m: anchor_stage(m, config, sets, paths, mesh)),
+              [paths.anchors, paths.anchor_report, paths.anchor_data],
+              lambda m: anchor_stage(m, config, sets, paths, mesh, judge() if config.judges_labels else None)),
         Stage("train", "DRO training", train_inputs, [paths.soft_prompt, paths.metrics],
               lambda m: train_stage(m, config, sets, AnchorData.load(paths.anchor_data), AnchorSpace.load(paths.anchors), paths, resume, mesh)),
         Stage("evaluate", "evaluation on the held-out sets", eval_inputs, [paths.evaluation, paths.responses],
-              lambda m: evaluate_stage(m, config, sets, paths, mesh)),
+              lambda m: evaluate_stage(m, config, sets, paths, mesh, judge())),
     ]
-    model = functools.cache(lambda: load_model(config.model, config.dtype, attention=attention, mesh=mesh))
     for number, stage in enumerate(stages, start=1):
         key = input_key(stage.inputs)
         done = records.is_done(stage.name, key, stage.outputs)

@@ -10,8 +10,9 @@ from dro_jax.common.files import write_text
 from dro_jax.common.tables import dataclass_csv
 from dro_jax.dro.loss import LossWeights
 from dro_jax.evaluation.evaluate import EvalRow, results_markdown
+from dro_jax.evaluation.measure import judge_note
 from dro_jax.evaluation.movement import Movement, movements, movements_markdown
-from dro_jax.run.config import RunConfig
+from dro_jax.run.config import HARMFUL_SET, RunConfig
 from dro_jax.run.outputs import RunOutputs
 from dro_jax.run.plots import anchor_space_plot, loss_plot, refusal_plot
 from dro_jax.run.stages import StageRecords
@@ -88,7 +89,8 @@ def results_text(
         f"Training: init `{config.init_prompt}`, refusal score `{config.refusal_score}`, refusal fit `{config.refusal_fit}`, "
         f"loss weights {dict(zip(LossWeights.terms(), config.loss_weights))}, {config.epochs} epochs at batch {config.batch_size}, "
         f"lr {config.learning_rate}, {last.get('step', 0)} steps; last step: {terms}.",
-        f"Evaluation: held-out sets, {decoding}, {new_tokens_text(config)}, string judge `{config.refusal_phrases}`. "
+        f"Evaluation: held-out sets, {decoding}, {new_tokens_text(config)}, string judge `{config.refusal_phrases}`"
+        + (f" and judge model {config.judge_model} (harmful set). " if config.judge_model else ". ") +
         "`none` is the chat template without a system message of ours (some templates, SmolLM2's among them, "
         "then insert their own default system message).",
         "",
@@ -100,6 +102,8 @@ def results_text(
         "(>= 50% capitals). Compliance logit: the refusal probe's mean logit (lower = closer to refusal).",
         "",
         results_markdown(rows),
+        "",
+        judge_note(config.judge_model, (HARMFUL_SET,)),
         "",
         "## Movement against no prompt (held-out queries)",
         "",

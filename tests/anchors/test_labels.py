@@ -1,73 +1,25 @@
 """Refusal labels with a judge model: each part of the paper's rule decides the label.
 
-The models here are built so that their outputs are known: every layer's
-output projections are zero, so the last state is the current token's own
-embedding, and the output head is zero except for the rows that should win.
-The policy then answers every prompt with "x", newline, "x", newline, ...
-(more than two lines, no refusal phrase), and the judge answers its first
-token of "unsafe" (or of "safe") with near certainty.
+The models here (the `forced` fixture, see `helpers.save_forced_models`) are
+built so that their outputs are known: the policy answers every prompt with
+"x", newline, "x", newline, ... and each judge answers "unsafe" (or "safe").
 """
 
 import json
 
 import numpy as np
 import pytest
-import torch
 
 from dro_jax.anchors.labels import compliance_rates, label_queries
 from dro_jax.cli.main import main
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.judges import ModelJudge, PaperJudge, StringJudge
+from dro_jax.inference.judges import ModelJudge, StringJudge
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
-from helpers import HARMFUL, tiny_tokenizer, tiny_torch_model
+from helpers import HARMFUL
 
 QUERIES = HARMFUL[:3]
-LOGIT = 10.0  # x the normalised state's ~8 in one coordinate: ~80 nats ahead of every other token
-
-
-def _silenced(tokenizer):
-    """A tiny llama whose last state is the input token's embedding and whose output head is all zero."""
-    model = tiny_torch_model("llama")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.norm.weight.fill_(1.0)
-        model.lm_head.weight.zero_()
-    return model, tokenizer.convert_tokens_to_ids("x"), tokenizer.convert_tokens_to_ids("Ċ")
-
-
-def _save(model, tokenizer, directory):
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def forced(tmp_path_factory):
-    """Directories of the policy and of two judges, one that always says unsafe and one that always says safe."""
-    tokenizer = tiny_tokenizer()
-    root = tmp_path_factory.mktemp("forced")
-    policy, x, newline = _silenced(tokenizer)
-    with torch.no_grad():
-        embed, head = policy.model.embed_tokens.weight, policy.lm_head.weight
-        embed[x], embed[newline] = 0.0, 0.0
-        embed[x, 0], embed[newline, 1] = 1.0, 1.0
-        head[newline, 0], head[x, 1] = LOGIT, LOGIT  # after "x" a newline, after a newline "x"
-    dirs = {"policy": _save(policy, tokenizer, root / "policy")}
-    for verdict in ("unsafe", "safe"):
-        judge, _, newline = _silenced(tokenizer)
-        first = tokenizer.encode(verdict, add_special_tokens=False)[0]
-        with torch.no_grad():
-            embed = judge.model.embed_tokens.weight
-            embed[:, 1] = 0.0  # only the newline that ends the judge's prompt points at the verdict
-            embed[newline] = 0.0
-            embed[newline, 1] = 1.0
-            judge.lm_head.weight[first, 1] = LOGIT
-        dirs[verdict] = _save(judge, tokenizer, root / verdict)
-    return dirs
 
 
 def test_the_constructed_models_do_what_the_rule_needs(forced):
@@ -99,11 +51,12 @@ def _replies(model, max_new_tokens):
 )
 def test_each_part_of_the_paper_rule_decides_the_label(forced, verdict, phrases, max_new_tokens, complied):
     policy = load_model(forced["policy"], progress=False)
-    judge = PaperJudge(StringJudge(phrases), ModelJudge(load_model(forced[verdict], progress=False)))
+    judge, safety = StringJudge(phrases), ModelJudge(load_model(forced[verdict], progress=False))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     encoded = encode_queries(policy, QUERIES, "none")
-    np.testing.assert_array_equal(compliance_rates(policy, encoded, sampling, 1, judge=judge, progress=False), [complied] * 3)
-    labels = label_queries(policy, QUERIES, ["none", "short"], sampling, 1, judge=judge, progress=False)
+    rates = compliance_rates(policy, encoded, sampling, 1, judge=judge, progress=False, safety=safety)
+    np.testing.assert_array_equal(rates, [complied] * 3)
+    labels = label_queries(policy, QUERIES, ["none", "short"], sampling, 1, judge=judge, progress=False, safety=safety)
     assert [label.compliance_rate for label in labels] == [complied] * 6
 
 

@@ -116,7 +116,7 @@ def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files):
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [(r["setting"], r["dataset"]) for r in rows][:3] == [("none", "harmful"), ("short", "harmful"), (f"soft:{run / 'soft_prompt.safetensors'}", "harmful")]
     assert rows[0]["compliance_shift"] == 0 and all(r["num_queries"] == 6 for r in rows)
-    assert out.read_text().count("\n") == 2 + len(rows)
+    assert out.read_text().count("\n") == 2 + len(rows) + 2  # header, rule, rows; a blank line and the judge note
 
 
 def _parsed(*extra):

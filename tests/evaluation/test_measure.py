@@ -5,7 +5,8 @@ import pytest
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.evaluate import evaluate_settings
-from dro_jax.evaluation.measure import count_refusals, keep_longest, response_words
+from dro_jax.evaluation.measure import count_refusals
+from dro_jax.inference.respond import keep_longest, response_words
 from dro_jax.inference.chat import ChatFormatter, PromptSetting
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig

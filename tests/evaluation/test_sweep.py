@@ -159,7 +159,8 @@ def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference
         assert row["num_responses"] is None and row["mean_refusal_log_odds"] is None
     assert "no such file or directory" in failed[0]["error"] and "not valid JSON" in failed[2]["error"]
     table = (out / "sweep.md").read_text(encoding="utf-8")
-    assert table.count("\n") == 2 + len(rows) and "not valid JSON" in table
+    assert table.count("\n") == 2 + len(rows) + 2 and "not valid JSON" in table  # header, rule, rows; a blank line and the judge note
+    assert "n/a, no judge model" in table
     assert (out / "sweep.csv").read_text(encoding="utf-8").count("\n") == 1 + len(rows)
 
 

@@ -1,6 +1,7 @@
 """The run's configuration (the quick default and the paper's preset), its report text and its plots."""
 
 import argparse
+import dataclasses
 import json
 
 import matplotlib
@@ -126,9 +127,15 @@ def test_results_text_says_what_was_run_and_shows_both_tables():
     assert ("init `short`, refusal score `openings`, refusal fit `logistic`, loss weights {'refusal': 1.0, 'harmfulness': 0.01, "
             "'norm': 0.001, 'preserve': 0.0}, 8 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, "
             "harmfulness 0.6000, norm 2.0000.") in text
-    assert "greedy, one response per query, at most 64 new tokens, string judge `dro-jax`" in text
-    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | +1.25 | +0.500 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text
+    assert "greedy, one response per query, at most 64 new tokens, string judge `dro-jax`. " in text
+    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | n/a | n/a | +1.25 | +0.500 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text
+    assert "Judged compliance: n/a, no judge model was given" in text
     assert "Stage times: anchors 2.0 min, train 1.0 min." in text
+    judged_rows = [dataclasses.replace(r, harmful_compliant_responses=1, queries_any_harmful_compliance=1) if r.dataset == "harmful" else r
+                   for r in _rows()]
+    judged = results_text(RunConfig(judge_model="guard"), judged_rows, [], REPORT, METRICS, {})
+    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | 1/4 | 1/4 | +1.25 |" in judged and "| none | harmless (4) | 0/4 | 0/4 | 4/4 | n/a | n/a |" in judged
+    assert "string judge and judge model guard (harmful set)" in judged and "the judge model guard calls it unsafe" in judged
     paper = results_text(RunConfig.paper(), _rows(), [], REPORT, METRICS, {})
     assert ("25 sampled responses per query, the 20 longest (by words) judged, at most 300 (harmful) / 200 (harmless) new tokens, "
             "at least 10, incomplete last lines trimmed, string judge `paper`") in paper and "Stage times: n/a." in paper
