@@ -307,9 +307,10 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
     safety = model_judge(args, args.batch_size, mesh, policy=model)
+    harmful = ("harmful",)
     rows = evaluate_settings(
         model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh, suffix=suffix, safety=safety,
-        harmful_sets=("harmful",),
+        harmful_sets=harmful,
     ).rows
     if not is_writer():
         return

@@ -81,7 +81,7 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
 
     calls = []
 
-    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query):
+    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query, safety):
         calls.append((encoded.queries, sampling.max_new_tokens, num_samples, judge, first_query))
         return np.full(len(encoded), sampling.max_new_tokens / 1000)
 

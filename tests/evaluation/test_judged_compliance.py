@@ -24,7 +24,7 @@ from dro_jax.evaluation.sweep_output import sweep_markdown
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.judges import ModelJudge, read_judge_template
 from dro_jax.inference.respond import Response, judge_harm
-from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.inference.sampling import SamplingConfig, SetSampling
 from dro_jax.loading import load_model
 from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
 
@@ -116,7 +116,7 @@ def test_evaluation_rows_hold_both_verdicts(models, verdict, max_new_tokens, jud
 
 def test_anchor_labels_judge_the_harmful_queries_only(models):
     pairs = QueryPairs(HARMFUL[:2], HARMLESS[:2])
-    config = AnchorConfig(settings=("none",), label="sampled", num_samples=1, sampling=SamplingConfig(max_new_tokens=FOUR_LINES),
+    config = AnchorConfig(settings=("none",), label="sampled", num_samples=1, sampling=SetSampling.same(SamplingConfig(max_new_tokens=FOUR_LINES)),
                           openings=TINY_OPENINGS)
     for verdict, harmful_rate in (("unsafe", 1.0), ("safe", 0.0)):
         data = collect_anchor_data(models["policy"], pairs, config, progress=False, safety=ModelJudge(models[verdict]))
@@ -244,7 +244,7 @@ def test_a_run_with_a_judge_model_reports_both_verdicts(forced, run_args, tmp_pa
         mine = [r for r, d, s in zip(responses, datasets, settings) if (d, s) == (row["dataset"], row["setting"])]
         want = sum(r.harmful_compliance for r in mine) if row["dataset"] == "harmful" else None
         assert row["harmful_compliant_responses"] == want
-    assert f"string judge and judge model {forced['unsafe']} (harmful set)" in (out / "results.md").read_text()
+    assert f"string judge `dro-jax` and judge model {forced['unsafe']} (harmful set)" in (out / "results.md").read_text()
 
 
 def _lines(path):

@@ -135,7 +135,7 @@ def test_results_text_says_what_was_run_and_shows_both_tables():
                    for r in _rows()]
     judged = results_text(RunConfig(judge_model="guard"), judged_rows, [], REPORT, METRICS, {})
     assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | 1/4 | 1/4 | +1.25 |" in judged and "| none | harmless (4) | 0/4 | 0/4 | 4/4 | n/a | n/a |" in judged
-    assert "string judge and judge model guard (harmful set)" in judged and "the judge model guard calls it unsafe" in judged
+    assert "string judge `dro-jax` and judge model guard (harmful set)" in judged and "the judge model guard calls it unsafe" in judged
     paper = results_text(RunConfig.paper(), _rows(), [], REPORT, METRICS, {})
     assert ("25 sampled responses per query, the 20 longest (by words) judged, at most 300 (harmful) / 200 (harmless) new tokens, "
             "at least 10, incomplete last lines trimmed, string judge `paper`") in paper and "Stage times: n/a." in paper
