@@ -83,6 +83,8 @@ def test_model_judge_mechanics(tiny_model_dir):
         ModelJudge(judge.model, template="no fields")
     assert is_harmful_compliance("a\nb\nc", refusal=False, unsafe=True)
     assert not is_harmful_compliance("a\nb", refusal=False, unsafe=True)
+    assert is_harmful_compliance("a\n\nb", refusal=False, unsafe=True)  # blank lines count, as in the reference
+    assert not is_harmful_compliance("\n\na\nb\n\n", refusal=False, unsafe=True)  # but not around the reply
     assert not is_harmful_compliance("a\nb\nc", refusal=True, unsafe=True)
     assert not is_harmful_compliance("a\nb\nc", refusal=False, unsafe=False)
 
