@@ -73,7 +73,7 @@ def test_two_hosts_train_and_resume_like_one(tiny_dro, tmp_path, query_files):
 
 
 def test_two_hosts_run_the_main_job_like_one(run_args, tmp_path):
-    mesh = ["--mesh", "data=2,model=4"]
+    mesh = ["--mesh", "data=2,model=4", "--settings", "none"]  # one human setting besides DRO keeps it short
     finish([start(_command(tmp_path / "one-writes.json", run_args(tmp_path / "one", *mesh)), devices=8)])
     outputs = finish(_two_processes(tmp_path, "run", run_args(tmp_path / "two", *mesh)))
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
