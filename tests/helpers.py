@@ -146,13 +146,16 @@ def permute_for_gguf(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(model, path: Path, architecture: str = "llama", quantize_q8: bool = True) -> None:
-    """Writes a tiny transformers llama as a llama.cpp-style GGUF file (q/k permuted, 2-D weights Q8_0)."""
+def write_tiny_gguf(model, path: Path, architecture: str = "llama", quantize_q8: bool = True, tokenizer=None) -> None:
+    """Writes a tiny transformers llama as a llama.cpp-style GGUF file (q/k permuted, 2-D weights Q8_0), with
+    `tokenizer` (a byte-level BPE such as `tiny_tokenizer()`) as its vocabulary metadata when given."""
     import gguf
 
     cfg = model.config
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     writer = gguf.GGUFWriter(str(path), architecture)
+    if tokenizer is not None:
+        _add_byte_level_vocabulary(writer, tokenizer)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -195,6 +198,25 @@ def write_tiny_gguf(model, path: Path, architecture: str = "llama", quantize_q8:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _add_byte_level_vocabulary(writer, tokenizer) -> None:
+    """The tokenizer metadata llama.cpp writes for a byte-level BPE vocabulary (tokenizer.ggml.model "gpt2")."""
+    import json
+
+    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    special = set(tokenizer.all_special_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if token in special else 1 for token in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
 
 
 # Models whose outputs are known (see `save_forced_models`).

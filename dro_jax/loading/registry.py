@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +15,7 @@ from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
+from dro_jax.loading.gguf_tokenizer import build_tokenizer, read_vocabulary
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
 from dro_jax.loading.weights import Shardings, TensorSource, build_params
 from dro_jax.models.config import ModelConfig, check_attention
@@ -134,58 +133,23 @@ def load_model(
         reader = open_gguf(path)
         config = read_gguf_config(reader, path)
         params = read_params(config, GGUFSource(reader, path, config))
+        tokenizer = build_tokenizer(read_vocabulary(reader, path), path) if with_tokenizer else None
         del reader
-        tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if with_tokenizer else None
     else:
         raise DroJaxError(f"{path}: expected a Hugging Face model directory or a .gguf file")
     return LoadedModel(config=dataclasses.replace(config, attention=attention), params=params, tokenizer=tokenizer, source=str(path))
 
 
-def tokenizer_cache_dir() -> Path:
-    """Where tokenizers converted from GGUF metadata are kept ($DRO_JAX_CACHE, else ~/.cache/dro-jax)."""
-    return Path(os.environ.get("DRO_JAX_CACHE", Path.home() / ".cache" / "dro-jax")) / "tokenizers"
-
-
-def _load_tokenizer(directory: Path, gguf_file: str | None = None):
-    """The tokenizer and chat template, from the HF directory or from the GGUF metadata.
-
-    Building a tokenizer from GGUF metadata takes seconds, so the result is
-    saved once per file (keyed by path, size and modification time) and
-    reloaded from there.
-    """
-    if gguf_file is None:
-        return _tokenizer_from(directory)
-    stat = (directory / gguf_file).stat()
-    key = hashlib.sha256(f"{(directory / gguf_file).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = tokenizer_cache_dir() / key
-    if (cached / "tokenizer_config.json").is_file():
-        return _tokenizer_from(cached)
-    tokenizer = _tokenizer_from(directory, gguf_file)
-    _save_quietly(tokenizer, cached)
-    return tokenizer
-
-
-def _save_quietly(tokenizer, target: Path) -> None:
-    """Saves into a temporary folder renamed into place; a cache that cannot be written is skipped."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _tokenizer_from(directory: Path, gguf_file: str | None = None):
+def _load_tokenizer(directory: Path):
+    """The tokenizer and chat template of a Hugging Face model directory."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    where = directory / gguf_file if gguf_file else directory
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise DroJaxError(f"{where}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+        raise DroJaxError(f"{directory}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
