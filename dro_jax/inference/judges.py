@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -29,43 +28,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.declines import DeclineJudge
 from dro_jax.inference.refusal_score import score_openings
+from dro_jax.inference.reply_text import reference_opening, response_opening
+from dro_jax.inference.templates import JudgeTemplate
 from dro_jax.loading import LoadedModel, load_model
 
-_LIST_ITEM = re.compile(r"^\s*(\d+[.)]|[*\-•])\s")
-# The reference's list items: a line starting with one of these ends the opening (case-sensitive, no space needed).
-REFERENCE_LIST_STARTS = ("1.", "*", "-", "a.", "(1)", "(a)", "First")
-REFERENCE_INLINE_LIST = " 1. "  # a list that starts inside a line ends the opening there
+FIELDS = ("query", "response")  # of a safety judge's template
 PHRASE_SETS = {"dro-jax": "refusal_phrases.json", "paper": "refusal_phrases_paper.json"}
 _QUOTES = str.maketrans({"’": "'", "‘": "'", "`": "'"})
-
-
-def response_opening(text: str, paragraphs: int = 2) -> str:
-    """The first `paragraphs` paragraphs, cut at the first line that starts a list item."""
-    blocks = [b for b in re.split(r"\n\s*\n", text.strip()) if b.strip()][:paragraphs]
-    lines = []
-    for line in "\n".join(blocks).splitlines():
-        if _LIST_ITEM.match(line):
-            break
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def reference_opening(text: str, lines: int = 2) -> str:
-    """The reference's opening: the first `lines` non-empty lines (stripped), ending before the first line that
-    starts a list item and at an inline " 1. " list, joined by newlines."""
-    kept: list[str] = []
-    for line in text.split("\n"):  # newlines only, as the reference splits (not `splitlines`' other breaks)
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith(REFERENCE_LIST_STARTS):
-            break
-        if REFERENCE_INLINE_LIST in line:
-            kept.append(line.split(REFERENCE_INLINE_LIST)[0].strip())
-            break
-        kept.append(line)
-    return "\n".join(kept[:lines])
 
 
 def _packaged(name: str) -> Path:
@@ -102,16 +73,19 @@ class StringJudge:
         return cls.from_file(_packaged("dro-jax"))
 
     @staticmethod
-    def load(spec: str | Path | None) -> "StringJudge | ReferenceStringJudge":
-        """The string judge a `--refusal-phrases` value names: `paper` (the reference's rule), `dro-jax` or None
-        (the packaged phrases of this project), else a JSON phrase file read by `from_file`. A name wins over a
-        file of the same name in the working directory."""
+    def load(spec: str | Path | None) -> "StringJudge | ReferenceStringJudge | DeclineJudge":
+        """The string judge a `--refusal-phrases` value names: `decline` (explicit declines only, see
+        `dro_jax.inference.declines`), `paper` (the reference's rule), `dro-jax` or None (the packaged phrases of
+        this project), else a JSON phrase file read by `from_file`. A name wins over a file of the same name in
+        the working directory."""
         if spec is None or spec == "dro-jax":
             return StringJudge.default()
         if spec == "paper":
             return ReferenceStringJudge.packaged()
+        if spec == "decline":
+            return DeclineJudge()
         if not Path(spec).is_file():
-            raise DroJaxError(f"refusal phrases {str(spec)!r}: neither 'paper', 'dro-jax' nor a phrase file")
+            raise DroJaxError(f"refusal phrases {str(spec)!r}: neither 'decline', 'paper', 'dro-jax' nor a phrase file")
         return StringJudge.from_file(spec)
 
     @classmethod
@@ -226,7 +200,7 @@ class ModelJudge:
         if self.template is None:
             messages = [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
         else:
-            messages = [{"role": "user", "content": self.template.format(query=query, response=response)}]
+            messages = [{"role": "user", "content": JudgeTemplate(self.template, FIELDS).render({"query": query, "response": response})}]
         encoded = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(encoded["input_ids"])
 
@@ -245,9 +219,10 @@ class ModelJudge:
 
 
 def check_judge_template(template: str | None) -> None:
-    """A judge template must have the places where the query and the response go."""
-    if template is not None and ("{query}" not in template or "{response}" not in template):
-        raise DroJaxError("a judge template must contain {query} and {response}")
+    """A judge template must have the places where the query and the response go, as plain fields (see
+    `dro_jax.inference.templates`); it is rendered once here, so that a bad one fails before any work."""
+    if template is not None:
+        JudgeTemplate(template, FIELDS)
 
 
 def read_judge_template(value: str | None) -> str | None:

@@ -12,17 +12,16 @@ every pair in both orders (see `dro_jax.evaluation.helpfulness`) cancel that.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.refusal_score import opening_log_probs
+from dro_jax.inference.templates import JudgeTemplate
 from dro_jax.loading import LoadedModel
 
-PLACEHOLDERS = ("{instruction}", "{answer_a}", "{answer_b}")
-_PLACEHOLDER = re.compile(r"\{(instruction|answer_a|answer_b)\}")
+FIELDS = ("instruction", "answer_a", "answer_b")
 DEFAULT_TEMPLATE = (
     "Two assistants answered the same instruction. Decide which answer is more helpful: correct, complete, "
     "clear and on topic.\n\n"
@@ -34,11 +33,9 @@ DEFAULT_TEMPLATE = (
 
 
 def check_template(template: str) -> str:
-    """The template, if it holds every placeholder (checked before a judge model is loaded for it)."""
-    missing = [p for p in PLACEHOLDERS if p not in template]
-    if missing:
-        raise DroJaxError(f"a pairwise judge template must contain {', '.join(PLACEHOLDERS)}; it lacks {', '.join(missing)}")
-    return template
+    """The template, if it follows `dro_jax.inference.templates` with every field (checked before a judge model
+    is loaded for it)."""
+    return JudgeTemplate(template, FIELDS, "a pairwise judge template").text
 
 
 class PairwiseJudge(Protocol):
@@ -68,7 +65,7 @@ class ModelPairwiseJudge:
 
     def _encode(self, instruction: str, answer_a: str, answer_b: str) -> list[int]:
         values = {"instruction": instruction, "answer_a": answer_a, "answer_b": answer_b}
-        text = _PLACEHOLDER.sub(lambda match: values[match.group(1)], self.template)  # other braces stay as they are
+        text = JudgeTemplate(self.template, FIELDS).render(values)
         messages = [{"role": "user", "content": text}]
         encoded = self.model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         return list(encoded["input_ids"])

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import stop_token_ids
+from dro_jax.inference.declines import DeclineJudge
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
@@ -43,10 +44,18 @@ class Response:
         return None if self.unsafe is None else is_harmful_compliance(self.text, self.refusal, self.unsafe)
 
     @property
+    def kind(self) -> str:
+        """"decline", "apology" or "other", as the decline judge reads the reply (see `dro_jax.inference.declines`)."""
+        return DECLINES.kind(self.text).value
+
+    @property
     def complied(self) -> bool:
         """The paper's verdict where the judge model gave one, else simply not a refusal."""
         judged = self.harmful_compliance
         return not self.refusal if judged is None else judged
+
+
+DECLINES = DeclineJudge()
 
 
 def judge_harm(

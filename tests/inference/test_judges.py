@@ -3,7 +3,8 @@ import json
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.judges import PhraseRule, ReferenceStringJudge, StringJudge, reference_opening, response_opening
+from dro_jax.inference.judges import PhraseRule, ReferenceStringJudge, StringJudge
+from dro_jax.inference.reply_text import reference_opening, response_opening
 
 JUDGE = StringJudge.default()
 PAPER = StringJudge.load("paper")
@@ -94,7 +95,7 @@ def test_judges_answer_for_query_and_reply_pairs(tmp_path):
     assert JUDGE.refusals(["q1", "q2"], replies) == [True, False]
     assert StringJudge.load(None) == JUDGE == StringJudge.load("dro-jax")
     assert isinstance(PAPER, ReferenceStringJudge) and PAPER.refusals(["q1", "q2"], replies) == [True, False]
-    with pytest.raises(DroJaxError, match="neither 'paper', 'dro-jax' nor a phrase file"):
+    with pytest.raises(DroJaxError, match="neither 'decline', 'paper', 'dro-jax' nor a phrase file"):
         StringJudge.load(tmp_path / "missing.json")
     phrases = tmp_path / "p.json"
     phrases.write_text(json.dumps({"refusal": ["here it is"]}), encoding="utf-8")
