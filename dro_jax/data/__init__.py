@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-QUERY_SETS = ("harmful_train", "harmless_train", "harmful_test", "harmless_test", "helpful_instructions")
+QUERY_SETS = ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_test", "harmless_test", "helpful_instructions")
 
 
 def query_set_path(name: str) -> Path:

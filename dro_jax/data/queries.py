@@ -71,6 +71,8 @@ def read_queries(spec: str | Path, field: str | None = None) -> list[str]:
     if str(spec) in QUERY_SETS:
         return read_queries(query_set_path(str(spec)))
     path = Path(spec)
+    if path.is_dir():
+        raise DroJaxError(f"{path}: is a directory, expected a query file (.txt, .csv or .jsonl)")
     if not path.is_file():
         names = ", ".join(QUERY_SETS)
         raise DroJaxError(f"{path}: no such query file (packaged sets: {names})")
