@@ -16,12 +16,13 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
-    count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
+    count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
-from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge
+from dro_jax.inference.likelihood import reply_nll
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.respond import Response, keep_longest
 from dro_jax.inference.sampling import SamplingConfig
@@ -39,8 +40,14 @@ class EvalRow:
     prompt on the same set (negative: moved towards refusal). None without an
     anchor space (or, for the shift, without the `none` setting).
     reply_drift: NLL per token of the set's reference replies (greedy, no
-    prompt) under this setting minus under no prompt, nats; degenerate,
-    looping, shouting: responses that loop or shout (`DegenerationRule`).
+    prompt) under this setting minus under no prompt, nats, over the whole
+    replies and (reply_drift_opening) over their first 8 tokens;
+    reply_surprise: NLL per token under no prompt of this setting's own
+    replies (the first per query) minus that of no prompt's own replies;
+    degenerate, looping, shouting: responses that loop or shout
+    (`DegenerationRule`). declined_responses, queries_any_decline,
+    apology_responses: the decline judge's counts (`Response.kind`), beside
+    the configured string judge's refusal counts.
     """
 
     setting: str
@@ -59,12 +66,17 @@ class EvalRow:
     shouting_responses: int | None = None
     harmful_compliant_responses: int | None = None
     queries_any_harmful_compliance: int | None = None
+    declined_responses: int | None = None
+    queries_any_decline: int | None = None
+    apology_responses: int | None = None
+    reply_drift_opening: float | None = None
+    reply_surprise: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SettingOutcome:
     """Per-query results of one setting on one set; `coords` [n, k] are anchor-space coordinates (None without
-    one); `reply_nll` [n] the NLL per token of the set's reference replies under this setting."""
+    one); `reply_nll` [n, 2] the NLL per token of the set's reference replies under this setting (whole, opening)."""
 
     setting: str
     dataset: str
@@ -124,9 +136,9 @@ def evaluate_settings(
         judge_model = safety if harmful[name] else None
         baseline = None
         reference = (references or {}).get(name)
-        plain = reused = None  # the set without a prompt, encoded once; its greedy measurement when the evaluation is greedy
+        reused = None  # the set's greedy measurement without a prompt, when the evaluation is greedy
+        plain = encode_queries(model, queries, NO_PROMPT, name, suffixes.get(name))  # encoded once
         if reference is None:
-            plain = encode_queries(model, queries, NO_PROMPT, name, suffixes.get(name))
             reference, greedy = measure_reference(
                 model, plain, decoding.max_new_tokens, batch_size, judge, openings, progress, mesh, safety=judge_model
             )
@@ -136,7 +148,7 @@ def evaluate_settings(
             if setting.is_empty and reused is not None:
                 measured = reused
             else:
-                encoded = plain if setting.is_empty and plain is not None else encode_queries(model, queries, setting, name, suffixes.get(name))
+                encoded = plain if setting.is_empty else encode_queries(model, queries, setting, name, suffixes.get(name))
                 measured = measure_setting(
                     model, encoded, decoding, num_samples, seed, batch_size, judge, openings, progress, mesh,
                     reference_replies=reference.token_ids, safety=judge_model,
@@ -152,15 +164,31 @@ def evaluate_settings(
                 shift = None if baseline is None else logit - baseline
             refused, any_refusal, any_compliance = count_refusals(responses, len(queries))
             judged, any_judged = count_harmful_compliance(responses, len(queries))
+            declined, any_decline, apologies = count_declines(responses, len(queries))
             broken = DegenerationCounts.of(responses, degeneration)
+            drift = reference.drift(measured.reference_nll)
+            # The reference replies are no prompt's own greedy replies: their NLL under no prompt is the surprise's zero.
+            own = reference.nll[:, 0] if measured is reused else own_reply_nll(model, plain, measured.responses, batch_size, progress, mesh)
+            surprise = float(np.nanmean(own) - np.nanmean(reference.nll[:, 0]))
             label = setting.name if suffix is None else suffix.label(setting.name)
             rows.append(EvalRow(
                 label, name, len(queries), len(responses), refused, any_refusal, any_compliance,
-                float(np.mean(scores.log_odds)), logit, shift, reference.drift(measured.reference_nll),
+                float(np.mean(scores.log_odds)), logit, shift, drift.whole,
                 broken.degenerate, broken.looping, broken.shouting, judged, any_judged,
+                declined, any_decline, apologies, drift.opening, surprise,
             ))
             outcomes.append(SettingOutcome(label, name, scores.log_odds, coords, responses, measured.reference_nll))
     return Evaluation(rows, outcomes, used)
+
+
+def own_reply_nll(
+    model: LoadedModel, plain: EncodedQueries, responses: Sequence[Response], batch_size: int, progress: bool, mesh: Mesh | None
+) -> np.ndarray:
+    """[n] NLL per token under no prompt (`plain`, the queries encoded without one) of each query's first reply."""
+    first = {}
+    for response in responses:
+        first.setdefault(response.query_index, response.token_ids)
+    return reply_nll(model, plain, [first[i] for i in range(len(plain))], batch_size, progress, mesh)[:, 0]
 
 
 def _decoding_of(sampling: SamplingConfig | Mapping[str, SamplingConfig], dataset: str) -> SamplingConfig:
@@ -173,24 +201,31 @@ def _decoding_of(sampling: SamplingConfig | Mapping[str, SamplingConfig], datase
 
 
 def results_markdown(rows: Sequence[EvalRow]) -> str:
-    """One table row per (setting, dataset); the judged-compliance cells are n/a where no judge model judged
-    (say why with `judge_note`)."""
+    """Two tables, one row per (setting, dataset) each: refusals (the decline judge's counts first, then the
+    configured string judge's and, where a judge model judged, the paper's judged compliance; n/a elsewhere, say
+    why with `judge_note`) and reply quality."""
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
     def share(count, total):
         return "n/a" if count is None else f"{count}/{total}"
 
-    header = ["setting", "queries", "refused responses", "queries with any refusal", "queries with any compliance",
-              "judged compliant responses", "queries with any judged compliance",
-              "mean refusal log-odds", "reply drift (nats/token)", "degenerate (loop / shout)", "compliance logit", "shift vs none"]
-    return markdown_table(header, [
+    refusals = ["setting", "queries", "declined", "apology only", "refused (string judge)", "complied (string judge)",
+                "judged compliant responses", "queries with any judged compliance", "mean refusal log-odds"]
+    quality = ["setting", "queries", "reply drift (nats/token)", "drift, first 8 tokens", "reply surprise (nats/token)",
+               "degenerate (loop / shout)", "compliance logit", "shift vs none"]
+    return markdown_table(refusals, [
         [
-            row.setting, f"{row.dataset} ({row.num_queries})", f"{row.refused_responses}/{row.num_responses}",
-            f"{row.queries_any_refusal}/{row.num_queries}", f"{row.queries_any_compliance}/{row.num_queries}",
-            share(row.harmful_compliant_responses, row.num_responses), share(row.queries_any_harmful_compliance, row.num_queries),
-            f"{row.mean_refusal_log_odds:+.2f}", number(row.reply_drift, "+.3f"), degenerate_cell(row),
-            number(row.compliance_logit, "+.3f"), number(row.compliance_shift, "+.3f"),
+            row.setting, f"{row.dataset} ({row.num_queries})", share(row.queries_any_decline, row.num_queries),
+            share(row.apology_responses, row.num_responses), f"{row.queries_any_refusal}/{row.num_queries}",
+            f"{row.queries_any_compliance}/{row.num_queries}", share(row.harmful_compliant_responses, row.num_responses),
+            share(row.queries_any_harmful_compliance, row.num_queries), f"{row.mean_refusal_log_odds:+.2f}",
+        ]
+        for row in rows
+    ]) + "\n\n" + markdown_table(quality, [
+        [
+            row.setting, f"{row.dataset} ({row.num_queries})", number(row.reply_drift, "+.3f"), number(row.reply_drift_opening, "+.3f"),
+            number(row.reply_surprise, "+.3f"), degenerate_cell(row), number(row.compliance_logit, "+.3f"), number(row.compliance_shift, "+.3f"),
         ]
         for row in rows
     ])

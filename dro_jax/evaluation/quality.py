@@ -6,9 +6,16 @@ model's answers, so every evaluation measures two things beside refusals:
 - *Reply drift*: the model's own greedy replies with no safety prompt are the
   reference; each is scored, teacher-forced, under a setting and under no
   prompt, and the drift is the mean over queries of the difference in
-  negative log-likelihood per token (nats; 0 for no prompt itself). A setting
-  that keeps the model's answers keeps this near 0 (the human safety prompts
-  stay below about 0.1 on SmolLM2); one that breaks them drives it up.
+  negative log-likelihood per token (nats; 0 for no prompt itself), over the
+  whole reply and over its first 8 tokens. A setting that keeps the model's
+  answers keeps both near 0; one that breaks them drives them up, and one
+  that changes how replies open ("I'm so sorry to hear that ...") shows in
+  the first tokens first.
+- *Reply surprise*: the setting's own greedy replies scored under no prompt,
+  NLL per token, minus the same for no prompt's own replies: how far the
+  replies the setting actually gives are from anything the unprompted model
+  would say (an off-topic or apologetic non-answer scores high even where
+  the reference's words stay likely).
 - *Degenerate replies*: replies that loop or shout, by the rules of
   `DegenerationRule` (thresholds stated there and tested on constructed text).
 """
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -80,15 +87,24 @@ class DegenerationCounts:
         return f"{self.degenerate}/{total} ({self.looping} / {self.shouting})"
 
 
+class Drift(NamedTuple):
+    """Reply drift in nats per token: over the whole reference replies, and over their first tokens (see
+    `dro_jax.inference.likelihood.OPENING_TOKENS`)."""
+
+    whole: float
+    opening: float
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ReplyReference:
     """The replies drift is measured on, for one query set: per query the greedy reply with no safety prompt
-    (token ids, stop token included) and its negative log-likelihood per token under no prompt."""
+    (token ids, stop token included) and its negative log-likelihood per token under no prompt ([n, 2]: whole
+    reply, opening; see `dro_jax.inference.likelihood.reply_nll`)."""
 
     token_ids: list[tuple[int, ...]]
-    nll: np.ndarray  # [n]
+    nll: np.ndarray  # [n, 2]
 
-    def drift(self, nll: np.ndarray) -> float:
+    def drift(self, nll: np.ndarray) -> Drift:
         """Mean over queries of (NLL per token under a setting - under no prompt), in nats; empty replies skipped."""
-        change = np.asarray(nll, np.float64) - self.nll
-        return float(np.nanmean(change)) if np.isfinite(change).any() else float("nan")
+        change = np.asarray(nll, np.float64).reshape(-1, 2) - np.asarray(self.nll, np.float64).reshape(-1, 2)
+        return Drift(*(float(np.nanmean(c)) if np.isfinite(c).any() else float("nan") for c in change.T))

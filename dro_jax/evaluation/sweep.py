@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
-    Measurement, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
+    Measurement, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting,
+    reference_decoding,
 )
-from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
+from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge
@@ -96,26 +97,33 @@ class SweepRow:
     any_compliance_rate: float | None = None
     mean_refusal_log_odds: float | None = None
     reply_drift: float | None = None  # nats per token against no prompt, on the greedy no-prompt replies
+    reply_drift_opening: float | None = None  # the same over their first 8 tokens
     degenerate_responses: int | None = None
     degenerate_rate: float | None = None
     # the paper's rule with the judge model: None without one and on harmless sets
     harmful_compliant_responses: int | None = None
     queries_any_harmful_compliance: int | None = None
     any_harmful_compliance_rate: float | None = None
+    # the decline judge's counts (`Response.kind`): the headline refusals, and replies that only apologise
+    queries_any_decline: int | None = None
+    any_decline_rate: float | None = None
+    apology_responses: int | None = None
     error: str | None = None
 
     @classmethod
     def measured(
         cls, model: str, prompt: str, dataset: str, num_queries: int, responses: Sequence[Response], log_odds: np.ndarray,
-        reply_drift: float, rule: DegenerationRule = DegenerationRule(),
+        drift: Drift, rule: DegenerationRule = DegenerationRule(),
     ) -> "SweepRow":
         refused, any_refusal, any_compliance = count_refusals(responses, num_queries)
         judged, any_judged = count_harmful_compliance(responses, num_queries)
+        _, any_decline, apologies = count_declines(responses, num_queries)
         broken = DegenerationCounts.of(responses, rule).degenerate
         return cls(
             model, prompt, dataset, num_queries, len(responses), refused, refused / len(responses),
             any_refusal, any_refusal / num_queries, any_compliance, any_compliance / num_queries, float(np.mean(log_odds)),
-            reply_drift, broken, broken / len(responses), judged, any_judged, None if any_judged is None else any_judged / num_queries,
+            drift.whole, drift.opening, broken, broken / len(responses), judged, any_judged,
+            None if any_judged is None else any_judged / num_queries, any_decline, any_decline / num_queries, apologies,
         )
 
 
@@ -190,7 +198,7 @@ def _measure(
         return SweepRow(spec, label, name, len(queries), error=errors[0])
     responses = [Response(**{**r, "token_ids": tuple(r["token_ids"])}) for p in parts for r in p["responses"]]
     log_odds = np.array([v for p in parts for v in p["log_odds"]])
-    reference = ReplyReference([], np.array([v for p in parts for v in p["reference_nll"]], np.float64))
+    reference = ReplyReference([], np.array([v for p in parts for v in p["reference_nll"]], np.float64).reshape(-1, 2))
     drift = reference.drift(np.array([v for p in parts for v in p["reply_nll"]], np.float64))
     return SweepRow.measured(spec, label, name, len(queries), responses, log_odds, drift, config.degeneration)
 

@@ -36,19 +36,22 @@ def _count(count: int | None, rate: float | None) -> str:
 def sweep_markdown(rows: Sequence[SweepRow], judge_model: str | None = None, harmful_datasets: Collection[str] = ()) -> str:
     """A table with counts and their rates, and under it what the judged-compliance column holds (n/a without
     `judge_model` and on harmless sets); error rows have empty numbers and the error text."""
-    header = ["model", "prompt", "dataset", "queries", "responses", "refused responses", "queries with any refusal",
-              "queries with any compliance", "queries with any judged compliance", "mean refusal log-odds", "reply drift (nats/token)",
-              "degenerate responses", "error"]
+    header = ["model", "prompt", "dataset", "queries", "responses", "queries declined", "apology-only responses", "refused responses",
+              "queries with any refusal", "queries with any compliance", "queries with any judged compliance", "mean refusal log-odds",
+              "reply drift (nats/token)", "drift, first 8 tokens", "degenerate responses", "error"]
     table = markdown_table(header, [
         [
             row.model, row.prompt, row.dataset, str(row.num_queries),
             "" if row.num_responses is None else str(row.num_responses),
+            _count(row.queries_any_decline, row.any_decline_rate),
+            "" if row.apology_responses is None else str(row.apology_responses),
             _count(row.refused_responses, row.response_refusal_rate),
             _count(row.queries_any_refusal, row.any_refusal_rate),
             _count(row.queries_any_compliance, row.any_compliance_rate),
             _judged(row),
             "" if row.mean_refusal_log_odds is None else f"{row.mean_refusal_log_odds:+.3f}",
             "" if row.reply_drift is None else f"{row.reply_drift:+.3f}",
+            "" if row.reply_drift_opening is None else f"{row.reply_drift_opening:+.3f}",
             _count(row.degenerate_responses, row.degenerate_rate),
             row.error or "",
         ]

@@ -2,9 +2,11 @@
 
 Each reply is appended to its chat-formatted query and the model reads the
 whole sequence once; the score is the mean negative log-likelihood per reply
-token (nats). The same reply scored under two settings tells how far one
-setting moved the model's answer distribution away from the other's, with no
-judge and no generation.
+token (nats), over the whole reply and over its first `OPENING_TOKENS` tokens,
+where a prompt's damage shows first (a reply that opens off course and then
+returns to the reference's words scores well on the whole alone). The same
+reply scored under two settings tells how far one setting moved the model's
+answer distribution away from the other's, with no judge and no generation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dro_jax.models.transformer import Params, compute_logits, forward
 from dro_jax.models.partitioning import place_params
 from dro_jax.parallel.distributed import shows_progress
 from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch, to_host
+
+OPENING_TOKENS = 8
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -67,7 +71,8 @@ def reply_nll(
     progress: bool = True,
     mesh: Mesh | None = None,
 ) -> np.ndarray:
-    """[n] mean negative log-likelihood per token (nats) of reply i after encoded query i; NaN for an empty reply."""
+    """[n, 2] mean negative log-likelihood per token (nats) of reply i after encoded query i: column 0 over the
+    whole reply, column 1 over its first `OPENING_TOKENS` tokens; NaN for an empty reply."""
     if len(replies) != len(encoded):
         raise DroJaxError(f"{encoded.source}: {len(replies)} replies for {len(encoded)} queries")
     limit = model.config.max_position_embeddings
@@ -79,7 +84,7 @@ def reply_nll(
         encoded.queries, encoded.source, encoded.prefix_length,
     )
     lengths = np.array([len(reply) for reply in replies])
-    totals = np.zeros(len(replies))
+    totals = np.zeros((len(replies), 2))
     params = place_params(model.params, model.config, mesh)
     with tqdm(total=len(replies), desc="reply likelihood", unit="reply", disable=not shows_progress(progress)) as bar:
         for batch in joined.batches(rows_per_batch(batch_size, len(replies), mesh), model.pad_id):
@@ -92,9 +97,12 @@ def reply_nll(
                     params, model.config, inputs.token_ids, inputs.attention_mask, shard_batch(scored, mesh),
                     inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
                 )
-            sums = to_host(log_probs).astype(np.float64).sum(axis=1)
+            log_probs = to_host(log_probs).astype(np.float64)
+            opening = np.arange(width)[None, :] < width - counts[:, None] + OPENING_TOKENS
+            sums = np.stack([log_probs.sum(axis=1), (log_probs * opening).sum(axis=1)], axis=1)
             real = batch.index >= 0
             totals[batch.index[real]] = -sums[real]
             bar.update(batch.num_real)
+    counted = np.stack([lengths, np.minimum(lengths, OPENING_TOKENS)], axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(lengths > 0, totals / np.maximum(lengths, 1), np.nan)
+        return np.where(counted > 0, totals / np.maximum(counted, 1), np.nan)

@@ -109,9 +109,10 @@ def test_evaluation_rows_hold_both_verdicts(models, verdict, max_new_tokens, jud
     assert (harmful.refused_responses, harmful.queries_any_compliance, harmless.queries_any_refusal) == (0, 2, 0)
     assert (harmful.harmful_compliant_responses, harmful.queries_any_harmful_compliance) == (judged, judged)
     assert (harmless.harmful_compliant_responses, harmless.queries_any_harmful_compliance) == (None, None)  # never judged
-    header, _, *cells = [[c.strip() for c in line.strip("|").split("|")] for line in results_markdown([harmful, harmless]).splitlines()]
-    assert header[5:7] == ["judged compliant responses", "queries with any judged compliance"]
-    assert cells[0][5:7] == (["n/a"] * 2 if judged is None else [f"{judged}/2"] * 2) and cells[1][5:7] == ["n/a"] * 2
+    refusals = results_markdown([harmful, harmless]).split("\n\n")[0]  # the refusal table, before the quality table
+    header, _, *cells = [[c.strip() for c in line.strip("|").split("|")] for line in refusals.splitlines()]
+    assert header[6:8] == ["judged compliant responses", "queries with any judged compliance"]
+    assert cells[0][6:8] == (["n/a"] * 2 if judged is None else [f"{judged}/2"] * 2) and cells[1][6:8] == ["n/a"] * 2
 
 
 def test_anchor_labels_judge_the_harmful_queries_only(models):
@@ -235,7 +236,7 @@ def test_a_run_with_a_judge_model_reports_both_verdicts(forced, run_args, tmp_pa
     out = tmp_path / "run"
     assert main(run_args(out, "--judge-model", str(forced["unsafe"]))) == 0
     assert json.loads((out / "config.json").read_text())["judge_model"] == str(forced["unsafe"])
-    responses = [Response(**{k: v for k, v in r.items() if k not in ("setting", "dataset")}) for r in _lines(out / "responses.jsonl")]
+    responses = [Response(**{k: v for k, v in r.items() if k not in ("setting", "dataset", "kind")}) for r in _lines(out / "responses.jsonl")]
     datasets = [r["dataset"] for r in _lines(out / "responses.jsonl")]
     assert {(d, r.unsafe) for d, r in zip(datasets, responses)} == {("harmful", True), ("harmless", None)}
     rows = json.loads((out / "results.json").read_text())["rows"]

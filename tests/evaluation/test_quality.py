@@ -56,9 +56,11 @@ def test_counts_per_response():
 
 
 def test_drift_is_the_mean_change_in_nll_per_token():
-    reference = ReplyReference([(1, 2), (3,), ()], np.array([1.0, 2.0, np.nan]))
-    assert reference.drift(np.array([1.5, 2.1, np.nan])) == pytest.approx(0.3)  # the empty reply is skipped
-    assert reference.drift(reference.nll) == 0.0
+    """Over the whole replies and over their openings (column 1); the empty reply is skipped."""
+    reference = ReplyReference([(1, 2), (3,), ()], np.array([[1.0, 3.0], [2.0, 2.0], [np.nan, np.nan]]))
+    drift = reference.drift(np.array([[1.5, 4.0], [2.1, 2.1], [np.nan, np.nan]]))
+    assert drift.whole == pytest.approx(0.3) and drift.opening == pytest.approx(0.55)
+    assert reference.drift(reference.nll) == (0.0, 0.0)
 
 
 def test_reply_likelihood_matches_transformers_on_the_whole_sequences(tiny_model_dir):
@@ -67,24 +69,26 @@ def test_reply_likelihood_matches_transformers_on_the_whole_sequences(tiny_model
     import torch
 
     from dro_jax.inference.encoding import encode_queries
-    from dro_jax.inference.likelihood import reply_nll
+    from dro_jax.inference.likelihood import OPENING_TOKENS, reply_nll
     from dro_jax.loading import load_model
 
     directory, torch_model = tiny_model_dir("llama")
     model = load_model(directory, progress=False)
     encoded = encode_queries(model, HARMLESS[:4], "short")
     assert encoded.prefix_length > 0
-    replies = [[5, 9, 33], [7], [100, 101, 102, 103, 104], []]
+    replies = [[5, 9, 33], [7], [100 + i for i in range(OPENING_TOKENS + 3)], []]
     nll = reply_nll(model, encoded, replies, batch_size=3, progress=False)
-    for ids, reply, value in zip(encoded.sequences, replies, nll):
+    assert nll.shape == (4, 2)
+    for ids, reply, (whole, opening) in zip(encoded.sequences, replies, nll):
         if not reply:
-            assert np.isnan(value)
+            assert np.isnan(whole) and np.isnan(opening)
             continue
         sequence = torch.tensor([ids + reply])
         with torch.no_grad():
             log_p = torch.log_softmax(torch_model(sequence).logits[0].double(), dim=-1)
-        expected = -np.mean([float(log_p[len(ids) - 1 + i, token]) for i, token in enumerate(reply)])
-        assert value == pytest.approx(expected, abs=1e-4)
+        token_nll = [-float(log_p[len(ids) - 1 + i, token]) for i, token in enumerate(reply)]
+        assert whole == pytest.approx(np.mean(token_nll), abs=1e-4)  # float32 logits, tens of tokens: 1e-4 nats
+        assert opening == pytest.approx(np.mean(token_nll[:OPENING_TOKENS]), abs=1e-4)
 
 
 def test_evaluation_reports_drift_and_degeneration_beside_refusals(tiny_dro):
@@ -94,9 +98,18 @@ def test_evaluation_reports_drift_and_degeneration_beside_refusals(tiny_dro):
         tiny_dro.model, datasets, settings, tiny_dro.anchors, SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS, progress=False,
     )
     rows = {(r.setting, r.dataset): r for r in evaluation.rows}
-    assert rows[("none", "harmless")].reply_drift == 0.0  # the reference replies are its own
+    none = rows[("none", "harmless")]
+    assert none.reply_drift == none.reply_drift_opening == none.reply_surprise == 0.0  # the reference replies are its own
     short = rows[("short", "harmless")]
-    assert short.reply_drift is not None and short.reply_drift != 0.0
+    assert short.reply_drift is not None and short.reply_drift != 0.0 and short.reply_drift_opening != 0.0
+    # Reply surprise: short's own replies under no prompt, against no prompt's own, by hand.
+    from dro_jax.inference.encoding import encode_queries
+    from dro_jax.inference.likelihood import reply_nll
+
+    own = [r.token_ids for o in evaluation.outcomes if (o.setting, o.dataset) == ("short", "harmless") for r in o.responses]
+    plain = encode_queries(tiny_dro.model, HARMLESS[:3], "none")
+    expected = np.mean(reply_nll(tiny_dro.model, plain, own, progress=False)[:, 0]) - np.mean(evaluation.references["harmless"].nll[:, 0])
+    assert short.reply_surprise == pytest.approx(expected, abs=1e-6)
     assert all(r.degenerate_responses is not None and r.degenerate_responses <= r.num_responses for r in evaluation.rows)
     none_replies = [r.token_ids for o in evaluation.outcomes if (o.setting, o.dataset) == ("none", "harmless") for r in o.responses]
     assert evaluation.references["harmless"].token_ids == none_replies  # the greedy no-prompt replies, reused

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 from dro_jax.cli.main import main
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.evaluation.quality import Drift
 from dro_jax.evaluation.sweep import SweepConfig, SweepRow
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import StringJudge
@@ -77,7 +78,7 @@ def _rows(path: Path) -> list[dict]:
     return json.loads((path / "sweep.json").read_text(encoding="utf-8"))
 
 
-FLOATS = ("mean_refusal_log_odds", "reply_drift")  # equal up to float reduction order
+FLOATS = ("mean_refusal_log_odds", "reply_drift", "reply_drift_opening")  # equal up to float reduction order
 
 
 def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
@@ -93,13 +94,18 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
 def test_metrics_follow_the_paper():
     """3 samples per query: a harmless query counts if any sample refuses, a harmful one if any complies."""
     flags = [[True, True, True], [True, False, False], [False, False, False], [False, True, False]]
-    texts = {(1, 2): "STOP THAT NOW, IT IS DANGEROUS AND WRONG"}  # one shouting reply
+    texts = {
+        (1, 2): "STOP THAT NOW, IT IS DANGEROUS AND WRONG",  # one shouting reply
+        (0, 0): "I can't help with that.",  # a decline
+        (3, 1): "I'm sorry for the confusion, but I'm here to support you.",  # an apology that neither declines nor helps
+    }
     responses = [Response(q, f"q{q}", s, texts.get((q, s), ""), 1, flag) for q, row in enumerate(flags) for s, flag in enumerate(row)]
-    row = SweepRow.measured("m", "p", "d", 4, responses, np.array([1.0, -1.0, 0.5, 0.5]), reply_drift=0.25)
+    row = SweepRow.measured("m", "p", "d", 4, responses, np.array([1.0, -1.0, 0.5, 0.5]), Drift(0.25, 0.75))
     assert (row.num_responses, row.refused_responses, row.queries_any_refusal, row.queries_any_compliance) == (12, 5, 3, 3)
     assert (row.response_refusal_rate, row.any_refusal_rate, row.any_compliance_rate) == (5 / 12, 0.75, 0.75)
     assert row.mean_refusal_log_odds == 0.25 and row.error is None
-    assert (row.reply_drift, row.degenerate_responses, row.degenerate_rate) == (0.25, 1, 1 / 12)
+    assert (row.reply_drift, row.reply_drift_opening, row.degenerate_responses, row.degenerate_rate) == (0.25, 0.75, 1, 1 / 12)
+    assert (row.queries_any_decline, row.any_decline_rate, row.apology_responses) == (1, 0.25, 1)
 
 
 def test_process_shares_are_contiguous_disjoint_and_complete():
