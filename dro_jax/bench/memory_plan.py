@@ -232,6 +232,7 @@ def compile_train_step(request: PlanRequest, mesh: Any, params: Any) -> StepMemo
         soft_offsets=_abstract((rows,), jnp.int32, split), base_states=_abstract((rows, hidden), jnp.float32, split),
         reference_states=_abstract((rows, hidden), jnp.float32, split), reference_log_odds=_abstract((rows,), jnp.float32, split),
         harmless=_abstract((rows,), jnp.int32, split), weights=_abstract((rows,), jnp.float32, split),
+        reply_ids=_abstract((rows, 0), jnp.int32, split), reply_mask=_abstract((rows, 0), jnp.int32, split),
     )
     frozen = Frozen(
         params, _prefix(request, mesh), _abstract((hidden,), jnp.float32, copied),

@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refusal-scores", nargs="+", default=["probe", "head", "openings"],
                         help="dro-jax rows, one per refusal score (default: %(default)s)")
     parser.add_argument("--preserve", type=float, default=1.0, help="weight of the preservation term in the dro-jax rows (default: %(default)s)")
+    parser.add_argument("--replies", type=float, default=0.0,
+                        help="weight of the replies term in the dro-jax rows: the harmless rows' no-prompt replies teacher-forced, one "
+                        "more pass over query + reply per step (default: %(default)s, off)")
+    parser.add_argument("--openings", default=None, help="the openings of the `openings` score: apologies, declines, decline-replies or "
+                        "a JSON file (default: apologies)")
 
 
 class PeakMemory:
@@ -155,7 +160,7 @@ def run(args: argparse.Namespace) -> None:
     from dro_jax.inference.refusal_score import OpeningTree, Openings, encode_openings
     from dro_jax.dro.soft_prompt import initial_soft_prompt
     from dro_jax.dro.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step, place_frozen
-    from dro_jax.dro.training_set import prepare_training_set
+    from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
     from dro_jax.parallel.mesh import data_mesh
     from dro_jax.parallel.sharding import on_mesh, padded_batch_size, replicate, shard_batch
     from dro_jax.parity.torch_dro import freeze, make_torch_optimizer, torch_anchors, torch_dro_loss, torch_train_step
@@ -168,7 +173,9 @@ def run(args: argparse.Namespace) -> None:
     model = load_model(args.model, "float32", progress=False)
     config = model.config
     init = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt)
-    data = prepare_training_set(model, pairs, args.init_prompt, init.shape[0], progress=False)
+    openings = Openings.load(args.openings)
+    reply_tokens = REPLY_TOKENS if args.replies else 0
+    data = prepare_training_set(model, pairs, args.init_prompt, init.shape[0], progress=False, openings=openings, reply_tokens=reply_tokens)
     train_config = TrainConfig(batch_size=min(args.batch_size, len(data)))
     mesh = data_mesh()
     index = batch_indices(len(data), train_config, 0)
@@ -214,9 +221,9 @@ def run(args: argparse.Namespace) -> None:
 
     # dro-jax: the training loop's own jitted step, state replicated and batch sharded as there, per refusal score.
     optimizer = make_optimizer(train_config)
-    frozen = place_frozen(frozen_inputs(model, anchors, data.prefix), config, mesh)
+    frozen = place_frozen(frozen_inputs(model, anchors, data.prefix, openings), config, mesh)
     jax_batch = shard_batch(batch, mesh)
-    weights = dataclasses.replace(LossWeights(), preserve=args.preserve)
+    weights = dataclasses.replace(LossWeights(), preserve=args.preserve, replies=args.replies)
     jax_metrics = {}
     for score in args.refusal_scores:
         loss_fn = dro_objective(config, weights, refusal_score=score).loss
@@ -260,11 +267,14 @@ def run(args: argparse.Namespace) -> None:
 
     peak = matmul_peak_gflops()
     table = []
-    nodes = OpeningTree.of(encode_openings(model.tokenizer, Openings().refusal + Openings().compliant)).token_ids.shape[0]
+    nodes = OpeningTree.of(encode_openings(model.tokenizer, openings.refusal + openings.compliant)).token_ids.shape[0]
     tree_flops = work_gflop(config, real + nodes, shared, len(index)) * 1e9  # the openings' tree: `nodes` more tokens per row
+    # The replies term: one more pass over each row's query and its reply (the probe and head scores take their states from it).
+    replies = batch.reply_mask[: len(index)].sum(axis=1).astype(np.int64)
+    replies_flops = work_gflop(config, real + replies, shared, len(index)) * 1e9 if args.replies else 0.0
 
     def jax_work(score: str) -> float:
-        return tree_flops if score == "openings" else shared_flops
+        return (tree_flops if score == "openings" else 0.0 if args.replies else shared_flops) + replies_flops
 
     labels = {
         "torch_step": ("PyTorch training step, paper's loss", 2 * forward_flops,
@@ -272,7 +282,7 @@ def run(args: argparse.Namespace) -> None:
         "torch_forward": ("PyTorch loss, forward only", forward_flops, "torch.no_grad"),
     }
     for score in args.refusal_scores:
-        weighted = f"refusal score {score}, preserve weight {args.preserve:g}"
+        weighted = f"refusal score {score}, preserve weight {args.preserve:g}" + (f", replies weight {args.replies:g}" if args.replies else "")
         labels[f"jax_step:{score}"] = (f"dro-jax training step, {weighted}", 2 * jax_work(score), "jit; value_and_grad + optax clip/AdamW")
         labels[f"jax_forward:{score}"] = (f"dro-jax loss, forward only, {weighted}", jax_work(score), "jit")
     median = {key: statistics.median(result["times"]) for key, result in results.items()}
@@ -299,9 +309,9 @@ def run(args: argparse.Namespace) -> None:
     if "probe" in jax_metrics:
         first_jax, first_torch = jax_metrics["probe"], torch_metrics["probe"]
         gradients = (f"gradient norm {first_jax['grad_norm']:.6f} (dro-jax) vs {first_torch['grad_norm']:.6f} (PyTorch); "
-                     if args.preserve == 0 else "")  # with a weighted preservation term the dro-jax gradient has one more part
-        print(f"first step, refusal score probe, same inputs: {gradients}the paper's terms "
-              f"{first_jax['loss'] - args.preserve * first_jax['preserve']:.6f} vs {first_torch['loss']:.6f} "
+                     if args.preserve == args.replies == 0 else "")  # with a weighted preservation term the dro-jax gradient has more parts
+        paper_terms = first_jax["loss"] - args.preserve * first_jax["preserve"] - args.replies * first_jax["replies"]
+        print(f"first step, refusal score probe, same inputs: {gradients}the paper's terms {paper_terms:.6f} vs {first_torch['loss']:.6f} "
               f"(at the initial prompt new = base, so about 1.01 ln 2)")
     if device_stats:
         print(f"XLA device memory: peak {_gib(device_stats.get('peak_bytes_in_use', 0))} in use")

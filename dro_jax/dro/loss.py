@@ -9,14 +9,19 @@ refusal and harmfulness probes on the leading anchor coordinates:
     harmfulness = BCE_with_logits(f_h(new) - f_h(base), y)
     norm        = mean over the hidden - k remaining coordinates of (new - base)^2
     preserve    = KL(p(first reply token | reference) || p(first reply token | new)), harmless rows only
-    total       = w_r * refusal + w_h * harmfulness + w_n * norm + w_p * preserve   (1, 1e-2, 1e-3, 0)
+    replies     = NLL per token, under the soft prompt, of the model's own greedy reply with no safety prompt,
+                  teacher-forced, harmless rows only
+    total       = w_r * refusal + w_h * harmfulness + w_n * norm + w_p * preserve + w_y * replies   (1, 1e-2, 1e-3, 0, 0)
 
 The remaining coordinates are the orthonormal completion of the PCA axes, so
 their squared length is |new - base|^2 - |(new - base) @ axes|^2: the loss
 never multiplies by the full hidden x hidden basis.
 
-The first four lines are the paper's loss (the preservation term is ours and
-weighs 0 there). Its `reference` is the query's state with no safety prompt:
+The first three terms are the paper's loss (the two preservation terms are
+ours and weigh 0 there). `preserve` keeps the first reply token's
+distribution; `replies` keeps whole replies, at the price of one more pass
+over query + reply per step (it is computed only when weighted: 0 in the
+metrics otherwise). Its `reference` is the query's state with no safety prompt:
 the training-time form of the evaluation's reply drift, which measures the
 replies against the model's own replies with no prompt. `REFUSAL_SCORES` names what the refusal term reads; the
 paper's is `probe`. The first reply token's distribution is the frozen LM
@@ -42,7 +47,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.microbatch import map_microbatches
 from dro_jax.inference.refusal_score import OpeningReadout, continuation_log_probs, first_token_log_odds, log_odds_of
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import SharedPrefix, final_states
+from dro_jax.models.inputs import SharedPrefix, continuation_nll, final_states
 from dro_jax.models.transformer import Params, compute_logits
 
 # Short names the command line also accepts for a term.
@@ -68,6 +73,7 @@ class LossWeights:
     harmfulness: float = 1e-2
     norm: float = 1e-3
     preserve: float = 0.0
+    replies: float = 0.0
 
     def __post_init__(self) -> None:
         if any(weight < 0 for weight in self.as_tuple()):
@@ -127,6 +133,8 @@ class QueryBatch(NamedTuple):
     reference_log_odds: jax.Array  # [b] refusal log-odds with no safety prompt
     harmless: jax.Array  # [b] 1 = harmless, 0 = harmful
     weights: jax.Array  # [b]
+    reply_ids: jax.Array  # [b, r] the row's greedy reply with no safety prompt, right-padded (r = 0: none prepared)
+    reply_mask: jax.Array  # [b, r] 1 on its tokens (harmless rows only)
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -169,18 +177,33 @@ def dro_loss(
     `microbatch` (rows through the model at a time, see `dro_jax.dro.microbatch`) with functools.partial for
     jit/grad (or use `dro_objective`)."""
 
-    def through_model(rows):
-        args = (frozen.params, config, *rows[:2])
-        if refusal_score == "openings":
-            return continuation_log_probs(*args, frozen.readout.tree, soft_prompt, rows[2], frozen.prefix, remat)
-        return None, final_states(*args, soft_prompt, rows[2], remat, frozen.prefix)
+    with_replies = weights.replies > 0
+    if with_replies and batch.reply_ids.shape[1] == 0:
+        raise DroJaxError("the replies term needs the training set's no-prompt replies (prepare_training_set(..., reply_tokens=N))")
 
-    log_probs, new = map_microbatches(through_model, (batch.token_ids, batch.attention_mask, batch.soft_offsets), microbatch)
+    def through_model(rows):
+        token_ids, attention_mask, offsets, reply_ids, reply_mask = rows
+        args = (frozen.params, config, token_ids, attention_mask)
+        reply_nll = states = log_probs = None
+        if with_replies:  # the states at the last query token come with the replies' pass
+            reply_nll, states = continuation_nll(*args, reply_ids, reply_mask, soft_prompt, offsets, remat, frozen.prefix)
+        if refusal_score == "openings":
+            log_probs, states = continuation_log_probs(*args, frozen.readout.tree, soft_prompt, offsets, frozen.prefix, remat)
+        elif states is None:
+            states = final_states(*args, soft_prompt, offsets, remat, frozen.prefix)
+        return log_probs, states, reply_nll
+
+    rows = (batch.token_ids, batch.attention_mask, batch.soft_offsets, batch.reply_ids, batch.reply_mask)
+    log_probs, new, reply_nll = map_microbatches(through_model, rows, microbatch)
     target = batch.harmless.astype(jnp.float32)
     terms, refusal_shift = dro_terms(new - batch.base_states, frozen, target, batch.weights)
     new_logits = compute_logits(frozen.params, config, new[:, None])[:, 0]
     reference_logits = compute_logits(frozen.params, config, batch.reference_states[:, None])[:, 0]
     terms["preserve"] = weighted_mean(first_token_kl(reference_logits, new_logits), batch.weights * target)
+    terms["replies"] = jnp.float32(0.0)
+    if with_replies:
+        per_token = reply_nll / jnp.maximum(jnp.sum(batch.reply_mask, axis=1), 1)
+        terms["replies"] = weighted_mean(per_token, batch.weights * target * (jnp.sum(batch.reply_mask, axis=1) > 0))
     behaviour = {}
     if refusal_score != "probe":
         if refusal_score == "openings":

@@ -1,6 +1,9 @@
 """The DRO training data: every training query behind the soft prompt's slot, with its base representation
-(under the prompt the soft prompt starts from) and, with no safety prompt, its reference representation and
-refusal log-odds."""
+(under the prompt the soft prompt starts from) and, with no safety prompt, its reference representation,
+refusal log-odds and (for the `replies` term) greedy reply.
+
+REPLY_TOKENS: how long the replies the `replies` term keeps are; the first tokens are where a prompt's
+damage to harmless answers shows first, and each one costs a token of the training pass."""
 
 from __future__ import annotations
 
@@ -17,8 +20,12 @@ from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import Openings, RefusalScores, score_refusal
 from dro_jax.inference.represent import represent_tokens
+from dro_jax.inference.respond import generate_responses
+from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import SharedPrefix
+
+REPLY_TOKENS = 32
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -35,6 +42,8 @@ class TrainingSet:
     reference_states: np.ndarray  # [n, h] with no safety prompt: what the preservation term keeps the replies near
     reference_log_odds: np.ndarray  # [n] refusal log-odds with no safety prompt
     harmless: np.ndarray  # [n] 1 = harmless
+    reply_ids: np.ndarray  # [n, r] greedy reply with no safety prompt (harmless rows; r = 0 when not prepared)
+    reply_mask: np.ndarray  # [n, r]
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -43,6 +52,7 @@ class TrainingSet:
         return QueryBatch(
             self.token_ids[index], self.attention_mask[index], self.soft_offsets[index],
             self.base_states[index], self.reference_states[index], self.reference_log_odds[index], self.harmless[index], weights,
+            self.reply_ids[index], self.reply_mask[index],
         )
 
 
@@ -56,10 +66,12 @@ def prepare_training_set(
     reference: RefusalScores | None = None,
     openings: Openings = Openings(),
     mesh: Mesh | None = None,
+    reply_tokens: int = 0,
 ) -> TrainingSet:
     """Encodes the queries with a `num_rows`-row slot. Their states under `init_prompt` (base) and their states
     and refusal log-odds (with `openings`) with no prompt (reference) are computed unless given (harmful then
-    harmless, e.g. from the anchor stage), in batches split over `mesh`."""
+    harmless, e.g. from the anchor stage), in batches split over `mesh`. With `reply_tokens`, the harmless
+    queries' greedy replies with no prompt, at most that many tokens, are generated for the `replies` term."""
     queries = pairs.queries
     expected = (len(queries), model.config.hidden_size)
     if base_states is None:
@@ -73,7 +85,21 @@ def prepare_training_set(
     encoded = encode_queries(model, queries, placeholder)
     room = model.config.max_position_embeddings - encoded.prefix_length
     token_ids, mask, offsets = encoded.padded_rows(model.pad_id, min(bucket_length(max(map(len, encoded.rows))), room))
+    reply_ids, reply_mask = _no_prompt_replies(model, pairs, reply_tokens, progress, mesh)
     return TrainingSet(
         queries, encoded.prefix(), token_ids, mask, offsets, base_states, reference.states,
-        np.asarray(reference.log_odds, np.float32), pairs.harmless_flags,
+        np.asarray(reference.log_odds, np.float32), pairs.harmless_flags, reply_ids, reply_mask,
     )
+
+
+def _no_prompt_replies(model: LoadedModel, pairs: QueryPairs, tokens: int, progress: bool, mesh: Mesh | None) -> tuple[np.ndarray, np.ndarray]:
+    """([n, tokens] ids, [n, tokens] mask): the harmless queries' greedy replies with no safety prompt (stop token
+    included), right-padded; the harmful rows empty."""
+    ids, mask = np.zeros((len(pairs), tokens), np.int32), np.zeros((len(pairs), tokens), np.int32)
+    if tokens:
+        encoded = encode_queries(model, list(pairs.harmless), NO_PROMPT, "harmless training queries")
+        replies = generate_responses(model, encoded, SamplingConfig(max_new_tokens=tokens), progress=progress, mesh=mesh)
+        for reply in replies:
+            row = len(pairs.harmful) + reply.query_index
+            ids[row, : len(reply.token_ids)], mask[row, : len(reply.token_ids)] = reply.token_ids, 1
+    return ids, mask

@@ -39,12 +39,16 @@ from dro_jax.parallel.distributed import shows_progress
 from dro_jax.parallel.sharding import on_mesh, replicate, rows_per_batch, to_host
 
 
+COMPLIANT_OPENINGS = ("Sure", "Certainly", "Of course", "Here is", "Here's", "To")
+
+
 @dataclasses.dataclass(frozen=True)
 class Openings:
-    """The first words of a reply that mark it as a refusal or as compliance."""
+    """The first words of a reply that mark it as a refusal or as compliance (default: the `apologies` set of
+    `OPENING_SETS`)."""
 
     refusal: tuple[str, ...] = ("I'm sorry", "I am sorry", "I cannot", "I can't", "I apologize", "As an AI")
-    compliant: tuple[str, ...] = ("Sure", "Certainly", "Of course", "Here is", "Here's", "To")
+    compliant: tuple[str, ...] = COMPLIANT_OPENINGS
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Openings":
@@ -60,9 +64,29 @@ class Openings:
         return cls(refusal, compliant)
 
     @classmethod
-    def load(cls, path: str | Path | None) -> "Openings":
-        """The openings of a JSON file, or the built-in ones when `path` is None."""
-        return cls() if path is None else cls.from_file(path)
+    def load(cls, spec: str | Path | None) -> "Openings":
+        """A named set of `OPENING_SETS`, the openings of a JSON file, or the `apologies` set when `spec` is None."""
+        if spec is None:
+            return cls()
+        if str(spec) in OPENING_SETS:
+            return OPENING_SETS[str(spec)]
+        if not Path(spec).is_file():
+            raise DroJaxError(f"openings {str(spec)!r}: neither one of {', '.join(OPENING_SETS)} nor a JSON file")
+        return cls.from_file(spec)
+
+
+# Named refusal openings (each against the same compliant ones). `apologies` is how a small chat model starts
+# most of its refusals and also most of its apologies that refuse nothing, so an objective that raises it trains
+# apologies; `declines` are first words that say no without apologising; `decline-replies` are whole short
+# declines, so that the likelihood a training objective raises is that of saying no, to the end of the sentence.
+OPENING_SETS = {
+    "apologies": Openings(),
+    "declines": Openings(("I can't", "I cannot", "I won't", "I will not", "I'm not able to", "I am unable to", "I must decline")),
+    "decline-replies": Openings((
+        "I can't help with that.", "I cannot help with that request.", "I won't help with this, because it could cause harm.",
+        "I'm not able to assist with that.", "I must decline this request.", "I can't provide that information.",
+    )),
+}
 
 
 class OpeningTree(NamedTuple):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.transformer import KVCache, Params, forward, positions_from_mask
+from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
 
 
 class SharedPrefix(NamedTuple):
@@ -102,3 +102,36 @@ def final_states(
     positions = row_positions(attention_mask, prefix)
     out = forward(params, config, inputs_embeds=embeds, attention_mask=attention_mask, positions=positions, prefix=shared, remat=remat)
     return out.last_hidden_state[:, -1].astype(jnp.float32)
+
+
+def continuation_nll(
+    params: Params,
+    config: ModelConfig,
+    token_ids: jax.Array,
+    attention_mask: jax.Array,
+    continuation_ids: jax.Array,
+    continuation_mask: jax.Array,
+    soft_prompt: jax.Array | None = None,
+    soft_offsets: jax.Array | None = None,
+    remat: bool = False,
+    prefix: SharedPrefix | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """([b] summed negative log-likelihood of each row's continuation, [b, hidden] float32 final states at the
+    rows' last prompt position), teacher-forced in one pass.
+
+    The prompts [b, t] are left-padded like `final_states`' rows; each row's
+    continuation [b, c] follows its last prompt token, right-padded
+    (`continuation_mask` 0 on padding, which is never scored). Pure, so a loss
+    differentiates it with respect to `soft_prompt`.
+    """
+    length = token_ids.shape[1]
+    ids = jnp.concatenate([token_ids, continuation_ids], axis=1)
+    mask = jnp.concatenate([attention_mask, continuation_mask.astype(attention_mask.dtype)], axis=1)
+    shared = prefix_cache(params, config, prefix, soft_prompt, remat)
+    embeds = input_embeddings(params, ids, soft_prompt, soft_offsets)
+    out = forward(params, config, inputs_embeds=embeds, attention_mask=mask, positions=row_positions(mask, prefix), prefix=shared, remat=remat)
+    hidden = out.last_hidden_state
+    logits = compute_logits(params, config, hidden[:, length - 1 : -1])  # position j predicts token j + 1
+    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), continuation_ids[..., None], axis=-1)[..., 0]
+    nll = -jnp.sum(jnp.where(continuation_mask > 0, log_probs, 0.0), axis=1)
+    return nll, hidden[:, length - 1].astype(jnp.float32)

@@ -171,18 +171,19 @@ def random_anchor_space(base: np.ndarray, new: np.ndarray, num_components: int, 
 
 def dro_case(
     model: LoadedModel, torch_model, pairs: QueryPairs, noise: float = 0.5, seed: int = 0,
-    filler_row: bool = False, anchors: AnchorSpace | None = None,
+    filler_row: bool = False, anchors: AnchorSpace | None = None, reply_tokens: int = 0,
 ) -> DroCase:
     """One batch of the paired queries, the short-prompt init plus `noise` x its std of Gaussian noise, so every term is live.
 
     Without `anchors`, a `random_anchor_space` (4 axes) around the batch's own
     base states. `filler_row` appends a weight-0 copy of row 0, as the training
-    loop pads a short last batch.
+    loop pads a short last batch. `reply_tokens`: the harmless rows' no-prompt
+    replies, for the `replies` term (see `prepare_training_set`).
     """
     import torch
 
     init = initial_soft_prompt(model.params, model.tokenizer, INIT_PROMPT)
-    data = prepare_training_set(model, pairs, INIT_PROMPT, init.shape[0], progress=False)
+    data = prepare_training_set(model, pairs, INIT_PROMPT, init.shape[0], progress=False, reply_tokens=reply_tokens)
     rng = np.random.default_rng(seed + 1)
     prompt = (init + noise * init.std() * rng.standard_normal(init.shape)).astype(np.float32)
     index = np.arange(len(data))

@@ -161,6 +161,23 @@ def opening_log_probs(model, soft_prompt, batch, prefix, openings: list[list[int
     return torch.stack(columns, dim=1)
 
 
+def reply_nll_per_token(model, soft_prompt, batch, prefix) -> Any:
+    """[b] float64 mean NLL per token of each row's reply (`batch.reply_ids`, right-padded, `reply_mask`) appended to
+    its whole input; 0 for a row without one."""
+    import torch
+
+    ids, mask, offsets = whole_sequences(batch, prefix)
+    reply_ids, reply_mask = np.asarray(batch.reply_ids), np.asarray(batch.reply_mask)
+    extended = _tensor(np.concatenate([ids, reply_ids], axis=1), torch.long)
+    extended_mask = _tensor(np.concatenate([mask, reply_mask.astype(mask.dtype)], axis=1), torch.long)
+    embeds = soft_prompt_embeddings(model, soft_prompt, extended, _tensor(offsets, torch.long))
+    logits = model(inputs_embeds=embeds, attention_mask=extended_mask, position_ids=position_ids(extended_mask), use_cache=False).logits
+    log_p = torch.log_softmax(logits.double(), dim=-1)[:, ids.shape[1] - 1 : -1]  # position j predicts token j + 1
+    picked = torch.gather(log_p, 2, _tensor(reply_ids, torch.long)[..., None])[..., 0]
+    scored = _tensor(reply_mask).double()
+    return -(picked * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1.0)
+
+
 def torch_dro_loss(
     model, soft_prompt, batch, anchors: AnchorSpace | TorchAnchors, weights: LossWeights = LossWeights(), prefix=None,
     refusal_score: str = "probe", readout: OpeningReadout | None = None,
@@ -200,6 +217,10 @@ def torch_dro_loss(
     reference_log_p = torch.log_softmax(head(_tensor(batch.reference_states).to(states.dtype)).double(), dim=-1)
     kl = (reference_log_p.exp() * (reference_log_p - new_log_p)).sum(dim=1)
     terms["preserve"] = _weighted_mean(kl, row_weights * target)
+    terms["replies"] = torch.zeros((), dtype=kind)
+    if weights.replies > 0:  # computed only when weighted, as in the JAX loss
+        has_reply = _tensor(np.asarray(batch.reply_mask).sum(axis=1) > 0).to(kind)
+        terms["replies"] = _weighted_mean(reply_nll_per_token(model, soft_prompt, batch, prefix).to(kind), row_weights * target * has_reply)
     behaviour = {}
     if refusal_score != "probe":
         def first_token(log_p):

@@ -10,6 +10,7 @@ from dro_jax.dro.loss import LossWeights, dro_loss, dro_objective
 from dro_jax.dro.train import frozen_inputs
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.models.inputs import final_states
+from helpers import TINY_OPENINGS
 
 
 def _full_batch(data):
@@ -18,11 +19,12 @@ def _full_batch(data):
 
 def test_loss_weights_name_the_terms_once():
     weights = LossWeights()
-    assert LossWeights.terms() == ("refusal", "harmfulness", "norm", "preserve")
-    assert weights.as_tuple() == (1.0, 1e-2, 1e-3, 0.0)  # the paper's, and no preservation term
-    assert LossWeights.from_sequence([2, 3, 4, 5]) == LossWeights(2.0, 3.0, 4.0, 5.0)
-    assert weights.combine({"refusal": 2.0, "harmfulness": 100.0, "norm": 1000.0, "preserve": 7.0}) == pytest.approx(2.0 + 1.0 + 1.0)
-    assert weights.ablate("harm", "norm") == LossWeights(1.0, 0.0, 0.0, 0.0)  # the short name of the command line
+    assert LossWeights.terms() == ("refusal", "harmfulness", "norm", "preserve", "replies")
+    assert weights.as_tuple() == (1.0, 1e-2, 1e-3, 0.0, 0.0)  # the paper's, and no preservation terms
+    assert LossWeights.from_sequence([2, 3, 4, 5, 6]) == LossWeights(2.0, 3.0, 4.0, 5.0, 6.0)
+    values = {"refusal": 2.0, "harmfulness": 100.0, "norm": 1000.0, "preserve": 7.0, "replies": 9.0}
+    assert weights.combine(values) == pytest.approx(2.0 + 1.0 + 1.0)
+    assert weights.ablate("harm", "norm") == LossWeights(1.0, 0.0, 0.0, 0.0, 0.0)  # the short name of the command line
     with pytest.raises(ValueError, match="unknown loss terms"):
         weights.ablate("accuracy")
     with pytest.raises(DroJaxError, match="one loss weight per term"):
@@ -116,6 +118,33 @@ def test_norm_term_equals_the_full_basis_form_and_ablations_drop_terms(tiny_dro)
     np.testing.assert_allclose(total, sum(w * metrics[t] for t, w in zip(LossWeights.terms(), LossWeights().as_tuple())), rtol=1e-6)
     ablated, _ = dro_loss(soft, batch, frozen, model.config, LossWeights().ablate("norm", "refusal"))
     np.testing.assert_allclose(ablated, 1e-2 * metrics["harmfulness"], rtol=1e-6)
+
+
+def test_the_replies_term_is_the_no_prompt_replies_nll_on_harmless_rows(tiny_dro):
+    """`replies`: each harmless row's greedy no-prompt reply, scored teacher-forced under the soft prompt, mean NLL
+    per token, averaged over the harmless rows; checked against the evaluation's own reply likelihood of the same
+    replies under the same soft prompt. Not computed (0) when its weight is 0; refused without prepared replies."""
+    from dro_jax.dro.training_set import prepare_training_set
+    from dro_jax.inference.chat import PromptSetting
+    from dro_jax.inference.encoding import encode_queries
+    from dro_jax.inference.likelihood import reply_nll
+
+    model, anchors, initial = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial
+    data = prepare_training_set(model, tiny_dro.pairs, "short", len(initial), progress=False, openings=TINY_OPENINGS, reply_tokens=6)
+    harmful = len(tiny_dro.pairs.harmful)
+    assert not data.reply_mask[:harmful].any() and (data.reply_mask[harmful:].sum(axis=1) > 0).all()
+    soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(2), initial.shape)
+    batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
+    weights = LossWeights(1.0, 0.0, 0.0, 0.0, 0.7)
+    total, metrics = dro_loss(soft, batch, frozen, model.config, weights)
+    replies = [tuple(ids[mask > 0]) for ids, mask in zip(data.reply_ids[harmful:], data.reply_mask[harmful:])]
+    setting = PromptSetting.soft("trained", np.asarray(soft))
+    expected = reply_nll(model, encode_queries(model, list(tiny_dro.pairs.harmless), setting), replies, progress=False)[:, 0]
+    np.testing.assert_allclose(metrics["replies"], np.mean(expected), rtol=1e-5)
+    np.testing.assert_allclose(total, metrics["refusal"] + 0.7 * metrics["replies"], rtol=1e-6)
+    assert float(dro_loss(soft, batch, frozen, model.config, LossWeights())[1]["replies"]) == 0.0
+    with pytest.raises(DroJaxError, match="replies term needs"):
+        dro_loss(soft, _full_batch(tiny_dro.data), frozen, model.config, weights)
 
 
 def test_dro_objective_binds_the_config_and_shows_every_term(tiny_dro):

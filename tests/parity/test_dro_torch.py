@@ -53,7 +53,7 @@ def train_step_figures(model, torch_model, case: DroCase) -> dict:
     }
 
 
-def check(figures: DroParity, metric_rtol: float) -> None:
+def check(figures: DroParity, metric_rtol: float, weights: LossWeights = LossWeights()) -> None:
     print(f"\nDRO parity: {figures}")
     assert all(c.passed for c in dro_checks(figures)), dro_checks(figures)
     for name, diff in figures.metric_diffs.items():
@@ -64,8 +64,8 @@ def check(figures: DroParity, metric_rtol: float) -> None:
     assert figures.well_conditioned_fraction >= 0.99, figures
     assert figures.step_size > 0.5e-3, figures  # the step moved the prompt by about the learning rate
     assert figures.base_rel_diff <= 1e-4, figures
-    for name in LossWeights.terms():
-        assert figures.metrics[name] > 1e-3, figures  # every term is live
+    for name in LossWeights.terms():  # every term is live (the replies term is computed only when weighted)
+        assert figures.metrics[name] > 1e-3 or (name == "replies" and not weights.replies), figures
 
 
 def test_dro_loss_gradient_and_step_match_torch_tiny_llama(tiny_model_dir):
@@ -86,18 +86,24 @@ def test_dro_loss_gradient_and_step_match_torch_tiny_llama(tiny_model_dir):
 
 
 @pytest.mark.parametrize("score", ["head", "openings"])
-def test_behavioural_refusal_scores_and_the_preservation_term_match_torch_tiny_llama(tiny_model_dir, score):
-    """The `head` and `openings` refusal scores with a weighted preservation term: the twin reads the first
-    token through transformers' own output layer and runs every opening appended to the whole inputs."""
+def test_behavioural_refusal_scores_and_the_preservation_terms_match_torch_tiny_llama(tiny_model_dir, score):
+    """The `head` and `openings` refusal scores with both preservation terms weighted: the twin reads the first
+    token through transformers' own output layer, runs every opening appended to the whole inputs, and the
+    harmless rows' no-prompt replies appended to theirs."""
     from transformers import AutoModelForCausalLM
 
     directory, _ = tiny_model_dir("llama")
     model = load_model(directory, progress=False)
     torch_model = freeze(AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32))
-    case = dro_case(model, torch_model, PAIRS, noise=2.5, filler_row=True)
+    case = dro_case(model, torch_model, PAIRS, noise=2.5, filler_row=True, reply_tokens=5)
+    harmful, harmless = len(PAIRS.harmful), len(PAIRS.harmless)
+    replies = case.batch.reply_mask
+    assert replies[harmful : harmful + harmless].sum(axis=1).min() > 0  # every harmless row has its reply ...
+    assert not replies[:harmful].any() and not replies[harmful + harmless :].any()  # ... harmful and filler rows none
     openings = Openings(refusal=("No way", "I can not"), compliant=("Sure thing", "Here is"))
-    figures = dro_parity(model, torch_model, case, LossWeights(1.0, 1e-2, 1e-3, 0.5), score, openings)
-    check(figures, metric_rtol=1e-5)
+    weights = LossWeights(1.0, 1e-2, 1e-3, 0.5, 0.5)
+    figures = dro_parity(model, torch_model, case, weights, score, openings)
+    check(figures, metric_rtol=1e-5, weights=weights)
     assert set(figures.metrics) >= {"refusal_log_odds_harmful", "refusal_log_odds_harmless"}
 
 
