@@ -33,12 +33,14 @@ class AnchorConfig:
     by `sampling`, judged by `judge` (default: the packaged `dro-jax` string judge); with a judge model
     `safety`, the harmful queries' responses must also pass the rest of the paper's rule (see `compliance_rates`).
 
-    The reference labels with all of its 25 samples: ALGORITHM.md 4.2 takes the compliance rate over every
-    sampled response, and only the evaluation (4.6) keeps the 20 longest, so no longest rule applies here."""
+    `keep_longest`: only each input's that many longest responses (by words) are judged, as the reference
+    labels with the 20 longest of its 25 samples (its `pick_best_and_eval` writes the per-query rates its
+    `estimate.py` reads); None judges every sample."""
 
     settings: tuple[str, ...] = PROMPT_SETTINGS
     label: str = "logodds"
     num_samples: int = 5
+    keep_longest: int | None = None
     sampling: SetSampling = SetSampling.same(LABEL_SAMPLING)
     seed: int = 42
     fit: FitConfig = FitConfig()
@@ -49,6 +51,8 @@ class AnchorConfig:
             raise DroJaxError(f"label must be one of {', '.join(LABELS)}, got {self.label!r}")
         if self.label == "sampled" and self.num_samples < 1:
             raise DroJaxError("the sampled label needs at least one sample per query")
+        if self.keep_longest is not None and not 1 <= self.keep_longest <= self.num_samples:
+            raise DroJaxError(f"cannot keep the {self.keep_longest} longest of {self.num_samples} sampled responses per input")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -137,6 +141,7 @@ def _sampled_compliance(
     return np.concatenate([
         compliance_rates(
             model, encoded.select(rows), sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, rows.start, judge_model,
+            longest=config.keep_longest,
         )
         for sampling, rows, judge_model in parts
     ]).astype(np.float32)

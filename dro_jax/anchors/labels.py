@@ -12,7 +12,7 @@ from dro_jax.inference.chat import PromptSetting, as_prompt_setting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings, refusal_log_odds
-from dro_jax.inference.respond import generate_responses, judge_harm
+from dro_jax.inference.respond import generate_responses, judge_harm, keep_longest
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 
@@ -44,16 +44,19 @@ def compliance_rates(
     first_query: int = 0,
     safety: SafetyJudge | None = None,
     harmful: Sequence[bool] | None = None,
+    longest: int | None = None,
 ) -> np.ndarray:
     """[n] share of each encoded query's `num_samples` sampled responses that comply: that the judge does not
     call a refusal and, for a harmful query (`harmful`: per query, default: all) when the judge model `safety`
-    is given, that also pass the rest of the paper's rule (`Response.complied`). Every sample counts (the
-    reference's label keeps no longest subset); `first_query`: see `generate_responses`."""
+    is given, that also pass the rest of the paper's rule (`Response.complied`). With `longest`, only each
+    query's that many longest responses by words count (the reference's label: 20 of 25); `first_query`: see
+    `generate_responses`."""
     responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query)
+    responses = keep_longest(responses, longest)
     complied = np.zeros(len(encoded))
     for response in judge_harm(responses, safety, harmful, progress):
         complied[response.query_index] += response.complied
-    return complied / num_samples
+    return complied / (num_samples if longest is None else longest)
 
 
 def label_queries(

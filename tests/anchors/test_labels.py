@@ -81,15 +81,29 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
 
     calls = []
 
-    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query, safety):
-        calls.append((encoded.queries, sampling.max_new_tokens, num_samples, judge, first_query))
+    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query, safety, longest):
+        calls.append((encoded.queries, sampling.max_new_tokens, num_samples, judge, first_query, longest))
         return np.full(len(encoded), sampling.max_new_tokens / 1000)
 
     monkeypatch.setattr(collect, "compliance_rates", recorded)
     model = load_model(tiny_model_dir("llama")[0], progress=False)
     sampling = SetSampling(SamplingConfig(max_new_tokens=300), SamplingConfig(max_new_tokens=200))
-    config = collect.AnchorConfig(settings=("none",), label="sampled", num_samples=25, sampling=sampling)
+    config = collect.AnchorConfig(settings=("none",), label="sampled", num_samples=25, keep_longest=20, sampling=sampling)
     judge = StringJudge.load("paper")
     data = collect.collect_anchor_data(model, QueryPairs(HARMFUL[:2], HARMLESS[:2]), config, judge=judge, progress=False)
-    assert calls == [(HARMFUL[:2], 300, 25, judge, 0), (HARMLESS[:2], 200, 25, judge, 2)]
+    assert calls == [(HARMFUL[:2], 300, 25, judge, 0, 20), (HARMLESS[:2], 200, 25, judge, 2, 20)]
     np.testing.assert_allclose(data.compliance, [0.3, 0.3, 0.2, 0.2])
+
+
+def test_the_label_counts_only_the_longest_responses_when_asked(monkeypatch):
+    """The reference's label: of 5 samples, the 4 longest by words are judged and the rate is over those 4."""
+    from dro_jax.anchors import labels
+    from dro_jax.inference.respond import Response
+
+    texts = ["Sure, here are the steps one two three", "I'm sorry", "Sure, here you go now", "Sure thing then", "Sure, step one is this"]
+    replies = [Response(0, "q", s, text, 1, text.startswith("I'm sorry")) for s, text in enumerate(texts)]
+    monkeypatch.setattr(labels, "generate_responses", lambda *args, **kwargs: replies)
+    monkeypatch.setattr(labels, "judge_harm", lambda responses, *args: responses)
+    encoded = [None]  # one query; only its length is read
+    assert labels.compliance_rates(None, encoded, SamplingConfig(), 5, longest=4, progress=False)[0] == 1.0  # the shortest, a refusal, dropped
+    assert labels.compliance_rates(None, encoded, SamplingConfig(), 5, progress=False)[0] == 0.8
