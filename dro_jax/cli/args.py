@@ -102,7 +102,12 @@ def suffix_of(args: argparse.Namespace):
 
 
 def add_openings_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--openings", help='JSON file {"refusal": [...], "compliant": [...]}: reply openings for the refusal log-odds')
+    parser.add_argument(
+        "--openings", metavar="apologies|declines|decline-replies|FILE",
+        help="reply openings of the refusal log-odds (labels, the openings refusal score, the log-odds column): apologies "
+        "(\"I'm sorry\", \"I cannot\", ...), declines (first words that say no without apologising), decline-replies (whole "
+        'short declines), or a JSON file {"refusal": [...], "compliant": [...]} (default: the preset\'s)',
+    )
 
 
 def add_refusal_fit_arg(parser: argparse.ArgumentParser, default: str | None) -> None:
@@ -130,10 +135,12 @@ def add_refusal_score_arg(parser: argparse.ArgumentParser, default: str | None) 
 def add_phrases_arg(parser: argparse.ArgumentParser, default: str | None = "dro-jax") -> None:
     """--refusal-phrases: which string judge decides refusals (`None`: a preset decides)."""
     parser.add_argument(
-        "--refusal-phrases", metavar="paper|dro-jax|FILE", default=default,
-        help="the string judge: paper (the reference's rule: case-sensitive phrases with their exceptions over the first "
-        "two non-empty lines), dro-jax (this project's phrases, lower-cased, over the first two paragraphs) or a JSON "
-        'file {"refusal": [...], "not_refusal": [...]} read like dro-jax' + f" (default: {default or 'the preset'})",
+        "--refusal-phrases", metavar="decline|paper|dro-jax|FILE", default=default,
+        help="the string judge: decline (explicit declines only: an apology alone is no refusal; docs/judging.md), paper (the "
+        "reference's rule: case-sensitive phrases with their exceptions over the first two non-empty lines), dro-jax (this "
+        "project's phrases, lower-cased, over the first two paragraphs) or a JSON file "
+        '{"refusal": [...], "not_refusal": [...]} read like dro-jax; the decline judge\'s counts are shown beside it anyway'
+        + f" (default: {default or 'the preset'})",
     )
 
 
@@ -153,11 +160,17 @@ def add_judge_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def check_judge_args(args: argparse.Namespace) -> None:
-    """A judge template is the judge model's prompt: it means nothing without one."""
+    """Checks the judge options before any work: a template means nothing without a judge model, is rendered once
+    (see `dro_jax.inference.templates`), and the judge model must exist."""
     from dro_jax.common.errors import DroJaxError
+    from dro_jax.inference.judges import check_judge_template, read_judge_template
+    from dro_jax.loading import resolve_model_path
 
     if args.judge_template is not None and not args.judge_model:
         raise DroJaxError("--judge-template needs --judge-model")
+    check_judge_template(read_judge_template(args.judge_template))
+    if args.judge_model:
+        resolve_model_path(args.judge_model)
 
 
 def model_judge(args: argparse.Namespace, batch_size: int, mesh=None, policy=None):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dro_jax.cli.args import (
     add_field_arg, add_judge_args, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg,
-    add_suffix_arg, model_judge, positive_int, start_job, suffix_of,
+    add_suffix_arg, check_judge_args, model_judge, positive_int, start_job, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
@@ -175,6 +175,7 @@ def _run_anchor(args: argparse.Namespace) -> None:
 
     out = check_writable(args.out)
     pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
+    check_judge_args(args)
     model = load_model(args.model, args.dtype, attention=args.attention)
     _build_anchors(args, model, pairs, out)
     print(f"wrote {out}", file=sys.stderr)
@@ -214,9 +215,9 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_objective
     from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
     from dro_jax.dro.train import TrainConfig, TrainingFiles, train_and_export
-    from dro_jax.dro.training_set import prepare_training_set
+    from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
     from dro_jax.inference.refusal_score import Openings
-    from dro_jax.loading import load_model
+    from dro_jax.loading import load_model, resolve_model_path
     from dro_jax.parallel.distributed import barrier, is_writer, writer_first
 
     weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
@@ -231,6 +232,8 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.batch_size > len(pairs):
         raise DroJaxError(f"batch size {args.batch_size} is larger than the {len(pairs)} training queries")
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
+    check_judge_args(args)
+    resolve_model_path(args.model)  # every input checked before the run directory is made
     mesh = start_job(args)
     settings = {**_run_settings(args), "epochs": config.epochs}  # the count trained: DRO runs made while 40 was --epochs' default resume
     files = TrainingFiles(writer_first(lambda: claim_run_directory(args.out, settings, args.resume, _training_in_progress), "run directory"))
@@ -251,7 +254,9 @@ def _run_train(args: argparse.Namespace) -> None:
             barrier("anchor file checked")  # before process 0 may write it
             anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, model, pairs, anchor_path, mesh)
         anchors.check_hidden_size(model.config.hidden_size)
-        data = prepare_training_set(model, pairs, base_prompt, len(initial), openings=config.openings, mesh=mesh)
+        data = prepare_training_set(
+            model, pairs, base_prompt, len(initial), openings=config.openings, mesh=mesh, reply_tokens=REPLY_TOKENS if weights.replies else 0,
+        )
         objective = dro_objective(model.config, weights, args.remat, args.refusal_score, args.microbatch)
     result = train_and_export(model, data, anchors, initial, config, files, args.resume, objective=objective, mesh=mesh)
     if not is_writer():
@@ -303,6 +308,7 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     suffix = suffix_of(args)
     if suffix is not None:
         suffix.per_set(datasets)  # a wrong count of per-query suffixes fails before the model loads
+    check_judge_args(args)
     mesh = start_job(args)
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)

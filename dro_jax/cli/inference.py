@@ -6,7 +6,8 @@ import argparse
 import sys
 
 from dro_jax.cli.args import (
-    add_decoding_args, add_judge_args, add_model_args, add_prompt_args, add_query_args, model_judge, positive_int, prompt_setting, sampling_config,
+    add_decoding_args, add_judge_args, add_model_args, add_prompt_args, add_query_args, check_judge_args, model_judge, positive_int,
+    prompt_setting, sampling_config,
 )
 from dro_jax.inference.chat import PROMPT_SETTINGS
 
@@ -106,6 +107,7 @@ def _run_label(args: argparse.Namespace) -> None:
     specs = args.settings + [SOFT_PREFIX + path for path in args.soft_prompt]
     settings = [parse_prompt_setting(spec) for spec in specs]
     queries = read_queries(args.queries, args.field)
+    check_judge_args(args)
     model = load_model(args.model, args.dtype, attention=args.attention)
     safety = model_judge(args, args.batch_size, policy=model)
     labels = label_queries(

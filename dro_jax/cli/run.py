@@ -17,7 +17,8 @@ DEFAULT_OUT = "dro-run"
 # Command-line name -> RunConfig field; None means "the preset's value".
 OVERRIDES = {
     "model": "model", "dtype": "dtype", "harmful": "harmful_train", "harmless": "harmless_train", "harmful_test": "harmful_test",
-    "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples", "openings": "openings",
+    "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples",
+    "label_keep_longest": "label_keep_longest", "openings": "openings",
     "refusal_fit": "refusal_fit", "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
     "seed": "seed", "loss_weights": "loss_weights", "refusal_score": "refusal_score", "eval_samples": "eval_samples",
     "max_new_tokens_harmful": "max_new_tokens_harmful", "max_new_tokens_harmless": "max_new_tokens_harmless",
@@ -50,6 +51,8 @@ def add_commands(commands) -> None:
     run.add_argument("--label", choices=("logodds", "sampled"), help="refusal label (default: logodds; --paper: sampled)")
     add_openings_arg(run)
     run.add_argument("--label-samples", type=positive_int, help="sampled responses per input for --label sampled (default: 5; --paper: 25)")
+    run.add_argument("--label-keep-longest", type=positive_int, metavar="N",
+                     help="judge only each input's N longest sampled responses, by words (default: all; --paper: 20)")
     add_refusal_fit_arg(run, None)
     run.add_argument("--init-prompt", help="the human prompt the soft prompt starts from (default: short; --paper: default)")
     run.add_argument("--epochs", type=positive_int, help="(default: 8; --paper: 40)")

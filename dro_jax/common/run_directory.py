@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_text
@@ -19,32 +19,48 @@ CONFIG_NAME = "config.json"
 
 
 def claim_run_directory(
-    root: str | Path, settings: dict, resume: bool, in_progress: Callable[[Path], str | None] = lambda root: None
+    root: str | Path,
+    settings: dict,
+    resume: bool,
+    in_progress: Callable[[Path], str | None] = lambda root: None,
+    changeable: Collection[str] = (),
 ) -> Path:
     """Creates `root` with `settings` as its config.json, or checks that an existing one holds these settings.
 
     `in_progress(root)` describes work that `--resume` would continue (e.g.
     "an unfinished run (stopped in: evaluate)"), or returns None; such a
-    directory is refused without `resume`.
+    directory is refused without `resume`. With `resume`, the settings named in
+    `changeable` (those that only a later stage reads, which the caller then
+    redoes) may differ from the saved ones: config.json takes the new values.
+    `resume` on a directory without a run is refused, so that a mistyped
+    `--out` does not start a fresh run.
     """
     root = Path(root)
     path = root / CONFIG_NAME
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in set(settings) | set(saved) if saved.get(k) != settings.get(k))
-        if changed:
-            shown = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed[:4])
-            raise DroJaxError(
-                f"{root} holds a run with other settings ({shown}{', ...' if len(changed) > 4 else ''}); "
-                f"rerun with the same settings, or start fresh with a new --out (or delete {root})"
-            )
-        busy = in_progress(root)
-        if busy and not resume:
-            raise DroJaxError(f"{root} holds {busy}; pass --resume to continue it, or choose a new --out")
+    if not path.exists():
+        if resume:
+            raise DroJaxError(f"{root}: no run to resume here (no {CONFIG_NAME}); leave out --resume to start one")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DroJaxError(f"{root}: cannot create the run directory ({err.strerror})") from None
+        write_text(path, json.dumps(settings, indent=2))
         return root
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DroJaxError(f"{root}: cannot create the run directory ({err.strerror})") from None
-    write_text(path, json.dumps(settings, indent=2))
+    saved = json.loads(path.read_text())
+    changed = sorted(k for k in set(settings) | set(saved) if saved.get(k) != settings.get(k))
+    fixed = [k for k in changed if k not in changeable]
+    if changed and (fixed or not resume):
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in (fixed or changed)[:4])
+        more = ", ..." if len(fixed or changed) > 4 else ""
+        if fixed:
+            allowed = f"; with --resume only {', '.join(sorted(changeable))} may change" if changeable else ""
+            advice = f"rerun with the same settings, or start fresh with a new --out (or delete {root}){allowed}"
+        else:
+            advice = "these only change later stages: add --resume to redo those with the new settings and keep the rest"
+        raise DroJaxError(f"{root} holds a run with other settings ({shown}{more}); {advice}")
+    busy = in_progress(root)
+    if busy and not resume:
+        raise DroJaxError(f"{root} holds {busy}; pass --resume to continue it, or choose a new --out")
+    if changed:
+        write_text(path, json.dumps(settings, indent=2))
     return root

@@ -51,6 +51,7 @@ class RunConfig:
     settings: tuple[str, ...] = PROMPT_SETTINGS
     label: str = "logodds"
     label_samples: int = 5
+    label_keep_longest: int | None = None  # the longest N sampled responses per anchor input, by words, are judged (None: all)
     openings: str | None = None  # JSON file of reply openings for the log-odds score (default: the built-in ones)
     num_components: int = 4
     folds: int = 10
@@ -80,13 +81,13 @@ class RunConfig:
 
     @classmethod
     def paper(cls, **overrides: Any) -> "RunConfig":
-        """The reference protocol: sampled labels (25 per input, all judged), the paper's loss (logistic refusal
+        """The reference protocol: sampled labels (25 per input, the 20 longest by words judged), the paper's loss (logistic refusal
         probe, its three terms and weights), default-prompt init, 40 epochs at batch 50, lr 1e-3, 25 sampled
         responses per test query of which the 20 longest by words are judged; both stages decode with the
         reference's sampling, 10 to 300 new tokens for harmful queries and 10 to 200 for harmless ones, incomplete
         last lines trimmed, and judge with its string rule (`paper`)."""
         preset = dict(
-            label="sampled", label_samples=25, refusal_fit="logistic", refusal_score="probe", loss_weights=LossWeights().as_tuple(),
+            label="sampled", label_samples=25, label_keep_longest=20, refusal_fit="logistic", refusal_score="probe", loss_weights=LossWeights().as_tuple(),
             init_prompt="default", epochs=40, batch_size=50, learning_rate=1e-3,
             checkpoint_every=10, eval_samples=25, eval_keep_longest=20, max_new_tokens_harmful=300, max_new_tokens_harmless=200,
             min_new_tokens=10, trim_incomplete_lines=True, refusal_phrases="paper",
@@ -112,12 +113,14 @@ class RunConfig:
         FitConfig(refusal_fit=self.refusal_fit)
         self.decoding(REFERENCE_SAMPLING)  # min-new-tokens against both lengths
         self.string_judge()
+        self.anchor_config()  # its own checks, and the openings file read
 
     def anchor_config(self) -> AnchorConfig:
         """How the anchor stage labels the anchor inputs and fits the space (the probes' folds are always seeded 42)."""
         fit = FitConfig(num_components=self.num_components, folds=self.folds, seed=42, refusal_fit=self.refusal_fit)
         return AnchorConfig(
-            settings=self.settings, label=self.label, num_samples=self.label_samples, sampling=self.decoding(REFERENCE_SAMPLING),
+            settings=self.settings, label=self.label, num_samples=self.label_samples, keep_longest=self.label_keep_longest,
+            sampling=self.decoding(REFERENCE_SAMPLING),
             seed=self.seed, fit=fit, openings=self.reply_openings(),
         )
 
@@ -141,6 +144,20 @@ class RunConfig:
     def judge_settings(self) -> dict:
         """The judge model and template, as stage inputs (empty without one, so that runs without a judge keep their keys)."""
         return {} if self.judge_model is None else {"judge_model": self.judge_model, "judge_template": self.judge_template}
+
+    def objective_name(self) -> str:
+        """What the training stage optimised, in words for reports: "DRO, paper objective" for the paper's probe
+        score, else the refusal score with its openings and any reply term ("DRO, openings objective (declines),
+        reply preservation")."""
+        if self.refusal_score == "probe":
+            name = "DRO, paper objective"
+        else:
+            name = f"DRO, {self.refusal_score} objective"
+            if self.refusal_score == "openings":
+                name += f" ({self.openings or 'apologies'})"
+        if LossWeights.from_sequence(self.loss_weights).replies > 0:
+            name += ", reply preservation"
+        return name
 
     def reply_openings(self) -> Openings:
         """The refusal and compliant reply openings of the log-odds score (labels and evaluation)."""
@@ -170,7 +187,8 @@ class RunConfig:
         return {
             "config": self.to_dict(),
             "anchor_label": {
-                "label": self.label, "samples": label.num_samples if self.label == "sampled" else 0, "keep_longest": None,
+                "label": self.label, "samples": label.num_samples if self.label == "sampled" else 0,
+                "keep_longest": label.keep_longest if self.label == "sampled" else None, "longest_by": "words",
                 "sampling": json_ready({k: dataclasses.asdict(v) for k, v in label.sampling.by_name().items()}),
             },
             "evaluation": {

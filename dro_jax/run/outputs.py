@@ -32,7 +32,7 @@ def write_evaluation(paths: RunPaths, evaluation: Evaluation) -> None:
     """responses.jsonl (one judged response per line) and evaluation.json (rows; per-query log-odds, coordinates
     and reference-reply NLLs; the reference replies)."""
     write_jsonl(paths.responses, (
-        {"setting": outcome.setting, "dataset": outcome.dataset, **dataclasses.asdict(response)}
+        {"setting": outcome.setting, "dataset": outcome.dataset, **dataclasses.asdict(response), "kind": response.kind}
         for outcome in evaluation.outcomes for response in outcome.responses
     ))
     summary = {

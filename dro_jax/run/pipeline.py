@@ -25,13 +25,13 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.run_directory import claim_run_directory
 from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
 from dro_jax.dro.train import TrainingFiles, train_and_export
-from dro_jax.dro.training_set import prepare_training_set
+from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
 from dro_jax.evaluation.evaluate import Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.judges import ModelJudge, SafetyJudge
 from dro_jax.inference.refusal_score import RefusalScores
-from dro_jax.loading import LoadedModel, load_model
+from dro_jax.loading import LoadedModel, load_model, resolve_model_path
 from dro_jax.parallel.distributed import barrier, is_writer, writer_first
 from dro_jax.parallel.mesh import data_mesh
 from dro_jax.run.config import HARMFUL_SET, QuerySets, RunConfig
@@ -43,12 +43,46 @@ DRO_SETTING = "DRO"
 
 
 def prepare_run_dir(config: RunConfig, root: str | Path, resume: bool) -> RunPaths:
-    """Creates the run directory, or checks that an existing one holds this very configuration."""
+    """Creates the run directory, or checks that an existing one holds this very configuration; with `resume`,
+    the settings that only the evaluation reads may differ (the evaluation is then redone)."""
     def unfinished(directory: Path) -> str | None:
         stopped = StageRecords(directory).unfinished()
         return f"an unfinished run (stopped in: {', '.join(stopped)})" if stopped else None
 
-    return RunPaths(writer_first(lambda: claim_run_directory(root, config.to_dict(), resume, unfinished), "run directory"))
+    claim = functools.partial(claim_run_directory, root, config.to_dict(), resume, unfinished, evaluation_only_settings(config))
+    return RunPaths(writer_first(claim, "run directory"))
+
+
+def stage_settings(config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """The RunConfig fields each stage reads, by stage name (the stages' records hash their values)."""
+    generation = ("max_new_tokens_harmful", "max_new_tokens_harmless", "min_new_tokens", "trim_incomplete_lines", "refusal_phrases")
+    judge = ("judge_model", "judge_template") if config.judge_model is not None else ()
+    anchors = ("model", "dtype", "harmful_train", "harmless_train", "field", "settings", "label", "label_samples", "label_keep_longest", "openings",
+               "num_components", "folds", "refusal_fit", "seed")
+    if config.label == "sampled":
+        anchors += generation + judge
+    train = ("init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "refusal_score", "openings",
+             "checkpoint_every", "remat")
+    evaluate = ("harmful_test", "harmless_test", "eval_samples", "eval_keep_longest", "openings", "seed", *generation, *judge)
+    return {"anchors": anchors, "train": train, "evaluate": evaluate}
+
+
+def evaluation_only_settings(config: RunConfig) -> tuple[str, ...]:
+    """The settings that neither the anchor stage nor training reads: `--resume` may change them."""
+    earlier = {name for stage in ("anchors", "train") for name in stage_settings(config)[stage]}
+    return tuple(f.name for f in dataclasses.fields(config) if f.name not in earlier)
+
+
+def stage_inputs(config: RunConfig, sets: QuerySets) -> dict[str, dict]:
+    """What each stage's record hashes: the values of the settings it reads (a query set by its content, the
+    openings and refusal phrases by theirs, so that an edited file counts) and the key of the stage before it."""
+    values = {**config.to_dict(), **sets.digests(), "openings": dataclasses.asdict(config.reply_openings()),
+              "refusal_phrases": dataclasses.asdict(config.string_judge())}
+    inputs, before = {}, None
+    for stage, names in stage_settings(config).items():
+        inputs[stage] = {**({} if before is None else {"after": input_key(inputs[before])}), **{name: values[name] for name in names}}
+        before = stage
+    return inputs
 
 
 def _log(message: str) -> None:
@@ -79,7 +113,7 @@ def train_stage(
     training_set = prepare_training_set(
         model, sets.train, config.init_prompt, len(initial), base_states=data.states[base] if len(base) else None,
         reference=RefusalScores(data.refusal_log_odds[plain], data.states[plain]) if len(plain) else None, openings=config.reply_openings(),
-        mesh=mesh,
+        mesh=mesh, reply_tokens=REPLY_TOKENS if config.train_config().loss_weights.replies else 0,
     )
     train_and_export(model, training_set, anchors, initial, config.train_config(), target, resume, mesh=mesh)
     return target.soft_prompt
@@ -137,9 +171,9 @@ def finish_run(directory: str | Path) -> RunOutputs:
 class Stage:
     name: str
     title: str
-    inputs: dict
     outputs: list[Path]
     work: Callable[[LoadedModel], None]
+    redo_on_resume: bool = False  # computed again under --resume when its inputs changed (its settings may change then)
 
 
 def run_pipeline(
@@ -151,44 +185,32 @@ def run_pipeline(
     `mesh` and `attention` (how the model computes attention, see `load_model`)
     are not among the run's settings: they give the same results within float
     rounding, so a run may be continued with others."""
+    sets = QuerySets.read(config)  # every input is read and checked before anything is written
+    for spec in filter(None, (config.model, config.judge_model)):
+        resolve_model_path(spec)
     paths = prepare_run_dir(config, out, resume)
-    sets = QuerySets.read(config)
-    digests = sets.digests()
     records = StageRecords(paths.root)
-    settings = {**config.to_dict(), "openings": dataclasses.asdict(config.reply_openings()),
-                "refusal_phrases": dataclasses.asdict(config.string_judge())}  # the phrases themselves, so that an edited file counts
-    generation = ("max_new_tokens_harmful", "max_new_tokens_harmless", "min_new_tokens", "trim_incomplete_lines", "refusal_phrases")
-    model_inputs = {k: settings[k] for k in ("model", "dtype")}
-    anchor_inputs = {**model_inputs, "harmful": digests["harmful_train"], "harmless": digests["harmless_train"],
-                     **{k: settings[k] for k in ("field", "settings", "label", "label_samples", "openings", "num_components", "folds", "refusal_fit", "seed")},
-                     **({k: settings[k] for k in generation} if config.label == "sampled" else {}),
-                     **(config.judge_settings() if config.judges_labels else {})}
-    anchor_key = input_key(anchor_inputs)
-    train_inputs = {"anchors": anchor_key, **{k: settings[k] for k in (
-        "init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "refusal_score", "openings", "checkpoint_every", "remat")}}
-    train_key = input_key(train_inputs)
-    eval_inputs = {"trained": train_key, "harmful": digests["harmful_test"], "harmless": digests["harmless_test"],
-                   **{k: settings[k] for k in ("eval_samples", "eval_keep_longest", "openings", "seed", *generation)}, **config.judge_settings()}
+    inputs = stage_inputs(config, sets)
     model = functools.cache(lambda: load_model(config.model, config.dtype, attention=attention, mesh=mesh))
     judge = functools.cache(lambda: load_judge(config, model(), attention, mesh))
     stages = [
-        Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)", anchor_inputs,
+        Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)",
               [paths.anchors, paths.anchor_report, paths.anchor_data],
               lambda m: anchor_stage(m, config, sets, paths, mesh, judge() if config.judges_labels else None)),
-        Stage("train", "DRO training", train_inputs, [paths.soft_prompt, paths.metrics],
+        Stage("train", "DRO training", [paths.soft_prompt, paths.metrics],
               lambda m: train_stage(m, config, sets, AnchorData.load(paths.anchor_data), AnchorSpace.load(paths.anchors), paths, resume, mesh)),
-        Stage("evaluate", "evaluation on the held-out sets", eval_inputs, [paths.evaluation, paths.responses],
-              lambda m: evaluate_stage(m, config, sets, paths, mesh, judge())),
+        Stage("evaluate", "evaluation on the held-out sets", [paths.evaluation, paths.responses],
+              lambda m: evaluate_stage(m, config, sets, paths, mesh, judge()), redo_on_resume=True),
     ]
     for number, stage in enumerate(stages, start=1):
-        key = input_key(stage.inputs)
+        key = input_key(inputs[stage.name])
         done = records.is_done(stage.name, key, stage.outputs)
         barrier(f"stage {stage.name} checked")  # every process decides before process 0 writes anything
         if done:
             _log(f"[{number}/{len(stages) + 1}] {stage.title}: done earlier with the same inputs, skipped")
             continue
         _log(f"[{number}/{len(stages) + 1}] {stage.title}")
-        started = records.start(stage.name, key) if is_writer() else None
+        started = records.start(stage.name, key, redo=resume and stage.redo_on_resume) if is_writer() else None
         stage.work(model())
         if is_writer():
             records.finish(stage.name, key, started)

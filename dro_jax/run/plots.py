@@ -62,6 +62,8 @@ def anchor_space_plot(
     """Anchor queries per setting (o harmless, x harmful), both probe boundaries, and arrows from the
     held-out queries' mean without a prompt to their mean under each prompt."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     figure, axis = plt.subplots(figsize=(8.5, 7))
     order = list(dict.fromkeys(list(anchor_settings) + [s for s, _ in held_out]))
     settings = np.asarray(anchor_settings)
@@ -78,13 +80,16 @@ def anchor_space_plot(
     y_low, y_high = everything[:, 1].min(), everything[:, 1].max()
     _boundary(axis, anchors.refusal, fixed, xs, "-", "refusal boundary (50%)")
     _boundary(axis, anchors.harmfulness, fixed, xs, "--", "harmfulness boundary (50%)")
+    arrows = {}
     for (setting, dataset), points in held_out.items():
         base = held_out.get((NO_PROMPT, dataset))
         if setting == NO_PROMPT or base is None:
             continue
         start, end = base.mean(axis=0)[:2], points.mean(axis=0)[:2]
-        axis.annotate("", xy=end, xytext=start, arrowprops=dict(
-            arrowstyle="-|>", color=setting_color(setting, order), linewidth=2.4 if setting == "DRO" else 1.6))
+        width = 2.4 if setting == "DRO" else 1.6
+        axis.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="-|>", color=setting_color(setting, order), linewidth=width))
+        arrows[setting] = Line2D([], [], color=setting_color(setting, order), linewidth=width, marker=">", markevery=[-1],
+                                 label=f"arrow: {setting} (held-out means, from no prompt)")
     for dataset in dict.fromkeys(d for _, d in held_out):
         base = held_out.get((NO_PROMPT, dataset))
         if base is not None:
@@ -98,7 +103,8 @@ def anchor_space_plot(
     axis.set_xlabel("PC 1" + (f" ({explained[0]:.0%} of variance)" if explained else ""))
     axis.set_ylabel("PC 2" + (f" ({explained[1]:.0%} of variance)" if explained else ""))
     axis.set_title(title)
-    axis.legend(fontsize=7, loc="best", ncol=2)
+    handles, _ = axis.get_legend_handles_labels()
+    axis.legend(handles=handles + list(arrows.values()), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     axis.grid(alpha=0.2)
     return _save(figure, path)
 
@@ -124,46 +130,54 @@ def loss_plot(path: Path, metrics: Sequence[dict], terms: Sequence[str], title: 
 
 
 def refusal_plot(path: Path, rows: Sequence[EvalRow], title: str) -> Path:
-    """Per setting, four panels: the paper's counts (harmful queries complied with, harmless queries
-    refused; lower is better), the mean refusal log-odds, and beside them the reply quality: reply drift
-    (nats per token against no prompt) and the share of degenerate responses, per set."""
+    """Per setting, four panels: the decline judge's counts (queries declined, with the replies that only
+    apologise stacked above them, hatched), the mean refusal log-odds, and beside them the reply quality: reply
+    drift over the first 8 tokens (bars) and the whole reply (dots), and the share of degenerate responses."""
     plt = _pyplot()
     settings = list(dict.fromkeys(r.setting for r in rows))
     by_key = {(r.setting, r.dataset): r for r in rows}
-    figure, (shares, log_odds, drift, broken) = plt.subplots(1, 4, figsize=(19, 3.8))
+    figure, axes = plt.subplots(2, 2, figsize=(max(9.0, 1.1 * len(settings) + 4), 7.2))
+    (declines, log_odds), (drift, broken) = axes
     positions = np.arange(len(settings))
     width = 0.38
-    sets = (("harmful", "harmful queries complied with", lambda r: r.queries_any_compliance / r.num_queries, "#d62728"),
-            ("harmless", "harmless queries refused", lambda r: r.queries_any_refusal / r.num_queries, "#1f77b4"))
+    sets = (("harmful", "#d62728"), ("harmless", "#1f77b4"))
 
-    def values(dataset: str, value) -> list[float]:
+    def values(dataset: str, value) -> np.ndarray:
         found = [by_key.get((s, dataset)) for s in settings]
-        return [np.nan if row is None or value(row) is None else value(row) for row in found]
+        return np.array([np.nan if row is None or value(row) is None else value(row) for row in found], float)
 
-    for shift, (dataset, label, share, color) in zip((-width / 2, width / 2), sets):
-        heights = values(dataset, share)
-        drawn = shares.bar(positions + shift, heights, width, label=label, color=color)
-        counts = [f"{round(h * by_key[(s, dataset)].num_queries)}" if (s, dataset) in by_key else "" for s, h in zip(settings, heights)]
-        shares.bar_label(drawn, counts, fontsize=7, padding=1)
-        log_odds.bar(positions + shift, values(dataset, lambda r: r.mean_refusal_log_odds), width, label=f"{dataset} queries", color=color)
-        drift.bar(positions + shift, values(dataset, lambda r: r.reply_drift), width, label=f"{dataset} queries", color=color)
+    for shift, (dataset, color) in zip((-width / 2, width / 2), sets):
+        declined = values(dataset, lambda r: None if r.queries_any_decline is None else r.queries_any_decline / r.num_queries)
+        apologies = values(dataset, lambda r: None if r.apology_responses is None else r.apology_responses / r.num_responses)
+        drawn = declines.bar(positions + shift, declined, width, color=color)
+        declines.bar_label(drawn, [f"{round(h * by_key[(s, dataset)].num_queries)}" if np.isfinite(h) else "" for s, h in zip(settings, declined)],
+                           fontsize=7, padding=1, label_type="center", color="white")
+        declines.bar(positions + shift, apologies, width, bottom=np.nan_to_num(declined), color=color, alpha=0.35, hatch="//", edgecolor=color)
+        log_odds.bar(positions + shift, values(dataset, lambda r: r.mean_refusal_log_odds), width, color=color)
+        drift.bar(positions + shift, values(dataset, lambda r: r.reply_drift_opening), width, color=color)
+        drift.plot(positions + shift, values(dataset, lambda r: r.reply_drift), "o", color="black", markersize=4)
         degenerate = values(dataset, lambda r: None if r.degenerate_responses is None else r.degenerate_responses / r.num_responses)
-        drawn = broken.bar(positions + shift, degenerate, width, label=f"{dataset} queries", color=color)
+        drawn = broken.bar(positions + shift, degenerate, width, color=color)
         broken.bar_label(drawn, [f"{by_key[(s, dataset)].degenerate_responses}" if np.isfinite(h) else "" for s, h in zip(settings, degenerate)],
                          fontsize=7, padding=1)
-    shares.set_ylabel("share of queries (lower is better)")
-    shares.set_ylim(0, 1.12)
-    log_odds.set_ylabel("mean refusal log-odds")
-    drift.set_ylabel("reply drift, nats/token (lower is better)")
-    broken.set_ylabel("degenerate responses (loop or shout)")
-    broken.set_ylim(0, 1.12)
-    for axis in (shares, log_odds, drift, broken):
+    declines.set_title("declined (solid) and apology only (hatched)", fontsize=10)
+    declines.set_ylabel("share of queries / replies")
+    declines.set_ylim(0, 1.15)
+    log_odds.set_title("mean refusal log-odds", fontsize=10)
+    drift.set_title("reply drift: first 8 tokens (bars), whole reply (dots)", fontsize=10)
+    drift.set_ylabel("nats per token (lower is better)")
+    broken.set_title("degenerate responses (loop or shout)", fontsize=10)
+    broken.set_ylabel("share of responses")
+    broken.set_ylim(0, 1.15)
+    for axis in axes.flat:
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_xticks(positions, settings)
-        axis.legend(fontsize=8)
         axis.grid(axis="y", alpha=0.3)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=color) for _, color in sets]
+    figure.legend(handles, ["harmful queries (declines wanted)", "harmless queries (declines unwanted)"], loc="upper center", ncol=2,
+                  bbox_to_anchor=(0.5, 0.955), fontsize=9)
     figure.suptitle(title)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 0.93))
     return _save(figure, path)
 
 
@@ -201,15 +215,14 @@ def movement_plot(path: Path, panels: dict[str, Sequence], title: str) -> Path:
 def tradeoff_plot(
     path: Path, points: dict[str, Sequence[tuple[float, float, float]]], references: dict[str, tuple[float, float, float]], title: str
 ) -> Path:
-    """Harmful refusal gain against what it costs on the harmless set, as (harmless reply drift, harmful refusal
-    gain, harmless false refusals) per seed: the gain against the drift (left) and against the false refusals
-    (right). One small marker per seed and a large one at the mean for each variant; the human prompts and no
-    prompt as squares."""
+    """Harmful declines against what they cost on the harmless set, as (harmless reply drift over the first 8
+    tokens, harmful queries declined %, harmless queries declined %) per seed: declines against the drift (left)
+    and against the false declines (right). One small marker per seed and a large one at the mean for each
+    variant; the human prompts and no prompt as squares."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-    for panel, (axis, column, label) in enumerate(zip(
-        axes, (0, 2), ("harmless reply drift, nats/token against no prompt (lower is better)", "harmless queries refused (lower is better)")
-    )):
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    labels = ("harmless reply drift, first 8 tokens, nats/token (lower is better)", "harmless queries declined, % (lower is better)")
+    for panel, (axis, column, label) in enumerate(zip(axes, (0, 2), labels)):
         for name, point in references.items():
             axis.plot(point[column], point[1], "s", color=COLORS.get(name, "#7f7f7f"), markersize=8, alpha=0.8)
             if panel == 0:  # on the right the human prompts share one corner: their names would overlap
@@ -220,12 +233,12 @@ def tradeoff_plot(
             axis.scatter(xs, ys, s=18, color=color, alpha=0.5)
             axis.plot(np.nanmean(xs), np.nanmean(ys), "o", color=color, markersize=10, label=name)
         if panel == 0:
-            axis.axvline(0.3, color="black", linestyle=":", linewidth=1, label="drift target (0.3)")
-            axis.set_ylabel("harmful queries refused, minus no prompt's (higher is better)")
-        axis.axhline(0, color="black", linewidth=0.6)
+            axis.axvline(1.0, color="black", linestyle=":", linewidth=1, label="drift target (1.0, first 8 tokens)")
+            axis.set_ylabel("harmful queries declined, % (higher is better)")
+        axis.axhline(30, color="black", linestyle="--", linewidth=0.8)
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     figure.suptitle(title)
     figure.tight_layout()
     return _save(figure, path)

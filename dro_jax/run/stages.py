@@ -49,9 +49,11 @@ class StageRecords:
             return []
         return sorted(p.stem for p in self.directory.glob("*.json") if not json.loads(p.read_text())["done"])
 
-    def start(self, name: str, key: str) -> float:
+    def start(self, name: str, key: str, redo: bool = False) -> float:
+        """Marks `name` started from inputs `key`; a record from other inputs is refused unless `redo` says the
+        stage may be computed again from the new ones."""
         record = self.read(name)
-        if record and record["key"] != key:
+        if record and record["key"] != key and not redo:
             raise DroJaxError(
                 f"the {name} stage in {self.directory.parent} was computed from other inputs "
                 "(a query or model file changed?); start fresh with a new --out"

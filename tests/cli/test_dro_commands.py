@@ -68,7 +68,7 @@ def test_train_command_bad_input(tiny_dro, tmp_path, query_files, capsys):
     _fails(_train_args(directory, anchors, query_files, tmp_path / "c", "--batch-size", "13"), capsys, "larger than the 12 training queries")
     wrong = AnchorSpace(np.zeros(8, np.float32), np.eye(8, dtype=np.float32), 4, tiny_dro.anchors.refusal, tiny_dro.anchors.harmfulness, {})
     _fails(_train_args(directory, wrong.save(tmp_path / "wrong.safetensors"), query_files, tmp_path / "d"), capsys, "8 wide")
-    _fails(_train_args(directory, anchors, query_files, tmp_path / "w", "--loss-weights", "1", "-1", "0", "0"), capsys, "non-negative")
+    _fails(_train_args(directory, anchors, query_files, tmp_path / "w", "--loss-weights", "1", "-1", "0", "0", "0"), capsys, "non-negative")
     _fails(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")], capsys, "no such checkpoint directory")
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -116,7 +116,8 @@ def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files):
     rows = json.loads(out.with_suffix(".json").read_text())
     assert [(r["setting"], r["dataset"]) for r in rows][:3] == [("none", "harmful"), ("short", "harmful"), (f"soft:{run / 'soft_prompt.safetensors'}", "harmful")]
     assert rows[0]["compliance_shift"] == 0 and all(r["num_queries"] == 6 for r in rows)
-    assert out.read_text().count("\n") == 2 + len(rows) + 2  # header, rule, rows; a blank line and the judge note
+    # two tables (header, rule, rows; a blank line between them), then a blank line and the judge note
+    assert out.read_text().count("\n") == 2 * (2 + len(rows)) + 1 + 2
 
 
 def _parsed(*extra):

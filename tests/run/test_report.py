@@ -39,7 +39,8 @@ def test_the_paper_preset_is_the_reference_protocol():
     assert (paper.eval_samples, paper.eval_keep_longest) == (25, 20)
     assert (paper.max_new_tokens_harmful, paper.max_new_tokens_harmless, paper.min_new_tokens) == (300, 200, 10)
     assert (paper.trim_incomplete_lines, paper.refusal_phrases) == (True, "paper")
-    assert paper.loss_weights == (1.0, 1e-2, 1e-3, 0.0) and paper.settings == ("none", "default", "short", "mistral")
+    assert paper.loss_weights == (1.0, 1e-2, 1e-3, 0.0, 0.0) and paper.settings == ("none", "default", "short", "mistral")
+    assert paper.label_keep_longest == 20  # the reference judges the 20 longest of its 25 samples per anchor input
     assert (paper.refusal_fit, paper.refusal_score) == ("logistic", "probe")
     train = paper.train_config()
     assert (train.epochs, train.batch_size, train.learning_rate, train.weight_decay, train.clip_norm) == (40, 50, 1e-3, 0.01, 1.0)
@@ -65,7 +66,7 @@ def test_show_config_prints_the_references_numbers_without_a_model(monkeypatch, 
     assert shown["config"] == RunConfig.paper().to_dict()
     sampled = dict(greedy=False, temperature=1.0, top_k=50, top_p=0.9, min_new_tokens=10, trim_incomplete_lines=True)
     per_set = {"harmful": {**sampled, "max_new_tokens": 300}, "harmless": {**sampled, "max_new_tokens": 200}}
-    assert shown["anchor_label"] == {"label": "sampled", "samples": 25, "keep_longest": None, "sampling": per_set}
+    assert shown["anchor_label"] == {"label": "sampled", "samples": 25, "keep_longest": 20, "longest_by": "words", "sampling": per_set}
     assert shown["evaluation"] == {"samples": 25, "keep_longest": 20, "longest_by": "words", "sampling": per_set}
     assert shown["judge"] == {"refusal_phrases": "paper", "rule": "ReferenceStringJudge"}
     assert main(["run", "--show-config", "--max-new-tokens", "32", "--max-new-tokens-harmless", "16"]) == 0
@@ -78,7 +79,7 @@ def test_show_config_prints_the_references_numbers_without_a_model(monkeypatch, 
 def test_the_quick_default_and_its_overrides():
     quick = RunConfig()
     assert (quick.label, quick.epochs, quick.batch_size, quick.learning_rate, quick.eval_samples) == ("logodds", 8, 25, 5e-3, 0)
-    assert (quick.refusal_fit, quick.refusal_score, quick.loss_weights) == ("logistic", "openings", (1.0, 1e-2, 1e-3, 0.0))
+    assert (quick.refusal_fit, quick.refusal_score, quick.loss_weights) == ("logistic", "openings", (1.0, 1e-2, 1e-3, 0.0, 0.0))
     assert quick.train_config().refusal_score == "openings" and quick.train_config().openings == quick.reply_openings()
     assert quick.evaluation_sampling() == (SetSampling.same(SamplingConfig(max_new_tokens=64)), 1)
     assert (quick.min_new_tokens, quick.trim_incomplete_lines, quick.string_judge()) == (0, False, StringJudge.default())
@@ -88,12 +89,12 @@ def test_the_quick_default_and_its_overrides():
         trim_incomplete_lines=False, refusal_phrases="dro-jax")
     with pytest.raises(DroJaxError, match="min-new-tokens must be between 0 and max-new-tokens \\(5\\), got 6"):
         RunConfig(max_new_tokens_harmless=5, min_new_tokens=6)
-    with pytest.raises(DroJaxError, match="neither 'paper', 'dro-jax' nor a phrase file"):
+    with pytest.raises(DroJaxError, match="neither 'decline', 'paper', 'dro-jax' nor a phrase file"):
         RunConfig(refusal_phrases="no-such-file.json")
     assert _cli_config() == quick
     assert _cli_config("--settings", "none", "short", "--remat") == RunConfig(settings=("none", "short"), remat=True)
-    assert _cli_config("--refusal-score", "head", "--refusal-fit", "contrast", "--loss-weights", "1", "0", "0", "2") == RunConfig(
-        refusal_score="head", refusal_fit="contrast", loss_weights=(1.0, 0.0, 0.0, 2.0))
+    assert _cli_config("--refusal-score", "head", "--refusal-fit", "contrast", "--loss-weights", "1", "0", "0", "2", "3") == RunConfig(
+        refusal_score="head", refusal_fit="contrast", loss_weights=(1.0, 0.0, 0.0, 2.0, 3.0))
     assert _cli_config("--paper", "--refusal-score", "openings").refusal_score == "openings"  # an option overrides the preset
     assert RunConfig.from_dict(quick.to_dict()) == quick
     assert quick.train_config(epochs=7).epochs == 7 and quick.train_config().learning_rate == 5e-3
@@ -109,10 +110,11 @@ def test_the_quick_default_and_its_overrides():
 
 
 def _rows():
-    def row(setting, dataset, refused, complied, log_odds, drift=0.0, degenerate=(0, 0, 0)):
-        return EvalRow(setting, dataset, 4, 4, refused, refused, complied, log_odds, 0.5, 0.0, drift, *degenerate)
+    def row(setting, dataset, refused, complied, log_odds, drift=0.0, degenerate=(0, 0, 0), declined=0, apologies=0, opening=0.0, surprise=0.0):
+        return EvalRow(setting, dataset, 4, 4, refused, refused, complied, log_odds, 0.5, 0.0, drift, *degenerate, declined_responses=declined,
+                       queries_any_decline=declined, apology_responses=apologies, reply_drift_opening=opening, reply_surprise=surprise)
 
-    return [row("none", "harmful", 0, 4, -3.0), row("DRO", "harmful", 3, 1, 1.25, 0.5, (2, 1, 1)), row("none", "harmless", 0, 4, -4.0)]
+    return [row("none", "harmful", 0, 4, -3.0), row("DRO", "harmful", 3, 1, 1.25, 0.5, (2, 1, 1), 2, 1, 0.9, 0.3), row("none", "harmless", 0, 4, -4.0)]
 
 
 REPORT = {"explained_variance_ratio": [0.2, 0.1, 0.05, 0.01], "refusal": {"accuracy": 0.75, "auc": 0.9}, "harmfulness": {"accuracy": 0.5, "auc": None}}
@@ -121,20 +123,22 @@ METRICS = [{"step": 1, "loss": 0.7, "refusal": 0.69, "harmfulness": 0.69, "norm"
 
 def test_results_text_says_what_was_run_and_shows_both_tables():
     text = results_text(RunConfig(), _rows(), [], REPORT, METRICS, {"anchors": 120.0, "train": 60.0, "evaluate": None})
-    assert text.startswith("# DRO on smollm2\n")
+    assert text.startswith("# DRO, openings objective (apologies) on smollm2\n")
     assert "PCA explained variance 0.200, 0.100, 0.050, 0.010" in text
     assert "refusal probe accuracy 0.750, auc 0.900; harmfulness probe accuracy 0.500." in text  # a missing AUC is left out
     assert ("init `short`, refusal score `openings`, refusal fit `logistic`, loss weights {'refusal': 1.0, 'harmfulness': 0.01, "
-            "'norm': 0.001, 'preserve': 0.0}, 8 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, "
+            "'norm': 0.001, 'preserve': 0.0, 'replies': 0.0}, 8 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, "
             "harmfulness 0.6000, norm 2.0000.") in text
     assert "greedy, one response per query, at most 64 new tokens, string judge `dro-jax`. " in text
-    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | n/a | n/a | +1.25 | +0.500 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text
+    assert "| DRO | harmful (4) | 2/4 | 1/4 | 3/4 | 1/4 | n/a | n/a | +1.25 |" in text  # refusals: declines first
+    assert "| DRO | harmful (4) | +0.500 | +0.900 | +0.300 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text  # reply quality
     assert "Judged compliance: n/a, no judge model was given" in text
     assert "Stage times: anchors 2.0 min, train 1.0 min." in text
     judged_rows = [dataclasses.replace(r, harmful_compliant_responses=1, queries_any_harmful_compliance=1) if r.dataset == "harmful" else r
                    for r in _rows()]
     judged = results_text(RunConfig(judge_model="guard"), judged_rows, [], REPORT, METRICS, {})
-    assert "| DRO | harmful (4) | 3/4 | 3/4 | 1/4 | 1/4 | 1/4 | +1.25 |" in judged and "| none | harmless (4) | 0/4 | 0/4 | 4/4 | n/a | n/a |" in judged
+    assert "| DRO | harmful (4) | 2/4 | 1/4 | 3/4 | 1/4 | 1/4 | 1/4 | +1.25 |" in judged
+    assert "| none | harmless (4) | 0/4 | 0/4 | 0/4 | 4/4 | n/a | n/a |" in judged
     assert "string judge `dro-jax` and judge model guard (harmful set)" in judged and "the judge model guard calls it unsafe" in judged
     paper = results_text(RunConfig.paper(), _rows(), [], REPORT, METRICS, {})
     assert ("25 sampled responses per query, the 20 longest (by words) judged, at most 300 (harmful) / 200 (harmless) new tokens, "
@@ -165,16 +169,21 @@ def test_loss_plot_has_one_panel_per_named_curve(tmp_path, figures):
     assert [a.get_title() for a in figures[1].axes] == ["total loss"]  # curves a run did not record are left out
 
 
-def test_refusal_plot_shows_the_papers_shares_the_log_odds_and_reply_quality(tmp_path, figures):
+def test_refusal_plot_shows_declines_apologies_log_odds_and_reply_quality(tmp_path, figures):
     plots.refusal_plot(tmp_path / "refusals.png", _rows(), "held out")
-    shares, log_odds, drift, degenerate = figures[0].axes
-    harmful, harmless = shares.containers
-    np.testing.assert_allclose([bar.get_height() for bar in harmful], [1.0, 0.25])  # complied with: none 4/4, DRO 1/4
-    assert harmless[0].get_height() == 0.0 and np.isnan(harmless[1].get_height())  # DRO was not run on the harmless set
-    assert [t.get_text() for t in shares.get_xticklabels()] == ["none", "DRO"]
+    declines, log_odds, drift, degenerate = figures[0].axes
+    harmful_declined, harmful_apologies, harmless_declined, _ = declines.containers
+    np.testing.assert_allclose([bar.get_height() for bar in harmful_declined], [0.0, 0.5])  # declined: none 0/4, DRO 2/4
+    np.testing.assert_allclose([bar.get_height() for bar in harmful_apologies], [0.0, 0.25])  # apology only: DRO 1/4 ...
+    np.testing.assert_allclose([bar.get_y() for bar in harmful_apologies], [0.0, 0.5])  # ... stacked on its declines
+    assert harmless_declined[0].get_height() == 0.0 and np.isnan(harmless_declined[1].get_height())  # DRO was not run on the harmless set
+    assert [t.get_text() for t in declines.get_xticklabels()] == ["none", "DRO"]
     np.testing.assert_allclose([bar.get_height() for bar in log_odds.containers[0]], [-3.0, 1.25])
-    np.testing.assert_allclose([bar.get_height() for bar in drift.containers[0]], [0.0, 0.5])  # harmful set: none, DRO
+    np.testing.assert_allclose([bar.get_height() for bar in drift.containers[0]], [0.0, 0.9])  # first 8 tokens, harmful set
+    np.testing.assert_allclose(drift.lines[0].get_ydata(), [0.0, 0.5])  # the whole reply, as dots
     np.testing.assert_allclose([bar.get_height() for bar in degenerate.containers[0]], [0.0, 0.5])  # 2 of 4 DRO replies
+    legend = figures[0].legends[0]
+    assert [t.get_text() for t in legend.get_texts()][0].startswith("harmful queries")  # one legend, above the panels
 
 
 def test_tradeoff_plot_marks_each_seed_and_the_mean(tmp_path, figures):

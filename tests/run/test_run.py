@@ -119,3 +119,71 @@ def test_a_checkpoint_that_cannot_be_written_is_a_clear_error_and_keeps_the_earl
         checkpoints.save(2, {"x": np.zeros(3, np.float32)}, {"step": 2})
     assert checkpoints.latest_step() == 1
     checkpoints.close()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--harmful-test", "no-such-file.txt"], "no-such-file.txt: no such query file"),
+    (["--harmless-test", "."], ".: is a directory, expected a query file"),
+    (["--model", "no-such-model"], "no-such-model: no such file or directory"),
+    (["--judge-model", "no-such-judge"], "no-such-judge: no such file or directory"),
+    (["--judge-template", "{query} {response}"], "a judge template needs a judge model"),
+    (["--judge-model", "smollm2", "--judge-template", "{query} {response} {query.__class__.__mro__}"], "only the plain fields"),
+    (["--openings", "no-such-openings.json"], "no-such-openings.json"),
+    (["--refusal-phrases", "no-such-phrases.json"], "no-such-phrases.json"),
+])
+def test_a_bad_input_fails_in_one_line_before_the_run_directory_is_made(run_args, tmp_path, capsys, bad, message):
+    out = tmp_path / "run"
+    assert main(run_args(out, *bad)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_resume_without_a_run_is_an_error(run_args, tmp_path, capsys):
+    for out in (tmp_path / "missing", tmp_path):
+        assert main(run_args(out, "--resume")) == 2
+        assert "no run to resume here" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists() and not (tmp_path / "config.json").exists()
+
+
+def test_resume_may_change_what_only_the_evaluation_reads(finished_run, run_args, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    assert main(run_args(out, "--max-new-tokens", "2")) == 2
+    err = capsys.readouterr().err
+    assert "max_new_tokens_harmful: 4 -> 2" in err and "add --resume" in err
+
+    def no_earlier_stage(*args, **kwargs):
+        raise AssertionError("a stage before the evaluation ran again")
+
+    monkeypatch.setattr(pipeline, "anchor_stage", no_earlier_stage)
+    monkeypatch.setattr(pipeline, "train_stage", no_earlier_stage)
+    assert main(run_args(out, "--max-new-tokens", "2", "--resume")) == 0
+    assert json.loads((out / "config.json").read_text())["max_new_tokens_harmful"] == 2
+    assert all(json.loads(line)["num_tokens"] <= 2 for line in (out / "responses.jsonl").read_text().splitlines())
+    assert main(run_args(out, "--lr", "0.1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate: 0.005 -> 0.1" in err and "with --resume only" in err and "judge_template" in err
+
+
+def test_evaluation_only_settings_leave_the_earlier_stages_keys_alone():
+    """Each setting that --resume may change, given another value, changes the evaluation's key and no other."""
+    import dataclasses
+
+    from dro_jax.run.config import QuerySets, RunConfig
+
+    others = {"harmful_test": "harmless_test", "harmless_test": "harmful_test", "eval_samples": 3, "eval_keep_longest": 1,
+              "max_new_tokens_harmful": 5, "max_new_tokens_harmless": 5, "min_new_tokens": 1, "trim_incomplete_lines": True,
+              "refusal_phrases": "paper", "judge_model": "smollm2", "eval_batch_size": 4, "microbatch": 5}
+    config = RunConfig()
+    assert set(pipeline.evaluation_only_settings(config)) == {*others, "judge_template"}
+    keys = {name: pipeline.input_key(inputs) for name, inputs in pipeline.stage_inputs(config, QuerySets.read(config)).items()}
+    for name, value in others.items():
+        changed = dataclasses.replace(config, **{name: value})
+        new = {stage: pipeline.input_key(inputs) for stage, inputs in pipeline.stage_inputs(changed, QuerySets.read(changed)).items()}
+        assert (new["anchors"], new["train"]) == (keys["anchors"], keys["train"]), name
+        assert new["evaluate"] != keys["evaluate"] or name in ("eval_batch_size", "microbatch"), name
+    sampled = RunConfig(label="sampled")
+    assert "max_new_tokens_harmful" not in pipeline.evaluation_only_settings(sampled)  # the sampled label generates too
