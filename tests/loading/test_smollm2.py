@@ -89,21 +89,6 @@ def test_smollm2_template_inserts_its_own_system_message(smollm2):
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
-def test_cached_gguf_tokenizer_encodes_like_a_fresh_conversion(smollm2, tmp_path, monkeypatch):
-    from dro_jax.loading.registry import _load_tokenizer
-
-    monkeypatch.setenv("DRO_JAX_CACHE", str(tmp_path))
-    path = resolve_model_path("smollm2")
-    fresh = _load_tokenizer(path.parent, path.name)
-    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
-    cached = _load_tokenizer(path.parent, path.name)
-    for prompt in PROMPTS[:5]:
-        for system in (None, SAFETY_PROMPTS["mistral"]):
-            assert ChatFormatter(cached, system).encode(prompt) == ChatFormatter(fresh, system).encode(prompt)
-    assert cached.chat_template == fresh.chat_template
-    assert (cached.eos_token, cached.pad_token_id) == (fresh.eos_token, fresh.pad_token_id)
-
-
 def test_greedy_generation_equals_transformers_generate(smollm2, torch_smollm2):
     """20 chat-formatted prompts x 32 new tokens, one left-padded batch, token for token."""
     from dro_jax.inference.batching import left_padded_batches
