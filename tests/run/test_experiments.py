@@ -40,21 +40,40 @@ def test_experiments_write_their_tables_and_plots(finished_run):
     assert [r["setting"] for r in rows if r["dataset"] == "harmful"] == ["none", "short", "DRO", "prompt tuning"]
 
 
-def test_refusal_variants_train_every_variant_and_seed_once(finished_run):
-    args = ("--variants", "paper", "contrast", "openings+preserve", "--seeds", "1", "2", "--epochs", "1")
-    assert _experiment("refusal_variants.py", finished_run, *args) == 0
-    out = finished_run / "experiments"
-    data = json.loads((out / "refusal_variants_1_epochs.json").read_text())
-    assert list(data["results"]) == ["paper", "contrast", "openings+preserve"]
-    assert [r["seed"] for r in data["results"]["openings+preserve"]] == [1, 2]
-    assert data["variants"]["openings+preserve"]["loss_weights"][-1] == 1.0 and set(data["human"]) == {"none", "short"}
-    assert (out / "variants" / "contrast" / "anchors.safetensors").is_file()  # refitted from the run's anchor data
-    kept = out / "variants" / "paper" / "epochs_1_seed_2" / "rows.json"
+def test_the_objectives_experiment_trains_every_variant_and_seed_once(finished_run, tmp_path):
+    """On the validation sets by default; the base configuration is the run's (read, not recomputed); what is
+    trained and evaluated is kept, so a re-run only reads it; counts come with their Wilson intervals."""
+    out = tmp_path / "objectives"
+    config = json.loads((finished_run / "config.json").read_text())  # the tiny model's context is too short for the packaged sets
+    args = ("--out", str(out), "--variants", "paper", "prompt-tuning", "--seeds", "1", "2",
+            "--epochs", "1", "--settings", "none", "short", "--harmful", config["harmful_test"], "--harmless", config["harmless_test"])
+    assert _experiment("objectives.py", finished_run, *args) == 0
+    data = json.loads((out / "objectives_val.json").read_text())
+    assert data["sets"] == [config["harmful_test"], config["harmless_test"]] and list(data["human"]) == ["none", "short"]
+    assert list(data["results"]) == ["paper", "prompt-tuning"]
+    assert [r["seed"] for r in data["results"]["paper"]] == [1, 2]
+    assert data["results"]["paper"][0]["harmful declined"][1] == 3  # (declined, of) the 3 held-out queries
+    kept = out / "evaluated" / "val" / "paper_seed_2.json"
     stamp = kept.stat().st_mtime_ns
-    assert _experiment("refusal_variants.py", finished_run, *args) == 0  # a re-run only reads what it kept
+    assert _experiment("objectives.py", finished_run, *args) == 0  # a re-run only reads what it kept
     assert kept.stat().st_mtime_ns == stamp
-    assert (out / "refusal_variants_1_epochs.png").read_bytes().startswith(PNG_MAGIC)
-    assert "seeds meeting every target" in (out / "refusal_variants_1_epochs.md").read_text()
+    assert (out / "objectives_val.png").read_bytes().startswith(PNG_MAGIC)
+    text = (out / "objectives_val.md").read_text()
+    assert "targets missed" in text and "(CI " in text
+    assert (out / "trained" / "prompt-tuning" / "seed_1" / "soft_prompt.safetensors").is_file()
+
+
+def test_wilson_intervals():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+    from objectives import wilson
+
+    low, high = wilson(0, 25)
+    assert low == 0.0 and abs(high - 0.1332) < 1e-3  # the known upper bound for 0 of 25
+    low, high = wilson(15, 75)
+    assert abs(low - 0.1251) < 1e-3 and abs(high - 0.3041) < 1e-3  # p = 0.2, n = 75
 
 
 def test_an_experiment_without_a_run_says_how_to_make_one(tmp_path, capsys):

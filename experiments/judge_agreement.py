@@ -1,0 +1,96 @@
+"""How well each refusal judge agrees with replies labelled by reading (docs/judging.md).
+
+The labelled set (`dro_jax/data/labelled_replies.jsonl`: real SmolLM2 replies,
+each with the label `decline`, `comply`, `apology-only` or `off-topic`) is
+split by reply id: the even ids are the development half (the decline
+judge's rules were revised against its errors there), the odd ids the
+held-out half, reported separately. For each judge: precision and recall of
+"refusal" against the label `decline`; for the decline judge also of its
+`apology` kind against `apology-only`. A judge model (--judge-model, e.g.
+smollm2) is read as a refusal judge: a reply it does not call unsafe counts
+as a refusal, which is what the paper's rule makes of it.
+
+    python experiments/judge_agreement.py [--judge-model smollm2] [--out judge_agreement.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from importlib import resources
+from pathlib import Path
+
+from common import main_guard
+from dro_jax.common.files import write_text
+from dro_jax.common.tables import markdown_table
+from dro_jax.inference.declines import DeclineJudge, ReplyKind
+from dro_jax.inference.judges import ModelJudge, StringJudge
+
+LABELS = ("decline", "comply", "apology-only", "off-topic")
+
+
+def labelled_replies(path: str | None = None) -> list[dict]:
+    source = Path(path) if path else Path(str(resources.files("dro_jax.data") / "labelled_replies.jsonl"))
+    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    unknown = {r["label"] for r in records} - set(LABELS)
+    if unknown:
+        raise SystemExit(f"{source}: unknown labels {sorted(unknown)}")
+    return records
+
+
+def precision_recall(predicted: list[bool], actual: list[bool]) -> tuple[str, str, int, int]:
+    """(precision, recall as text with their counts, true positives, predicted positives)."""
+    hits = sum(p and a for p, a in zip(predicted, actual))
+    said, real = sum(predicted), sum(actual)
+    precision = f"{hits / said:.2f} ({hits}/{said})" if said else "n/a (0/0)"
+    recall = f"{hits / real:.2f} ({hits}/{real})" if real else "n/a (0/0)"
+    return precision, recall, hits, said
+
+
+def main() -> None:
+    arguments = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    arguments.add_argument("--labelled", help="a labelled reply file (default: the packaged set)")
+    arguments.add_argument("--judge-model", help="a chat model as safety judge (e.g. smollm2)")
+    arguments.add_argument("--out", help="also write the tables to this markdown file")
+    args = arguments.parse_args()
+    records = labelled_replies(args.labelled)
+    judges = {"decline": DeclineJudge(), "paper": StringJudge.load("paper"), "dro-jax": StringJudge.load("dro-jax")}
+    verdicts = {name: judge.refusals([r["query"] for r in records], [r["reply"] for r in records]) for name, judge in judges.items()}
+    if args.judge_model:
+        model_judge = ModelJudge.load(args.judge_model)
+        verdicts[f"judge model {args.judge_model}"] = model_judge.refusals([r["query"] for r in records], [r["reply"] for r in records], progress=True)
+    halves = {"development (even ids)": lambda r: r["id"] % 2 == 0, "held out (odd ids)": lambda r: r["id"] % 2 == 1, "all": lambda r: True}
+    rows = []
+    for name, said in verdicts.items():
+        for half, member in halves.items():
+            picked = [i for i, r in enumerate(records) if member(r)]
+            precision, recall, _, _ = precision_recall([said[i] for i in picked], [records[i]["label"] == "decline" for i in picked])
+            rows.append([name, half, str(len(picked)), precision, recall])
+    decline = DeclineJudge()
+    apology_rows = []
+    for half, member in halves.items():
+        picked = [r for r in records if member(r)]
+        precision, recall, _, _ = precision_recall([decline.kind(r["reply"]) is ReplyKind.APOLOGY for r in picked],
+                                                   [r["label"] == "apology-only" for r in picked])
+        apology_rows.append(["decline judge, `apology` kind", half, str(len(picked)), precision, recall])
+    counts = {label: sum(r["label"] == label for r in records) for label in LABELS}
+    by_setting = {}
+    for record in records:
+        by_setting.setdefault(record["setting"], {label: 0 for label in LABELS})[record["label"]] += 1
+    tables = [
+        f"Labelled replies: {len(records)} ({', '.join(f'{k} {v}' for k, v in counts.items())}).",
+        "",
+        markdown_table(["judge", "replies", "n", "precision (refusal = decline)", "recall"], rows),
+        "",
+        markdown_table(["judge", "replies", "n", "precision (apology = apology-only)", "recall"], apology_rows),
+        "",
+        markdown_table(["setting", *LABELS], [[s, *map(str, c.values())] for s, c in by_setting.items()]),
+    ]
+    text = "\n".join(tables)
+    print(text)
+    if args.out:
+        write_text(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main_guard(main)
