@@ -38,11 +38,13 @@ def main() -> None:
     arguments.add_argument("--prompt", action="append", default=[], metavar="NAME=FILE", help="a soft prompt to sample under (repeatable)")
     arguments.add_argument("--sets", nargs=2, default=["harmful_val", "harmless_val"], metavar=("HARMFUL", "HARMLESS"))
     arguments.add_argument("--per-setting", type=int, default=40, help="replies kept per setting (default: %(default)s)")
+    arguments.add_argument("--settings", nargs="*", default=list(PROMPT_SETTINGS), help="text settings sampled under (default: %(default)s)")
+    arguments.add_argument("--first-id", type=int, default=0, help="the first reply's id (to extend an existing file)")
     arguments.add_argument("--seed", type=int, default=7)
     arguments.add_argument("--out", required=True)
     args = arguments.parse_args()
     model = load_model(args.model)
-    settings = [PromptSetting.from_text(name) for name in PROMPT_SETTINGS]
+    settings = [PromptSetting.from_text(name) for name in args.settings]
     for spec in args.prompt:
         name, path = spec.split("=", 1)
         settings.append(PromptSetting.soft(name, load_soft_prompt(path, model.config.hidden_size)))
@@ -61,7 +63,7 @@ def main() -> None:
             chosen = rng.choice(len(replies), size=min(args.per_setting // 2, len(replies)), replace=False)
             records += [replies[i] for i in sorted(chosen)]
         print(f"{setting.name}: {len(records)} replies so far")
-    for number, record in enumerate(records):
+    for number, record in enumerate(records, start=args.first_id):
         record["id"] = number
     write_jsonl(args.out, records)
     print(f"wrote {args.out}: {len(records)} replies ({json.dumps({s.name: args.per_setting for s in settings})})")
