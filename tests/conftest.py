@@ -1,12 +1,30 @@
 import dataclasses
 import gc
 import json
+import os
+import shutil
+import tempfile
 
-import jax
-import pytest
-import torch
+# A persistent compilation cache for the suite, set before JAX is imported so that the subprocesses the tests
+# start (several hosts, the experiments) inherit it: the modules compile the same tiny models' programs again
+# after each drops its in-memory caches (below), and each subprocess would compile them from scratch. A cache
+# directory set by the caller is used as it is (and kept); otherwise a new one is made and removed at the end.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dro-jax-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
