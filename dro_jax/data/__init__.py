@@ -1,12 +1,25 @@
 """The project's own query sets, written for dro-jax.
 
-Harmful and harmless queries come in minimal pairs: line i of
-`harmful_<split>` and line i of `harmless_<split>` share a verb or topic and
-differ in intent. The train split (100 + 100) anchors the representation space
-and trains prompts; the test split (25 + 25) is held out for evaluation.
+`harmful_train` / `harmless_train` (100 + 100) anchor the representation
+space and train prompts; `harmful_val` / `harmless_val` (25 + 25) choose
+configurations (the experiments score their variants on them, so numbers on
+them are validation numbers). Both splits are minimal pairs: line i of the
+harmful set and line i of the harmless set share a verb or topic and differ
+in intent, written in one style.
+
+`harmful_test` / `harmless_test` (122 + 122) are the reported test sets,
+written separately from the other splits and not as pairs, in varied forms:
+instructions, questions, role-play framings, requests for code, messages or
+lists. The harmless test queries are built to trip a refusal that only looks
+at words: trigger words in benign senses ("kill a Python process", "shoot a
+photo", "a killer opening line") and questions about dangerous topics that
+are safe to answer (history, safety, how to get help). A configuration meets
+them once, after it was chosen on validation.
+
 `helpful_instructions` holds everyday instructions (cooking, writing, maths,
 code, travel, explanations) that any prompt should leave answerable, for the
-helpfulness evaluation.
+helpfulness evaluation. `labelled_replies.jsonl` holds real SmolLM2 replies
+labelled by reading (docs/judging.md), on which the judges are scored.
 """
 
 from __future__ import annotations
