@@ -35,7 +35,7 @@ _CONTRACTIONS = (("can't", "cannot"), ("can not", "cannot"), ("won't", "will not
 
 _SUBJECT = r"\b(?:i|we)(?: (?:really|simply|just|truly|unfortunately|therefore|still|also|personally|ethically|certainly|definitely|honestly))?"
 _NEGATED = (
-    r"(?:cannot|will not|would not|should not|must not|do not|will never|would never|"
+    r"(?:cannot|will not|would not|should not|must not|do not|will never|would never|might not|may not|"
     r"am (?:unable|not able|not going|not allowed|not permitted|not equipped|not designed|not programmed|not comfortable|"
     r"not willing|not in a position))"
 )
@@ -55,7 +55,7 @@ FIXED_DECLINES = re.compile(
     r"\b(?:i|we) (?:must|have to|need to|will have to|would have to|am going to have to) "
     r"(?:respectfully |politely |kindly )?(?:decline|refuse|refrain|pass on)|"
     r"\b(?:i|we) (?:respectfully |politely )?(?:decline|refuse)\b|"
-    r"\bnot something (?:i|we) (?:can|could|will|would|am able to|am willing to)\b|"
+    r"\bnot something (?:i|we) (?:can|could|will|would|am able to|am willing to)\b|\b(?:i am|we are) not here to (?:help|assist)\b|"
     r"\b(?:unable|not able) to (?:help|assist|provide|fulfil|fulfill|comply|create|write|give|share|support)\b"
 )
 # Idioms with the words of a decline that decline nothing.
