@@ -12,7 +12,8 @@ from dro_jax.data.queries import QueryPairs, everyday_queries, read_queries
 def test_packaged_sets_are_paired_and_split():
     sets = {name: read_queries(name) for name in QUERY_SETS}
     assert len(sets["harmful_train"]) == len(sets["harmless_train"]) == 100
-    assert len(sets["harmful_test"]) == len(sets["harmless_test"]) >= 20
+    assert len(sets["harmful_val"]) == len(sets["harmless_val"]) == 25
+    assert len(sets["harmful_test"]) == len(sets["harmless_test"]) >= 100
     everything = [q for queries in sets.values() for q in queries]
     assert len(set(everything)) == len(everything), "a query appears twice"
     assert not set(sets["harmful_train"]) & set(sets["harmful_test"])
@@ -75,3 +76,15 @@ def test_the_packaged_helpful_instructions_are_many_and_distinct():
     instructions = read_queries("helpful_instructions")
     assert len(instructions) >= 50
     assert len({" ".join(i.lower().split()) for i in instructions}) == len(instructions)
+
+
+def test_the_labelled_replies_are_complete_and_use_the_four_labels():
+    """The packaged labelled set (docs/judging.md): distinct ids, every reply labelled, queries from the validation sets."""
+    from importlib import resources
+
+    path = resources.files("dro_jax.data") / "labelled_replies.jsonl"
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(records) >= 300 and len({r["id"] for r in records}) == len(records)
+    assert {r["label"] for r in records} == {"decline", "comply", "apology-only", "off-topic"}
+    validation = set(read_queries("harmful_val")) | set(read_queries("harmless_val"))
+    assert all(r["query"] in validation and r["reply"] for r in records)
