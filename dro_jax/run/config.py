@@ -26,19 +26,20 @@ HARMFUL_SET = "harmful"  # the held-out set (of `QuerySets.test`) that the judge
 class RunConfig:
     """Every input of the main job; `config.json` in a run directory is this, as JSON.
 
-    The defaults make the whole job fit in a few minutes on 2 CPU cores with
-    SmolLM2-135M and make it refuse: the generation-free log-odds label, the
-    `openings` refusal score (the loss reads the refusal log-odds of the reply
-    openings instead of the anchor-space probe, which does not move this
-    model's behaviour; chosen by `experiments/refusal_variants.py`), 8 epochs
-    at batch 25 (64 steps) with a 5x larger learning rate than the paper,
-    greedy evaluation with 64 new tokens, the `dro-jax` string judge.
+    The defaults make the whole job fit in minutes on 2 CPU cores with
+    SmolLM2-135M: the generation-free log-odds label, the `openings` refusal
+    score (the loss reads the refusal log-odds of the reply openings instead
+    of the anchor-space probe, which does not move this model's behaviour;
+    the objective chosen on the validation sets by `experiments/objectives.py`),
+    8 epochs at batch 25 (64 steps) with a 5x larger learning rate than the
+    paper, greedy evaluation with 64 new tokens on the test sets, the
+    `dro-jax` string judge beside the decline judge's counts.
     `paper()` gives the paper's protocol for machines with accelerators.
 
     The generation rules (`max_new_tokens_*`, `min_new_tokens`,
     `trim_incomplete_lines`) apply to both stages that generate: the sampled
-    label of the anchor stage and the evaluation; `refusal_phrases` (`paper`,
-    `dro-jax` or a JSON file) judges both.
+    label of the anchor stage and the evaluation; `refusal_phrases` (`decline`,
+    `paper`, `dro-jax` or a JSON file) judges both.
     """
 
     model: str = DEFAULT_MODEL
