@@ -53,7 +53,9 @@ class RunConfig:
     label: str = "logodds"
     label_samples: int = 5
     label_keep_longest: int | None = None  # the longest N sampled responses per anchor input, by words, are judged (None: all)
-    openings: str | None = None  # JSON file of reply openings for the log-odds score (default: the built-in ones)
+    # Reply openings of the log-odds score: a name of OPENING_SETS or a JSON file (None: `apologies`). The default,
+    # whole short declines, was chosen on the validation sets by experiments/objectives.py.
+    openings: str | None = "decline-replies"
     num_components: int = 4
     folds: int = 10
     refusal_fit: str = "logistic"  # see dro_jax.anchors.space.REFUSAL_FITS
@@ -91,7 +93,7 @@ class RunConfig:
             label="sampled", label_samples=25, label_keep_longest=20, refusal_fit="logistic", refusal_score="probe", loss_weights=LossWeights().as_tuple(),
             init_prompt="default", epochs=40, batch_size=50, learning_rate=1e-3,
             checkpoint_every=10, eval_samples=25, eval_keep_longest=20, max_new_tokens_harmful=300, max_new_tokens_harmless=200,
-            min_new_tokens=10, trim_incomplete_lines=True, refusal_phrases="paper",
+            min_new_tokens=10, trim_incomplete_lines=True, refusal_phrases="paper", openings=None,
         )
         return cls(**{**preset, **overrides})
 

@@ -123,7 +123,8 @@ METRICS = [{"step": 1, "loss": 0.7, "refusal": 0.69, "harmfulness": 0.69, "norm"
 
 def test_results_text_says_what_was_run_and_shows_both_tables():
     text = results_text(RunConfig(), _rows(), [], REPORT, METRICS, {"anchors": 120.0, "train": 60.0, "evaluate": None})
-    assert text.startswith("# DRO, openings objective (apologies) on smollm2\n")
+    assert text.startswith("# DRO, openings objective (decline-replies) on smollm2\n")
+    assert RunConfig.paper().objective_name() == "DRO, paper objective"
     assert "PCA explained variance 0.200, 0.100, 0.050, 0.010" in text
     assert "refusal probe accuracy 0.750, auc 0.900; harmfulness probe accuracy 0.500." in text  # a missing AUC is left out
     assert ("init `short`, refusal score `openings`, refusal fit `logistic`, loss weights {'refusal': 1.0, 'harmfulness': 0.01, "
