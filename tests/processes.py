@@ -21,9 +21,11 @@ def free_port() -> int:
 
 
 def device_env(devices: int) -> dict:
-    """The environment of a process that sees `devices` CPU devices and imports the tests' helpers."""
+    """The environment of a process that sees `devices` CPU devices and imports the tests' helpers (the suite's other
+    XLA flags, set in conftest.py, are kept)."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     return {
-        **os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+        **os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
 

@@ -92,7 +92,8 @@ def test_a_zero_preservation_weight_leaves_the_papers_loss_as_it_was(tiny_dro):
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     total, metrics = dro_loss(soft, batch, frozen, model.config)
     assert float(metrics["preserve"]) > 0
-    assert float(total) == pytest.approx(float(metrics["refusal"] + 1e-2 * metrics["harmfulness"] + 1e-3 * metrics["norm"]), rel=1e-7)
+    weighted = metrics["refusal"] + 1e-2 * metrics["harmfulness"] + 1e-3 * metrics["norm"]
+    assert float(total) == pytest.approx(float(weighted), rel=4 * float(np.finfo(np.float32).eps))  # 3 float32 roundings
     with pytest.raises(DroJaxError, match="refusal score must be one of probe, head, openings"):
         dro_objective(model.config, refusal_score="logits")
 

@@ -2,7 +2,6 @@
 checkpoints belong to one model, and a batch sharded over 4 devices trains as on one."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from dro_jax.dro.loss import Objective, dro_loss, dro_objective
 from dro_jax.dro.soft_prompt import load_soft_prompt
 from dro_jax.dro.train import TrainConfig, TrainingFiles, frozen_inputs, train_and_export, train_soft_prompt
 from dro_jax.loading import load_model
+from processes import device_env
 
 TRAIN = TrainConfig(epochs=2, batch_size=4, learning_rate=1e-2, checkpoint_every=1)
 
@@ -104,8 +104,7 @@ def test_four_devices_give_the_single_device_result(tiny_dro, tmp_path):
         model=str(tiny_dro.directory), anchors=str(anchor_file),
         harmful=list(tiny_dro.pairs.harmful), harmless=list(tiny_dro.pairs.harmless), tmp=str(tmp_path),
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=device_env(4), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one_losses, four_losses = json.loads(done.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(four_losses, one_losses, rtol=1e-5)

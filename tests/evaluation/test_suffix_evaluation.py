@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from dro_jax.cli.main import main
 from dro_jax.data.suffixes import QuerySuffix
@@ -12,7 +11,7 @@ from dro_jax.inference.chat import ChatFormatter, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import StringJudge
 from dro_jax.inference.sampling import SamplingConfig
-from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
+from helpers import HARMFUL, TINY_OPENINGS
 
 QUERIES = HARMFUL[:3]
 SUFFIX = QuerySuffix("attack", ("about the sea and the wind",), per_query=False)

@@ -9,7 +9,6 @@ the whole-buffer load of the same checkpoint.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from dro_jax.loading import load_model
 from dro_jax.loading.hf import SafetensorsSource
 from dro_jax.models.transformer import param_shapes
 from helpers import tiny_torch_model, write_tiny_gguf
+from processes import device_env
 
 REPO = Path(__file__).resolve().parents[2]
 MESH_SHAPE = {"fsdp": 2, "model": 4}
@@ -188,8 +188,7 @@ def eight_devices(tmp_path_factory) -> dict:
     write_tiny_gguf(model, tmp / "tiny.gguf")
     args = dict(mesh=MESH_SHAPE, specs=SPECS, hf=str(tmp / "hf"), gguf=str(tmp / "tiny.gguf"), tmp=str(tmp))
     env = {
-        **os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        **device_env(8),
         # XLA's CPU client keeps a 64-byte-aligned host array as the device buffer instead of copying it, and that
         # memory would be traced as if the loader still held it. glibc places each allocation at or above this
         # size in its own mapping, 16 bytes past a page boundary, so the loader's buffers are copied and freed.

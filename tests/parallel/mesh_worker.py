@@ -5,7 +5,6 @@ import json
 import sys
 
 import jax
-import numpy as np
 
 from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
 from dro_jax.data.queries import QueryPairs

@@ -3,7 +3,6 @@ split by data, by FSDP and by data x tensor parallelism giving the single-device
 really split."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from dro_jax.parallel.sharding import logical_spec
 from jax.sharding import PartitionSpec as P
 
 from helpers import TINY_CONFIGS
+from processes import device_env
 
 HERE = Path(__file__).parent
 
@@ -60,12 +60,8 @@ def test_every_parameter_has_partition_rules(tiny_model_dir, name):
 
 def test_eight_device_meshes_give_the_single_device_results(tiny_model_dir, tmp_path):
     directory = tiny_model_dir("llama-4kv")[0]
-    env = {
-        **os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-    }
     done = subprocess.run(
-        [sys.executable, str(HERE / "mesh_worker.py"), str(directory), str(tmp_path)], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, str(HERE / "mesh_worker.py"), str(directory), str(tmp_path)], env=device_env(8), capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
