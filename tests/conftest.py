@@ -12,7 +12,8 @@ import tempfile
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dro-jax-tests-xla-")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Every program is kept, however fast it compiled: the tiny models' many sub-second compiles recur across modules.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # The tests' models are tiny, so their time is XLA compiling, not running: without LLVM's optimisation passes the
 # suite compiles about a third faster. What the tests check (values, within float32 tolerances) does not depend on
@@ -25,7 +26,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One share of the cores per xdist worker: two workers with two PyTorch threads each on two cores spend their time
+# waiting on each other (a SmolLM2 parity test took 53 s beside the multi-host tests with 2 threads, 31 s with 1).
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def pytest_sessionfinish(session, exitstatus):
