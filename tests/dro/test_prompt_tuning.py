@@ -131,11 +131,24 @@ def test_negatives_are_the_unwanted_no_prompt_responses(tiny_dro, refuses):
     assert [text for _, text in no_prompt] != [text for _, text in init_rows]
 
 
-def test_the_longest_responses_are_kept(tiny_dro):
+def test_the_longest_responses_are_kept(tiny_dro, monkeypatch):
+    """Of each query's sampled replies, the `responses` longest by words are trained on, in sample order."""
+    import dro_jax.dro.prompt_tuning as prompt_tuning
+    from dro_jax.inference.respond import Response
+
+    texts = ["one", "one two three", "one two", "one two three four"]  # kept: samples 1 and 3
+
+    def sampled(model, encoded, sampling, samples, seed, **_):
+        assert samples == len(texts)
+        return [Response(q, encoded.queries[q], s, text, len(text), False) for q in range(len(encoded.queries)) for s, text in enumerate(texts)]
+
+    monkeypatch.setattr(prompt_tuning, "generate_responses", sampled)
     pairs = QueryPairs(tiny_dro.pairs.harmful[:1], tiny_dro.pairs.harmless[:1])
-    settings = PromptTuningConfig(responses=2, samples=3, max_response_tokens=6, max_new_tokens=12)
+    settings = PromptTuningConfig(responses=2, samples=len(texts), max_response_tokens=50)
     data = prepare_response_set(tiny_dro.model, pairs, "short", len(tiny_dro.initial), settings, progress=False)
-    assert len(data) == 4 and data.response_mask.sum(axis=1).max() <= 6
+    trained = [data.token_ids[row][data.response_mask[row] == 1].tolist() for row in range(len(data))]
+    encode = lambda text: tiny_dro.model.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    assert trained == [encode(texts[1]), encode(texts[3])] * 2
 
 
 def test_negatives_need_a_human_init_prompt(tiny_dro):

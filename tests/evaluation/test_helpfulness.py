@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -103,10 +104,13 @@ def test_the_command_with_a_judge_model_reports_win_rates(command, tiny_dro, tmp
     rows = {r["setting"]: r for r in json.loads((out / "helpfulness.json").read_text())}
     assert (rows["none"]["win_rate"], rows["none"]["ties"]) == (0.5, 3)  # the reference against itself
     short = rows["short"]
-    assert 0 <= short["win_rate"] <= 1 and short["wins"] + short["ties"] + short["losses"] == 3
     assert short["reference_setting"] == "none"
-    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert all(0 <= a["preferred_shown_first"] <= 1 and 0 <= a["preferred_shown_second"] <= 1 for a in answers)
+    # The table's figures are the written preferences', in both orders.
+    answers = [a for a in map(json.loads, (out / "answers.jsonl").read_text().splitlines()) if a["setting"] == "short"]
+    first, second = (np.asarray([a[f"preferred_shown_{order}"] for a in answers]) for order in ("first", "second"))
+    assert len(first) == 3 and not np.allclose(first, second)
+    want = win_rate(first, second)
+    assert (short["win_rate"], short["wins"], short["ties"], short["losses"]) == (pytest.approx(want.win_rate), want.wins, want.ties, want.losses)
     assert "win rate vs none" in (out / "helpfulness.md").read_text()
 
 
@@ -115,7 +119,18 @@ def test_the_model_judge_reads_a_and_b(tiny_dro):
     rendered = tiny_dro.model.tokenizer.decode(judge._encode("Hi", "{answer_b}", "No"))
     assert "Hi A: {answer_b} B: No {x}" in rendered  # answers are inserted once, other braces kept
     p = judge.first_preferred(["Hi"] * 2, ["Hello", "No"], ["No", "Hello"])
-    assert p.shape == (2,) and np.all((0 < p) & (p < 1))
+    # By hand: each prompt alone through the model, p(A) / (p(A) + p(B)) from the next-token distribution.
+    from dro_jax.models import forward
+
+    for row, (a, b) in enumerate((("Hello", "No"), ("No", "Hello"))):
+        ids = np.asarray([judge._encode("Hi", a, b)], np.int32)
+        logits = forward(tiny_dro.model.params, tiny_dro.model.config, ids, np.ones_like(ids), output_logits=True).logits[0, -1]
+        log_probs = np.asarray(jax.nn.log_softmax(logits))
+        first, second = (tiny_dro.model.tokenizer.encode(word, add_special_tokens=False) for word in ("A", "B"))
+        assert len(first) == len(second) == 1
+        want = 1 / (1 + np.exp(log_probs[second[0]] - log_probs[first[0]]))
+        assert p[row] == pytest.approx(want, rel=1e-4)  # float32 logits: a batch of two against each prompt alone
+    assert p[0] != pytest.approx(p[1])  # the order of the answers reaches the judge
 
 
 @pytest.mark.parametrize(

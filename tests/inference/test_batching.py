@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from dro_jax.common.compiles import count_compiles
 from dro_jax.inference.batching import bucket_length, left_padded_batches
 
 
@@ -31,3 +32,23 @@ def test_batches_cover_every_sequence_once_left_padded():
 def test_batch_size_must_be_positive():
     with pytest.raises(ValueError):
         list(left_padded_batches([[1]], batch_size=0))
+
+
+def test_the_representation_pass_compiles_once_per_length_bucket(tiny_model_dir):
+    """Batches of different lengths within one bucket, and a last batch with a filler row, reuse one executable;
+    a batch in a longer bucket adds one."""
+    from dro_jax.inference.represent import last_position_states, represent_tokens
+    from dro_jax.loading import load_model
+
+    model = load_model(tiny_model_dir("llama")[0], with_tokenizer=False, progress=False)
+    rng = np.random.default_rng(0)
+
+    def compiles(lengths: list[int]) -> int:
+        sequences = [rng.integers(3, model.config.vocab_size, n).tolist() for n in lengths]
+        with count_compiles() as count:
+            represent_tokens(model, sequences, batch_size=4, progress=False)
+        return count.by_function["jit(final_states)"]
+
+    last_position_states.clear_cache()
+    assert compiles([9, 16, 12, 10, 11, 13, 15]) == 1  # batches of 16 and 13 tokens (and a filler row), one bucket
+    assert compiles([20, 22, 17, 18, 9, 10, 11, 12]) == 1  # the 24-token bucket is new, the 16-token one is not

@@ -1,10 +1,14 @@
-"""A query set encoded once: its texts travel with the tokens, and every pass reuses them."""
+"""A query set encoded once: its texts travel with the tokens, and every pass reuses them; reply openings by name or file."""
+
+import json
 
 import pytest
 
+from dro_jax.common.errors import DroJaxError
+
 from dro_jax.inference.chat import ChatFormatter, PromptSetting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.refusal_score import Openings
+from dro_jax.inference.refusal_score import OPENING_SETS, Openings
 from dro_jax.inference.respond import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
@@ -30,5 +34,16 @@ def test_generation_needs_the_texts_it_answers(tiny_model_dir):
         generate_responses(model, tokens_only, SamplingConfig(max_new_tokens=2), progress=False)
 
 
-def test_options_resolve_to_their_defaults_without_a_file():
-    assert Openings.load(None) == Openings()
+def test_openings_load_by_name_from_a_file_or_fail_in_one_line(tmp_path):
+    assert Openings.load(None).refusal[0] == "I'm sorry" and Openings.load("decline-replies") is OPENING_SETS["decline-replies"]
+    assert Openings.load("declines").refusal != Openings.load("apologies").refusal
+    assert Openings.load("declines").compliant == Openings.load("apologies").compliant  # the same compliant side
+    path = tmp_path / "openings.json"
+    path.write_text(json.dumps({"refusal": ["No way"], "compliant": ["Sure", "Here"]}))
+    assert Openings.load(path) == Openings(("No way",), ("Sure", "Here"))
+    with pytest.raises(DroJaxError, match="neither one of apologies, declines, decline-replies nor a JSON file"):
+        Openings.load(tmp_path / "missing.json")
+    for bad, message in (({"refusal": []}, "not an openings file"), ({"refusal": [], "compliant": ["Sure"]}, "non-empty lists")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(DroJaxError, match=message):
+            Openings.load(path)

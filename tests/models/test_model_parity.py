@@ -132,19 +132,3 @@ def test_remat_gives_the_same_gradient(tiny_model_dir):
     remat = jax.jit(jax.grad(lambda x: loss(x, True)))(embeds)
     # Recomputation fuses differently, so float32 rounding differs slightly (gradients are O(1)).
     np.testing.assert_allclose(np.asarray(plain), np.asarray(remat), atol=1e-4, rtol=1e-4)
-
-
-def test_fixed_shape_does_not_retrace(tiny_model_dir):
-    directory, _ = tiny_model_dir("llama")
-    model = load_model(directory, with_tokenizer=False, progress=False)
-    traces = []
-
-    def counted(params, ids, mask):
-        traces.append(1)
-        return forward(params, model.config, ids, mask).last_hidden_state
-
-    compiled = jax.jit(counted)
-    for seed in range(3):
-        ids, mask = _random_batch(seed=seed)
-        compiled(model.params, ids, mask)
-    assert len(traces) == 1
