@@ -214,3 +214,16 @@ def test_anchor_space_and_movement_plots(tmp_path, figures):
     plots.movement_plot(tmp_path / "movement.png", {"held out": movements(anchors, held_out)}, "movement")
     assert (tmp_path / "movement.png").read_bytes().startswith(PNG_MAGIC)
     assert len([a for a in figures[1].axes[0].texts if a.arrow_patch is not None]) == 1
+
+
+def test_the_report_is_written_from_a_source_tree_never_installed(monkeypatch):
+    """`python -m dro_jax.cli run` from a checkout has no distribution metadata: the report says so and goes on."""
+    import importlib.metadata
+
+    from dro_jax.run.report import environment
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert environment()["dro_jax"] == "not installed"
