@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from dro_jax.anchors.collect import AnchorData, build_anchor_space
 from dro_jax.anchors.space import AnchorSpace, save_anchor_space
+from dro_jax.common.compiles import count_compiles
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.run_directory import claim_run_directory
 from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
@@ -211,9 +212,10 @@ def run_pipeline(
             continue
         _log(f"[{number}/{len(stages) + 1}] {stage.title}")
         started = records.start(stage.name, key, redo=resume and stage.redo_on_resume) if is_writer() else None
-        stage.work(model())
+        with count_compiles() as compiles:
+            stage.work(model())
         if is_writer():
-            records.finish(stage.name, key, started)
+            records.finish(stage.name, key, started, compiles)
         barrier(f"stage {stage.name} written")
     _log(f"[{len(stages) + 1}/{len(stages) + 1}] report and plots")
     return write_report(RunOutputs.load(config, paths), records) if is_writer() else None

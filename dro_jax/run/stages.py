@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dro_jax.common.compiles import CompileCount
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_text
 
@@ -61,8 +62,12 @@ class StageRecords:
         self._write(name, {"key": key, "done": False})
         return time.monotonic()
 
-    def finish(self, name: str, key: str, started: float) -> None:
-        self._write(name, {"key": key, "done": True, "seconds": round(time.monotonic() - started, 1)})
+    def finish(self, name: str, key: str, started: float, compiles: CompileCount | None = None) -> None:
+        """Marks `name` done, with its seconds and, where counted, the XLA executables it built and their seconds."""
+        record = {"key": key, "done": True, "seconds": round(time.monotonic() - started, 1)}
+        if compiles is not None:
+            record |= {"compiles": compiles.total, "compile_seconds": round(compiles.seconds, 1)}
+        self._write(name, record)
 
     def _write(self, name: str, record: dict) -> None:
         try:

@@ -122,7 +122,7 @@ METRICS = [{"step": 1, "loss": 0.7, "refusal": 0.69, "harmfulness": 0.69, "norm"
 
 
 def test_results_text_says_what_was_run_and_shows_both_tables():
-    text = results_text(RunConfig(), _rows(), [], REPORT, METRICS, {"anchors": 120.0, "train": 60.0, "evaluate": None})
+    text = results_text(RunConfig(), _rows(), [], REPORT, METRICS, {"anchors": {"seconds": 120.0, "compiles": 31, "compile_seconds": 40.4}, "train": {"seconds": 60.0}, "evaluate": {}})
     assert text.startswith("# DRO, openings objective (decline-replies) on smollm2\n")
     assert RunConfig.paper().objective_name() == "DRO, paper objective"
     assert "PCA explained variance 0.200, 0.100, 0.050, 0.010" in text
@@ -134,7 +134,7 @@ def test_results_text_says_what_was_run_and_shows_both_tables():
     assert "| DRO | harmful (4) | 2/4 | 1/4 | 3/4 | 1/4 | n/a | n/a | +1.25 |" in text  # refusals: declines first
     assert "| DRO | harmful (4) | +0.500 | +0.900 | +0.300 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text  # reply quality
     assert "Judged compliance: n/a, no judge model was given" in text
-    assert "Stage times: anchors 2.0 min, train 1.0 min." in text
+    assert "Stage times: anchors 2.0 min (31 XLA compiles, 40 s), train 1.0 min." in text
     judged_rows = [dataclasses.replace(r, harmful_compliant_responses=1, queries_any_harmful_compliance=1) if r.dataset == "harmful" else r
                    for r in _rows()]
     judged = results_text(RunConfig(judge_model="guard"), judged_rows, [], REPORT, METRICS, {})
