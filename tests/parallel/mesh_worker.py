@@ -20,7 +20,9 @@ from dro_jax.models.partitioning import place_params
 from dro_jax.parallel.mesh import make_mesh
 from helpers import HARMFUL, HARMLESS, TINY_FIT, TINY_OPENINGS
 
-MESHES = {"one": (1, None), "data=8": (8, "data=8"), "fsdp=8": (8, "fsdp=8"), "data=2,model=4": (8, "data=2,model=4")}
+# Pure data parallelism is checked on 4 devices by the training, sweep and shared-prefix tests; here the splits of
+# the weights, alone and with a data axis beside them.
+MESHES = {"one": (1, None), "fsdp=8": (8, "fsdp=8"), "data=2,model=4": (8, "data=2,model=4")}
 # Parameters whose per-device share the test checks, one per kind of split.
 WATCHED = {
     "q_proj": ("layers", "self_attn", "q_proj", "weight"),
