@@ -129,7 +129,7 @@ def encode_queries(
     source: str = "queries",
     suffixes: Sequence[str] | None = None,
 ) -> EncodedQueries:
-    """Chat-formats every query under a prompt setting; a query that does not fit the context is an error.
+    """Chat-formats every query under a prompt setting (each pass over them checks that they fit the context).
 
     With `suffixes` (one per query, see `dro_jax.data.suffixes`), the token ids
     carry query + suffix while `EncodedQueries.queries` keeps the original
@@ -152,11 +152,4 @@ def encode_queries(
         formatter = ChatFormatter(model.tokenizer, SLOT_PLACEHOLDER)
         pairs = [formatter.encode_setting(t, len(setting.soft_prompt), model.pad_id) for t in texts]
         encoded = EncodedQueries([ids for ids, _ in pairs], setting.soft_prompt, [start for _, start in pairs], queries, source)
-    limit = model.config.max_position_embeddings
-    for number, ids in enumerate(encoded.sequences, start=1):
-        if len(ids) > limit:
-            raise DroJaxError(
-                f"{source}: query {number} is {len(ids)} tokens with its chat template{'' if suffixes is None else ' and suffix'}, "
-                f"longer than the model's context of {limit}"
-            )
     return encoded

@@ -18,17 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.inference.batched import Batching, PassInfo, run_batched
+from dro_jax.inference.batching import PaddedBatch
+from dro_jax.inference.encoding import EncodedQueries, ModelInputs
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import Params, compute_logits, forward
-from dro_jax.models.partitioning import place_params
-from dro_jax.parallel.distributed import shows_progress
-from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch, to_host
+from dro_jax.parallel.sharding import shard_batch, to_host
 
 OPENING_TOKENS = 8
 
@@ -75,34 +74,28 @@ def reply_nll(
     whole reply, column 1 over its first `OPENING_TOKENS` tokens; NaN for an empty reply."""
     if len(replies) != len(encoded):
         raise DroJaxError(f"{encoded.source}: {len(replies)} replies for {len(encoded)} queries")
-    limit = model.config.max_position_embeddings
-    for number, (ids, reply) in enumerate(zip(encoded.sequences, replies), start=1):
-        if len(ids) + len(reply) > limit:
-            raise DroJaxError(f"{encoded.source}: query {number} with its reply is {len(ids) + len(reply)} tokens, longer than the model's context of {limit}")
+    if not replies:
+        return np.zeros((0, 2))
     joined = EncodedQueries(
         [list(ids) + list(reply) for ids, reply in zip(encoded.sequences, replies)], encoded.soft_prompt, encoded.soft_starts,
-        encoded.queries, encoded.source, encoded.prefix_length,
+        encoded.queries, f"{encoded.source} with their replies", encoded.prefix_length,
     )
     lengths = np.array([len(reply) for reply in replies])
-    totals = np.zeros((len(replies), 2))
-    params = place_params(model.params, model.config, mesh)
-    with tqdm(total=len(replies), desc="reply likelihood", unit="reply", disable=not shows_progress(progress)) as bar:
-        for batch in joined.batches(rows_per_batch(batch_size, len(replies), mesh), model.pad_id):
-            width = batch.token_ids.shape[1]
-            counts = lengths[np.where(batch.index >= 0, batch.index, 0)]
-            scored = np.arange(width)[None, :] >= width - counts[:, None]  # the replies are the rows' last tokens
-            inputs = joined.model_inputs(batch, mesh)
-            with on_mesh(mesh):
-                log_probs = token_log_likelihoods(
-                    params, model.config, inputs.token_ids, inputs.attention_mask, shard_batch(scored, mesh),
-                    inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-                )
-            log_probs = to_host(log_probs).astype(np.float64)
-            opening = np.arange(width)[None, :] < width - counts[:, None] + OPENING_TOKENS
-            sums = np.stack([log_probs.sum(axis=1), (log_probs * opening).sum(axis=1)], axis=1)
-            real = batch.index >= 0
-            totals[batch.index[real]] = -sums[real]
-            bar.update(batch.num_real)
+
+    def step(params, inputs: ModelInputs, batch: PaddedBatch) -> np.ndarray:
+        """[b, 2] the batch's summed log-likelihoods: whole replies, first tokens (summed on the host in float64)."""
+        width = batch.token_ids.shape[1]
+        counts = lengths[np.where(batch.index >= 0, batch.index, 0)]
+        scored = np.arange(width)[None, :] >= width - counts[:, None]  # the replies are the rows' last tokens
+        log_probs = token_log_likelihoods(
+            params, model.config, inputs.token_ids, inputs.attention_mask, shard_batch(scored, mesh),
+            inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
+        )
+        log_probs = to_host(log_probs).astype(np.float64)
+        opening = np.arange(width)[None, :] < width - counts[:, None] + OPENING_TOKENS
+        return np.stack([log_probs.sum(axis=1), (log_probs * opening).sum(axis=1)], axis=1)
+
+    totals = -run_batched(model, joined, step, PassInfo("reply likelihood", "reply"), Batching(batch_size, mesh, progress))
     counted = np.stack([lengths, np.minimum(lengths, OPENING_TOKENS)], axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counted > 0, totals / np.maximum(counted, 1), np.nan)

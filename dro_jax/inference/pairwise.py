@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.refusal_score import opening_log_probs
 from dro_jax.inference.templates import JudgeTemplate
 from dro_jax.loading import LoadedModel
@@ -76,12 +77,6 @@ class ModelPairwiseJudge:
         if not len(instructions) == len(first) == len(second):
             raise DroJaxError(f"{len(instructions)} instructions for {len(first)} and {len(second)} answers")
         prompts = [self._encode(i, a, b) for i, a, b in zip(instructions, first, second)]
-        limit = self.model.config.max_position_embeddings
-        for number, ids in enumerate(prompts, start=1):
-            if len(ids) >= limit:
-                raise DroJaxError(
-                    f"{self.model.source}: the judge prompt of instruction {number} is {len(ids)} tokens, beyond the judge's "
-                    f"context of {limit} (use fewer --max-new-tokens or a judge with a longer context)"
-                )
+        prompts = EncodedQueries(prompts, source=f"{self.model.source} as pairwise judge")
         log_probs = opening_log_probs(self.model, prompts, (self.first_word, self.second_word), self.batch_size, progress)
         return 1.0 / (1.0 + np.exp(log_probs[:, 1] - log_probs[:, 0]))

@@ -26,17 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.inference.batched import Batching, PassInfo, run_batched
+from dro_jax.inference.encoding import EncodedQueries, ModelInputs
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward
-from dro_jax.models.partitioning import place_params
-from dro_jax.parallel.distributed import shows_progress
-from dro_jax.parallel.sharding import on_mesh, replicate, rows_per_batch, to_host
+from dro_jax.parallel.sharding import replicate
 
 
 COMPLIANT_OPENINGS = ("Sure", "Certainly", "Of course", "Here is", "Here's", "To")
@@ -242,25 +240,17 @@ def score_openings(
     `batch_size` prompts run together, each with the openings' tree behind it;
     with a mesh, the prompts of each batch are split over its devices.
     """
-    prompts = EncodedQueries.of(prompts)
-    if not len(prompts):
-        raise DroJaxError("nothing to score: no prompts given")
     encoded = encode_openings(model.tokenizer, openings)
-    params, tree = place_params(model.params, model.config, mesh), replicate(OpeningTree.of(encoded), mesh)
-    log_probs = np.zeros((len(prompts), len(openings)))
-    states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
-    with tqdm(total=len(prompts), desc="opening log-probs", unit="prompt", disable=not shows_progress(progress)) as bar:
-        for batch in prompts.batches(rows_per_batch(batch_size, len(prompts), mesh), model.pad_id):
-            inputs = prompts.model_inputs(batch, mesh)
-            with on_mesh(mesh):
-                scores, last = continuation_log_probs(
-                    params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-                )
-            real = batch.index >= 0
-            log_probs[batch.index[real]] = to_host(scores)[real]
-            states[batch.index[real]] = to_host(last)[real]
-            bar.update(batch.num_real)
-    return OpeningScores(log_probs, states)
+    tree = replicate(OpeningTree.of(encoded), mesh)
+
+    def step(params, inputs: ModelInputs, batch) -> tuple[jax.Array, jax.Array]:
+        return continuation_log_probs(
+            params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix
+        )
+
+    info = PassInfo("opening log-probs", "prompt", max(map(len, encoded)), "the longest opening")
+    log_probs, states = run_batched(model, EncodedQueries.of(prompts), step, info, Batching(batch_size, mesh, progress))
+    return OpeningScores(log_probs.astype(np.float64), states)
 
 
 def opening_log_probs(

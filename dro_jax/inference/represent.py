@@ -7,16 +7,12 @@ from typing import Sequence
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
-from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.batched import Batching, PassInfo, run_batched
 from dro_jax.inference.chat import PromptSetting
-from dro_jax.inference.encoding import EncodedQueries, encode_queries
+from dro_jax.inference.encoding import EncodedQueries, ModelInputs, encode_queries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import final_states
-from dro_jax.models.partitioning import place_params
-from dro_jax.parallel.distributed import shows_progress
-from dro_jax.parallel.sharding import on_mesh, rows_per_batch, to_host
 
 last_position_states = jax.jit(final_states, static_argnames=("config", "remat"))
 
@@ -29,23 +25,13 @@ def represent_tokens(
     mesh: Mesh | None = None,
 ) -> np.ndarray:
     """[n, hidden] float32 representations of already-encoded sequences, in input order; batches split over `mesh`."""
-    prompts = EncodedQueries.of(prompts)
-    if not len(prompts):
-        raise DroJaxError("nothing to represent: no sequences given")
-    batch_size = rows_per_batch(batch_size, len(prompts), mesh)
-    params = place_params(model.params, model.config, mesh)
-    states = np.zeros((len(prompts), model.config.hidden_size), np.float32)
-    with tqdm(total=len(prompts), desc="representations", unit="query", disable=not shows_progress(progress)) as bar:
-        for batch in prompts.batches(batch_size, model.pad_id, model.config.max_position_embeddings):
-            inputs = prompts.model_inputs(batch, mesh)
-            with on_mesh(mesh):
-                out = last_position_states(
-                    params, model.config, inputs.token_ids, inputs.attention_mask, inputs.soft_prompt, inputs.soft_offsets, prefix=inputs.prefix
-                )
-            real = batch.index >= 0
-            states[batch.index[real]] = to_host(out)[real]
-            bar.update(batch.num_real)
-    return states
+
+    def step(params, inputs: ModelInputs, batch) -> jax.Array:
+        return last_position_states(
+            params, model.config, inputs.token_ids, inputs.attention_mask, inputs.soft_prompt, inputs.soft_offsets, prefix=inputs.prefix
+        )
+
+    return run_batched(model, EncodedQueries.of(prompts), step, PassInfo("representations"), Batching(batch_size, mesh, progress))
 
 
 def represent_queries(

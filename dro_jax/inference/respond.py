@@ -8,19 +8,18 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.batched import Batching, PassInfo, check_context, run_batched
+from dro_jax.inference.batching import PaddedBatch
 from dro_jax.inference.chat import stop_token_ids
 from dro_jax.inference.declines import DeclineJudge
-from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.inference.encoding import EncodedQueries, ModelInputs
 from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
-from dro_jax.models.partitioning import place_params
-from dro_jax.parallel.distributed import shows_progress
-from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch
+from dro_jax.parallel.sharding import shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,42 +121,32 @@ def generate_responses(
     if encoded.queries is None:
         raise ValueError("generate_responses needs the query texts: encode them with encode_queries")
     judge = judge or StringJudge.default()
-    limit = model.config.max_position_embeddings
-    for number, ids in enumerate(encoded.sequences, start=1):
-        if len(ids) + sampling.max_new_tokens > limit:
-            raise DroJaxError(
-                f"{encoded.source}: query {number} is {len(ids)} tokens; with max-new-tokens {sampling.max_new_tokens} "
-                f"it exceeds the model's context of {limit}"
-            )
+    info = PassInfo("generating", "response", sampling.max_new_tokens, "max-new-tokens")
+    check_context(model, encoded, info)  # before the samples are laid out: errors name the query
     rows = [(q, s) for q in range(len(encoded)) for s in range(num_samples)]
     prompts = encoded.select([q for q, _ in rows])
+    query_of, sample_of = np.array(rows).T
     stops = stop_token_ids(model.tokenizer, model.source)
-    generated: dict[int, tuple[str, tuple[int, ...]]] = {}
-    batch_size = rows_per_batch(batch_size, len(rows), mesh)
-    params = place_params(model.params, model.config, mesh)
-    with tqdm(total=len(rows), desc="generating", unit="response", disable=not shows_progress(progress)) as bar:
-        for batch in prompts.batches(batch_size, model.pad_id):
-            row_ids = np.where(batch.index >= 0, batch.index, 0)
-            query_idx = np.array([rows[r][0] for r in row_ids])
-            sample_idx = np.array([rows[r][1] for r in row_ids])
-            keys = shard_batch(sample_keys(seed, query_idx + first_query, sample_idx), mesh)
-            inputs = prompts.model_inputs(batch, mesh)
-            with on_mesh(mesh):
-                tokens, lengths = generate_tokens(
-                    params, model.config, inputs.token_ids, inputs.attention_mask, stops, sampling, keys, model.pad_id,
-                    inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-                )
-            for row, source_row in enumerate(batch.index):
-                if source_row >= 0:
-                    ids = tuple(int(t) for t in tokens[row, : lengths[row]])
-                    text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                    generated[source_row] = (trim_incomplete_lines(text) if sampling.trim_incomplete_lines else text, ids)
-            bar.update(batch.num_real)
-    texts = [generated[i][0] for i in range(len(rows))]
+
+    def step(params, inputs: ModelInputs, batch: PaddedBatch) -> tuple[np.ndarray, np.ndarray]:
+        row_ids = np.where(batch.index >= 0, batch.index, 0)
+        keys = shard_batch(sample_keys(seed, query_of[row_ids] + first_query, sample_of[row_ids]), mesh)
+        return generate_tokens(
+            params, model.config, inputs.token_ids, inputs.attention_mask, stops, sampling, keys, model.pad_id,
+            inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
+        )
+
+    if not rows:
+        return []
+    tokens, lengths = run_batched(model, prompts, step, info, Batching(batch_size, mesh, progress))
+    replies = [tuple(int(t) for t in row_tokens[:length]) for row_tokens, length in zip(tokens, lengths)]
+    texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
+    if sampling.trim_incomplete_lines:
+        texts = [trim_incomplete_lines(text) for text in texts]
     refusals = judge.refusals(prompts.queries, texts, progress)
     return [
-        Response(q, encoded.queries[q], s, text, len(generated[i][1]), bool(refused), generated[i][1])
-        for i, ((q, s), text, refused) in enumerate(zip(rows, texts, refusals))
+        Response(q, encoded.queries[q], s, text, len(ids), bool(refused), ids)
+        for (q, s), text, ids, refused in zip(rows, texts, replies, refusals)
     ]
 
 

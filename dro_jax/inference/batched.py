@@ -1,0 +1,76 @@
+"""One loop for every batched pass over encoded queries (representations, opening scores, reply likelihood,
+generation): the context check, padded batches in few shapes, their split over a mesh, the progress bar, and
+the results put back in input order. A pass is a step on one batch."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.batching import PaddedBatch
+from dro_jax.inference.encoding import EncodedQueries, ModelInputs
+from dro_jax.loading import LoadedModel
+from dro_jax.models.partitioning import place_params
+from dro_jax.models.transformer import Params
+from dro_jax.parallel.distributed import shows_progress
+from dro_jax.parallel.sharding import on_mesh, rows_per_batch, to_host
+
+# (placed params, the batch's inputs on the mesh, the batch itself) -> a pytree of [batch, ...] arrays.
+Step = Callable[[Params, ModelInputs, PaddedBatch], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How a pass runs: at most `batch_size` rows per batch, split over `mesh`, with a progress bar or not."""
+
+    batch_size: int = 32
+    mesh: Mesh | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PassInfo:
+    """What a pass is called on its progress bar (`desc`, per `unit`), and the tokens it puts after each
+    sequence (`added_tokens`, named `added` in errors: new tokens, an opening), which must fit the context too."""
+
+    desc: str
+    unit: str = "query"
+    added_tokens: int = 0
+    added: str = ""
+
+
+def check_context(model: LoadedModel, encoded: EncodedQueries, info: PassInfo) -> None:
+    """A clear error for the first sequence that, with what the pass adds, does not fit the model's context."""
+    limit = model.config.max_position_embeddings
+    for number, ids in enumerate(encoded.sequences, start=1):
+        if len(ids) + info.added_tokens > limit:
+            beyond = f"; with {info.added} ({info.added_tokens} tokens) it exceeds" if info.added_tokens else ", longer than"
+            raise DroJaxError(f"{encoded.source}: query {number} is {len(ids)} tokens{beyond} the model's context of {limit}")
+
+
+def run_batched(model: LoadedModel, encoded: EncodedQueries, step: Step, info: PassInfo, batching: Batching = Batching()) -> Any:
+    """`step` over every batch of `encoded`; its outputs gathered on the host as [n, ...] arrays in input order."""
+    if not len(encoded):
+        raise DroJaxError(f"{encoded.source}: nothing to run ({info.desc}): no sequences given")
+    check_context(model, encoded, info)
+    mesh = batching.mesh
+    params = place_params(model.params, model.config, mesh)
+    longest = model.config.max_position_embeddings - info.added_tokens
+    gathered = None
+    with tqdm(total=len(encoded), desc=info.desc, unit=info.unit, disable=not shows_progress(batching.progress)) as bar:
+        for batch in encoded.batches(rows_per_batch(batching.batch_size, len(encoded), mesh), model.pad_id, longest):
+            with on_mesh(mesh):
+                out = jax.tree.map(to_host, step(params, encoded.model_inputs(batch, mesh), batch))
+            if gathered is None:
+                gathered = jax.tree.map(lambda leaf: np.zeros((len(encoded), *leaf.shape[1:]), leaf.dtype), out)
+            real = batch.index >= 0
+            for whole, part in zip(jax.tree.leaves(gathered), jax.tree.leaves(out)):
+                whole[batch.index[real]] = part[real]
+            bar.update(batch.num_real)
+    return gathered
