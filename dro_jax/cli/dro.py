@@ -13,8 +13,8 @@ from dro_jax.cli.args import (
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
 from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.run.config import PAPER_TRAINING  # the reference's schedule: the defaults of `dro-jax train`
 
-DRO_EPOCHS = 40
 # `dro-jax train` option -> PromptTuningConfig field; unset options keep the preset's value.
 BASELINE_OPTIONS = {
     "pt_responses": "responses", "pt_samples": "samples", "pt_negatives": "negatives", "pt_token_mean": "token_mean",
@@ -63,9 +63,9 @@ def add_commands(commands) -> None:
         help=f"start from the token embeddings of this prompt: {', '.join(PROMPT_SETTINGS[1:])} or text (default: %(default)s)",
     )
     init.add_argument("--init-random", type=positive_int, metavar="N", help="start from N random vocabulary embeddings instead")
-    train.add_argument("--epochs", type=positive_int, help=f"(default: {DRO_EPOCHS}; --baseline: 5, the paper's)")
-    train.add_argument("--batch-size", type=positive_int, default=50, help="(default: %(default)s)")
-    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: %(default)s)")
+    train.add_argument("--epochs", type=positive_int, help=f"(default: {PAPER_TRAINING.epochs}; --baseline: 5, the paper's)")
+    train.add_argument("--batch-size", type=positive_int, default=PAPER_TRAINING.batch_size, help="(default: %(default)s)")
+    train.add_argument("--lr", type=float, default=PAPER_TRAINING.learning_rate, help="AdamW learning rate (default: %(default)s)")
     train.add_argument("--seed", type=int, default=42, help="data order and random init (default: %(default)s)")
     train.add_argument(
         "--loss-weights", type=float, nargs=len(terms), metavar=tuple(t.upper() for t in terms), default=list(LossWeights().as_tuple()),
@@ -134,7 +134,7 @@ def _anchor_config(args: argparse.Namespace):
     from dro_jax.anchors.space import FitConfig
     from dro_jax.inference.refusal_score import Openings
 
-    fit = FitConfig(num_components=args.num_components, folds=args.folds, seed=42, refusal_fit=args.refusal_fit)
+    fit = FitConfig(num_components=args.num_components, folds=args.folds, refusal_fit=args.refusal_fit)
     return AnchorConfig(settings=tuple(args.settings), label=args.label, num_samples=args.num_samples, fit=fit, openings=Openings.load(args.openings))
 
 
@@ -223,7 +223,7 @@ def _run_train(args: argparse.Namespace) -> None:
     weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
     baseline = baseline_config(args)
     config = TrainConfig(
-        epochs=baseline.epochs if baseline else args.epochs or DRO_EPOCHS, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
+        epochs=baseline.epochs if baseline else args.epochs or PAPER_TRAINING.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
         loss_weights=weights,
         refusal_score=args.refusal_score, openings=Openings.load(args.openings), checkpoint_every=args.checkpoint_every, remat=args.remat,
         microbatch=args.microbatch,

@@ -18,6 +18,8 @@ from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSa
 from dro_jax.loading.registry import DEFAULT_MODEL
 from dro_jax.run.stages import text_digest
 
+PAPER_TRAINING = TrainConfig()  # the reference's schedule, written once in TrainConfig's defaults
+
 
 HARMFUL_SET = "harmful"  # the held-out set (of `QuerySets.test`) that the judge model judges
 
@@ -91,7 +93,7 @@ class RunConfig:
         last lines trimmed, and judge with its string rule (`paper`)."""
         preset = dict(
             label="sampled", label_samples=25, label_keep_longest=20, refusal_fit="logistic", refusal_score="probe", loss_weights=LossWeights().as_tuple(),
-            init_prompt="default", epochs=40, batch_size=50, learning_rate=1e-3,
+            init_prompt="default", epochs=PAPER_TRAINING.epochs, batch_size=PAPER_TRAINING.batch_size, learning_rate=PAPER_TRAINING.learning_rate,
             checkpoint_every=10, eval_samples=25, eval_keep_longest=20, max_new_tokens_harmful=300, max_new_tokens_harmless=200,
             min_new_tokens=10, trim_incomplete_lines=True, refusal_phrases="paper", openings=None,
         )
@@ -120,7 +122,7 @@ class RunConfig:
 
     def anchor_config(self) -> AnchorConfig:
         """How the anchor stage labels the anchor inputs and fits the space (the probes' folds are always seeded 42)."""
-        fit = FitConfig(num_components=self.num_components, folds=self.folds, seed=42, refusal_fit=self.refusal_fit)
+        fit = FitConfig(num_components=self.num_components, folds=self.folds, refusal_fit=self.refusal_fit)
         return AnchorConfig(
             settings=self.settings, label=self.label, num_samples=self.label_samples, keep_longest=self.label_keep_longest,
             sampling=self.decoding(REFERENCE_SAMPLING),
