@@ -106,7 +106,8 @@ def add_openings_arg(parser: argparse.ArgumentParser) -> None:
         "--openings", metavar="apologies|declines|decline-replies|FILE",
         help="reply openings of the refusal log-odds (labels, the openings refusal score, the log-odds column): apologies "
         "(\"I'm sorry\", \"I cannot\", ...), declines (first words that say no without apologising), decline-replies (whole "
-        'short declines), or a JSON file {"refusal": [...], "compliant": [...]} (default: the preset\'s)',
+        'short declines), or a JSON file {"refusal": [...], "compliant": [...]} (default: `run` decline-replies, --paper '
+        "and the anchor and train commands apologies, the paper's)",
     )
 
 
