@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
 
         def ours(sampling):
             return lambda: generate_tokens(  # no stop token: every row makes every token
-                model.params, model.config, inputs.token_ids, inputs.attention_mask, [], sampling, pad_id=model.pad_id, prefix=inputs.prefix
+                model.params, model.config, inputs, [], sampling, pad_id=model.pad_id
             )
 
         def theirs(sample):

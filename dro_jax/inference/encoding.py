@@ -32,9 +32,9 @@ class ModelInputs(NamedTuple):
 
     token_ids: jax.Array  # [b, t]
     attention_mask: jax.Array  # [b, t]
-    soft_prompt: jax.Array | None  # [N, hidden]
-    soft_offsets: jax.Array | None  # [b] where the soft prompt starts in a row's part (-1: in the prefix)
-    prefix: SharedPrefix | None
+    soft_prompt: jax.Array | None = None  # [N, hidden]
+    soft_offsets: jax.Array | None = None  # [b] where the soft prompt starts in a row's part (-1: in the prefix)
+    prefix: SharedPrefix | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

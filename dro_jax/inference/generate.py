@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import SharedPrefix, embed_tokens, input_embeddings, prefix_cache
+from dro_jax.models.inputs import embed_tokens, input_embeddings, prefix_cache
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
 from dro_jax.parallel.sharding import to_host
 
@@ -53,6 +55,17 @@ def next_tokens(logits: jax.Array, row_keys: jax.Array, step: jax.Array, samplin
     return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class DecodeState:
+    """What the decode loop carries from one new token to the next."""
+
+    step: jax.Array  # [] tokens decoded so far
+    tokens: jax.Array  # [b, max_new] the new tokens, pad after a row's stop token
+    done: jax.Array  # [b] rows that have made a stop token
+    cache: KVCache
+    logits: jax.Array  # [b, vocab] the next token's logits
+
+
 def generate_from_embeddings(
     params: Params,
     config: ModelConfig,
@@ -84,55 +97,50 @@ def generate_from_embeddings(
     prompt_lengths = prompt_mask.sum(axis=1).astype(jnp.int32)
     is_stop = jnp.any(jnp.arange(logits.shape[-1])[:, None] == stop_ids[None, :], axis=1)  # ids outside the vocab never stop
 
-    def keep_going(state):
-        step, _, done, _, _ = state
-        return (step < max_new) & ~jnp.all(done)
+    def keep_going(state: DecodeState) -> jax.Array:
+        return (state.step < max_new) & ~jnp.all(state.done)
 
-    def decode(state):
-        step, tokens, done, cache, logits = state
-        logits = jnp.where((step < sampling.min_new_tokens) & is_stop, -jnp.inf, logits)
-        token = jnp.where(done, pad_id, next_tokens(logits, row_keys, step, sampling))
-        tokens = tokens.at[:, step].set(token)
-        done = done | is_stop[token]
+    def decode(state: DecodeState) -> DecodeState:
+        logits = jnp.where((state.step < sampling.min_new_tokens) & is_stop, -jnp.inf, state.logits)
+        token = jnp.where(state.done, pad_id, next_tokens(logits, row_keys, state.step, sampling))
         out = forward(
             params, config, inputs_embeds=embed_tokens(params, token[:, None]), attention_mask=key_mask,
-            positions=(start + prompt_lengths + step)[:, None], cache=cache, cache_index=prompt_len + step, prefix=prefix,
+            positions=(start + prompt_lengths + state.step)[:, None], cache=state.cache, cache_index=prompt_len + state.step, prefix=prefix,
         )
-        return step + 1, tokens, done, out.cache, compute_logits(params, config, out.last_hidden_state)[:, 0]
+        return DecodeState(
+            step=state.step + 1, tokens=state.tokens.at[:, state.step].set(token), done=state.done | is_stop[token],
+            cache=out.cache, logits=compute_logits(params, config, out.last_hidden_state)[:, 0],
+        )
 
-    tokens = jnp.full((batch, max_new), pad_id, jnp.int32)
-    state = (jnp.int32(0), tokens, jnp.zeros(batch, bool), prefill.cache, logits)
-    _, tokens, _, _, _ = jax.lax.while_loop(keep_going, decode, state)
+    first = DecodeState(jnp.int32(0), jnp.full((batch, max_new), pad_id, jnp.int32), jnp.zeros(batch, bool), prefill.cache, logits)
+    tokens = jax.lax.while_loop(keep_going, decode, first).tokens
     lengths = jnp.where(is_stop[tokens], jnp.arange(max_new)[None] + 1, max_new).min(axis=1)
     return tokens, lengths
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling"))
-def _generate(params, config, token_ids, attention_mask, stop_ids, row_keys, pad_id, sampling, soft_prompt, soft_offsets, prefix):
-    shared = prefix_cache(params, config, prefix, soft_prompt)
-    embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
-    return generate_from_embeddings(params, config, embeds, attention_mask, stop_ids, row_keys, pad_id, sampling, shared)
+def _generate(
+    params: Params, config: ModelConfig, inputs: ModelInputs, stop_ids: jax.Array, row_keys: jax.Array, pad_id: jax.Array, sampling: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+    shared = prefix_cache(params, config, inputs.prefix, inputs.soft_prompt)
+    embeds = input_embeddings(params, inputs.token_ids, inputs.soft_prompt, inputs.soft_offsets)
+    return generate_from_embeddings(params, config, embeds, inputs.attention_mask, stop_ids, row_keys, pad_id, sampling, shared)
 
 
 def generate_tokens(
     params: Params,
     config: ModelConfig,
-    token_ids: np.ndarray,
-    attention_mask: np.ndarray,
+    inputs: ModelInputs,
     stop_ids: list[int],
     sampling: SamplingConfig,
     row_keys: jax.Array | None = None,
     pad_id: int = 0,
-    soft_prompt: jax.Array | None = None,
-    soft_offsets: jax.Array | None = None,
-    prefix: SharedPrefix | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token-id front end of `generate_from_embeddings`, compiled: left-padded ids [b, t] (the rows' own parts
-    after `prefix`, when given), an optional soft prompt in the prefix or in the rows."""
+    after `inputs.prefix`, when given), an optional soft prompt in the prefix or in the rows."""
     if row_keys is None:
-        row_keys = jax.random.split(jax.random.key(0), token_ids.shape[0])
-    tokens, lengths = _generate(
-        params, config, jnp.asarray(token_ids), jnp.asarray(attention_mask), jnp.asarray(list(stop_ids), jnp.int32).reshape(-1),
-        row_keys, jnp.int32(pad_id), sampling, soft_prompt, soft_offsets, prefix,
-    )
+        row_keys = jax.random.split(jax.random.key(0), inputs.token_ids.shape[0])
+    inputs = inputs._replace(token_ids=jnp.asarray(inputs.token_ids), attention_mask=jnp.asarray(inputs.attention_mask))
+    stops = jnp.asarray(list(stop_ids), jnp.int32).reshape(-1)
+    tokens, lengths = _generate(params, config, inputs, stops, row_keys, jnp.int32(pad_id), sampling)
     return to_host(tokens), to_host(lengths)

@@ -131,10 +131,7 @@ def generate_responses(
     def step(params, inputs: ModelInputs, batch: PaddedBatch) -> tuple[np.ndarray, np.ndarray]:
         row_ids = np.where(batch.index >= 0, batch.index, 0)
         keys = shard_batch(sample_keys(seed, query_of[row_ids] + first_query, sample_of[row_ids]), mesh)
-        return generate_tokens(
-            params, model.config, inputs.token_ids, inputs.attention_mask, stops, sampling, keys, model.pad_id,
-            inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-        )
+        return generate_tokens(params, model.config, inputs, stops, sampling, keys, model.pad_id)
 
     if not rows:
         return []

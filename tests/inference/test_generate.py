@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.generate import candidates, generate_tokens
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
@@ -40,7 +41,7 @@ def test_greedy_equals_transformers_generate(tiny_model_dir, name):
     directory, torch_model = tiny_model_dir(name)
     model = load_model(directory, with_tokenizer=False, progress=False)
     ids, mask = _left_padded_prompts()
-    tokens, lengths = generate_tokens(model.params, model.config, ids, mask, [STOP_ID], SamplingConfig(max_new_tokens=24), pad_id=PAD_ID)
+    tokens, lengths = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [STOP_ID], SamplingConfig(max_new_tokens=24), pad_id=PAD_ID)
     np.testing.assert_array_equal(tokens, _hf_greedy(torch_model, ids, mask, 24, [STOP_ID], PAD_ID))
 
 
@@ -48,14 +49,15 @@ def test_stop_token_ends_a_row_and_pads_the_rest(tiny_model_dir):
     directory, torch_model = tiny_model_dir("llama")
     model = load_model(directory, with_tokenizer=False, progress=False)
     ids, mask = _left_padded_prompts()
-    free, _ = generate_tokens(model.params, model.config, ids, mask, [STOP_ID], SamplingConfig(max_new_tokens=12), pad_id=PAD_ID)
+    free, _ = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [STOP_ID], SamplingConfig(max_new_tokens=12), pad_id=PAD_ID)
     stop = int(free[0, 4])  # make the fifth greedy token of row 0 a stop token
-    tokens, lengths = generate_tokens(model.params, model.config, ids, mask, [stop], SamplingConfig(max_new_tokens=12), pad_id=PAD_ID)
+    tokens, lengths = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [stop], SamplingConfig(max_new_tokens=12), pad_id=PAD_ID)
     first_stop = np.argmax(free[0] == stop)
     assert lengths[0] == first_stop + 1
     assert (tokens[0, first_stop + 1:] == PAD_ID).all()
     np.testing.assert_array_equal(tokens, _hf_greedy(torch_model, ids, mask, 12, [stop], PAD_ID))
-    held, held_lengths = generate_tokens(model.params, model.config, ids, mask, [stop], SamplingConfig(max_new_tokens=12, min_new_tokens=8), pad_id=PAD_ID)
+    held_back = SamplingConfig(max_new_tokens=12, min_new_tokens=8)
+    held, held_lengths = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [stop], held_back, pad_id=PAD_ID)
     assert (held[:, :8] != stop).all() and (held_lengths >= 8).all()
 
 
@@ -63,8 +65,9 @@ def test_temperature_zero_is_greedy(tiny_model_dir):
     directory, _ = tiny_model_dir("qwen2")
     model = load_model(directory, with_tokenizer=False, progress=False)
     ids, mask = _left_padded_prompts()
-    greedy, _ = generate_tokens(model.params, model.config, ids, mask, [STOP_ID], SamplingConfig(max_new_tokens=8))
-    cold, _ = generate_tokens(model.params, model.config, ids, mask, [STOP_ID], SamplingConfig(greedy=False, temperature=0.0, max_new_tokens=8))
+    greedy, _ = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [STOP_ID], SamplingConfig(max_new_tokens=8))
+    zero_temperature = SamplingConfig(greedy=False, temperature=0.0, max_new_tokens=8)
+    cold, _ = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [STOP_ID], zero_temperature)
     np.testing.assert_array_equal(greedy, cold)
 
 
@@ -74,13 +77,13 @@ def test_sampling_is_reproducible_per_row_key(tiny_model_dir):
     ids, mask = _left_padded_prompts()
     sampling = SamplingConfig(greedy=False, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=8)
     keys = jax.random.split(jax.random.key(7), 4)
-    first, _ = generate_tokens(model.params, model.config, ids, mask, [STOP_ID], sampling, keys)
-    again, _ = generate_tokens(model.params, model.config, ids, mask, [STOP_ID], sampling, keys)
+    first, _ = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [STOP_ID], sampling, keys)
+    again, _ = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [STOP_ID], sampling, keys)
     np.testing.assert_array_equal(first, again)
     # Row 2 alone (same key) samples the same tokens as inside the batch.
-    alone, _ = generate_tokens(model.params, model.config, ids[2:3, 6:], mask[2:3, 6:], [STOP_ID], sampling, keys[2:3])
+    alone, _ = generate_tokens(model.params, model.config, ModelInputs(ids[2:3, 6:], mask[2:3, 6:]), [STOP_ID], sampling, keys[2:3])
     np.testing.assert_array_equal(alone[0], first[2])
-    other, _ = generate_tokens(model.params, model.config, ids, mask, [STOP_ID], sampling, jax.random.split(jax.random.key(8), 4))
+    other, _ = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [STOP_ID], sampling, jax.random.split(jax.random.key(8), 4))
     assert (other != first).any()
 
 
@@ -137,6 +140,6 @@ def test_no_stop_ids_makes_every_token(tiny_model_dir):
     directory, torch_model = tiny_model_dir("llama")
     model = load_model(directory, with_tokenizer=False, progress=False)
     ids, mask = _left_padded_prompts()
-    tokens, lengths = generate_tokens(model.params, model.config, ids, mask, [], SamplingConfig(max_new_tokens=10), pad_id=PAD_ID)
+    tokens, lengths = generate_tokens(model.params, model.config, ModelInputs(ids, mask), [], SamplingConfig(max_new_tokens=10), pad_id=PAD_ID)
     assert (lengths == 10).all()
     np.testing.assert_array_equal(tokens, _hf_greedy(torch_model, ids, mask, 10, [], PAD_ID))

@@ -98,14 +98,14 @@ def test_smollm2_template_inserts_its_own_system_message(smollm2):
 def test_greedy_generation_equals_transformers_generate(smollm2, torch_smollm2):
     """20 chat-formatted prompts x 32 new tokens, one left-padded batch, token for token."""
     from dro_jax.inference.batching import left_padded_batches
-    from dro_jax.inference.encoding import encode_queries
+    from dro_jax.inference.encoding import ModelInputs, encode_queries
     from dro_jax.inference.generate import generate_tokens
     from dro_jax.inference.sampling import SamplingConfig
 
     pad = smollm2.tokenizer.pad_token_id
     stop = [smollm2.tokenizer.eos_token_id]
     batch = next(left_padded_batches(encode_queries(smollm2, PROMPTS, None).sequences, len(PROMPTS), pad))
-    tokens, _ = generate_tokens(smollm2.params, smollm2.config, batch.token_ids, batch.attention_mask, stop, SamplingConfig(max_new_tokens=32), pad_id=pad)
+    tokens, _ = generate_tokens(smollm2.params, smollm2.config, ModelInputs(batch.token_ids, batch.attention_mask), stop, SamplingConfig(max_new_tokens=32), pad_id=pad)
     with torch.no_grad():
         out = torch_smollm2.generate(
             input_ids=torch.tensor(batch.token_ids, dtype=torch.long), attention_mask=torch.tensor(batch.attention_mask),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
@@ -112,8 +113,8 @@ def test_kv_cache_decoding_equals_the_reference(tiny_model_dir, name):
     ids, mask = _left_padded(seed=1, pads=(0, 3, 6, 1), length=10)
     greedy = SamplingConfig(max_new_tokens=12)
     reference, fused = _both(model)
-    want, _ = generate_tokens(model.params, reference, ids, mask, [1], greedy)
-    got, _ = generate_tokens(model.params, fused, ids, mask, [1], greedy)
+    want, _ = generate_tokens(model.params, reference, ModelInputs(ids, mask), [1], greedy)
+    got, _ = generate_tokens(model.params, fused, ModelInputs(ids, mask), [1], greedy)
     np.testing.assert_array_equal(got, want)
     # The numbers behind those tokens: prefill, then 6 decode steps past mistral's 5-token window.
     decode = jax.jit(_prefill_and_decode, static_argnums=1)
@@ -143,7 +144,7 @@ def test_a_shared_prefix_equals_the_reference(tiny_model_dir, name):
     assert scale > 1e-3
     np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), atol=1e-4 * scale, rtol=0)
     greedy = SamplingConfig(max_new_tokens=8)
-    tokens = [generate_tokens(model.params, config, ids, mask, [1], greedy, soft_prompt=soft, soft_offsets=jnp.full(3, -1), prefix=prefix)[0]
+    tokens = [generate_tokens(model.params, config, ModelInputs(ids, mask, soft, jnp.full(3, -1), prefix), [1], greedy)[0]
               for config in _both(model)]
     np.testing.assert_array_equal(tokens[1], tokens[0])
 
