@@ -247,18 +247,21 @@ def compile_generation(request: PlanRequest, mesh: Any, params: Any) -> StepMemo
     import jax
     import jax.numpy as jnp
 
+    from dro_jax.inference.encoding import ModelInputs
     from dro_jax.inference.generate import _generate
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.parallel.sharding import batch_sharded, replicated
 
     rows, copied, split = request.rows, replicated(mesh), batch_sharded(mesh)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))
-    args = (
-        params, request.config, _abstract((rows, request.tokens), jnp.int32, split), _abstract((rows, request.tokens), jnp.int32, split),
-        _abstract((1,), jnp.int32, copied), _abstract(keys.shape, keys.dtype, split), _abstract((), jnp.int32, copied),
-        SamplingConfig(greedy=True, max_new_tokens=request.max_new_tokens),
+    inputs = ModelInputs(
+        _abstract((rows, request.tokens), jnp.int32, split), _abstract((rows, request.tokens), jnp.int32, split),
         _abstract((request.soft_tokens, request.config.hidden_size), jnp.float32, copied), _abstract((rows,), jnp.int32, split),
         _prefix(request, mesh),
+    )
+    args = (
+        params, request.config, inputs, _abstract((1,), jnp.int32, copied), _abstract(keys.shape, keys.dtype, split),
+        _abstract((), jnp.int32, copied), SamplingConfig(greedy=True, max_new_tokens=request.max_new_tokens),
     )
     return _compile(_generate, args, mesh)
 

@@ -19,9 +19,11 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.partitioning import place_params
 from dro_jax.models.transformer import Params
 from dro_jax.parallel.distributed import shows_progress
-from dro_jax.parallel.sharding import on_mesh, rows_per_batch, to_host
+from dro_jax.parallel.sharding import rows_per_batch, to_host
 
-# (placed params, the batch's inputs on the mesh, the batch itself) -> a pytree of [batch, ...] arrays.
+# (placed params, the batch's inputs on the mesh, the batch itself) -> a pytree of [batch, ...] arrays. A step
+# enters the mesh context (`on_mesh`) around its jitted call only: a value made inside it (a PRNG key, a mask)
+# would be an array of the whole mesh, which several processes cannot split again.
 Step = Callable[[Params, ModelInputs, PaddedBatch], Any]
 
 
@@ -65,8 +67,7 @@ def run_batched(model: LoadedModel, encoded: EncodedQueries, step: Step, info: P
     gathered = None
     with tqdm(total=len(encoded), desc=info.desc, unit=info.unit, disable=not shows_progress(batching.progress)) as bar:
         for batch in encoded.batches(rows_per_batch(batching.batch_size, len(encoded), mesh), model.pad_id, longest):
-            with on_mesh(mesh):
-                out = jax.tree.map(to_host, step(params, encoded.model_inputs(batch, mesh), batch))
+            out = jax.tree.map(to_host, step(params, encoded.model_inputs(batch, mesh), batch))
             if gathered is None:
                 gathered = jax.tree.map(lambda leaf: np.zeros((len(encoded), *leaf.shape[1:]), leaf.dtype), out)
             real = batch.index >= 0

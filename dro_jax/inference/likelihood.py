@@ -27,7 +27,7 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import Params, compute_logits, forward
-from dro_jax.parallel.sharding import shard_batch, to_host
+from dro_jax.parallel.sharding import on_mesh, shard_batch, to_host
 
 OPENING_TOKENS = 8
 
@@ -87,10 +87,11 @@ def reply_nll(
         width = batch.token_ids.shape[1]
         counts = lengths[np.where(batch.index >= 0, batch.index, 0)]
         scored = np.arange(width)[None, :] >= width - counts[:, None]  # the replies are the rows' last tokens
-        log_probs = token_log_likelihoods(
-            params, model.config, inputs.token_ids, inputs.attention_mask, shard_batch(scored, mesh),
-            inputs.soft_prompt, inputs.soft_offsets, inputs.prefix,
-        )
+        scored = shard_batch(scored, mesh)
+        with on_mesh(mesh):
+            log_probs = token_log_likelihoods(
+                params, model.config, inputs.token_ids, inputs.attention_mask, scored, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix
+            )
         log_probs = to_host(log_probs).astype(np.float64)
         opening = np.arange(width)[None, :] < width - counts[:, None] + OPENING_TOKENS
         return np.stack([log_probs.sum(axis=1), (log_probs * opening).sum(axis=1)], axis=1)

@@ -34,7 +34,7 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward
-from dro_jax.parallel.sharding import replicate
+from dro_jax.parallel.sharding import on_mesh, replicate
 
 
 COMPLIANT_OPENINGS = ("Sure", "Certainly", "Of course", "Here is", "Here's", "To")
@@ -244,9 +244,10 @@ def score_openings(
     tree = replicate(OpeningTree.of(encoded), mesh)
 
     def step(params, inputs: ModelInputs, batch) -> tuple[jax.Array, jax.Array]:
-        return continuation_log_probs(
-            params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix
-        )
+        with on_mesh(mesh):
+            return continuation_log_probs(
+                params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix
+            )
 
     info = PassInfo("opening log-probs", "prompt", max(map(len, encoded)), "the longest opening")
     log_probs, states = run_batched(model, EncodedQueries.of(prompts), step, info, Batching(batch_size, mesh, progress))

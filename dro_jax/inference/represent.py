@@ -13,6 +13,7 @@ from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.encoding import EncodedQueries, ModelInputs, encode_queries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import final_states
+from dro_jax.parallel.sharding import on_mesh
 
 last_position_states = jax.jit(final_states, static_argnames=("config", "remat"))
 
@@ -27,9 +28,10 @@ def represent_tokens(
     """[n, hidden] float32 representations of already-encoded sequences, in input order; batches split over `mesh`."""
 
     def step(params, inputs: ModelInputs, batch) -> jax.Array:
-        return last_position_states(
-            params, model.config, inputs.token_ids, inputs.attention_mask, inputs.soft_prompt, inputs.soft_offsets, prefix=inputs.prefix
-        )
+        with on_mesh(mesh):
+            return last_position_states(
+                params, model.config, inputs.token_ids, inputs.attention_mask, inputs.soft_prompt, inputs.soft_offsets, prefix=inputs.prefix
+            )
 
     return run_batched(model, EncodedQueries.of(prompts), step, PassInfo("representations"), Batching(batch_size, mesh, progress))
 

@@ -19,7 +19,7 @@ from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
-from dro_jax.parallel.sharding import shard_batch
+from dro_jax.parallel.sharding import on_mesh, shard_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,8 @@ def generate_responses(
     def step(params, inputs: ModelInputs, batch: PaddedBatch) -> tuple[np.ndarray, np.ndarray]:
         row_ids = np.where(batch.index >= 0, batch.index, 0)
         keys = shard_batch(sample_keys(seed, query_of[row_ids] + first_query, sample_of[row_ids]), mesh)
-        return generate_tokens(params, model.config, inputs, stops, sampling, keys, model.pad_id)
+        with on_mesh(mesh):
+            return generate_tokens(params, model.config, inputs, stops, sampling, keys, model.pad_id)
 
     if not rows:
         return []

@@ -209,9 +209,10 @@ from dro_jax.evaluation.sweep import SweepConfig, run_sweep
 spans = {{}}
 def record(module, name):
     original = getattr(module, name)
-    def placed(params, config, token_ids, *args, **kwargs):
-        spans.setdefault(name, set()).update([len(token_ids.sharding.device_set), len(jax.tree.leaves(params)[0].sharding.device_set)])
-        return original(params, config, token_ids, *args, **kwargs)
+    def placed(params, config, rows, *args, **kwargs):
+        ids = getattr(rows, "token_ids", rows)  # generate_tokens takes the batch's ModelInputs whole
+        spans.setdefault(name, set()).update([len(ids.sharding.device_set), len(jax.tree.leaves(params)[0].sharding.device_set)])
+        return original(params, config, rows, *args, **kwargs)
     setattr(module, name, placed)
 record(dro_jax.inference.respond, "generate_tokens")
 record(dro_jax.inference.refusal_score, "continuation_log_probs")

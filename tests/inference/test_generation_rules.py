@@ -61,9 +61,9 @@ def test_generation_uses_the_templates_stop_ids(tiny_model_dir, monkeypatch):
     seen = []
     generate = respond.generate_tokens
 
-    def spy(params, config, token_ids, mask, stop_ids, *rest):
+    def spy(params, config, inputs, stop_ids, *rest):
         seen.append(list(stop_ids))
-        return generate(params, config, token_ids, mask, stop_ids, *rest)
+        return generate(params, config, inputs, stop_ids, *rest)
 
     monkeypatch.setattr(respond, "generate_tokens", spy)
     generate_responses(model, encode_queries(model, HARMFUL[:1], "none"), SamplingConfig(max_new_tokens=2), progress=False)
