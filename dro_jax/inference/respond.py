@@ -124,6 +124,8 @@ def generate_responses(
     info = PassInfo("generating", "response", sampling.max_new_tokens, "max-new-tokens")
     check_context(model, encoded, info)  # before the samples are laid out: errors name the query
     rows = [(q, s) for q in range(len(encoded)) for s in range(num_samples)]
+    if not rows:
+        return []
     prompts = encoded.select([q for q, _ in rows])
     query_of, sample_of = np.array(rows).T
     stops = stop_token_ids(model.tokenizer, model.source)
@@ -134,8 +136,6 @@ def generate_responses(
         with on_mesh(mesh):
             return generate_tokens(params, model.config, inputs, stops, sampling, keys, model.pad_id)
 
-    if not rows:
-        return []
     tokens, lengths = run_batched(model, prompts, step, info, Batching(batch_size, mesh, progress))
     replies = [tuple(int(t) for t in row_tokens[:length]) for row_tokens, length in zip(tokens, lengths)]
     texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]

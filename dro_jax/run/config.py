@@ -20,7 +20,6 @@ from dro_jax.run.stages import text_digest
 
 PAPER_TRAINING = TrainConfig()  # the reference's schedule, written once in TrainConfig's defaults
 
-
 HARMFUL_SET = "harmful"  # the held-out set (of `QuerySets.test`) that the judge model judges
 
 

@@ -27,6 +27,11 @@ def test_encoded_queries_keep_their_texts_and_slot(tiny_model_dir):
     assert soft.select([1]).soft_starts == [soft.soft_starts[1]] and soft.select([1]).soft_prompt is soft.soft_prompt
 
 
+def test_an_empty_query_set_has_no_responses(tiny_model_dir):
+    model = load_model(tiny_model_dir("llama")[0], progress=False)
+    assert generate_responses(model, encode_queries(model, [], None), SamplingConfig(max_new_tokens=2), progress=False) == []
+
+
 def test_generation_needs_the_texts_it_answers(tiny_model_dir):
     model = load_model(tiny_model_dir("llama")[0], progress=False)
     tokens_only = EncodedQueries.of(encode_queries(model, QUERIES, None).sequences)
