@@ -1,6 +1,6 @@
 """Two processes x 4 forced CPU devices on localhost as one job: `train` (killed after a checkpoint, then
-resumed) and `run` give what one process with 8 devices gives, with the weights split across both processes,
-and only process 0 writes the outputs."""
+resumed) and `run` give what one device gives (the reference runs in the test's own process), with the weights
+split across both processes, and only process 0 writes the outputs."""
 
 import json
 import signal
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dro_jax.cli.main import main
 from dro_jax.dro.soft_prompt import load_soft_prompt
 from processes import finish, free_port, host_args, start
 
@@ -45,13 +46,13 @@ def test_two_hosts_train_and_resume_like_one(tiny_dro, tmp_path, query_files):
     def train(out: Path, *extra: str) -> list[str]:
         return ["train", "--model", str(tiny_dro.directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
                 "--anchors", str(anchors), "--epochs", "4", "--batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "1",
-                "--mesh", "fsdp=8", "--out", str(out), *extra]
+                "--out", str(out), *extra]
 
-    finish([start(_command(tmp_path / "one-writes.json", train(tmp_path / "one")), devices=8)])
+    assert main(train(tmp_path / "one")) == 0
     want = load_soft_prompt(tmp_path / "one" / "soft_prompt.safetensors")
 
     two = tmp_path / "two"
-    processes = _two_processes(tmp_path, "killed", train(two))
+    processes = _two_processes(tmp_path, "killed", train(two, "--mesh", "fsdp=8"))
     deadline = time.time() + 400
     while time.time() < deadline and not (two / "checkpoints" / "4").exists() and all(p.poll() is None for p in processes):
         time.sleep(0.05)
@@ -61,7 +62,7 @@ def test_two_hosts_train_and_resume_like_one(tiny_dro, tmp_path, query_files):
     assert (two / "checkpoints" / "4").exists(), "the two-process job stopped before its fourth checkpoint"
     assert not (two / "soft_prompt.safetensors").exists()  # it was stopped mid-run
 
-    finish(_two_processes(tmp_path, "resumed", train(two, "--resume")))
+    finish(_two_processes(tmp_path, "resumed", train(two, "--mesh", "fsdp=8", "--resume")))
     got = load_soft_prompt(two / "soft_prompt.safetensors")
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     steps = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
@@ -73,9 +74,9 @@ def test_two_hosts_train_and_resume_like_one(tiny_dro, tmp_path, query_files):
 
 
 def test_two_hosts_run_the_main_job_like_one(run_args, tmp_path):
-    mesh = ["--mesh", "data=2,model=4", "--settings", "none"]  # one human setting besides DRO keeps it short
-    finish([start(_command(tmp_path / "one-writes.json", run_args(tmp_path / "one", *mesh)), devices=8)])
-    outputs = finish(_two_processes(tmp_path, "run", run_args(tmp_path / "two", *mesh)))
+    settings = ["--settings", "none"]  # one human setting besides DRO keeps it short
+    assert main(run_args(tmp_path / "one", *settings)) == 0
+    outputs = finish(_two_processes(tmp_path, "run", run_args(tmp_path / "two", *settings, "--mesh", "data=2,model=4")))
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert one.keys() == two.keys()
     for row_one, row_two in zip(one["rows"], two["rows"], strict=True):
