@@ -4,7 +4,7 @@ Each ablation retrains the soft prompt with one of the run's weighted terms set 
 everything else as in the run (same anchor space, init, schedule, seed), and
 is evaluated on the held-out sets next to the full DRO prompt.
 
-    python experiments/ablations.py --run dro-run
+    python experiments/ablations.py --run dro-run [--terms norm replies]
 
 Trains into RUN/experiments/ablations/no_TERM (kept and resumable: a re-run only evaluates).
 """
@@ -23,14 +23,19 @@ from dro_jax.run.plots import refusal_plot
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    arguments = parser(__doc__.splitlines()[0])
+    arguments.add_argument("--terms", nargs="+", choices=LossWeights.terms(), help="the terms to ablate (default: every term the run weights)")
+    args = arguments.parse_args()
     run, out, began = start(args)
     config = run.config
+    full = LossWeights.from_sequence(config.loss_weights)
+    weighted = [t for t in LossWeights.terms() if getattr(full, t) > 0]  # a term the run does not use has nothing to ablate
+    if args.terms and set(args.terms) - set(weighted):
+        arguments.error(f"the run does not weight {', '.join(sorted(set(args.terms) - set(weighted)))}: nothing to ablate")
     model = load_model(config.model, config.dtype)
     sets = QuerySets.read(config)
     prompts = {}
-    full = LossWeights.from_sequence(config.loss_weights)
-    for term in (t for t in LossWeights.terms() if getattr(full, t) > 0):  # a term the run does not use has nothing to ablate
+    for term in args.terms or weighted:
         weights = full.ablate(term).as_tuple()
         target = TrainingFiles(out / "ablations" / f"no_{term}")
         if not target.soft_prompt.exists():

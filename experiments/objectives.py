@@ -63,23 +63,24 @@ from dro_jax.run.pipeline import evaluate_prompts, input_key, stage_inputs, trai
 from dro_jax.run.plots import tradeoff_plot
 
 PROMPT_TUNING = "prompt-tuning"
+_PAPER_TERMS = LossWeights().as_tuple()  # every variant names its loss weights: the base configuration's may differ
 _REPLIES = dataclasses.replace(LossWeights(), replies=1.0).as_tuple()
 
 # name -> (what it changes relative to the paper's DRO, RunConfig overrides).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "paper": ("the paper's loss: the logistic refusal probe in 4 PCA dimensions (log-odds label)", dict(refusal_score="probe")),
+    "paper": ("the paper's loss: the logistic refusal probe in 4 PCA dimensions (log-odds label)", dict(refusal_score="probe", loss_weights=_PAPER_TERMS)),
     "openings-apologies": ("refusal term on the reply openings' log-odds, openings that are mostly apologies (\"I'm sorry\", ...)",
-                           dict(refusal_score="openings", openings="apologies")),
+                           dict(refusal_score="openings", openings="apologies", loss_weights=_PAPER_TERMS)),
     "openings-declines": ("the same with openings that decline without apologising (\"I can't\", \"I won't\", ...)",
-                          dict(refusal_score="openings", openings="declines")),
+                          dict(refusal_score="openings", openings="declines", loss_weights=_PAPER_TERMS)),
     "decline-replies": ("the same with whole short decline replies (\"I can't help with that.\", ...)",
-                        dict(refusal_score="openings", openings="decline-replies")),
+                        dict(refusal_score="openings", openings="decline-replies", loss_weights=_PAPER_TERMS)),
     "decline-replies+replies": ("`decline-replies` plus the harmless queries' own no-prompt replies kept (replies term, weight 1)",
                                 dict(refusal_score="openings", openings="decline-replies", loss_weights=_REPLIES)),
     "openings-declines+replies": ("`openings-declines` plus the replies term (weight 1)",
                                   dict(refusal_score="openings", openings="declines", loss_weights=_REPLIES)),
     "probe-decline-labels": ("the paper's probe fitted on sampled labels judged by the decline judge (2 samples per input)",
-                             dict(refusal_score="probe", label="sampled", label_samples=2, refusal_phrases="decline")),
+                             dict(refusal_score="probe", label="sampled", label_samples=2, refusal_phrases="decline", loss_weights=_PAPER_TERMS)),
     PROMPT_TUNING: ("vanilla prompt tuning: likelihood of wanted and unlikelihood of unwanted sampled replies (2 per query, "
                     "judged by the decline judge), as many steps", {}),
 }

@@ -55,7 +55,8 @@ class RunConfig:
     label_samples: int = 5
     label_keep_longest: int | None = None  # the longest N sampled responses per anchor input, by words, are judged (None: all)
     # Reply openings of the log-odds score: a name of OPENING_SETS or a JSON file (None: `apologies`). The default,
-    # whole short declines, was chosen on the validation sets by experiments/objectives.py.
+    # whole short declines with the replies term weighted 1 (`loss_weights`), was chosen on the validation sets by
+    # experiments/objectives.py (variant decline-replies+replies).
     openings: str | None = "decline-replies"
     num_components: int = 4
     folds: int = 10
@@ -65,7 +66,7 @@ class RunConfig:
     batch_size: int = 25
     learning_rate: float = 5e-3
     seed: int = 42
-    loss_weights: tuple[float, ...] = LossWeights().as_tuple()  # one per term, in the order of LossWeights.terms()
+    loss_weights: tuple[float, ...] = LossWeights(replies=1.0).as_tuple()  # one per term, in the order of LossWeights.terms()
     refusal_score: str = "openings"  # see dro_jax.dro.loss.REFUSAL_SCORES
     checkpoint_every: int = 8
     eval_samples: int = 0  # 0: one greedy response per query

@@ -30,10 +30,11 @@ def test_experiments_write_their_tables_and_plots(finished_run):
     assert {m["setting"] for m in movement["anchor_queries"]} == {"none", "short"}
     assert {m["setting"] for m in movement["held_out"]} == {"none", "short", "DRO"}
     assert (out / "prompt_movement.png").read_bytes().startswith(PNG_MAGIC)
-    assert _experiment("ablations.py", finished_run) == 0
+    assert _experiment("ablations.py", finished_run, "--terms", "preserve") == 2  # the run weights it 0: nothing to ablate
+    assert _experiment("ablations.py", finished_run, "--terms", "norm", "replies") == 0
     rows = json.loads((out / "ablations.json").read_text())["rows"]
-    assert {r["setting"] for r in rows} == {"none", "short", "DRO", "DRO without norm", "DRO without refusal", "DRO without harmfulness"}
-    for term in ("norm", "refusal", "harmfulness"):
+    assert {r["setting"] for r in rows} == {"none", "short", "DRO", "DRO without norm", "DRO without replies"}
+    for term in ("norm", "replies"):
         assert (out / "ablations" / f"no_{term}" / "soft_prompt.safetensors").is_file()
     assert _experiment("dro_vs_baselines.py", finished_run, "--epochs", "1", "--samples", "1", "--response-tokens", "4") == 0
     rows = json.loads((out / "dro_vs_baselines.json").read_text())["rows"]

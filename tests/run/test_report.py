@@ -79,7 +79,7 @@ def test_show_config_prints_the_references_numbers_without_a_model(monkeypatch, 
 def test_the_quick_default_and_its_overrides():
     quick = RunConfig()
     assert (quick.label, quick.epochs, quick.batch_size, quick.learning_rate, quick.eval_samples) == ("logodds", 8, 25, 5e-3, 0)
-    assert (quick.refusal_fit, quick.refusal_score, quick.loss_weights) == ("logistic", "openings", (1.0, 1e-2, 1e-3, 0.0, 0.0))
+    assert (quick.refusal_fit, quick.refusal_score, quick.loss_weights) == ("logistic", "openings", (1.0, 1e-2, 1e-3, 0.0, 1.0))
     assert quick.train_config().refusal_score == "openings" and quick.train_config().openings == quick.reply_openings()
     assert quick.evaluation_sampling() == (SetSampling.same(SamplingConfig(max_new_tokens=64)), 1)
     assert (quick.min_new_tokens, quick.trim_incomplete_lines, quick.string_judge()) == (0, False, StringJudge.default())
@@ -123,12 +123,12 @@ METRICS = [{"step": 1, "loss": 0.7, "refusal": 0.69, "harmfulness": 0.69, "norm"
 
 def test_results_text_says_what_was_run_and_shows_both_tables():
     text = results_text(RunConfig(), _rows(), [], REPORT, METRICS, {"anchors": {"seconds": 120.0, "compiles": 31, "compile_seconds": 40.4}, "train": {"seconds": 60.0}, "evaluate": {}})
-    assert text.startswith("# DRO, openings objective (decline-replies) on smollm2\n")
+    assert text.startswith("# DRO, openings objective (decline-replies), reply preservation on smollm2\n")
     assert RunConfig.paper().objective_name() == "DRO, paper objective"
     assert "PCA explained variance 0.200, 0.100, 0.050, 0.010" in text
     assert "refusal probe accuracy 0.750, auc 0.900; harmfulness probe accuracy 0.500." in text  # a missing AUC is left out
     assert ("init `short`, refusal score `openings`, refusal fit `logistic`, loss weights {'refusal': 1.0, 'harmfulness': 0.01, "
-            "'norm': 0.001, 'preserve': 0.0, 'replies': 0.0}, 8 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, "
+            "'norm': 0.001, 'preserve': 0.0, 'replies': 1.0}, 8 epochs at batch 25, lr 0.005, 2 steps; last step: loss 0.5000, refusal 0.4900, "
             "harmfulness 0.6000, norm 2.0000.") in text
     assert "greedy, one response per query, at most 64 new tokens, string judge `dro-jax`. " in text
     assert "| DRO | harmful (4) | 2/4 | 1/4 | 3/4 | 1/4 | n/a | n/a | +1.25 |" in text  # refusals: declines first
