@@ -30,8 +30,8 @@ def device_env(devices: int) -> dict:
     }
 
 
-def start(command: list[str], devices: int) -> subprocess.Popen:
-    return subprocess.Popen(command, env=device_env(devices), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start(command: list[str], devices: int, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(command, env={**device_env(devices), **env}, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def host_args(port: int, index: int, count: int = 2) -> list[str]:

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -147,6 +148,7 @@ class StepMemory:
     generated_code: int
     alias: int
     compile_seconds: float
+    all_reduces: tuple[str, ...] = ()  # the compiled program's cross-device sums, as "f32[20,4096]" (distinct, sorted)
 
     @property
     def total(self) -> int:
@@ -205,8 +207,16 @@ def _compile(jitted: Any, args: tuple, mesh: Any) -> StepMemory:
     stats = compiled.memory_analysis()
     return StepMemory(
         stats.argument_size_in_bytes, stats.output_size_in_bytes, stats.temp_size_in_bytes,
-        stats.generated_code_size_in_bytes, stats.alias_size_in_bytes, seconds,
+        stats.generated_code_size_in_bytes, stats.alias_size_in_bytes, seconds, all_reduce_shapes(compiled.as_text()),
     )
+
+
+def all_reduce_shapes(hlo: str) -> tuple[str, ...]:
+    """The result types of every all-reduce in compiled HLO text, e.g. ("f32[20,4096]", "f32[]")."""
+    found = set()
+    for result in re.findall(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", hlo):
+        found.update(re.findall(r"\b([a-z]+[0-9]*\[[0-9,]*\])", result))
+    return tuple(sorted(found))
 
 
 def compile_train_step(request: PlanRequest, mesh: Any, params: Any) -> StepMemory:
@@ -271,6 +281,7 @@ def plan_here(request: PlanRequest) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from dro_jax.models.partitioning import unsplit_weights
     from dro_jax.parallel.mesh import MeshShape, make_mesh
 
     devices = jax.devices()
@@ -291,6 +302,7 @@ def plan_here(request: PlanRequest) -> dict:
             math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in leaves
         ),
         "steps": {name: compilers[name](request, mesh, params).to_json() for name in request.steps},
+        "kept_whole": unsplit_weights(request.config, dict(mesh.shape)),
     }
 
 
@@ -384,6 +396,8 @@ def report(result: dict, budget_gib: float) -> str:
         f"{request.tokens} own tokens per row; microbatch {request.microbatch or 'none'}, remat {'on' if request.remat else 'off'}; "
         f"generation {request.max_new_tokens} new tokens, greedy; compiled for XLA:CPU in {result['compiled_as']}; "
         f"budget {budget_gib:g} GiB per device",
+        *(f"warning: {line}" for line in result["kept_whole"]),
+        *([f"warning: {1 - request.batch / result['rows']:.0%} of each batch is filler"] if request.batch < 0.75 * result["rows"] else []),
         "",
     ]
     rows = []
@@ -395,7 +409,8 @@ def report(result: dict, budget_gib: float) -> str:
             f"{'fits' if fits else 'does not fit'} ({headroom:+.2f} GiB)", f"{step['compile_seconds']:.1f}",
         ])
     header = ["step", "arguments GiB", "temporaries GiB", "outputs GiB", "aliased GiB", "total GiB / device", "verdict (headroom)", "compile s"]
-    return "\n".join([*lines, markdown_table(header, rows)])
+    sums = [f"{name}: {', '.join(step['all_reduces']) or 'none'}" for name, step in result["steps"].items()]
+    return "\n".join([*lines, markdown_table(header, rows), "", f"cross-device sums (all-reduce results) per step: {'; '.join(sums)}"])
 
 
 def run(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ building the parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
@@ -234,6 +235,11 @@ def add_mesh_args(parser: argparse.ArgumentParser, microbatch: bool = False) -> 
         help="how the devices of every process are used: sizes of the data, fsdp and model axes, e.g. fsdp=8 or "
         "data=2,model=4; an axis left out is 1, data takes the rest (default: every device on data)",
     )
+    parser.add_argument(
+        "--dcn-mesh", metavar="AXIS=N,...",
+        help="how much of each --mesh axis spans TPU slices (elsewhere: processes), which talk over the slower "
+        "data-centre network, e.g. data=2 for two slices; the rest of each axis stays within one (default: laid out by the topology alone)",
+    )
     if microbatch:
         parser.add_argument(
             "--microbatch", type=positive_int, metavar="B",
@@ -243,9 +249,14 @@ def add_mesh_args(parser: argparse.ArgumentParser, microbatch: bool = False) -> 
 
 
 def start_job(args: argparse.Namespace):
-    """Joins the multi-host job when asked to, then returns the mesh of `--mesh` over every process's devices."""
+    """Joins the multi-host job when asked to, then returns the mesh of `--mesh` (and `--dcn-mesh`) over every
+    process's devices, said on stderr where it has more than one."""
     from dro_jax.parallel import distributed
-    from dro_jax.parallel.mesh import make_mesh
+    from dro_jax.parallel.mesh import MeshShape, describe_mesh, make_mesh
 
+    dcn = MeshShape.parse(args.dcn_mesh) if args.dcn_mesh else None  # a typo fails before joining the job
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    return make_mesh(args.mesh)
+    mesh = make_mesh(args.mesh, dcn=dcn)
+    if mesh.devices.size > 1 and distributed.is_writer():
+        print(describe_mesh(mesh), file=sys.stderr)
+    return mesh

@@ -218,7 +218,7 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
     from dro_jax.inference.refusal_score import Openings
     from dro_jax.loading import load_model, resolve_model_path
-    from dro_jax.parallel.distributed import barrier, is_writer, writer_first
+    from dro_jax.parallel.distributed import is_writer, process_zero_decides
 
     weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
     baseline = baseline_config(args)
@@ -236,7 +236,7 @@ def _run_train(args: argparse.Namespace) -> None:
     resolve_model_path(args.model)  # every input checked before the run directory is made
     mesh = start_job(args)
     settings = {**_run_settings(args), "epochs": config.epochs}  # the count trained: DRO runs made while 40 was --epochs' default resume
-    files = TrainingFiles(writer_first(lambda: claim_run_directory(args.out, settings, args.resume, _training_in_progress), "run directory"))
+    files = TrainingFiles(process_zero_decides(lambda: str(claim_run_directory(args.out, settings, args.resume, _training_in_progress))))
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     if args.init_random:
         initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
@@ -250,8 +250,7 @@ def _run_train(args: argparse.Namespace) -> None:
     else:
         if anchors is None:
             anchor_path = files.root / "anchors.safetensors"
-            built = anchor_path.exists()
-            barrier("anchor file checked")  # before process 0 may write it
+            built = process_zero_decides(anchor_path.exists)  # before process 0 may write it
             anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, model, pairs, anchor_path, mesh)
         anchors.check_hidden_size(model.config.hidden_size)
         data = prepare_training_set(

@@ -23,13 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one command; a user error is one line on stderr and exit status 2, Ctrl-C exit status 130."""
+    """Runs one command; a user error is one line on stderr and exit status 2; SIGTERM (preemption) exit status 143
+    and Ctrl-C 130, training stopping at a step boundary after a checkpoint (see dro_jax.parallel.preemption)."""
     args = build_parser().parse_args(argv)
+    from dro_jax.parallel.preemption import Stopped, exit_status, stop_on_signals  # here: --help needs no jax
+
     try:
-        args.run(args)
+        with stop_on_signals():
+            args.run(args)
     except DroJaxError as err:
         print(f"dro-jax: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Stopped as stopped:
+        print(f"dro-jax: stopped by {stopped}", file=sys.stderr)
+        return exit_status(stopped)
     except KeyboardInterrupt:
         print("dro-jax: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

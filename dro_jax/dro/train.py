@@ -36,8 +36,9 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix
 from dro_jax.models.partitioning import place_params
-from dro_jax.parallel.distributed import is_writer, shows_progress
+from dro_jax.parallel.distributed import is_writer, process_zero_decides, shows_progress
 from dro_jax.parallel.mesh import batch_devices, data_mesh
+from dro_jax.parallel.preemption import Stopped, steps_may_finish, stop_requested
 from dro_jax.parallel.sharding import on_mesh, padded_batch_size, replicate, replicated, shard_batch, to_host
 
 
@@ -141,14 +142,30 @@ def place_frozen(frozen: Frozen, config: ModelConfig, mesh: jax.sharding.Mesh) -
 def model_fingerprint(model: LoadedModel) -> dict:
     """What a checkpoint must match: sizes, tokenizer, and the input-embedding table the prompt lives in."""
     vocab = json.dumps(sorted(model.tokenizer.get_vocab().items()), ensure_ascii=False).encode()
-    table = to_host(model.params["embed_tokens"]["weight"]).astype(np.float32)
     return {
         "hidden_size": model.config.hidden_size,
         "vocab_size": model.config.vocab_size,
         "num_layers": model.config.num_layers,
         "tokenizer_sha256": hashlib.sha256(vocab).hexdigest(),
-        "embeddings_sha256": hashlib.sha256(table.tobytes()).hexdigest(),
+        "embeddings_checksum": "".join(f"{lane:08x}" for lane in to_host(table_checksum(model.params["embed_tokens"]["weight"]))),
     }
+
+
+_CHECKSUM_SALTS = (0x9E3779B9, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)
+
+
+@jax.jit
+def table_checksum(table: jax.Array) -> jax.Array:
+    """Four uint32 lanes, each the sum modulo 2**32 of every entry's float32 bits times a weight drawn from its
+    index. Integer sums do not depend on their order, so the checksum is the same on any mesh, and where the table
+    is split each device sums its own part: nothing the size of the table is gathered or copied to the host."""
+    bits = jax.lax.bitcast_convert_type(table.astype(jnp.float32), jnp.uint32)
+    index = jnp.arange(table.shape[0], dtype=jnp.uint32)[:, None] * jnp.uint32(table.shape[1]) + jnp.arange(table.shape[1], dtype=jnp.uint32)
+    lanes = []
+    for salt in _CHECKSUM_SALTS:
+        weight = (index ^ jnp.uint32(salt)) * jnp.uint32(0x2C1B3C6D) | jnp.uint32(1)  # odd: no entry's bits are lost
+        lanes.append(jnp.sum(bits * weight, dtype=jnp.uint32))
+    return jnp.stack(lanes)
 
 
 @dataclasses.dataclass
@@ -209,19 +226,21 @@ def train_soft_prompt(
     soft_prompt, opt_state = replicate((soft_prompt, optimizer.init(soft_prompt)), mesh)  # restored into this placement
     start, history = 0, []
     metrics_path = Path(metrics_path) if metrics_path else None
-    if checkpoints.latest_step() is not None:
+    latest = process_zero_decides(checkpoints.latest_step)  # which state to resume from is one decision for all hosts
+    if latest is not None:
         if not resume:
             raise DroJaxError(f"{checkpoints.directory} already holds checkpoints: pass --resume to continue, or use a new output directory")
-        _check_resumable(checkpoints.record(), fingerprint, config, checkpoints.directory)
-        (soft_prompt, opt_state), record = checkpoints.restore((soft_prompt, opt_state))
+        saved_record = checkpoints.record(latest, step_decided=True)  # orbax reads it on every process together
+        process_zero_decides(lambda: _check_resumable(saved_record, fingerprint, config, checkpoints.directory))
+        (soft_prompt, opt_state), record = checkpoints.restore((soft_prompt, opt_state), latest, step_decided=True)
         start = record["step"]
-        if metrics_path is not None and metrics_path.exists():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [r for r in history if r["step"] <= start]
+        history = process_zero_decides(lambda: _read_history(metrics_path, start))
+    saved = start  # the last step checkpointed, kept here rather than read back from storage
     frozen = place_frozen(frozen_inputs(model, anchors, data.prefix, config.openings), model.config, mesh)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
 
     def save(step: int) -> None:
+        nonlocal saved
         record = {
             "step": step, "epoch": step // steps_per_epoch(len(data), config.batch_size), "seed": config.seed,
             "config": config.to_dict(), "model": fingerprint, "num_examples": len(data),
@@ -229,9 +248,10 @@ def train_soft_prompt(
         if metrics_path is not None and is_writer():  # first: a resume drops lines beyond its checkpoint, never misses one
             write_jsonl(metrics_path, history)
         checkpoints.save(step, (soft_prompt, opt_state), record)
+        saved = step
 
-    with tqdm(total=total, initial=start, desc=objective.name, unit="step", disable=not shows_progress(progress)) as bar:
-        step = start
+    bar = tqdm(total=total, initial=start, desc=objective.name, unit="step", disable=not shows_progress(progress))
+    with bar, steps_may_finish():
         try:
             for step in range(start, total):
                 index = batch_indices(len(data), config, step)
@@ -243,11 +263,10 @@ def train_soft_prompt(
                     new_prompt, new_state, metrics = step_fn(soft_prompt, opt_state, batch, frozen)
                 metrics = {k: float(to_host(v)) for k, v in metrics.items()}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                    last = checkpoints.latest_step()
                     raise DroJaxError(
                         f"the loss or its gradient became {metrics['loss']} / {metrics['grad_norm']} at step {step + 1}; "
-                        f"stopped; the last good checkpoint is step {last} in {checkpoints.directory}"
-                        if last is not None else f"the loss became non-finite at step {step + 1}; stopped before any checkpoint"
+                        f"stopped; the last good checkpoint is step {saved} in {checkpoints.directory}"
+                        if saved else f"the loss became non-finite at step {step + 1}; stopped before any checkpoint"
                     )
                 soft_prompt, opt_state = new_prompt, new_state
                 history.append({"step": step + 1, **metrics})
@@ -255,14 +274,25 @@ def train_soft_prompt(
                 bar.update(1)
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
                     save(step + 1)
-        except KeyboardInterrupt:
+                signum = stop_requested(step + 1)  # asked on any process: every process stops after the same step
+                if signum is not None:
+                    raise Stopped(signum)
+        except KeyboardInterrupt:  # Stopped too: the state between two steps is consistent, keep it
             done = history[-1]["step"] if history else 0
-            if done > (checkpoints.latest_step() or 0):
-                save(done)  # the state between two steps is consistent: keep it
+            if done > saved:
+                save(done)
             raise
         finally:
             checkpoints.close()
     return TrainResult(to_host(soft_prompt), total, history)
+
+
+def _read_history(metrics_path: Path | None, last_step: int) -> list[dict]:
+    """The metrics lines of the steps up to `last_step` (a resume drops those beyond its checkpoint)."""
+    if metrics_path is None or not metrics_path.exists():
+        return []
+    history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    return [record for record in history if record["step"] <= last_step]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,12 +38,14 @@ def insert_soft_prompt(embeds: jax.Array, soft_prompt: jax.Array, offsets: jax.A
     """Writes soft_prompt [N, hidden] into embeds [b, t, hidden] at rows' `offsets` [b] (-1: none).
 
     A gather plus a select, so the gradient with respect to the soft prompt is
-    the sum over every row and position it fills.
+    the sum over every row and position it fills. The gather reads the prompt
+    in its own dtype and casts after it, so that in a half-precision model the
+    gradient is summed (over rows and, on a mesh, across devices) in float32.
     """
     count = soft_prompt.shape[0]
     relative = jnp.arange(embeds.shape[1])[None, :] - offsets[:, None]  # [b, t]
     inside = (relative >= 0) & (relative < count) & (offsets[:, None] >= 0)
-    rows = soft_prompt.astype(embeds.dtype)[jnp.clip(relative, 0, count - 1)]
+    rows = soft_prompt[jnp.clip(relative, 0, count - 1)].astype(embeds.dtype)
     return jnp.where(inside[..., None], rows, embeds)
 
 
@@ -67,7 +69,7 @@ def prefix_cache(
         return None
     length = prefix.token_ids.shape[0]
     embeds = input_embeddings(params, prefix.token_ids[None], soft_prompt, prefix.soft_offset[None])
-    cache = KVCache.zeros(config, 1, length, params["embed_tokens"]["weight"].dtype)
+    cache = KVCache.zeros(config, 1, length, jnp.float32)
     out = forward(
         params, config, inputs_embeds=embeds, attention_mask=jnp.ones((1, length), jnp.int32),
         positions=jnp.arange(length)[None], cache=cache, cache_index=0, remat=remat,

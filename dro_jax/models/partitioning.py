@@ -5,7 +5,9 @@ Weights keep HF's [out, in] layout with the layers stacked first, so e.g.
 on a mesh with `model` and `fsdp` axes its rows are split by heads and its
 columns by the FSDP axis (`dro_jax.parallel.sharding.AXIS_RULES`). Heads are
 split only in whole key-value groups, so a device holds the queries of the
-keys it holds; norms and the layer axis are never split.
+keys it holds; norms and the layer axis are never split. Where a count does
+not divide over its mesh axis (e.g. 8 key-value groups over `model=16`), the
+weights of that axis stay whole on every device, with one warning per axis.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import Params, param_shapes
-from dro_jax.parallel.sharding import logical_spec, place
+from dro_jax.parallel.sharding import logical_spec, place, warn_once, whole_dimensions
 
 # Logical axes of a parameter's dimensions, keyed by its path in the tree (the layer axis included).
 PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
@@ -61,7 +63,29 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
     return jax.tree_util.tree_map_with_path(sharding, param_shapes(config))
 
 
+_COUNTED_AS = {"vocab": "a vocabulary of {} does", "embed": "a hidden size of {} does", "mlp": "an MLP width of {} does",
+               "heads": "{} key-value groups do", "kv_heads": "{} key-value groups do"}
+
+
+def unsplit_weights(config: ModelConfig, mesh_shape: dict[str, int]) -> list[str]:
+    """One line per logical axis whose count does not divide over its mesh axes, naming the weights kept whole."""
+    units = axis_units(config)
+    families: dict[tuple[str, int, str], list[str]] = {}
+    for key_path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
+        path = tuple(k.key for k in key_path)
+        axes = PARAM_AXES[path]
+        for name, count, over in whole_dimensions(mesh_shape, axes, [units[a] for a in axes]):
+            family = _COUNTED_AS[name].format(count)
+            families.setdefault((family, over), []).append(path[-2] if path[0] == "layers" else path[0])
+    return [f"{family} not divide over {over}: {', '.join(sorted(set(names)))} kept whole along it on every device"
+            for (family, over), names in families.items()]
+
+
 def place_params(params: Params, config: ModelConfig, mesh: Mesh | None) -> Params:
     """The parameters on `mesh` as `param_shardings` splits them (no transfer where they already are);
     without a mesh, as they are."""
-    return params if mesh is None else place(params, param_shardings(config, mesh))
+    if mesh is None:
+        return params
+    for line in unsplit_weights(config, dict(mesh.shape)):
+        warn_once(line)
+    return place(params, param_shardings(config, mesh))

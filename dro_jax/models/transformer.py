@@ -136,16 +136,19 @@ def attend(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
     query [b, kv_heads, group * t, d] (group-major: row g * t + i is query i
     of head g). The keys come in blocks (a shared prefix, a KV cache, the
     inputs' own keys) that join one softmax without being copied together; a
-    shared block has no batch axis. Scores and softmax run in float32. A query
-    that may see no key gets a uniform average instead of NaN (it only happens
-    on padding rows, whose output is never used). Returns [b, kv_heads, group * t, d].
+    shared block has no batch axis. Scores and softmax run in float32, and so
+    does everything of a shared block: its gradient is a sum over the rows (and,
+    on a mesh, across devices), which a half-precision model would otherwise
+    take in half precision. A query that may see no key gets a uniform average
+    instead of NaN (it only happens on padding rows, whose output is never
+    used). Returns [b, kv_heads, group * t, d] in the query's dtype.
     """
     batch, kv_heads, rows, dim = query.shape
     allowed = joined_mask(blocks, batch)
     steps, total = allowed.shape[1:]
     scores = []
     for block in blocks:
-        if block.key_t.ndim == 3:  # shared: in float32, since XLA:CPU has no bfloat16 kernel for this contraction
+        if block.key_t.ndim == 3:  # shared: float32 (XLA:CPU has no bfloat16 kernel for this contraction either)
             scores.append(jnp.einsum("bkqd,kds->bkqs", query.astype(jnp.float32), block.key_t.astype(jnp.float32)))
         else:
             scores.append(jnp.einsum("bkqd,bkds->bkqs", query, block.key_t, preferred_element_type=jnp.float32))
@@ -156,10 +159,13 @@ def attend(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
     out, start = 0, 0
     for block in blocks:
         slots = block.key_t.shape[-1]
-        spec = "bkqs,ksd->bkqd" if block.value.ndim == 3 else "bkqs,bksd->bkqd"
-        out = out + jnp.einsum(spec, probs[..., start : start + slots].astype(block.value.dtype), block.value)
+        weights = probs[..., start : start + slots]
+        if block.value.ndim == 3:
+            out = out + jnp.einsum("bkqs,ksd->bkqd", weights, block.value.astype(jnp.float32))
+        else:
+            out = out + jnp.einsum("bkqs,bksd->bkqd", weights.astype(block.value.dtype), block.value)
         start += slots
-    return out
+    return out.astype(query.dtype)
 
 
 def attend_fused(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
@@ -179,8 +185,8 @@ def attend_fused(query: jax.Array, blocks: list[KeyBlock]) -> jax.Array:
     allowed = joined_mask(blocks, batch)
     steps = allowed.shape[1]
     allowed = allowed | ~allowed.any(axis=-1, keepdims=True)
-    keys = jnp.concatenate([_token_major(block.key_t, batch, (0, 3, 1, 2)) for block in blocks], axis=1)
-    values = jnp.concatenate([_token_major(block.value, batch, (0, 2, 1, 3)) for block in blocks], axis=1)
+    keys = jnp.concatenate([_token_major(block.key_t, batch, (0, 3, 1, 2)).astype(query.dtype) for block in blocks], axis=1)
+    values = jnp.concatenate([_token_major(block.value, batch, (0, 2, 1, 3)).astype(query.dtype) for block in blocks], axis=1)
     query = query.reshape(batch, kv_heads, rows // steps, steps, dim).transpose(0, 3, 1, 2, 4).reshape(batch, steps, -1, dim)
     out = jax.nn.dot_product_attention(query, keys, values, mask=allowed[:, None], implementation=None)
     return out.reshape(batch, steps, kv_heads, rows // steps, dim).transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, rows, dim)
@@ -226,7 +232,8 @@ class Attention(nn.Module):
         q, k, v = (constrain(t, HEAD_MAJOR) for t in (q, k, v))
         blocks = []
         if layer_prefix is not None:
-            blocks.append(KeyBlock(layer_prefix[0][0].astype(x.dtype), layer_prefix[1][0].astype(x.dtype), masks.prefix))
+            # The prefix's keys and values stay float32 (see `attend`).
+            blocks.append(KeyBlock(layer_prefix[0][0], layer_prefix[1][0], masks.prefix))
         if masks.cache is not None:
             blocks.append(KeyBlock(layer_cache[0].astype(x.dtype), layer_cache[1].astype(x.dtype), masks.cache))
         blocks.append(KeyBlock(k, v, masks.own))

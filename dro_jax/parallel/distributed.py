@@ -73,12 +73,28 @@ def shows_progress(progress: bool) -> bool:
     return progress and is_writer()
 
 
-def writer_first(action: Callable[[], T], name: str) -> T:
-    """`action()` on process 0, then, after the barrier `name`, on the others: e.g. creating a run directory
-    that the others then find and only check."""
-    result = action() if is_writer() else None
-    barrier(name)
-    return result if is_writer() else action()
+def process_zero_decides(decide: Callable[[], T]) -> T:
+    """`decide()` run on process 0 alone, its JSON-serialisable answer (or its `DroJaxError`) given to every
+    process.
+
+    For every decision that reads shared storage (does a run exist, is a stage
+    done, which checkpoint is the last): on NFS or gcsfuse, hosts may see a
+    file at different times, and hosts that decide differently hang in the
+    next collective or write twice. It is a collective: every process calls it
+    at the same point, and none passes it before process 0 has decided.
+    """
+    if jax.process_count() == 1:
+        return decide()
+    answer = None
+    if is_writer():
+        try:
+            answer = {"value": decide()}
+        except DroJaxError as err:
+            answer = {"error": str(err)}
+    answer = allgather_json(answer)[0]
+    if "error" in answer:
+        raise DroJaxError(answer["error"])
+    return answer["value"]
 
 
 def process_share(num_items: int, index: int | None = None, count: int | None = None) -> range:

@@ -9,7 +9,8 @@
   them too.
 
 `--mesh data=2,fsdp=4` on 8 devices is a `MeshShape`; an axis left out is 1,
-except `data`, which takes whatever devices remain. Which array dimension
+except `data`, which takes whatever devices remain; `--dcn-mesh` says how
+much of each axis spans slices or hosts (`make_mesh`). Which array dimension
 goes onto which axis is said once, in `dro_jax.parallel.sharding.AXIS_RULES`.
 """
 
@@ -20,6 +21,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
@@ -71,17 +73,58 @@ class MeshShape:
         return ",".join(f"{axis}={getattr(self, axis) if getattr(self, axis) is not None else '*'}" for axis in MESH_AXES)
 
 
-def make_mesh(shape: MeshShape | str | None = None, devices: list | None = None) -> Mesh:
-    """A (data, fsdp, model) mesh over `devices` (default: every device of every process).
+def _shape(shape: MeshShape | str | None) -> MeshShape:
+    return MeshShape.parse(shape) if isinstance(shape, str) else shape or MeshShape()
 
-    Devices are laid out in the order given (`jax.devices()` is grouped by
-    process), so `model`, the innermost axis, stays within a host when it can:
-    tensor parallelism talks on every layer, data parallelism once per step.
+
+def make_mesh(shape: MeshShape | str | None = None, devices: list | None = None, dcn: MeshShape | str | None = None) -> Mesh:
+    """A (data, fsdp, model) mesh over `devices` (default: every device of every process), laid out by the
+    topology: `model`, the innermost axis, on the fastest links (tensor parallelism talks on every layer, data
+    parallelism once per step). On TPU that follows the chips' torus (`mesh_utils.create_device_mesh`); on
+    GPU and CPU the devices' order, which is grouped by process.
+
+    `dcn` splits each axis further between slices (TPU multi-slice) or, off TPU, between processes, which talk
+    over the data-centre network: `--mesh data=4,model=4 --dcn-mesh data=2` over two 8-chip slices puts each
+    slice's chips on data=2 x model=4 and the two slices on the data axis.
     """
-    shape = MeshShape.parse(shape) if isinstance(shape, str) else shape or MeshShape()
     devices = list(jax.devices() if devices is None else devices)
-    sizes = shape.resolve(len(devices))
-    return Mesh(np.asarray(devices, dtype=object).reshape(sizes), MESH_AXES)
+    sizes = _shape(shape).resolve(len(devices))
+    try:
+        if dcn is None:
+            grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        else:
+            groups, kind = len({_granule(devices)(d) for d in devices}), "slices" if devices[0].platform == "tpu" else "processes"
+            try:
+                between = _shape(dcn).resolve(groups)
+            except DroJaxError:
+                raise DroJaxError(f"--dcn-mesh {_shape(dcn).describe()} does not fit the {groups} {kind} of the job") from None
+            if any(size % ways for size, ways in zip(sizes, between)):
+                raise DroJaxError(f"--dcn-mesh {_shape(dcn).describe()} must divide every axis of the mesh {dict(zip(MESH_AXES, sizes))}")
+            within = [size // ways for size, ways in zip(sizes, between)]
+            grid = mesh_utils.create_hybrid_device_mesh(
+                within, between, devices, process_is_granule=devices[0].platform != "tpu", allow_split_physical_axes=True,
+            )
+    except ValueError as err:  # a shape the topology cannot hold
+        raise DroJaxError(f"cannot lay out the mesh {dict(zip(MESH_AXES, sizes))} on these devices: {err}") from None
+    return Mesh(grid, MESH_AXES)
+
+
+def _granule(devices: list):
+    """What groups devices on one fast network: the TPU slice, elsewhere the process."""
+    return (lambda d: d.slice_index) if devices[0].platform == "tpu" else (lambda d: d.process_index)
+
+
+def describe_mesh(mesh: Mesh) -> str:
+    """The mesh's axis sizes and which device ids sit where along the axes that split, e.g.
+    "mesh data=2,fsdp=1,model=4 over 8 device(s) of 2 process(es); device ids by (data, model): [[0 1 2 3] [4 5 6 7]]"."""
+    split = [axis for axis in MESH_AXES if mesh.shape[axis] > 1]
+    ids = np.vectorize(lambda device: device.id)(mesh.devices).reshape([mesh.shape[axis] for axis in split])
+    processes = len({device.process_index for device in mesh.devices.flat})
+    grid = " ".join(np.array2string(ids, separator=" ", threshold=64).split())
+    return (
+        f"mesh {','.join(f'{axis}={mesh.shape[axis]}' for axis in MESH_AXES)} over {mesh.devices.size} device(s) of {processes} "
+        f"process(es); device ids by ({', '.join(split)}): {grid}"
+    )
 
 
 def data_mesh(devices: list | None = None) -> Mesh:

@@ -8,12 +8,15 @@ Arrays name their dimensions with logical axes ("batch", "embed", "heads",
 "kv_heads", "mlp", "vocab"; None for a dimension never split); `AXIS_RULES`
 maps those onto the mesh axes of `dro_jax.parallel.mesh`. A dimension whose
 units (heads, rows, ...) do not divide evenly over its mesh axes stays whole:
-the result is the same, only less of it is split.
+the result is the same, only less of it is split, so `whole_dimensions` names
+them for a warning, as `padded_batch_size` warns of batches mostly filler.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -21,7 +24,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dro_jax.parallel.distributed import is_writer
 from dro_jax.parallel.mesh import BATCH_AXES, batch_devices
+
+LOG = logging.getLogger(__name__)
+PADDING_WARNED_ABOVE = 0.25  # share of a batch that is filler rows
 
 AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": BATCH_AXES,
@@ -52,6 +59,24 @@ def logical_spec(mesh_shape: Mapping[str, int], axes: Sequence[str | None], unit
     while spec and spec[-1] is None:
         spec.pop()
     return PartitionSpec(*spec)
+
+
+def whole_dimensions(mesh_shape: Mapping[str, int], axes: Sequence[str | None], units: Sequence[int]) -> list[tuple[str, int, str]]:
+    """The dimensions `logical_spec` leaves whole although their mesh axes have devices to split them over:
+    (logical axis, its units, the mesh axes as "model=4")."""
+    whole = []
+    for name, count in zip(axes, units):
+        mesh_axes = [a for a in AXIS_RULES.get(name or "", ()) if mesh_shape.get(a, 1) > 1]
+        if mesh_axes and count % math.prod(mesh_shape[a] for a in mesh_axes):
+            whole.append((name, count, ",".join(f"{a}={mesh_shape[a]}" for a in mesh_axes)))
+    return whole
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """`message` as a warning line on stderr, once per process run, from process 0 only."""
+    if is_writer():
+        LOG.warning("dro-jax: warning: %s", message)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -121,9 +146,14 @@ def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
 
 
 def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
-    """The smallest multiple of the batch's split that holds `batch_size` rows."""
+    """The smallest multiple of the batch's split that holds `batch_size` rows (a warning where over a quarter
+    of it would be filler: the devices would spend that share of their time on it)."""
     ways = batch_devices(mesh)
-    return -(-batch_size // ways) * ways
+    padded = -(-batch_size // ways) * ways
+    if padded - batch_size > PADDING_WARNED_ABOVE * padded:
+        warn_once(f"batches of {batch_size} rows are padded to {padded} to split {ways} ways: "
+                  f"{(padded - batch_size) / padded:.0%} of every batch is filler; a batch size that is a multiple of {ways} avoids it")
+    return padded
 
 
 def rows_per_batch(batch_size: int, num_rows: int, mesh: Mesh | None = None) -> int:

@@ -33,7 +33,7 @@ from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.judges import ModelJudge, SafetyJudge
 from dro_jax.inference.refusal_score import RefusalScores
 from dro_jax.loading import LoadedModel, load_model, resolve_model_path
-from dro_jax.parallel.distributed import barrier, is_writer, writer_first
+from dro_jax.parallel.distributed import barrier, is_writer, process_zero_decides
 from dro_jax.parallel.mesh import data_mesh
 from dro_jax.run.config import HARMFUL_SET, QuerySets, RunConfig
 from dro_jax.run.outputs import RunOutputs, RunPaths, write_evaluation
@@ -51,7 +51,7 @@ def prepare_run_dir(config: RunConfig, root: str | Path, resume: bool) -> RunPat
         return f"an unfinished run (stopped in: {', '.join(stopped)})" if stopped else None
 
     claim = functools.partial(claim_run_directory, root, config.to_dict(), resume, unfinished, evaluation_only_settings(config))
-    return RunPaths(writer_first(claim, "run directory"))
+    return RunPaths(Path(process_zero_decides(lambda: str(claim()))))
 
 
 def stage_settings(config: RunConfig) -> dict[str, tuple[str, ...]]:
@@ -205,8 +205,7 @@ def run_pipeline(
     ]
     for number, stage in enumerate(stages, start=1):
         key = input_key(inputs[stage.name])
-        done = records.is_done(stage.name, key, stage.outputs)
-        barrier(f"stage {stage.name} checked")  # every process decides before process 0 writes anything
+        done = process_zero_decides(lambda: records.is_done(stage.name, key, stage.outputs))  # before process 0 writes
         if done:
             _log(f"[{number}/{len(stages) + 1}] {stage.title}: done earlier with the same inputs, skipped")
             continue

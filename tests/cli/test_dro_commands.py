@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,32 +18,47 @@ from dro_jax.dro.soft_prompt import load_soft_prompt
 def _train_args(directory, anchors, files, out, *extra):
     return [
         "train", "--model", str(directory), "--harmful", str(files[0]), "--harmless", str(files[1]),
-        "--anchors", str(anchors), "--epochs", "20", "--batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "1",
+        "--anchors", str(anchors), "--epochs", "20", "--batch-size", "4", "--lr", "1e-2", "--checkpoint-every", "4",
         "--out", str(out), *extra,
     ]
 
 
-def test_resume_after_sigkill_ends_with_the_uninterrupted_prompt(tiny_dro, tmp_path, query_files):
+def _stopped_at_checkpoint(command: list[str], checkpoints: Path, step: int, signum: int) -> subprocess.Popen:
+    """`command` run until its checkpoint `step` exists, then sent `signum`."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoints / str(step)).exists() and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signum)
+    process.stderr_text = process.communicate()[1]
+    return process
+
+
+def _steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigterm_and_sigkill_ends_with_the_uninterrupted_prompt(tiny_dro, tmp_path, query_files):
     directory = tiny_dro.directory
     anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
     assert main(_train_args(directory, anchors, query_files, tmp_path / "straight")) == 0
     want = load_soft_prompt(tmp_path / "straight" / "soft_prompt.safetensors")
 
-    run = tmp_path / "killed"
+    run = tmp_path / "stopped"
     command = [sys.executable, "-m", "dro_jax.cli", *_train_args(directory, anchors, query_files, run)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (run / "checkpoints" / "5").exists():
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # SIGTERM (preemption): the running step finishes and is checkpointed between the periodic ones, exit status 143.
+    process = _stopped_at_checkpoint(command, run / "checkpoints", 4, signal.SIGTERM)
+    assert process.returncode == 143 and "stopped by SIGTERM" in process.stderr_text, process.stderr_text[-2000:]
+    stopped_at = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert 4 <= stopped_at < 60 and _steps(run) == list(range(1, stopped_at + 1))
+    # SIGKILL gives no chance to save: the resumed run loses the steps since its last checkpoint, nothing else.
+    process = _stopped_at_checkpoint([*command, "--resume"], run / "checkpoints", stopped_at // 4 * 4 + 8, signal.SIGKILL)
     assert process.returncode == -signal.SIGKILL
     assert not (run / "soft_prompt.safetensors").exists()  # it was stopped mid-run
     assert main(_train_args(directory, anchors, query_files, run)) == 2  # no silent restart over a run
     assert main(_train_args(directory, anchors, query_files, run, "--resume")) == 0
     np.testing.assert_array_equal(load_soft_prompt(run / "soft_prompt.safetensors"), want)
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 61))
+    assert _steps(run) == list(range(1, 61))
 
     exported = tmp_path / "export.safetensors"
     assert main(["export", "--checkpoint", str(run), "--out", str(exported)]) == 0

@@ -9,7 +9,7 @@ import jax
 from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
-from dro_jax.dro.train import TrainConfig, train_soft_prompt
+from dro_jax.dro.train import TrainConfig, model_fingerprint, train_soft_prompt
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import score_refusal
@@ -17,7 +17,7 @@ from dro_jax.inference.respond import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.models.partitioning import place_params
-from dro_jax.parallel.mesh import make_mesh
+from dro_jax.parallel.mesh import describe_mesh, make_mesh
 from helpers import HARMFUL, HARMLESS, TINY_FIT, TINY_OPENINGS
 
 # Pure data parallelism is checked on 4 devices by the training, sweep and shared-prefix tests; here the splits of
@@ -59,6 +59,8 @@ def main(directory: str, out: str) -> None:
             "tokens": [list(r.token_ids) for r in responses],
             "log_odds": score_refusal(placed, encoded, TINY_OPENINGS, batch_size=12, progress=False, mesh=mesh).log_odds.tolist(),
             "share": {key: device_share(_leaf(placed.params, path)) for key, path in WATCHED.items()},
+            "fingerprint": model_fingerprint(placed),
+            "mesh": describe_mesh(mesh),
         }
     print(json.dumps(results))
 

@@ -93,3 +93,13 @@ def test_the_child_keeps_the_callers_flags():
         "--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=16",
         "--xla_disable_hlo_passes=change-op-data-type,operand_upcaster,foo",
     ]
+
+
+def test_the_soft_prompt_gradient_is_summed_across_devices_in_float32(plans):
+    # The model is compiled in half precision; the soft prompt's gradient [20 rows, hidden 64] must not be summed in it.
+    for name in ("data=4", "fsdp=4"):
+        sums = plans[name]["steps"]["train"]["all_reduces"]
+        assert "f32[20,64]" in sums and not any(s.endswith("[20,64]") and not s.startswith("f32") for s in sums), (name, sums)
+    # With the batch split and the weights whole, nothing else is summed across devices in half precision either:
+    # the shared prefix's keys and values, whose gradient is also a sum over the rows, are float32.
+    assert all(s.startswith("f32") for s in plans["data=4"]["steps"]["train"]["all_reduces"])

@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.models.partitioning import PARAM_AXES, param_shardings
-from dro_jax.parallel.mesh import MeshShape, data_mesh
+from dro_jax.parallel.mesh import MeshShape, data_mesh, make_mesh
 from dro_jax.parallel.sharding import logical_spec
 from jax.sharding import PartitionSpec as P
 
@@ -34,6 +35,9 @@ def test_mesh_shapes_parse_and_fill_the_data_axis():
         MeshShape(model=3).resolve(8)
     with pytest.raises(DroJaxError, match="needs 4 devices, there are 8"):
         MeshShape(data=2, fsdp=2).resolve(8)
+    with pytest.raises(DroJaxError, match="--dcn-mesh data=2,fsdp=1,model=1 does not fit the 1 processes of the job"):
+        make_mesh(None, jax.devices()[:1], dcn="data=2")
+    assert make_mesh(None, jax.devices()[:1], dcn="data=1").shape == {"data": 1, "fsdp": 1, "model": 1}
 
 
 def test_logical_axes_map_onto_the_mesh_only_where_they_divide():
@@ -75,8 +79,37 @@ def test_eight_device_meshes_give_the_single_device_results(tiny_model_dir, tmp_
         assert difference.max() <= 1e-5 * np.abs(prompt).max(), (name, difference.max())
         np.testing.assert_allclose(got["log_odds"], one["log_odds"], rtol=1e-5, atol=1e-5, err_msg=name)
         assert got["tokens"] == one["tokens"], name
+        assert got["fingerprint"] == one["fingerprint"], name  # a checkpoint resumes on any mesh
     # One device holds the whole of every weight; FSDP splits every matrix in 8 along the hidden axis; tensor
     # parallelism splits heads, the MLP and the vocabulary in 4 (and the data axis copies them).
     assert set(one["share"].values()) == {1.0}
     assert results["fsdp=8"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 8))
     assert results["data=2,model=4"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 4))
+    assert results["data=2,model=4"]["mesh"] == (
+        "mesh data=2,fsdp=1,model=4 over 8 device(s) of 1 process(es); device ids by (data, model): [[0 1 2 3] [4 5 6 7]]")
+
+
+def test_weights_kept_whole_and_filler_batches_are_reported(caplog):
+    from dro_jax.bench.memory_plan import SHAPES
+    from dro_jax.models.partitioning import unsplit_weights
+    from dro_jax.parallel.sharding import padded_batch_size, warn_once
+
+    llama70b = SHAPES["llama2-70b"]  # 8 key-value groups, hidden size 8192
+    assert unsplit_weights(llama70b, {"data": 1, "fsdp": 8, "model": 8}) == []
+    assert unsplit_weights(llama70b, {"data": 1, "fsdp": 3, "model": 16}) == [
+        "a hidden size of 8192 does not divide over fsdp=3: down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+        "up_proj, v_proj kept whole along it on every device",
+        "8 key-value groups do not divide over model=16: k_proj, o_proj, q_proj, v_proj kept whole along it on every device",
+    ]
+    warn_once.cache_clear()
+    mesh = data_mesh(jax.devices()[:1])
+    with caplog.at_level("WARNING"):
+        assert padded_batch_size(5, mesh) == 5
+    assert caplog.text == ""
+    # 25 rows over 32 ways: 7 of 32 rows filler (22%, no word); 17 over 32: 47% filler.
+    fake = type("Mesh", (), {"shape": {"data": 32, "fsdp": 1, "model": 1}})()
+    with caplog.at_level("WARNING"):
+        assert padded_batch_size(25, fake) == 32
+        assert caplog.text == ""
+        assert padded_batch_size(17, fake) == 32 and padded_batch_size(17, fake) == 32
+    assert caplog.text.count("batches of 17 rows are padded to 32 to split 32 ways: 47% of every batch is filler") == 1
