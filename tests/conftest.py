@@ -22,6 +22,10 @@ _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
 
+# Float32 is compared with PyTorch's float32: on a GPU, jax's default would run float32 matmuls as TF32 (the
+# command line's --precision highest does the same for users). On CPU both are exact float32.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -12,7 +12,7 @@ import sys
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
 from dro_jax.loading.registry import DEFAULT_MODEL, DTYPES
-from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS, MATMUL_PRECISIONS
 
 
 def positive_int(text: str) -> int:
@@ -41,10 +41,20 @@ def add_model_args(parser: argparse.ArgumentParser, default: str | None = "float
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default=default, help="parameter and activation dtype (default: float32)"
     )
-    add_attention_arg(parser)
+    add_compute_args(parser)
 
 
-def add_attention_arg(parser: argparse.ArgumentParser) -> None:
+def add_compute_args(parser: argparse.ArgumentParser) -> None:
+    """--attention, --precision and --compilation-cache: how the model computes, not what."""
+    parser.add_argument(
+        "--compilation-cache", metavar="DIR|off",
+        help="where compiled XLA programs are kept for the next run, or off "
+        "(default: $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/dro-jax/xla, i.e. ~/.cache/dro-jax/xla)",
+    )
+    parser.add_argument(
+        "--precision", choices=tuple(MATMUL_PRECISIONS), default="highest",
+        help="float32 matmuls: " + "; ".join(f"{name}: {why}" for name, (_, why) in MATMUL_PRECISIONS.items()) + " (default: %(default)s)",
+    )
     parser.add_argument(
         "--attention", choices=tuple(ATTENTION_IMPLEMENTATIONS), default="reference",
         help="how attention is computed, with the same results: "

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from dro_jax.cli import compare, dro, helpfulness, inference, run, sweep
 from dro_jax.common.errors import DroJaxError
+from dro_jax.models.config import MATMUL_PRECISIONS, set_matmul_precision
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -26,8 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; a user error is one line on stderr and exit status 2; SIGTERM (preemption) exit status 143
     and Ctrl-C 130, training stopping at a step boundary after a checkpoint (see dro_jax.parallel.preemption)."""
     args = build_parser().parse_args(argv)
-    from dro_jax.parallel.preemption import Stopped, exit_status, stop_on_signals  # here: --help needs no jax
+    from dro_jax.common.compiles import use_compilation_cache  # here, not at the top: --help needs no jax
+    from dro_jax.parallel.preemption import Stopped, exit_status, stop_on_signals
 
+    if getattr(args, "precision", None):  # the commands that run a model
+        use_compilation_cache(args.compilation_cache)
+        set_matmul_precision(args.precision)
+        if args.precision != "highest":
+            print(f"dro-jax: matmul precision {args.precision}: {MATMUL_PRECISIONS[args.precision][1]}", file=sys.stderr)
     try:
         with stop_on_signals():
             args.run(args)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from dro_jax.cli.args import (
-    add_attention_arg, add_field_arg, add_host_args, add_judge_args, add_openings_arg, add_phrases_arg, add_suffix_arg, check_judge_args,
+    add_compute_args, add_field_arg, add_host_args, add_judge_args, add_openings_arg, add_phrases_arg, add_suffix_arg, check_judge_args,
     model_judge, positive_int, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
@@ -33,7 +33,7 @@ def add_commands(commands) -> None:
     add_field_arg(sweep)
     add_suffix_arg(sweep)
     sweep.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="parameter and activation dtype (default: %(default)s)")
-    add_attention_arg(sweep)
+    add_compute_args(sweep)
     decoding = sweep.add_argument_group("decoding (default: greedy, one response per query)")
     mode = decoding.add_mutually_exclusive_group()
     mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")

@@ -1,10 +1,13 @@
-"""Counting XLA compilations: the tiny and the large models alike spend their first seconds compiling, and a
-pass that compiles once per batch instead of once per shape is the commonest slowdown."""
+"""XLA compilations: counting them (the tiny and the large models alike spend their first seconds compiling, and a
+pass that compiles once per batch instead of once per shape is the commonest slowdown), and keeping them on disk
+so that the next run reads them instead (`use_compilation_cache`)."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import os
+from pathlib import Path
 from typing import Iterator
 
 import jax
@@ -40,3 +43,30 @@ def count_compiles() -> Iterator[CompileCount]:
         yield count
     finally:
         jax.monitoring.unregister_event_duration_listener(count._record)
+
+
+def default_cache_dir() -> Path:
+    """$JAX_COMPILATION_CACHE_DIR when set, else the user's cache directory: $XDG_CACHE_HOME/dro-jax/xla
+    (~/.cache/dro-jax/xla)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dro-jax" / "xla"
+
+
+def use_compilation_cache(where: str | None = None) -> Path | None:
+    """Turns jax's persistent compilation cache on in `where` (None: `default_cache_dir()`), or off ("off").
+
+    Every program is kept, however quickly it compiled (jax keeps only those
+    over a second by default; a run's many sub-second programs add up), unless
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. Call it before
+    the first compile. Returns the directory, or None when off.
+    """
+    if where == "off":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    directory = Path(where) if where else default_cache_dir()
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory

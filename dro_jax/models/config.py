@@ -23,6 +23,23 @@ ATTENTION_IMPLEMENTATIONS = {
 }
 
 
+# --precision -> (jax's default matmul precision, what it means).
+MATMUL_PRECISIONS = {
+    "highest": ("highest", "float32 matmuls in full float32, as PyTorch's float32 (no TF32 on GPUs, no bfloat16 passes on TPUs)"),
+    "default": (None, "the backend's fastest float32 matmuls: TF32 on recent NVIDIA GPUs, bfloat16 passes on TPUs; less exact"),
+}
+
+
+def set_matmul_precision(name: str) -> None:
+    """Sets how every float32 matmul is computed from here on (jax's `jax_default_matmul_precision`, a process-wide
+    setting): `highest` or `default` (MATMUL_PRECISIONS). Half-precision models are unaffected. On CPU both are exact float32."""
+    if name not in MATMUL_PRECISIONS:
+        raise DroJaxError(f"unknown matmul precision {name!r}; choose one of {', '.join(MATMUL_PRECISIONS)}")
+    import jax  # here: the command-line parser reads this module's tables without loading jax
+
+    jax.config.update("jax_default_matmul_precision", MATMUL_PRECISIONS[name][0])
+
+
 def check_attention(name: str) -> None:
     """Raises a `DroJaxError` unless `name` is a key of ATTENTION_IMPLEMENTATIONS."""
     if name not in ATTENTION_IMPLEMENTATIONS:

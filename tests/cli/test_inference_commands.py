@@ -248,3 +248,27 @@ def test_every_command_with_a_string_judge_takes_paper_dro_jax_or_a_file(argv, d
     for spec, judge in (("paper", ReferenceStringJudge), ("dro-jax", StringJudge)):
         chosen = parser.parse_args([*argv, "--refusal-phrases", spec]).refusal_phrases
         assert isinstance(StringJudge.load(chosen), judge)
+
+
+def test_precision_and_compilation_cache_options(capsys, tmp_path, monkeypatch):
+    import jax
+
+    from dro_jax.common.compiles import default_cache_dir, use_compilation_cache
+    from dro_jax.models.config import set_matmul_precision
+
+    try:
+        assert main(["run", "--show-config", "--precision", "default", "--compilation-cache", str(tmp_path)]) == 0
+        assert jax.config.jax_default_matmul_precision is None
+        assert "matmul precision default: the backend's fastest float32 matmuls: TF32" in capsys.readouterr().err
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path) and jax.config.jax_enable_compilation_cache
+        assert main(["run", "--show-config", "--compilation-cache", "off"]) == 0
+        assert not jax.config.jax_enable_compilation_cache
+        assert main(["run", "--show-config"]) == 0
+        assert jax.config.jax_default_matmul_precision == "highest"  # float32 as PyTorch's, on any backend
+        assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == str(default_cache_dir())
+    finally:
+        set_matmul_precision("highest")
+        use_compilation_cache()
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "dro-jax" / "xla"
