@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -258,10 +259,15 @@ def train_soft_prompt(
                 weights = np.zeros(rows, np.float32)
                 weights[: len(index)] = 1
                 padded = np.concatenate([index, np.full(rows - len(index), index[0])])
-                batch = shard_batch(data.rows(padded, weights), mesh)
+                began = time.perf_counter()
+                host_batch = data.rows(padded, weights)
+                batch = shard_batch(host_batch, mesh)
                 with on_mesh(mesh):
                     new_prompt, new_state, metrics = step_fn(soft_prompt, opt_state, batch, frozen)
                 metrics = {k: float(to_host(v)) for k, v in metrics.items()}
+                seconds = time.perf_counter() - began  # the first step's includes compiling it
+                tokens = int(np.asarray(host_batch.attention_mask)[: len(index)].sum())  # the real rows' own tokens
+                throughput = {"step_seconds": seconds, "tokens_per_second": tokens / seconds}
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     raise DroJaxError(
                         f"the loss or its gradient became {metrics['loss']} / {metrics['grad_norm']} at step {step + 1}; "
@@ -269,8 +275,8 @@ def train_soft_prompt(
                         if saved else f"the loss became non-finite at step {step + 1}; stopped before any checkpoint"
                     )
                 soft_prompt, opt_state = new_prompt, new_state
-                history.append({"step": step + 1, **metrics})
-                bar.set_postfix({k: f"{metrics[k]:.4g}" for k in objective.shown if k in metrics})
+                history.append({"step": step + 1, **metrics, **throughput})
+                bar.set_postfix({**{k: f"{metrics[k]:.4g}" for k in objective.shown if k in metrics}, "tok/s": f"{throughput['tokens_per_second']:.0f}"})
                 bar.update(1)
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
                     save(step + 1)

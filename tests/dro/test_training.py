@@ -35,7 +35,11 @@ def test_training_lowers_the_loss_and_only_moves_the_prompt(tiny_dro, tmp_path):
     end, _ = dro_loss(jnp.asarray(result.soft_prompt), batch, frozen, model.config)
     assert float(end) < float(start) - 1e-4, (float(start), float(end))
     assert result.steps == 10 and len(result.metrics) == 10
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == list(range(1, 11))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 11))
+    own_tokens = int(np.asarray(data.attention_mask).sum())  # the full batch: every row's own tokens per step
+    for line in lines:
+        assert line["step_seconds"] > 0 and line["tokens_per_second"] == pytest.approx(own_tokens / line["step_seconds"])
     np.testing.assert_array_equal(load_soft_prompt(tmp_path / "run" / "soft_prompt.safetensors"), result.soft_prompt)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["10"]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, model.params), before)
