@@ -96,6 +96,11 @@ def results_text(
     decoding = "greedy, one response per query" if config.eval_samples == 0 else (
         f"{config.eval_samples} sampled responses per query" + (f", the {config.eval_keep_longest} longest (by words) judged" if config.eval_keep_longest else ""))
     timing = ", ".join(stage_time(name, record) for name, record in stages.items() if record.get("seconds") is not None)
+    flat = "" if anchor_report["refusal"].get("auc") is not None else (
+        " Here the refusal probe's labels (split at 0.5) held one class, so the probe is nearly flat: its compliance "
+        "logit, that logit's shift and the shifts along the refusal direction read about 0 by construction, not as a "
+        "measurement (`--refusal-fit regression` fits the direction to the refusal log-odds themselves)."
+    )
     return "\n".join([
         f"# {config.objective_name()} on {config.model}",
         "",
@@ -119,7 +124,7 @@ def results_text(
         "their first 8 tokens (lower is better); reply surprise: NLL per token under no prompt of the setting's own "
         "replies minus that of no prompt's own (high: replies the unprompted model would not give, such as off-topic "
         "apologies); degenerate: responses that loop (>= 30% repeated word trigrams) or shout (>= 50% capitals). "
-        "Compliance logit: the refusal probe's mean logit (lower = closer to refusal).",
+        "Compliance logit: the refusal probe's mean logit (lower = closer to refusal)." + flat,
         "",
         results_markdown(rows),
         "",
@@ -128,7 +133,7 @@ def results_text(
         "## Movement against no prompt (held-out queries)",
         "",
         "Probe-logit change per query, averaged: refusal direction (negative = towards refusal), harmfulness "
-        "direction (negative = looks more harmful).",
+        "direction (negative = looks more harmful)." + flat,
         "",
         movements_markdown(moved),
         "",

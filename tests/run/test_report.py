@@ -135,6 +135,11 @@ def test_results_text_says_what_was_run_and_shows_both_tables():
     assert "| DRO | harmful (4) | +0.500 | +0.900 | +0.300 | 2/4 (1 / 1) | +0.500 | +0.000 |" in text  # reply quality
     assert "Judged compliance: n/a, no judge model was given" in text
     assert "Stage times: anchors 2.0 min (31 XLA compiles, 40 s), train 1.0 min." in text
+    assert "probe is nearly flat" not in text
+    one_class = {**REPORT, "refusal": {"accuracy": 0.48, "auc": None}}  # every label on one side of 0.5
+    flat = results_text(RunConfig(), _rows(), [], one_class, METRICS, {})
+    assert flat.count("so the probe is nearly flat: its compliance logit, that logit's shift and the shifts along the refusal "
+                      "direction read about 0 by construction") == 2  # beside both tables that show them
     judged_rows = [dataclasses.replace(r, harmful_compliant_responses=1, queries_any_harmful_compliance=1) if r.dataset == "harmful" else r
                    for r in _rows()]
     judged = results_text(RunConfig(judge_model="guard"), judged_rows, [], REPORT, METRICS, {})
