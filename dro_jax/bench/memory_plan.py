@@ -387,6 +387,8 @@ def request_from_args(args: argparse.Namespace) -> PlanRequest:
 
 def report(result: dict, budget_gib: float) -> str:
     """The plan as text: what was compiled, the model's bytes, and one table row per step with its verdict."""
+    from dro_jax.parallel.sharding import PADDING_WARNED_ABOVE  # the threshold a run warns at
+
     request = PlanRequest.from_json(result["request"])
     mesh = ",".join(f"{axis}={size}" for axis, size in result["mesh"].items())
     lines = [
@@ -397,7 +399,8 @@ def report(result: dict, budget_gib: float) -> str:
         f"generation {request.max_new_tokens} new tokens, greedy; compiled for XLA:CPU in {result['compiled_as']}; "
         f"budget {budget_gib:g} GiB per device",
         *(f"warning: {line}" for line in result["kept_whole"]),
-        *([f"warning: {1 - request.batch / result['rows']:.0%} of each batch is filler"] if request.batch < 0.75 * result["rows"] else []),
+        *([f"warning: {1 - request.batch / result['rows']:.0%} of each batch is filler"]
+          if result["rows"] - request.batch > PADDING_WARNED_ABOVE * result["rows"] else []),
         "",
     ]
     rows = []

@@ -278,7 +278,7 @@ def _run_export(args: argparse.Namespace) -> None:
         raise DroJaxError(f"{directory}: no such checkpoint directory")
     checkpoints = TrainCheckpoints(directory)
     try:
-        state, record = checkpoints.restore(None, args.step)
+        state, record = checkpoints.restore(None, checkpoints.resolve_step(args.step))
     finally:
         checkpoints.close()
     soft_prompt = state[0]

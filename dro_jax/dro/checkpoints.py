@@ -36,29 +36,28 @@ class TrainCheckpoints:
         except OSError as err:  # orbax renames a finished step into place: a failed save leaves the kept steps intact
             raise DroJaxError(f"{self.directory}: cannot write the checkpoint of step {step} ({err.strerror or err})") from None
 
-    def record(self, step: int | None = None, step_decided: bool = False) -> dict:
-        """The JSON record of a step (default: the latest; `step_decided` as in `restore`). With several processes,
-        orbax reads it on all together: every process must call it, with the same step."""
-        step = step if step_decided else self._require(step)
-        return self._manager.restore(step, args=self._ocp.args.Composite(record=self._ocp.args.JsonRestore()))["record"]
-
-    def restore(self, like: Any, step: int | None = None, step_decided: bool = False) -> tuple[Any, dict]:
-        """(state shaped like `like`, record) of a step (default: the latest); `like=None` restores as saved.
-        `step_decided`: the step was chosen elsewhere (by process 0) and is not looked up in this host's listing."""
-        step = step if step_decided else self._require(step)
-        abstract = None if like is None else jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
-        restored = self._manager.restore(
-            step, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract), record=self._ocp.args.JsonRestore())
-        )
-        return restored["state"], restored["record"]
-
-    def _require(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None = None) -> int:
+        """A kept step: `step` itself, or the latest when None; a clear error when there is none. It reads this host's
+        listing: with several processes, let process 0 resolve it and hand the step to `record` and `restore`."""
         steps = self._manager.all_steps()
         if not steps:
             raise DroJaxError(f"{self.directory}: no checkpoint found")
         if step is not None and step not in steps:
             raise DroJaxError(f"{self.directory}: no checkpoint for step {step} (kept: {', '.join(map(str, sorted(steps)))})")
         return max(steps) if step is None else step
+
+    def record(self, step: int) -> dict:
+        """The JSON record of `step`. With several processes orbax reads it on all together: every process calls it,
+        with the same step."""
+        return self._manager.restore(step, args=self._ocp.args.Composite(record=self._ocp.args.JsonRestore()))["record"]
+
+    def restore(self, like: Any, step: int) -> tuple[Any, dict]:
+        """(state shaped like `like`, record) of `step`; `like=None` restores as saved. Collective, as `record`."""
+        abstract = None if like is None else jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        restored = self._manager.restore(
+            step, args=self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract), record=self._ocp.args.JsonRestore())
+        )
+        return restored["state"], restored["record"]
 
     def close(self) -> None:
         self._manager.close()

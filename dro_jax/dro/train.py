@@ -231,9 +231,9 @@ def train_soft_prompt(
     if latest is not None:
         if not resume:
             raise DroJaxError(f"{checkpoints.directory} already holds checkpoints: pass --resume to continue, or use a new output directory")
-        saved_record = checkpoints.record(latest, step_decided=True)  # orbax reads it on every process together
+        saved_record = checkpoints.record(latest)  # orbax reads it on every process together
         process_zero_decides(lambda: _check_resumable(saved_record, fingerprint, config, checkpoints.directory))
-        (soft_prompt, opt_state), record = checkpoints.restore((soft_prompt, opt_state), latest, step_decided=True)
+        (soft_prompt, opt_state), record = checkpoints.restore((soft_prompt, opt_state), latest)
         start = record["step"]
         history = process_zero_decides(lambda: _read_history(metrics_path, start))
     saved = start  # the last step checkpointed, kept here rather than read back from storage

@@ -93,25 +93,21 @@ def make_mesh(shape: MeshShape | str | None = None, devices: list | None = None,
         if dcn is None:
             grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
         else:
-            groups, kind = len({_granule(devices)(d) for d in devices}), "slices" if devices[0].platform == "tpu" else "processes"
+            on_tpu = devices[0].platform == "tpu"  # a TPU slice shares the fast network; elsewhere a process does
+            groups = len({d.slice_index if on_tpu else d.process_index for d in devices})
             try:
                 between = _shape(dcn).resolve(groups)
             except DroJaxError:
-                raise DroJaxError(f"--dcn-mesh {_shape(dcn).describe()} does not fit the {groups} {kind} of the job") from None
+                raise DroJaxError(f"--dcn-mesh {_shape(dcn).describe()} does not fit the {groups} {'slices' if on_tpu else 'processes'} of the job") from None
             if any(size % ways for size, ways in zip(sizes, between)):
                 raise DroJaxError(f"--dcn-mesh {_shape(dcn).describe()} must divide every axis of the mesh {dict(zip(MESH_AXES, sizes))}")
             within = [size // ways for size, ways in zip(sizes, between)]
             grid = mesh_utils.create_hybrid_device_mesh(
-                within, between, devices, process_is_granule=devices[0].platform != "tpu", allow_split_physical_axes=True,
+                within, between, devices, process_is_granule=not on_tpu, allow_split_physical_axes=True,
             )
     except ValueError as err:  # a shape the topology cannot hold
         raise DroJaxError(f"cannot lay out the mesh {dict(zip(MESH_AXES, sizes))} on these devices: {err}") from None
     return Mesh(grid, MESH_AXES)
-
-
-def _granule(devices: list):
-    """What groups devices on one fast network: the TPU slice, elsewhere the process."""
-    return (lambda d: d.slice_index) if devices[0].platform == "tpu" else (lambda d: d.process_index)
 
 
 def describe_mesh(mesh: Mesh) -> str:

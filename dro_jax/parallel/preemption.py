@@ -24,8 +24,7 @@ import signal
 from typing import Iterator
 
 import jax
-
-from dro_jax.parallel.distributed import allgather_json
+import numpy as np
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -84,14 +83,16 @@ def steps_may_finish() -> Iterator[None]:
 
 def stop_requested(step: int) -> int | None:
     """The signal any process was asked to stop by since `steps_may_finish` began (None: none), asked after
-    training step `step`. Every process must call it after every step: with several processes it is a collective."""
-    preempted = False
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    training step `step`. Every process must call it after every step: with several processes it is a collective
+    (jax's preemption sync point, and one gather of a fixed-shape int, which compiles once)."""
+    if jax.process_count() == 1:
+        return _REQUEST.signum
+    from jax.experimental import multihost_utils
 
-        preempted = multihost_utils.reached_preemption_sync_point(step)
-    asked = allgather_json(_REQUEST.signum)
-    return signal.SIGTERM if preempted else next((signum for signum in asked if signum is not None), None)
+    if multihost_utils.reached_preemption_sync_point(step):
+        return signal.SIGTERM
+    asked = np.asarray(multihost_utils.process_allgather(np.array([_REQUEST.signum or 0], np.int32))).reshape(-1)
+    return int(asked.max()) or None
 
 
 def exit_status(stopped: Stopped) -> int:
