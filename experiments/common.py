@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,16 @@ def _json_default(value):
 
 def tables(rows: list[EvalRow], moved: list[Movement]) -> dict[str, str]:
     return {"Refusals on the held-out sets": results_markdown(rows), "Movement against no prompt": movements_markdown(moved)}
+
+
+def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share."""
+    if total == 0:
+        return float("nan"), float("nan")
+    share = successes / total
+    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(centre - half, 0.0), min(centre + half, 1.0)
 
 
 def main_guard(function) -> None:

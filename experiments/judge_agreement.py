@@ -2,9 +2,12 @@
 
 The labelled set (`dro_jax/data/labelled_replies.jsonl`: real SmolLM2 replies,
 each with the label `decline`, `comply`, `apology-only` or `off-topic`) is
-split by reply id: the even ids are the development half (the decline
-judge's rules were revised against its errors there), the odd ids the
-held-out half, reported separately. For each judge: precision and recall of
+split by reply id: in the first batch (ids below 412) the even ids are the
+development half (the decline judge's rules were revised against its errors
+there) and the odd ids held out; the second batch (ids from 412, drawn under
+the objectives that decline most) was labelled after the last revision, so
+all of it is held out. For each judge: precision and recall, with 95% Wilson
+intervals, of
 "refusal" against the label `decline`; for the decline judge also of its
 `apology` kind against `apology-only`. A judge model (--judge-model, e.g.
 smollm2) is read as a refusal judge: a reply it does not call unsafe counts
@@ -20,13 +23,14 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from common import main_guard
+from common import main_guard, wilson
 from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
 from dro_jax.inference.declines import DeclineJudge, ReplyKind
 from dro_jax.inference.judges import ModelJudge, StringJudge
 
 LABELS = ("decline", "comply", "apology-only", "off-topic")
+SECOND_BATCH = 412  # the first id of the replies drawn after the decline judge's rules were last revised
 
 
 def labelled_replies(path: str | None = None) -> list[dict]:
@@ -39,12 +43,16 @@ def labelled_replies(path: str | None = None) -> list[dict]:
 
 
 def precision_recall(predicted: list[bool], actual: list[bool]) -> tuple[str, str, int, int]:
-    """(precision, recall as text with their counts, true positives, predicted positives)."""
+    """(precision, recall as text with their counts and 95% Wilson intervals, true positives, predicted positives)."""
     hits = sum(p and a for p, a in zip(predicted, actual))
     said, real = sum(predicted), sum(actual)
-    precision = f"{hits / said:.2f} ({hits}/{said})" if said else "n/a (0/0)"
-    recall = f"{hits / real:.2f} ({hits}/{real})" if real else "n/a (0/0)"
-    return precision, recall, hits, said
+    def share(total: int) -> str:
+        if not total:
+            return "n/a (0/0)"
+        low, high = wilson(hits, total)
+        return f"{hits / total:.2f} ({hits}/{total}; {low:.2f}-{high:.2f})"
+
+    return share(said), share(real), hits, said
 
 
 def main() -> None:
@@ -59,7 +67,13 @@ def main() -> None:
     if args.judge_model:
         model_judge = ModelJudge.load(args.judge_model)
         verdicts[f"judge model {args.judge_model}"] = model_judge.refusals([r["query"] for r in records], [r["reply"] for r in records], progress=True)
-    halves = {"development (even ids)": lambda r: r["id"] % 2 == 0, "held out (odd ids)": lambda r: r["id"] % 2 == 1, "all": lambda r: True}
+    halves = {
+        "development (even ids of the first batch)": lambda r: r["id"] < SECOND_BATCH and r["id"] % 2 == 0,
+        "held out (odd ids of the first batch)": lambda r: r["id"] < SECOND_BATCH and r["id"] % 2 == 1,
+        "held out (second batch)": lambda r: r["id"] >= SECOND_BATCH,
+        "every held-out reply": lambda r: r["id"] >= SECOND_BATCH or r["id"] % 2 == 1,
+        "all": lambda r: True,
+    }
     rows = []
     for name, said in verdicts.items():
         for half, member in halves.items():

@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common import main_guard
+from common import main_guard, wilson
 from dro_jax.anchors.collect import AnchorData, build_anchor_space
 from dro_jax.anchors.space import AnchorSpace, save_anchor_space
 from dro_jax.common.files import write_text
@@ -98,16 +98,6 @@ FIGURES: tuple[tuple[str, str, Callable[[EvalRow], Any]], ...] = (
     ("degenerate harmful", "harmful", lambda r: (r.degenerate_responses, r.num_responses)),
     ("degenerate harmless", "harmless", lambda r: (r.degenerate_responses, r.num_responses)),
 )
-
-
-def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95% Wilson score interval of a share."""
-    if total == 0:
-        return float("nan"), float("nan")
-    share = successes / total
-    centre = (share + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(share * (1 - share) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(centre - half, 0.0), min(centre + half, 1.0)
 
 
 def figures_of(rows: list[EvalRow]) -> dict[str, Any]:

@@ -64,17 +64,22 @@ def test_the_objectives_experiment_trains_every_variant_and_seed_once(finished_r
     assert (out / "trained" / "prompt-tuning" / "seed_1" / "soft_prompt.safetensors").is_file()
 
 
-def test_wilson_intervals():
+def test_wilson_intervals_and_judge_agreement_figures():
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-    from objectives import wilson
+    from common import wilson
+    from judge_agreement import precision_recall
 
     low, high = wilson(0, 25)
     assert low == 0.0 and abs(high - 0.1332) < 1e-3  # the known upper bound for 0 of 25
     low, high = wilson(15, 75)
     assert abs(low - 0.1251) < 1e-3 and abs(high - 0.3041) < 1e-3  # p = 0.2, n = 75
+    # 2 of 3 said refusals are declines, 2 of 4 declines found; nothing said gives no precision
+    assert precision_recall([True, True, True, False, False], [True, True, False, True, True])[:2] == (
+        "0.67 (2/3; 0.21-0.94)", "0.50 (2/4; 0.15-0.85)")
+    assert precision_recall([False], [True])[0] == "n/a (0/0)"
 
 
 def test_an_experiment_without_a_run_says_how_to_make_one(tmp_path, capsys):
