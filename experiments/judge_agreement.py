@@ -19,40 +19,27 @@ as a refusal, which is what the paper's rule makes of it.
 from __future__ import annotations
 
 import argparse
-import json
-from importlib import resources
-from pathlib import Path
+from typing import Sequence
 
 from common import main_guard, wilson
 from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
+from dro_jax.evaluation.judge_agreement import LABELS, SECOND_BATCH, Agreement, is_held_out, labelled_replies
 from dro_jax.inference.declines import DeclineJudge, ReplyKind
 from dro_jax.inference.judges import ModelJudge, StringJudge
 
-LABELS = ("decline", "comply", "apology-only", "off-topic")
-SECOND_BATCH = 412  # the first id of the replies drawn after the decline judge's rules were last revised
 
+def precision_recall(predicted: Sequence[bool], actual: Sequence[bool]) -> tuple[str, str]:
+    """Precision and recall as text, with their counts and 95% Wilson intervals."""
+    agreement = Agreement.of(predicted, actual)
 
-def labelled_replies(path: str | None = None) -> list[dict]:
-    source = Path(path) if path else Path(str(resources.files("dro_jax.data") / "labelled_replies.jsonl"))
-    records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
-    unknown = {r["label"] for r in records} - set(LABELS)
-    if unknown:
-        raise SystemExit(f"{source}: unknown labels {sorted(unknown)}")
-    return records
-
-
-def precision_recall(predicted: list[bool], actual: list[bool]) -> tuple[str, str, int, int]:
-    """(precision, recall as text with their counts and 95% Wilson intervals, true positives, predicted positives)."""
-    hits = sum(p and a for p, a in zip(predicted, actual))
-    said, real = sum(predicted), sum(actual)
     def share(total: int) -> str:
         if not total:
             return "n/a (0/0)"
-        low, high = wilson(hits, total)
-        return f"{hits / total:.2f} ({hits}/{total}; {low:.2f}-{high:.2f})"
+        low, high = wilson(agreement.hits, total)
+        return f"{agreement.hits / total:.2f} ({agreement.hits}/{total}; {low:.2f}-{high:.2f})"
 
-    return share(said), share(real), hits, said
+    return share(agreement.said), share(agreement.real)
 
 
 def main() -> None:
@@ -71,20 +58,20 @@ def main() -> None:
         "development (even ids of the first batch)": lambda r: r["id"] < SECOND_BATCH and r["id"] % 2 == 0,
         "held out (odd ids of the first batch)": lambda r: r["id"] < SECOND_BATCH and r["id"] % 2 == 1,
         "held out (second batch)": lambda r: r["id"] >= SECOND_BATCH,
-        "every held-out reply": lambda r: r["id"] >= SECOND_BATCH or r["id"] % 2 == 1,
+        "every held-out reply": is_held_out,
         "all": lambda r: True,
     }
     rows = []
     for name, said in verdicts.items():
         for half, member in halves.items():
             picked = [i for i, r in enumerate(records) if member(r)]
-            precision, recall, _, _ = precision_recall([said[i] for i in picked], [records[i]["label"] == "decline" for i in picked])
+            precision, recall = precision_recall([said[i] for i in picked], [records[i]["label"] == "decline" for i in picked])
             rows.append([name, half, str(len(picked)), precision, recall])
     decline = DeclineJudge()
     apology_rows = []
     for half, member in halves.items():
         picked = [r for r in records if member(r)]
-        precision, recall, _, _ = precision_recall([decline.kind(r["reply"]) is ReplyKind.APOLOGY for r in picked],
+        precision, recall = precision_recall([decline.kind(r["reply"]) is ReplyKind.APOLOGY for r in picked],
                                                    [r["label"] == "apology-only" for r in picked])
         apology_rows.append(["decline judge, `apology` kind", half, str(len(picked)), precision, recall])
     counts = {label: sum(r["label"] == label for r in records) for label in LABELS}

@@ -10,6 +10,7 @@ from dro_jax.common.files import write_text
 from dro_jax.common.tables import dataclass_csv
 from dro_jax.dro.loss import LossWeights
 from dro_jax.evaluation.evaluate import EvalRow, results_markdown
+from dro_jax.evaluation.judge_agreement import decline_judge_agreement
 from dro_jax.evaluation.measure import judge_note
 from dro_jax.evaluation.movement import Movement, movements, movements_markdown
 from dro_jax.run.config import HARMFUL_SET, RunConfig
@@ -82,6 +83,14 @@ def new_tokens_text(config: RunConfig) -> str:
     return text + (", incomplete last lines trimmed" if config.trim_incomplete_lines else "")
 
 
+def judge_quality() -> str:
+    """The decline judge's measured agreement with replies labelled by reading, so that its counts can be weighed."""
+    agreement, replies = decline_judge_agreement()
+    return (f"The decline judge, on {replies} held-out replies labelled by reading (docs/judging.md): precision "
+            f"{agreement.precision:.2f} ({agreement.hits} of {agreement.said}), recall {agreement.recall:.2f} "
+            f"({agreement.hits} of {agreement.real}).")
+
+
 def results_text(
     config: RunConfig, rows: list[EvalRow], moved: list[Movement], anchor_report: dict, metrics: list[dict], stages: dict
 ) -> str:
@@ -124,7 +133,7 @@ def results_text(
         "their first 8 tokens (lower is better); reply surprise: NLL per token under no prompt of the setting's own "
         "replies minus that of no prompt's own (high: replies the unprompted model would not give, such as off-topic "
         "apologies); degenerate: responses that loop (>= 30% repeated word trigrams) or shout (>= 50% capitals). "
-        "Compliance logit: the refusal probe's mean logit (lower = closer to refusal)." + flat,
+        "Compliance logit: the refusal probe's mean logit (lower = closer to refusal)." + flat + " " + judge_quality(),
         "",
         results_markdown(rows),
         "",

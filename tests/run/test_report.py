@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import re
 
 import matplotlib
 import numpy as np
@@ -136,6 +137,8 @@ def test_results_text_says_what_was_run_and_shows_both_tables():
     assert "Judged compliance: n/a, no judge model was given" in text
     assert "Stage times: anchors 2.0 min (31 XLA compiles, 40 s), train 1.0 min." in text
     assert "probe is nearly flat" not in text
+    assert re.search(r"The decline judge, on \d+ held-out replies labelled by reading \(docs/judging.md\): precision 0\.\d\d "
+                     r"\(\d+ of \d+\), recall 0\.\d\d", text)  # measured on the packaged labelled set, every run
     one_class = {**REPORT, "refusal": {"accuracy": 0.48, "auc": None}}  # every label on one side of 0.5
     flat = results_text(RunConfig(), _rows(), [], one_class, METRICS, {})
     assert flat.count("so the probe is nearly flat: its compliance logit, that logit's shift and the shifts along the refusal "
