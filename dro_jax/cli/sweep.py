@@ -7,7 +7,7 @@ import sys
 
 from dro_jax.cli.args import (
     add_compute_args, add_field_arg, add_host_args, add_judge_args, add_openings_arg, add_phrases_arg, add_suffix_arg, check_judge_args,
-    model_judge, positive_int, suffix_of,
+    model_judge, positive_int, start_job, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import PROMPT_SETTINGS
@@ -55,8 +55,17 @@ def add_commands(commands) -> None:
     sweep.add_argument("--devices", type=positive_int, metavar="N", help="use only this process's first N devices (default: all)")
     sweep.add_argument(
         "--mesh", metavar="AXIS=N,...", help="how each process's devices are used: data, fsdp and model sizes, e.g. model=4 "
-        "(default: all on data); each process evaluates its share of the queries on its own devices",
+        "(default: all on data); each process evaluates its share of the queries on its own devices (with --span-hosts: "
+        "how every device of the job is used)",
     )
+    sweep.add_argument(
+        "--span-hosts", action="store_true",
+        help="place each model on one mesh over every process's devices, its weights split across hosts, and run every "
+        "query on it together, as run and evaluate do: for models too large for one host (default: a share of the "
+        "queries per process)",
+    )
+    sweep.add_argument("--dcn-mesh", metavar="AXIS=N,...", help="with --span-hosts: how much of each --mesh axis spans "
+                       "TPU slices (elsewhere: processes), e.g. data=2 (default: laid out by the topology alone)")
     add_host_args(sweep)
     sweep.add_argument("--out", required=True, help="output directory: sweep.csv, sweep.md, sweep.json")
     sweep.set_defaults(run=_run_sweep)
@@ -99,12 +108,19 @@ def _run_sweep(args: argparse.Namespace) -> None:
     from dro_jax.parallel.mesh import MeshShape, local_mesh
 
     config = _sweep_config(args)  # checks the options before anything loads
+    if args.span_hosts and args.devices:
+        raise DroJaxError("--devices picks this process's own devices; with --span-hosts every device of the job is used")
+    if args.dcn_mesh and not args.span_hosts:
+        raise DroJaxError("--dcn-mesh lays out a mesh across hosts: use it with --span-hosts")
     prompts = [parse_prompt_setting(spec) for spec in args.prompts]
     datasets = {spec: read_queries(spec, args.field) for spec in args.datasets}
     shape = MeshShape.parse(args.mesh) if args.mesh else None
     out = prepare_output_dir(args.out) if not args.process_id else None
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    mesh = local_mesh(args.devices, shape)
+    if args.span_hosts:
+        mesh = start_job(args)
+    else:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        mesh = local_mesh(args.devices, shape)
     if args.judge_model:
         config = dataclasses.replace(config, safety=model_judge(args, args.batch_size, mesh))
     rows = run_sweep(args.models, prompts, datasets, config, mesh)

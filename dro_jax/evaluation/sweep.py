@@ -15,7 +15,10 @@ A model that cannot be loaded, or a prompt that does not fit a model, gives
 error rows instead of stopping the sweep. With several processes (see
 `dro_jax.parallel.distributed`), each one evaluates a contiguous share of every
 query set on its local devices and the responses are gathered, so every
-process returns the whole table.
+process returns the whole table; or, on a mesh that spans the processes (for a
+model too large for one host's devices), every process takes part in every
+batch, each model's weights split over the whole job, as `run` and `evaluate`
+do.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel, load_model
 from dro_jax.parallel.distributed import allgather_json, process_share, shows_progress
+from dro_jax.parallel.mesh import process_count
 
 
 def harmful_by_name(specs: Sequence[str]) -> tuple[str, ...]:
@@ -135,7 +139,8 @@ def run_sweep(
     mesh: Mesh | None = None,
     progress: bool = True,
 ) -> list[SweepRow]:
-    """Rows for every model (name or path) x prompt x dataset, in that order; batches are split over `mesh`."""
+    """Rows for every model (name or path) x prompt x dataset, in that order; batches are split over `mesh`: this
+    process's devices (each process then takes a share of the queries) or the whole job's."""
     if not models or not prompts or not datasets:
         raise DroJaxError("a sweep needs at least one model, one prompt setting and one query set")
     empty = [name for name, queries in datasets.items() if not queries]
@@ -181,8 +186,9 @@ def _measure(
 ) -> SweepRow:
     """Evaluates this process's share of the queries (with their `suffixes`, if any; the judge model `safety`,
     given for a harmful set, judging that share's responses), then builds the row (named `label`) from every
-    process's share."""
-    share = process_share(len(queries))
+    process's share. On a mesh over several processes the share is every query, computed together."""
+    whole_job = process_count(mesh) > 1
+    share = range(len(queries)) if whole_job else process_share(len(queries))
     mine = queries[share.start : share.stop]
     my_suffixes = None if suffixes is None else suffixes[share.start : share.stop]
     try:
@@ -190,9 +196,9 @@ def _measure(
             references[name] = _reference_share(model, name, mine, my_suffixes, share.start, config, mesh, safety)
         part = _evaluate_share(model, setting, name, mine, my_suffixes, share.start, config, mesh, references[name], safety)
     except DroJaxError as err:
-        where = f" (queries {share.start + 1}-{share.stop}, process {jax.process_index()})" if jax.process_count() > 1 else ""
+        where = f" (queries {share.start + 1}-{share.stop}, process {jax.process_index()})" if jax.process_count() > 1 and not whole_job else ""
         part = {"error": f"{err}{where}"}
-    parts = allgather_json(part)
+    parts = [part] if whole_job else allgather_json(part)
     errors = [p["error"] for p in parts if "error" in p]
     if errors:
         return SweepRow(spec, label, name, len(queries), error=errors[0])

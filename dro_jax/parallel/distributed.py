@@ -26,7 +26,8 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
     """Joins a multi-process job (all three given, or `coordinator` "auto" alone, where jax detects the
     cluster), or does nothing (none given: one process).
 
-    Must run before anything touches a jax device.
+    Must run before anything touches a jax device. A process joins once: later calls (a second command run
+    in the same process) keep the job it joined.
     """
     given = [value is not None for value in (coordinator, num_processes, process_id)]
     if not any(given):
@@ -47,6 +48,8 @@ def initialize(coordinator: str | None, num_processes: int | None, process_id: i
 
 
 def _join(*args) -> None:
+    if jax.distributed.is_initialized():
+        return
     try:
         jax.distributed.initialize(*args)
     except (RuntimeError, ValueError) as err:

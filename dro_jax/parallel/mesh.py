@@ -115,12 +115,17 @@ def describe_mesh(mesh: Mesh) -> str:
     "mesh data=2,fsdp=1,model=4 over 8 device(s) of 2 process(es); device ids by (data, model): [[0 1 2 3] [4 5 6 7]]"."""
     split = [axis for axis in MESH_AXES if mesh.shape[axis] > 1]
     ids = np.vectorize(lambda device: device.id)(mesh.devices).reshape([mesh.shape[axis] for axis in split])
-    processes = len({device.process_index for device in mesh.devices.flat})
+    processes = process_count(mesh)
     grid = " ".join(np.array2string(ids, separator=" ", threshold=64).split())
     return (
         f"mesh {','.join(f'{axis}={mesh.shape[axis]}' for axis in MESH_AXES)} over {mesh.devices.size} device(s) of {processes} "
         f"process(es); device ids by ({', '.join(split)}): {grid}"
     )
+
+
+def process_count(mesh: Mesh | None) -> int:
+    """How many processes own the mesh's devices (1 without a mesh)."""
+    return 1 if mesh is None else len({device.process_index for device in mesh.devices.flat})
 
 
 def data_mesh(devices: list | None = None) -> Mesh:

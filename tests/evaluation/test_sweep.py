@@ -123,6 +123,10 @@ def test_config_and_flag_errors(capsys, tmp_path):
     base = ["sweep", "--models", "x", "--datasets", "harmful_test", "--out", str(tmp_path / "o")]
     assert main([*base, "--temperature", "0.5"]) == 2
     assert "--temperature only apply with --num-samples" in capsys.readouterr().err
+    assert main([*base, "--span-hosts", "--devices", "1"]) == 2
+    assert "with --span-hosts every device of the job is used" in capsys.readouterr().err
+    assert main([*base, "--dcn-mesh", "data=2"]) == 2
+    assert "--dcn-mesh lays out a mesh across hosts: use it with --span-hosts" in capsys.readouterr().err
     assert main([*base, "--coordinator", "localhost:1234"]) == 2
     assert "needs all of --coordinator, --num-processes and --process-id" in capsys.readouterr().err
     assert main([*base, "--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"]) == 2
@@ -270,7 +274,8 @@ def recorded(model, encoded, *args, **kwargs):
     calls.append({"first": kwargs["first_query"], "queries": encoded.queries, "devices": kwargs["mesh"].devices.size})
     return original(model, encoded, *args, **kwargs)
 dro_jax.evaluation.sweep.measure_setting = recorded
-code = main(sys.argv[2:])
+at = sys.argv.index("--then")  # two commands in one process: the second one stays in the job the first joined
+code = main(sys.argv[2:at]) or main(sys.argv[at + 1:])
 with open(sys.argv[1], "w") as handle:
     json.dump(calls, handle)
 sys.exit(code)
@@ -280,27 +285,35 @@ sys.exit(code)
 
 
 def _start_two_processes(files: dict, tmp: Path) -> list[subprocess.Popen]:
-    """`sweep` as processes 0 and 1 of one job on localhost, 2 devices each, each recording what it evaluated."""
+    """`sweep` as processes 0 and 1 of one job on localhost, 2 devices each, each recording what it evaluated: first
+    with a share of the queries per process, then with the model on one mesh over both (--span-hosts)."""
     port = free_port()
+
+    def sweep(index: int, out: str, *extra: str) -> list[str]:
+        return ["sweep", "--models", str(files["directory"]), "--prompts", "short", "--datasets", str(files["queries"]),
+                "--max-new-tokens", str(MAX_NEW), "--refusal-phrases", str(files["phrases"]), "--out", str(tmp / f"{out}{index}"),
+                *host_args(port, index), *extra]
+
     return [
-        start([
-            sys.executable, "-c", RECORDING_CLI, str(tmp / f"calls{index}.json"), "sweep",
-            "--models", str(files["directory"]), "--prompts", "short", "--datasets", str(files["queries"]),
-            "--max-new-tokens", str(MAX_NEW), "--refusal-phrases", str(files["phrases"]), "--out", str(tmp / f"hosts{index}"),
-            *host_args(port, index),
-        ], devices=2)
+        start([sys.executable, "-c", RECORDING_CLI, str(tmp / f"calls{index}.json"),
+               *sweep(index, "hosts"), "--then", *sweep(index, "spanning", "--span-hosts", "--mesh", "fsdp=4", "--dcn-mesh", "fsdp=2")],
+              devices=2)
         for index in range(2)
     ]
 
 
-def test_two_processes_share_the_queries_and_each_hold_the_whole_table(setup, reference):
+def test_two_processes_share_the_queries_or_the_model_and_each_hold_the_whole_table(setup, reference):
     files, tmp = setup[2:]
     stdout = finish(_start_two_processes(files, tmp))
     calls = [json.loads((tmp / f"calls{index}.json").read_text()) for index in range(2)]
-    assert all(len(c) == 1 and c[0]["devices"] == 2 for c in calls), calls
-    first, second = (c[0] for c in calls)
+    assert all(len(c) == 2 for c in calls), calls
+    first, second = (c[0] for c in calls)  # shares: each process its own queries on its own 2 devices
+    assert first["devices"] == second["devices"] == 2
     assert first["first"] == 0 and second["first"] == len(first["queries"]) > 0
     assert first["queries"] + second["queries"] == QUERIES
-    assert not (tmp / "hosts1").exists()  # only process 0 writes
-    _assert_same_rows(_rows(tmp / "hosts0"), _rows(reference[1])[:1])
-    assert "| short |" in stdout[0] and "| short |" not in stdout[1]
+    # Spanning: both processes run every query on one mesh of 4 devices, each weight split over both (fsdp=4).
+    assert all(c[1] == {"first": 0, "queries": QUERIES, "devices": 4} for c in calls), calls
+    for out in ("hosts", "spanning"):
+        assert not (tmp / f"{out}1").exists()  # only process 0 writes
+        _assert_same_rows(_rows(tmp / f"{out}0"), _rows(reference[1])[:1])
+    assert stdout[0].count("| short |") == 2 and "| short |" not in stdout[1]
