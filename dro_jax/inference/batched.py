@@ -65,13 +65,26 @@ def run_batched(model: LoadedModel, encoded: EncodedQueries, step: Step, info: P
     params = place_params(model.params, model.config, mesh)
     longest = model.config.max_position_embeddings - info.added_tokens
     gathered = None
+
+    def collect(batch: PaddedBatch, on_device: Any) -> None:
+        nonlocal gathered
+        out = jax.tree.map(to_host, on_device)
+        if gathered is None:
+            gathered = jax.tree.map(lambda leaf: np.zeros((len(encoded), *leaf.shape[1:]), leaf.dtype), out)
+        real = batch.index >= 0
+        for whole, part in zip(jax.tree.leaves(gathered), jax.tree.leaves(out)):
+            whole[batch.index[real]] = part[real]
+        bar.update(batch.num_real)
+
+    # One batch in flight while the one before it is copied to the host: jax dispatches asynchronously, so the
+    # accelerator starts on the next batch instead of waiting for the host to fetch, pad and send it.
+    pending = None
     with tqdm(total=len(encoded), desc=info.desc, unit=info.unit, disable=not shows_progress(batching.progress)) as bar:
         for batch in encoded.batches(rows_per_batch(batching.batch_size, len(encoded), mesh), model.pad_id, longest):
-            out = jax.tree.map(to_host, step(params, encoded.model_inputs(batch, mesh), batch))
-            if gathered is None:
-                gathered = jax.tree.map(lambda leaf: np.zeros((len(encoded), *leaf.shape[1:]), leaf.dtype), out)
-            real = batch.index >= 0
-            for whole, part in zip(jax.tree.leaves(gathered), jax.tree.leaves(out)):
-                whole[batch.index[real]] = part[real]
-            bar.update(batch.num_real)
+            running = (batch, step(params, encoded.model_inputs(batch, mesh), batch))
+            if pending is not None:
+                collect(*pending)
+            pending = running
+        if pending is not None:
+            collect(*pending)
     return gathered

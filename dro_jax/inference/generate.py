@@ -127,6 +127,25 @@ def _generate(
     return generate_from_embeddings(params, config, embeds, inputs.attention_mask, stop_ids, row_keys, pad_id, sampling, shared)
 
 
+def start_generation(
+    params: Params,
+    config: ModelConfig,
+    inputs: ModelInputs,
+    stop_ids: list[int],
+    sampling: SamplingConfig,
+    row_keys: jax.Array | None = None,
+    pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Token-id front end of `generate_from_embeddings`, compiled: left-padded ids [b, t] (the rows' own parts
+    after `inputs.prefix`, when given), an optional soft prompt in the prefix or in the rows. Returns as soon as
+    the work is dispatched, with the new tokens and their counts still on the devices."""
+    if row_keys is None:
+        row_keys = jax.random.split(jax.random.key(0), inputs.token_ids.shape[0])
+    inputs = inputs._replace(token_ids=jnp.asarray(inputs.token_ids), attention_mask=jnp.asarray(inputs.attention_mask))
+    stops = jnp.asarray(list(stop_ids), jnp.int32).reshape(-1)
+    return _generate(params, config, inputs, stops, row_keys, jnp.int32(pad_id), sampling)
+
+
 def generate_tokens(
     params: Params,
     config: ModelConfig,
@@ -136,11 +155,6 @@ def generate_tokens(
     row_keys: jax.Array | None = None,
     pad_id: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id front end of `generate_from_embeddings`, compiled: left-padded ids [b, t] (the rows' own parts
-    after `inputs.prefix`, when given), an optional soft prompt in the prefix or in the rows."""
-    if row_keys is None:
-        row_keys = jax.random.split(jax.random.key(0), inputs.token_ids.shape[0])
-    inputs = inputs._replace(token_ids=jnp.asarray(inputs.token_ids), attention_mask=jnp.asarray(inputs.attention_mask))
-    stops = jnp.asarray(list(stop_ids), jnp.int32).reshape(-1)
-    tokens, lengths = _generate(params, config, inputs, stops, row_keys, jnp.int32(pad_id), sampling)
+    """`start_generation`'s new tokens [b, max_new] and their counts [b], on the host."""
+    tokens, lengths = start_generation(params, config, inputs, stop_ids, sampling, row_keys, pad_id)
     return to_host(tokens), to_host(lengths)

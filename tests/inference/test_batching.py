@@ -52,3 +52,25 @@ def test_the_representation_pass_compiles_once_per_length_bucket(tiny_model_dir)
     last_position_states.clear_cache()
     assert compiles([9, 16, 12, 10, 11, 13, 15]) == 1  # batches of 16 and 13 tokens (and a filler row), one bucket
     assert compiles([20, 22, 17, 18, 9, 10, 11, 12]) == 1  # the 24-token bucket is new, the 16-token one is not
+
+
+def test_the_next_batch_is_dispatched_before_the_last_one_is_fetched(tiny_model_dir, monkeypatch):
+    """run_batched keeps one batch in flight: batch k + 1's step starts before batch k's outputs are copied to the
+    host (so an accelerator does not wait on the host between batches), and every result still lands in input order."""
+    import dro_jax.inference.batched as batched
+    from dro_jax.inference.encoding import EncodedQueries
+    from dro_jax.loading import load_model
+
+    model = load_model(tiny_model_dir("llama")[0], with_tokenizer=False, progress=False)
+    events = []
+    fetch = batched.to_host
+    monkeypatch.setattr(batched, "to_host", lambda x: events.append(("fetch", int(np.asarray(x).min()))) or fetch(x))
+
+    def step(params, inputs, batch):
+        events.append(("step", int(batch.index[batch.index >= 0].min())))
+        return np.where(batch.index >= 0, batch.index, 99)  # each row's input number
+
+    sequences = [[5] * n for n in (3, 9, 4, 10, 2, 11, 6)]  # longest first: batches {5, 3}, {1, 6}, {2, 0}, {4}
+    out = batched.run_batched(model, EncodedQueries.of(sequences), step, batched.PassInfo("test"), batched.Batching(2, None, False))
+    assert out.tolist() == list(range(7))
+    assert events == [("step", 3), ("step", 1), ("fetch", 3), ("step", 0), ("fetch", 1), ("step", 4), ("fetch", 0), ("fetch", 4)]
