@@ -1,15 +1,15 @@
-"""`python -m dro_jax.bench anchor|forward|generate|parity|train-step|memory-plan`: benchmark and parity tables, the transformers baseline included."""
+"""`python -m dro_jax.bench anchor|forward|generate|parity|train-step|memory-plan|run`: benchmark and parity tables, the transformers baseline included."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from dro_jax.bench import anchor, forward, generation, memory_plan, parity, train_step
+from dro_jax.bench import anchor, forward, generation, main_job, memory_plan, parity, train_step
 from dro_jax.common.errors import DroJaxError
 
 BENCHMARKS = {"anchor": anchor, "forward": forward, "generate": generation, "parity": parity, "train-step": train_step,
-              "memory-plan": memory_plan}
+              "memory-plan": memory_plan, "run": main_job}
 
 
 def main(argv: list[str] | None = None) -> int:

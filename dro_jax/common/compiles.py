@@ -58,9 +58,12 @@ def use_compilation_cache(where: str | None = None) -> Path | None:
 
     Every program is kept, however quickly it compiled (jax keeps only those
     over a second by default; a run's many sub-second programs add up), unless
-    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. Call it before
-    the first compile. Returns the directory, or None when off.
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise. A later call
+    reopens the cache in its new place. Returns the directory, or None when off.
     """
+    from jax.experimental.compilation_cache.compilation_cache import reset_cache
+
+    reset_cache()  # jax opens its cache once; a process that compiled before would keep the old directory
     if where == "off":
         jax.config.update("jax_enable_compilation_cache", False)
         return None
