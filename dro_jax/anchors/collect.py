@@ -140,7 +140,7 @@ def _sampled_compliance(
     )
     return np.concatenate([
         compliance_rates(
-            model, encoded.select(rows), sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, rows.start, judge_model,
+            model, encoded.select(rows), sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, rows, judge_model,
             longest=config.keep_longest,
         )
         for sampling, rows, judge_model in parts

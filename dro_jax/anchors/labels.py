@@ -41,7 +41,7 @@ def compliance_rates(
     judge: RefusalJudge | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
-    first_query: int = 0,
+    query_numbers: Sequence[int] | None = None,
     safety: SafetyJudge | None = None,
     harmful: Sequence[bool] | None = None,
     longest: int | None = None,
@@ -49,9 +49,9 @@ def compliance_rates(
     """[n] share of each encoded query's `num_samples` sampled responses that comply: that the judge does not
     call a refusal and, for a harmful query (`harmful`: per query, default: all) when the judge model `safety`
     is given, that also pass the rest of the paper's rule (`Response.complied`). With `longest`, only each
-    query's that many longest responses by words count (the reference's label: 20 of 25); `first_query`: see
+    query's that many longest responses by words count (the reference's label: 20 of 25); `query_numbers`: see
     `generate_responses`."""
-    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query)
+    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, query_numbers)
     responses = keep_longest(responses, longest)
     complied = np.zeros(len(encoded))
     for response in judge_harm(responses, safety, harmful, progress):

@@ -48,15 +48,15 @@ def measure_setting(
     openings: Openings = Openings(),
     progress: bool = True,
     mesh: Mesh | None = None,
-    first_query: int = 0,
+    query_numbers: Sequence[int] | None = None,
     reference_replies: Sequence[Sequence[int]] | None = None,
     safety: SafetyJudge | None = None,
 ) -> Measurement:
     """`num_samples` judged responses per query, one scoring pass and, given `reference_replies` (token ids,
     one per query), their teacher-forced likelihood, all on the same encoded queries; batches split over
-    `mesh`; `first_query`: see `generate_responses`. `safety`, the judge model, is given for a harmful set
+    `mesh`; `query_numbers`: see `generate_responses`. `safety`, the judge model, is given for a harmful set
     only: every response then also carries its verdict."""
-    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query)
+    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, query_numbers)
     responses = judge_harm(responses, safety, progress=progress)
     scores = score_refusal(model, encoded, openings, batch_size, progress, mesh)
     nll = None if reference_replies is None else reply_nll(model, encoded, reference_replies, batch_size, progress, mesh)
@@ -77,13 +77,13 @@ def measure_reference(
     openings: Openings = Openings(),
     progress: bool = True,
     mesh: Mesh | None = None,
-    first_query: int = 0,
+    query_numbers: Sequence[int] | None = None,
     safety: SafetyJudge | None = None,
 ) -> tuple[ReplyReference, Measurement]:
     """The reply reference of a query set (its greedy replies with no safety prompt, and their likelihood)
     and the greedy measurement it came from (`safety`: see `measure_setting`)."""
     measured = measure_setting(
-        model, encoded_without_prompt, reference_decoding(max_new_tokens), 1, 0, batch_size, judge, openings, progress, mesh, first_query,
+        model, encoded_without_prompt, reference_decoding(max_new_tokens), 1, 0, batch_size, judge, openings, progress, mesh, query_numbers,
         safety=safety,
     )
     replies = [r.token_ids for r in measured.responses]

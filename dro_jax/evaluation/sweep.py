@@ -13,7 +13,7 @@ starts with "harmful" (`harmful_by_name`).
 
 A model that cannot be loaded, or a prompt that does not fit a model, gives
 error rows instead of stopping the sweep. With several processes (see
-`dro_jax.parallel.distributed`), each one evaluates a contiguous share of every
+`dro_jax.parallel.distributed`), each one evaluates an interleaved share of every
 query set on its local devices and the responses are gathered, so every
 process returns the whole table; or, on a mesh that spans the processes (for a
 model too large for one host's devices), every process takes part in every
@@ -40,7 +40,7 @@ from dro_jax.evaluation.measure import (
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift, ReplyReference
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
-from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.respond import Response
@@ -180,23 +180,37 @@ def _load(spec: str, config: SweepConfig, mesh: Mesh | None) -> tuple[LoadedMode
     return model, None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Share:
+    """This process's queries of one set: their texts, suffixes (or None) and numbers in the whole set."""
+
+    name: str
+    queries: list[str]
+    suffixes: list[str] | None
+    numbers: list[int]
+
+    def encode(self, model: LoadedModel, setting: PromptSetting) -> EncodedQueries:
+        return encode_queries(model, self.queries, setting, self.name, self.suffixes)
+
+
 def _measure(
     model: LoadedModel, spec: str, setting: PromptSetting, label: str, name: str, queries: Sequence[str],
     suffixes: Sequence[str] | None, config: SweepConfig, mesh: Mesh | None, references: dict[str, dict], safety: SafetyJudge | None,
 ) -> SweepRow:
     """Evaluates this process's share of the queries (with their `suffixes`, if any; the judge model `safety`,
     given for a harmful set, judging that share's responses), then builds the row (named `label`) from every
-    process's share. On a mesh over several processes the share is every query, computed together."""
+    process's share. The shares interleave (process i of n takes queries i, i + n, ...), so that each process
+    gets queries of every kind and length and they finish together. On a mesh over several processes the share
+    is every query, computed together."""
     whole_job = process_count(mesh) > 1
-    share = range(len(queries)) if whole_job else process_share(len(queries))
-    mine = queries[share.start : share.stop]
-    my_suffixes = None if suffixes is None else suffixes[share.start : share.stop]
+    numbers = list(range(len(queries)) if whole_job else process_share(len(queries)))
+    share = _Share(name, [queries[i] for i in numbers], None if suffixes is None else [suffixes[i] for i in numbers], numbers)
     try:
         if name not in references:
-            references[name] = _reference_share(model, name, mine, my_suffixes, share.start, config, mesh, safety)
-        part = _evaluate_share(model, setting, name, mine, my_suffixes, share.start, config, mesh, references[name], safety)
+            references[name] = _reference_share(model, share, config, mesh, safety)
+        part = _evaluate_share(model, setting, share, config, mesh, references[name], safety)
     except DroJaxError as err:
-        where = f" (queries {share.start + 1}-{share.stop}, process {jax.process_index()})" if jax.process_count() > 1 and not whole_job else ""
+        where = f" (process {jax.process_index()}'s share of the queries)" if jax.process_count() > 1 and not whole_job else ""
         part = {"error": f"{err}{where}"}
     parts = [part] if whole_job else allgather_json(part)
     errors = [p["error"] for p in parts if "error" in p]
@@ -209,47 +223,45 @@ def _measure(
     return SweepRow.measured(spec, label, name, len(queries), responses, log_odds, drift, config.degeneration)
 
 
-def _reference_share(
-    model: LoadedModel, name: str, queries: Sequence[str], suffixes: Sequence[str] | None, first: int, config: SweepConfig,
-    mesh: Mesh | None, safety: SafetyJudge | None,
-) -> dict:
+def _reference_share(model: LoadedModel, share: _Share, config: SweepConfig, mesh: Mesh | None, safety: SafetyJudge | None) -> dict:
     """This process's share of the reply reference: the greedy no-prompt replies (token ids) and their NLL per
     token; with greedy decoding also the `none` row's part, which is the same measurement."""
-    if not queries:
-        return {"token_ids": [], "nll": [], "part": _share_part(None, 0, [])}
+    if not share.queries:
+        return {"token_ids": [], "nll": [], "part": _share_part(None, share, [])}
     reference, measured = measure_reference(
-        model, encode_queries(model, queries, NO_PROMPT, name, suffixes), config.sampling.max_new_tokens, config.batch_size,
-        config.judge, config.openings, progress=False, mesh=mesh, first_query=first, safety=safety,
+        model, share.encode(model, NO_PROMPT), config.sampling.max_new_tokens, config.batch_size,
+        config.judge, config.openings, progress=False, mesh=mesh, query_numbers=share.numbers, safety=safety,
     )
     greedy = config.sampling == reference_decoding(config.sampling.max_new_tokens)
     return {"token_ids": reference.token_ids, "nll": reference.nll.tolist(),
-            "part": _share_part(measured, first, reference.nll.tolist()) if greedy else None}
+            "part": _share_part(measured, share, reference.nll.tolist()) if greedy else None}
 
 
 def _evaluate_share(
-    model: LoadedModel, setting: PromptSetting, name: str, queries: Sequence[str], suffixes: Sequence[str] | None, first: int,
-    config: SweepConfig, mesh: Mesh | None, reference: dict, safety: SafetyJudge | None,
+    model: LoadedModel, setting: PromptSetting, share: _Share, config: SweepConfig, mesh: Mesh | None, reference: dict,
+    safety: SafetyJudge | None,
 ) -> dict:
     """Responses (query indices in the whole set), refusal log-odds and the reference replies' NLL under this
-    setting and under no prompt, for `queries`, as JSON-ready lists."""
-    if not queries:  # more processes than queries
-        return _share_part(None, first, [])
+    setting and under no prompt, for the share's queries, as JSON-ready lists."""
+    if not share.queries:  # more processes than queries
+        return _share_part(None, share, [])
     if setting.is_empty and reference["part"] is not None:
         return reference["part"]
     measured = measure_setting(
-        model, encode_queries(model, queries, setting, name, suffixes), config.sampling, config.num_samples, config.seed,
-        config.batch_size, config.judge, config.openings, progress=False, mesh=mesh, first_query=first,
+        model, share.encode(model, setting), config.sampling, config.num_samples, config.seed,
+        config.batch_size, config.judge, config.openings, progress=False, mesh=mesh, query_numbers=share.numbers,
         reference_replies=reference["token_ids"], safety=safety,
     )
-    return _share_part(measured, first, reference["nll"])
+    return _share_part(measured, share, reference["nll"])
 
 
-def _share_part(measured: Measurement | None, first: int, reference_nll: list[float]) -> dict:
-    """One process's part of a row as JSON-ready lists (empty without a measurement)."""
+def _share_part(measured: Measurement | None, share: _Share, reference_nll: list[float]) -> dict:
+    """One process's part of a row as JSON-ready lists (empty without a measurement), its responses numbered in
+    the whole set."""
     if measured is None:
         return {"responses": [], "log_odds": [], "reply_nll": [], "reference_nll": []}
     return {
-        "responses": [dataclasses.asdict(dataclasses.replace(r, query_index=r.query_index + first)) for r in measured.responses],
+        "responses": [dataclasses.asdict(dataclasses.replace(r, query_index=share.numbers[r.query_index])) for r in measured.responses],
         "log_odds": measured.scores.log_odds.tolist(),
         "reply_nll": measured.reference_nll.tolist(),
         "reference_nll": reference_nll,

@@ -105,16 +105,17 @@ def generate_responses(
     judge: RefusalJudge | None = None,
     progress: bool = True,
     mesh: jax.sharding.Mesh | None = None,
-    first_query: int = 0,
+    query_numbers: Sequence[int] | None = None,
 ) -> list[Response]:
     """`num_samples` responses per encoded query, ordered by query then sample, each judged by `judge`
     (default: the packaged string judge).
 
     With a mesh, each batch is split over its devices (one SPMD program) and
-    the results are the same as on one device. `first_query` is the index of
-    the first query in a set split over several processes: sample keys use the
-    index in that set, so a sample does not depend on the split (while
-    `Response.query_index` stays the position in `encoded`).
+    the results are the same as on one device. `query_numbers` are the
+    queries' numbers in a set shared out over several processes (default:
+    their positions in `encoded`): sample keys use them, so a sample does not
+    depend on the split (while `Response.query_index` stays the position in
+    `encoded`).
     """
     if num_samples < 1:
         raise DroJaxError(f"num-samples must be at least 1, got {num_samples}")
@@ -129,10 +130,11 @@ def generate_responses(
     prompts = encoded.select([q for q, _ in rows])
     query_of, sample_of = np.array(rows).T
     stops = stop_token_ids(model.tokenizer, model.source)
+    numbers = np.arange(len(encoded)) if query_numbers is None else np.asarray(query_numbers)
 
     def step(params, inputs: ModelInputs, batch: PaddedBatch) -> tuple[jax.Array, jax.Array]:
         row_ids = np.where(batch.index >= 0, batch.index, 0)
-        keys = shard_batch(sample_keys(seed, query_of[row_ids] + first_query, sample_of[row_ids]), mesh)
+        keys = shard_batch(sample_keys(seed, numbers[query_of[row_ids]], sample_of[row_ids]), mesh)
         with on_mesh(mesh):
             return start_generation(params, model.config, inputs, stops, sampling, keys, model.pad_id)
 

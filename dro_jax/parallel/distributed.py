@@ -101,10 +101,11 @@ def process_zero_decides(decide: Callable[[], T]) -> T:
 
 
 def process_share(num_items: int, index: int | None = None, count: int | None = None) -> range:
-    """The contiguous, near-equal part of `range(num_items)` that process `index` (default: this one) of `count` handles."""
+    """The items of `range(num_items)` that process `index` (default: this one) of `count` handles: every
+    `count`-th from `index`, so that a list sorted by length or topic is shared out evenly."""
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
-    return range(num_items * index // count, num_items * (index + 1) // count)
+    return range(index, num_items, count)
 
 
 def allgather_json(value: Any) -> list[Any]:

@@ -81,8 +81,8 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
 
     calls = []
 
-    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, first_query, safety, longest):
-        calls.append((encoded.queries, sampling.max_new_tokens, num_samples, judge, first_query, longest))
+    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, query_numbers, safety, longest):
+        calls.append((encoded.queries, sampling.max_new_tokens, num_samples, judge, list(query_numbers), longest))
         return np.full(len(encoded), sampling.max_new_tokens / 1000)
 
     monkeypatch.setattr(collect, "compliance_rates", recorded)
@@ -91,7 +91,7 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
     config = collect.AnchorConfig(settings=("none",), label="sampled", num_samples=25, keep_longest=20, sampling=sampling)
     judge = StringJudge.load("paper")
     data = collect.collect_anchor_data(model, QueryPairs(HARMFUL[:2], HARMLESS[:2]), config, judge=judge, progress=False)
-    assert calls == [(HARMFUL[:2], 300, 25, judge, 0, 20), (HARMLESS[:2], 200, 25, judge, 2, 20)]
+    assert calls == [(HARMFUL[:2], 300, 25, judge, [0, 1], 20), (HARMLESS[:2], 200, 25, judge, [2, 3], 20)]
     np.testing.assert_allclose(data.compliance, [0.3, 0.3, 0.2, 0.2])
 
 

@@ -108,12 +108,14 @@ def test_metrics_follow_the_paper():
     assert (row.queries_any_decline, row.any_decline_rate, row.apology_responses) == (1, 0.25, 1)
 
 
-def test_process_shares_are_contiguous_disjoint_and_complete():
+def test_process_shares_interleave_and_cover_every_item_once():
     for size in range(0, 9):
         for count in range(1, 5):
             shares = [process_share(size, index, count) for index in range(count)]
-            assert [i for share in shares for i in share] == list(range(size))
+            assert sorted(i for share in shares for i in share) == list(range(size))
+            assert all(list(share) == list(range(index, size, count)) for index, share in enumerate(shares))
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert list(process_share(7, 1, 3)) == [1, 4]
     assert process_share(7) == range(7) and allgather_json({"a": [1.5]}) == [{"a": [1.5]}]
 
 
@@ -141,7 +143,7 @@ def test_sample_keys_follow_the_index_in_the_whole_set(setup):
     sampling = SamplingConfig(greedy=False, max_new_tokens=MAX_NEW)
     whole = generate_responses(model, encode_queries(model, QUERIES[:4], "none"), sampling, num_samples=2, seed=3, batch_size=4, progress=False)
     share = generate_responses(
-        model, encode_queries(model, QUERIES[2:4], "none"), sampling, num_samples=2, seed=3, batch_size=4, progress=False, first_query=2
+        model, encode_queries(model, QUERIES[2:4], "none"), sampling, num_samples=2, seed=3, batch_size=4, progress=False, query_numbers=[2, 3]
     )
     assert [r.text for r in share] == [r.text for r in whole[4:]]
     assert [r.query_index for r in share] == [0, 0, 1, 1]
@@ -271,7 +273,7 @@ from dro_jax.cli.main import main
 calls = []
 original = dro_jax.evaluation.sweep.measure_setting
 def recorded(model, encoded, *args, **kwargs):
-    calls.append({"first": kwargs["first_query"], "queries": encoded.queries, "devices": kwargs["mesh"].devices.size})
+    calls.append({"numbers": list(kwargs["query_numbers"]), "queries": encoded.queries, "devices": kwargs["mesh"].devices.size})
     return original(model, encoded, *args, **kwargs)
 dro_jax.evaluation.sweep.measure_setting = recorded
 at = sys.argv.index("--then")  # two commands in one process: the second one stays in the job the first joined
@@ -307,12 +309,12 @@ def test_two_processes_share_the_queries_or_the_model_and_each_hold_the_whole_ta
     stdout = finish(_start_two_processes(files, tmp))
     calls = [json.loads((tmp / f"calls{index}.json").read_text()) for index in range(2)]
     assert all(len(c) == 2 for c in calls), calls
-    first, second = (c[0] for c in calls)  # shares: each process its own queries on its own 2 devices
+    first, second = (c[0] for c in calls)  # shares: each process every other query, on its own 2 devices
     assert first["devices"] == second["devices"] == 2
-    assert first["first"] == 0 and second["first"] == len(first["queries"]) > 0
-    assert first["queries"] + second["queries"] == QUERIES
+    assert first["numbers"] == list(range(0, len(QUERIES), 2)) and second["numbers"] == list(range(1, len(QUERIES), 2))
+    assert first["queries"] == QUERIES[0::2] and second["queries"] == QUERIES[1::2]
     # Spanning: both processes run every query on one mesh of 4 devices, each weight split over both (fsdp=4).
-    assert all(c[1] == {"first": 0, "queries": QUERIES, "devices": 4} for c in calls), calls
+    assert all(c[1] == {"numbers": list(range(len(QUERIES))), "queries": QUERIES, "devices": 4} for c in calls), calls
     for out in ("hosts", "spanning"):
         assert not (tmp / f"{out}1").exists()  # only process 0 writes
         _assert_same_rows(_rows(tmp / f"{out}0"), _rows(reference[1])[:1])
