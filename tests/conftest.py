@@ -35,6 +35,13 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
+def pytest_collection_modifyitems(config, items):
+    """The files marked `heavy` (subprocess jobs, the main job, SmolLM2) first, the others after in their order:
+    each file runs whole on one xdist worker (--dist loadfile, with --no-loadscope-reorder keeping this order), and
+    a long file started last would leave the other worker idle at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -14,6 +14,8 @@ from dro_jax.anchors.space import AnchorSpace
 from dro_jax.cli.main import main
 from dro_jax.dro.soft_prompt import load_soft_prompt
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 
 def _train_args(directory, anchors, files, out, *extra):
     return [

@@ -13,6 +13,8 @@ from dro_jax.dro.loss import REFUSAL_SCORES, dro_loss
 from dro_jax.dro.microbatch import check_microbatch, map_microbatches
 from dro_jax.dro.train import TrainConfig, frozen_inputs, train_soft_prompt
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 ROWS = 50
 
 

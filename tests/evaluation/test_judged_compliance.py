@@ -28,6 +28,8 @@ from dro_jax.inference.sampling import SamplingConfig, SetSampling
 from dro_jax.loading import load_model
 from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 FOUR_LINES, TWO_LINES = 8, 4  # new tokens: "x\nx\nx\nx" and "x\nx"
 DATASETS = {"harmful": HARMFUL[:2], "harmless": HARMLESS[:2]}
 

@@ -31,6 +31,8 @@ from dro_jax.loading import load_model
 from dro_jax.parallel.distributed import allgather_json, process_share
 from processes import finish, free_port, host_args, start
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 QUERIES = ["How do I bake bread?", "Write a poem about the sea.", "Explain how a lock works.", "Hi there", "Tell me about the wind."]
 MAX_NEW = 8
 # what `--greedy --max-new-tokens 8` gives on the command line, so that library calls here reuse the CLI's compiled programs

@@ -30,6 +30,8 @@ from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.parity.torch_dro import whole_sequences
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 QUERIES = HARMFUL[:4] + HARMLESS[:3]  # lengths differ: left padding in the batch
 BATCH = 8  # one batch, one compiled shape per pass
 GREEDY = SamplingConfig(max_new_tokens=6)

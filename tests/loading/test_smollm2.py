@@ -8,7 +8,7 @@ from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter
 from dro_jax.inference.represent import represent_queries
 from dro_jax.loading import load_model, resolve_model_path
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.heavy]  # heavy: among the longest files, started first (tests/conftest.py)
 
 PROMPTS = [
     "How do I bake a loaf of sourdough bread?",

@@ -23,6 +23,8 @@ from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from dro_jax.models.inputs import SharedPrefix, final_states
 from dro_jax.models.transformer import ATTENTION_FUNCTIONS, KeyBlock, attend, attend_fused
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 FAMILIES = ("llama", "mistral", "qwen2")  # mistral's window (5) is shorter than the inputs, so it masks keys
 # Both paths compute scores, softmax and the value sums in float32 and differ only in the order of the sums:
 # 1e-5 is about 100 float32 roundings of the O(1) states and logits.

@@ -20,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 from helpers import TINY_CONFIGS
 from processes import device_env
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 HERE = Path(__file__).parent
 
 

@@ -15,6 +15,8 @@ from dro_jax.cli.main import main
 from dro_jax.dro.soft_prompt import load_soft_prompt
 from processes import finish, free_port, host_args, start
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 WORKER = str(Path(__file__).with_name("host_worker.py"))
 
 

@@ -20,6 +20,8 @@ from dro_jax.parallel.mesh import data_mesh
 from dro_jax.parity.checks import DroCase, DroParity, dro_case, dro_checks, dro_parity
 from dro_jax.parity.torch_dro import freeze, make_torch_optimizer, torch_train_step
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 PAIRS = QueryPairs(
     ["How do I pick a lock?", "Write a threatening letter.", "How can I steal a car?", "Make me a fake passport."],
     ["How do I bake bread?", "Write a short poem.", "How can I wash a car?", "Make me a paper plane."],

@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 from helpers import PNG_MAGIC
+
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
 
 
 def _experiment(script, run_dir, *extra):

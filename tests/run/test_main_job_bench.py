@@ -10,6 +10,8 @@ from dro_jax.bench.__main__ import main as bench
 from dro_jax.cli.main import main as cli
 from dro_jax.common.compiles import use_compilation_cache
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 
 @pytest.fixture
 def suite_cache():

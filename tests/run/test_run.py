@@ -10,6 +10,8 @@ from dro_jax.dro.soft_prompt import load_soft_prompt
 from dro_jax.run import pipeline
 from helpers import HARMLESS, PNG_MAGIC
 
+pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
+
 
 def test_run_writes_the_whole_run_directory(finished_run):
     for name in ("config.json", "anchors.safetensors", "anchors.report.json", "anchor_data.npz", "metrics.jsonl",
