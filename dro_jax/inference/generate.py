@@ -14,14 +14,12 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import embed_tokens, input_embeddings, prefix_cache
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
-from dro_jax.parallel.sharding import to_host
 
 
 def candidates(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> tuple[jax.Array, jax.Array]:
@@ -127,7 +125,7 @@ def _generate(
     return generate_from_embeddings(params, config, embeds, inputs.attention_mask, stop_ids, row_keys, pad_id, sampling, shared)
 
 
-def start_generation(
+def generate_tokens(
     params: Params,
     config: ModelConfig,
     inputs: ModelInputs,
@@ -137,24 +135,11 @@ def start_generation(
     pad_id: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Token-id front end of `generate_from_embeddings`, compiled: left-padded ids [b, t] (the rows' own parts
-    after `inputs.prefix`, when given), an optional soft prompt in the prefix or in the rows. Returns as soon as
-    the work is dispatched, with the new tokens and their counts still on the devices."""
+    after `inputs.prefix`, when given), an optional soft prompt in the prefix or in the rows. Returns the new
+    tokens [b, max_new] and their counts [b] as soon as the work is dispatched: they are jax arrays still being
+    computed (reading them, e.g. `np.asarray`, waits), so a caller can send the next batch meanwhile."""
     if row_keys is None:
         row_keys = jax.random.split(jax.random.key(0), inputs.token_ids.shape[0])
     inputs = inputs._replace(token_ids=jnp.asarray(inputs.token_ids), attention_mask=jnp.asarray(inputs.attention_mask))
     stops = jnp.asarray(list(stop_ids), jnp.int32).reshape(-1)
     return _generate(params, config, inputs, stops, row_keys, jnp.int32(pad_id), sampling)
-
-
-def generate_tokens(
-    params: Params,
-    config: ModelConfig,
-    inputs: ModelInputs,
-    stop_ids: list[int],
-    sampling: SamplingConfig,
-    row_keys: jax.Array | None = None,
-    pad_id: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`start_generation`'s new tokens [b, max_new] and their counts [b], on the host."""
-    tokens, lengths = start_generation(params, config, inputs, stop_ids, sampling, row_keys, pad_id)
-    return to_host(tokens), to_host(lengths)

@@ -15,7 +15,7 @@ from dro_jax.inference.batching import PaddedBatch
 from dro_jax.inference.chat import stop_token_ids
 from dro_jax.inference.declines import DeclineJudge
 from dro_jax.inference.encoding import EncodedQueries, ModelInputs
-from dro_jax.inference.generate import start_generation
+from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
@@ -136,7 +136,7 @@ def generate_responses(
         row_ids = np.where(batch.index >= 0, batch.index, 0)
         keys = shard_batch(sample_keys(seed, numbers[query_of[row_ids]], sample_of[row_ids]), mesh)
         with on_mesh(mesh):
-            return start_generation(params, model.config, inputs, stops, sampling, keys, model.pad_id)
+            return generate_tokens(params, model.config, inputs, stops, sampling, keys, model.pad_id)
 
     tokens, lengths = run_batched(model, prompts, step, info, Batching(batch_size, mesh, progress))
     replies = [tuple(int(t) for t in row_tokens[:length]) for row_tokens, length in zip(tokens, lengths)]

@@ -218,11 +218,11 @@ spans = {{}}
 def record(module, name):
     original = getattr(module, name)
     def placed(params, config, rows, *args, **kwargs):
-        ids = getattr(rows, "token_ids", rows)  # start_generation takes the batch's ModelInputs whole
+        ids = getattr(rows, "token_ids", rows)  # generate_tokens takes the batch's ModelInputs whole
         spans.setdefault(name, set()).update([len(ids.sharding.device_set), len(jax.tree.leaves(params)[0].sharding.device_set)])
         return original(params, config, rows, *args, **kwargs)
     setattr(module, name, placed)
-record(dro_jax.inference.respond, "start_generation")
+record(dro_jax.inference.respond, "generate_tokens")
 record(dro_jax.inference.refusal_score, "continuation_log_probs")
 record(dro_jax.inference.represent, "last_position_states")
 
@@ -258,7 +258,7 @@ def test_four_devices_give_the_single_device_results(setup, reference):
     finish([_start_four_devices(files, tmp)])
     four = json.loads((tmp / "four.json").read_text())
     assert four["devices"] == 4
-    assert four["spans"] == {name: [4] for name in ("start_generation", "continuation_log_probs", "last_position_states")}
+    assert four["spans"] == {name: [4] for name in ("generate_tokens", "continuation_log_probs", "last_position_states")}
     assert four["texts"] == [r.text for r in responses]
     assert four["refusals"] == [r.refusal for r in responses]
     encoded = encode_queries(model, QUERIES, "short")

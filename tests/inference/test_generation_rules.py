@@ -59,13 +59,13 @@ def test_generation_uses_the_templates_stop_ids(tiny_model_dir, monkeypatch):
     model = load_model(tiny_model_dir("llama")[0], progress=False)
     model.tokenizer.eos_token = "<|endoftext|>"
     seen = []
-    generate = respond.start_generation
+    generate = respond.generate_tokens
 
     def spy(params, config, inputs, stop_ids, *rest):
         seen.append(list(stop_ids))
         return generate(params, config, inputs, stop_ids, *rest)
 
-    monkeypatch.setattr(respond, "start_generation", spy)
+    monkeypatch.setattr(respond, "generate_tokens", spy)
     generate_responses(model, encode_queries(model, HARMFUL[:1], "none"), SamplingConfig(max_new_tokens=2), progress=False)
     assert seen == [_ids(model.tokenizer, "<|endoftext|>", "<|im_end|>")]
 
