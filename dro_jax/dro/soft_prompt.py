@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
@@ -82,7 +82,7 @@ def initial_soft_prompt(params: Params, tokenizer, init: str) -> np.ndarray:
     if text is None:
         raise DroJaxError("a soft prompt needs an initial prompt text; 'none' has no tokens")
     ids = prompt_token_ids(tokenizer, text)
-    return to_host(embed_tokens(params, jnp.asarray(ids))).astype(np.float32)  # the table may span processes
+    return to_host(embed_tokens(params, jax.device_put(np.asarray(ids, np.int32)))).astype(np.float32)  # the table may span processes
 
 
 def random_soft_prompt(params: Params, num_rows: int, seed: int) -> np.ndarray:

@@ -125,13 +125,13 @@ def frozen_inputs(
 ) -> Frozen:
     """The loss's fixed inputs: the parameters, the training inputs' shared prefix, the anchor space (none
     for the prompt-tuning baseline) and the reply openings as the refusal scores read them."""
-    prefix = None if prefix is None else SharedPrefix(*map(jnp.asarray, prefix))
+    prefix = None if prefix is None else jax.device_put(prefix)
     if anchors is None:
         return Frozen(model.params, prefix, None, None, None, None)
-    readout = jax.tree.map(jnp.asarray, OpeningReadout.of(model.tokenizer, openings, model.config.vocab_size))
+    readout = jax.device_put(jax.tree.map(np.asarray, OpeningReadout.of(model.tokenizer, openings, model.config.vocab_size)))
     return Frozen(
-        model.params, prefix, jnp.asarray(anchors.mean), jnp.asarray(anchors.components),
-        jnp.asarray(anchors.refusal.weight), jnp.asarray(anchors.harmfulness.weight), readout,
+        model.params, prefix, *jax.device_put((anchors.mean, anchors.components, anchors.refusal.weight, anchors.harmfulness.weight)),
+        readout,
     )
 
 
@@ -223,7 +223,7 @@ def train_soft_prompt(
     optimizer = make_optimizer(config)
     objective = objective or dro_objective(model.config, config.loss_weights, config.remat, config.refusal_score, config.microbatch)
     step_fn = make_train_step(objective.loss, optimizer, mesh)
-    soft_prompt = jnp.asarray(initial, jnp.float32)
+    soft_prompt = jax.device_put(np.asarray(initial, np.float32))
     soft_prompt, opt_state = replicate((soft_prompt, optimizer.init(soft_prompt)), mesh)  # restored into this placement
     start, history = 0, []
     metrics_path = Path(metrics_path) if metrics_path else None

@@ -14,7 +14,6 @@ import dataclasses
 from typing import Iterator, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -114,11 +113,12 @@ class EncodedQueries:
     def model_inputs(self, batch: PaddedBatch, mesh: Mesh | None = None) -> ModelInputs:
         """The model functions' inputs for one batch: with a mesh, the rows are split over its devices and
         the soft prompt and the prefix are on every device."""
-        soft_prompt = None if self.soft_prompt is None else jnp.asarray(self.soft_prompt)
-        offsets = None if self.soft_prompt is None else jnp.asarray(batch.soft_offsets)
+        # jax.device_put, not jnp.asarray: on host values the latter compiles a small program per new shape
+        soft_prompt = None if self.soft_prompt is None else jax.device_put(self.soft_prompt)
+        offsets = None if self.soft_prompt is None else jax.device_put(batch.soft_offsets)
         token_ids, mask, offsets = shard_batch((batch.token_ids, batch.attention_mask, offsets), mesh)
         prefix = self.prefix()
-        prefix = None if prefix is None else SharedPrefix(*map(jnp.asarray, prefix))
+        prefix = None if prefix is None else jax.device_put(prefix)
         return ModelInputs(token_ids, mask, replicate(soft_prompt, mesh), offsets, replicate(prefix, mesh))
 
 

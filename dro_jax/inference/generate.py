@@ -14,6 +14,7 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.sampling import SamplingConfig
@@ -140,6 +141,5 @@ def generate_tokens(
     computed (reading them, e.g. `np.asarray`, waits), so a caller can send the next batch meanwhile."""
     if row_keys is None:
         row_keys = jax.random.split(jax.random.key(0), inputs.token_ids.shape[0])
-    inputs = inputs._replace(token_ids=jnp.asarray(inputs.token_ids), attention_mask=jnp.asarray(inputs.attention_mask))
-    stops = jnp.asarray(list(stop_ids), jnp.int32).reshape(-1)
-    return _generate(params, config, inputs, stops, row_keys, jnp.int32(pad_id), sampling)
+    stops = np.asarray(list(stop_ids), np.int32).reshape(-1)  # host values go into the compiled call as they are
+    return _generate(params, config, inputs, stops, row_keys, np.int32(pad_id), sampling)

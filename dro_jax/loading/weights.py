@@ -23,7 +23,6 @@ import dataclasses
 from typing import Any, Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -133,7 +132,7 @@ def build_params(
         list(zip(parameters, placements)), desc="loading weights", unit="tensor", disable=not shows_progress(progress), leave=False
     ):
         if sharding is None:
-            out.append(jnp.asarray(parameter.read(source, (slice(None),) * len(parameter.shape))))
+            out.append(jax.device_put(parameter.read(source, (slice(None),) * len(parameter.shape))))
         else:
             out.append(parameter.place(source, sharding))
     return jax.tree_util.tree_unflatten(treedef, out)
