@@ -53,8 +53,9 @@ from dro_jax.common.tables import markdown_table
 from dro_jax.dro.loss import LossWeights
 from dro_jax.dro.prompt_tuning import PromptTuningConfig, prepare_response_set, prompt_tuning_objective
 from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
-from dro_jax.dro.train import TrainingFiles, train_and_export
+from dro_jax.dro.train import TrainingFiles, train_soft_prompt
 from dro_jax.evaluation.evaluate import EvalRow
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS, PromptSetting
 from dro_jax.inference.declines import DeclineJudge
 from dro_jax.loading import LoadedModel, load_model
@@ -178,7 +179,7 @@ class Experiment:
         if not path.exists():
             directory.mkdir(parents=True, exist_ok=True)
             space, report, data = build_anchor_space(
-                self.model, QuerySets.read(config).train, config.anchor_config(), config.eval_batch_size, judge=config.string_judge(),
+                self.model, QuerySets.read(config).train, config.anchor_config(), config.string_judge(), batching=Batching(config.eval_batch_size),
             )
             data.save(data_path)
             save_anchor_space(space, report, path)
@@ -208,7 +209,7 @@ class Experiment:
         initial = initial_soft_prompt(self.model.params, self.model.tokenizer, config.init_prompt)
         data = prepare_response_set(self.model, pairs, config.init_prompt, len(initial), settings, config.seed)
         objective = prompt_tuning_objective(self.model.config, settings, config.remat, config.microbatch)
-        train_and_export(self.model, data, None, initial, config.train_config(epochs=epochs), files, resume=True, objective=objective)
+        train_soft_prompt(self.model, data, None, initial, config.train_config(epochs=epochs), files, resume=True, objective=objective)
 
     def rows(self, name: str, setting: PromptSetting, key: str) -> list[EvalRow]:
         """The evaluation rows of one setting on this experiment's sets (kept under `key`)."""

@@ -23,6 +23,7 @@ from common import main_guard
 from dro_jax.common.files import write_jsonl
 from dro_jax.data.queries import read_queries
 from dro_jax.dro.soft_prompt import load_soft_prompt
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import PROMPT_SETTINGS, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.respond import generate_responses
@@ -56,7 +57,7 @@ def main() -> None:
             queries = read_queries(name)
             encoded = encode_queries(model, queries, setting, name)
             for decoding, sampling in DECODINGS.items():
-                for reply in generate_responses(model, encoded, sampling, seed=args.seed, progress=False):
+                for reply in generate_responses(model, encoded, sampling, seed=args.seed, batching=Batching(progress=False)):
                     pool[kind].append({"setting": setting.name, "set": name, "kind": kind, "decoding": decoding,
                                        "query": reply.query, "reply": reply.text})
         for kind, replies in pool.items():

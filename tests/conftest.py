@@ -101,15 +101,15 @@ def tiny_dro(tiny_model_dir):
     from dro_jax.dro.soft_prompt import initial_soft_prompt
     from dro_jax.dro.training_set import prepare_training_set
     from dro_jax.loading import load_model
-    from helpers import HARMFUL, HARMLESS, TINY_FIT, TINY_OPENINGS
+    from helpers import HARMFUL, HARMLESS, QUIET, TINY_FIT, TINY_OPENINGS
 
     directory, _ = tiny_model_dir("llama")
     model = load_model(directory, progress=False)
     pairs = QueryPairs(HARMFUL, HARMLESS)
     config = AnchorConfig(settings=("none", "short"), openings=TINY_OPENINGS, fit=TINY_FIT)
-    anchors, report, _ = build_anchor_space(model, pairs, config, progress=False)
+    anchors, report, _ = build_anchor_space(model, pairs, config, batching=QUIET)
     initial = initial_soft_prompt(model.params, model.tokenizer, "short")
-    data = prepare_training_set(model, pairs, "short", len(initial), progress=False, openings=TINY_OPENINGS)
+    data = prepare_training_set(model, pairs, "short", len(initial), batching=QUIET, openings=TINY_OPENINGS)
     return TinyDro(directory, model, pairs, anchors, report, initial, data)
 
 

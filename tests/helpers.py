@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dro_jax.anchors.space import FitConfig
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.refusal_score import Openings
 
 CHATML_TEMPLATE = (
@@ -61,6 +62,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # the first bytes of every PNG file
 # Single-token openings keep the tiny model's refusal log-odds unsaturated; 3 folds keep the probes quick.
 TINY_OPENINGS = Openings(refusal=("No",), compliant=("Sure",))
 TINY_FIT = FitConfig(folds=3, learning_rate=1e-2)
+QUIET = Batching(progress=False)  # the batched passes' defaults without progress bars
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", tie_word_embeddings=False),

@@ -7,17 +7,18 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from jax.sharding import Mesh
 
 from dro_jax.anchors.labels import compliance_rates
 from dro_jax.anchors.space import AnchorSpace, FitConfig, fit_anchor_space
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import atomic_output
 from dro_jax.data.queries import QueryPairs
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings, score_refusal
+from dro_jax.inference.respond import Measuring
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SetSampling
 from dro_jax.loading import LoadedModel
 
@@ -31,7 +32,7 @@ class AnchorConfig:
     """`logodds`: compliance target sigmoid(-refusal log-odds), generation-free. `sampled`: the share
     of `num_samples` sampled responses that are not refusals (the paper's label), decoded per kind of query
     by `sampling`, judged by `judge` (default: the packaged `dro-jax` string judge); with a judge model
-    `safety`, the harmful queries' responses must also pass the rest of the paper's rule (see `compliance_rates`).
+    (`judge_model`), the harmful queries' responses must also pass the rest of the paper's rule (see `compliance_rates`).
 
     `keep_longest`: only each input's that many longest responses (by words) are judged, as the reference
     labels with the 20 longest of its 25 samples (its `pick_best_and_eval` writes the per-query rates its
@@ -101,25 +102,23 @@ def collect_anchor_data(
     model: LoadedModel,
     pairs: QueryPairs,
     config: AnchorConfig = AnchorConfig(),
-    batch_size: int = 32,
     judge: RefusalJudge | None = None,
-    progress: bool = True,
-    mesh: Mesh | None = None,
-    safety: SafetyJudge | None = None,
+    judge_model: SafetyJudge | None = None,
+    batching: Batching = Batching(),
 ) -> AnchorData:
     """Representations, refusal log-odds and compliance targets of every anchor query under every setting;
-    the representations and log-odds come from one forward pass per input (batches split over `mesh`). The
-    judge model `safety` judges the sampled label's responses to the harmful queries only."""
+    the representations and log-odds come from one forward pass per input. The
+    `judge_model` judges the sampled label's responses to the harmful queries only."""
     queries = pairs.queries
     flags = pairs.harmless_flags.astype(np.float32)
     states, compliance, log_odds, harmless_rows, names = [], [], [], [], []
     for setting in config.settings:
         encoded = encode_queries(model, queries, setting)
-        scores = score_refusal(model, encoded, config.openings, batch_size, progress, mesh)
+        scores = score_refusal(model, encoded, config.openings, batching)
         states.append(scores.states)
         log_odds.append(scores.log_odds.astype(np.float32))
         if config.label == "sampled":
-            compliance.append(_sampled_compliance(model, encoded, len(pairs.harmful), config, batch_size, judge, progress, mesh, safety))
+            compliance.append(_sampled_compliance(model, encoded, len(pairs.harmful), config, judge, judge_model, batching))
         else:
             compliance.append((1 / (1 + np.exp(scores.log_odds))).astype(np.float32))
         harmless_rows.append(flags)
@@ -128,22 +127,20 @@ def collect_anchor_data(
 
 
 def _sampled_compliance(
-    model: LoadedModel, encoded: EncodedQueries, num_harmful: int, config: AnchorConfig, batch_size: int,
-    judge: RefusalJudge | None, progress: bool, mesh: Mesh | None, safety: SafetyJudge | None,
+    model: LoadedModel, encoded: EncodedQueries, num_harmful: int, config: AnchorConfig, judge: RefusalJudge | None,
+    judge_model: SafetyJudge | None, batching: Batching,
 ) -> np.ndarray:
-    """[n] compliance rates of the harmful rows (judged by the judge model `safety` too, when given), then the
+    """[n] compliance rates of the harmful rows (judged by `judge_model` too, when given), then the
     harmless rows (the string judge alone), each decoded with its own sampling; sample keys use the row's index
     in `encoded`, so they do not depend on the split."""
     parts = (
-        (config.sampling.harmful, range(num_harmful), safety),
+        (config.sampling.harmful, range(num_harmful), judge_model),
         (config.sampling.harmless, range(num_harmful, len(encoded)), None),
     )
+    measuring = Measuring(config.num_samples, config.seed, judge)
     return np.concatenate([
-        compliance_rates(
-            model, encoded.select(rows), sampling, config.num_samples, config.seed, batch_size, judge, progress, mesh, rows, judge_model,
-            longest=config.keep_longest,
-        )
-        for sampling, rows, judge_model in parts
+        compliance_rates(model, encoded.select(rows), sampling, measuring, batching, rows, set_judge, config.keep_longest)
+        for sampling, rows, set_judge in parts
     ]).astype(np.float32)
 
 
@@ -157,22 +154,20 @@ def build_anchor_space(
     model: LoadedModel,
     pairs: QueryPairs,
     config: AnchorConfig = AnchorConfig(),
-    batch_size: int = 32,
     judge: RefusalJudge | None = None,
-    progress: bool = True,
-    mesh: Mesh | None = None,
-    safety: SafetyJudge | None = None,
+    judge_model: SafetyJudge | None = None,
+    batching: Batching = Batching(),
 ) -> tuple[AnchorSpace, dict, AnchorData]:
     """Collects the anchor data and fits the space; the report holds the probes' held-out metrics."""
-    check_judged_label(config, safety is not None)
-    data = collect_anchor_data(model, pairs, config, batch_size, judge, progress, mesh, safety)
+    check_judged_label(config, judge_model is not None)
+    data = collect_anchor_data(model, pairs, config, judge, judge_model, batching)
     metadata = {
         "model": model.source,
         "settings": list(config.settings),
         "num_harmful": len(pairs.harmful),
         "num_harmless": len(pairs.harmless),
         "num_samples": config.num_samples if config.label == "sampled" else 0,
-        **({} if safety is None else {"judge_model": safety.name}),
+        **({} if judge_model is None else {"judge_model": judge_model.name}),
     }
     space, report = data.fit(config.fit, config.label, metadata)
     return space, report, data

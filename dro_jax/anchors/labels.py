@@ -6,13 +6,13 @@ import dataclasses
 from typing import Sequence
 
 import numpy as np
-from jax.sharding import Mesh
 
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import PromptSetting, as_prompt_setting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.judges import RefusalJudge, SafetyJudge
-from dro_jax.inference.refusal_score import Openings, refusal_log_odds
-from dro_jax.inference.respond import generate_responses, judge_harm, keep_longest
+from dro_jax.inference.judges import SafetyJudge
+from dro_jax.inference.refusal_score import refusal_log_odds
+from dro_jax.inference.respond import Measuring, generate_responses, judge_harm, keep_longest
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 
@@ -35,26 +35,22 @@ def compliance_rates(
     model: LoadedModel,
     encoded: EncodedQueries,
     sampling: SamplingConfig,
-    num_samples: int,
-    seed: int = 0,
-    batch_size: int = 32,
-    judge: RefusalJudge | None = None,
-    progress: bool = True,
-    mesh: Mesh | None = None,
+    measuring: Measuring,
+    batching: Batching = Batching(),
     query_numbers: Sequence[int] | None = None,
-    safety: SafetyJudge | None = None,
-    harmful: Sequence[bool] | None = None,
+    judge_model: SafetyJudge | None = None,
     longest: int | None = None,
 ) -> np.ndarray:
-    """[n] share of each encoded query's `num_samples` sampled responses that comply: that the judge does not
-    call a refusal and, for a harmful query (`harmful`: per query, default: all) when the judge model `safety`
-    is given, that also pass the rest of the paper's rule (`Response.complied`). With `longest`, only each
+    """[n] share of each encoded query's sampled responses (`measuring.num_samples`) that comply: that the
+    string judge does not call a refusal and, when `judge_model` is given (every query is then a
+    harmful one), that also pass the rest of the paper's rule (`Response.complied`). With `longest`, only each
     query's that many longest responses by words count (the reference's label: 20 of 25); `query_numbers`: see
     `generate_responses`."""
-    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, query_numbers)
+    num_samples = measuring.num_samples
+    responses = generate_responses(model, encoded, sampling, num_samples, measuring.seed, measuring.judge, batching, query_numbers)
     responses = keep_longest(responses, longest)
     complied = np.zeros(len(encoded))
-    for response in judge_harm(responses, safety, harmful, progress):
+    for response in judge_harm(responses, judge_model, progress=batching.progress):
         complied[response.query_index] += response.complied
     return complied / (num_samples if longest is None else longest)
 
@@ -64,25 +60,22 @@ def label_queries(
     queries: Sequence[str],
     settings: Sequence[PromptSetting | str],
     sampling: SamplingConfig,
-    num_samples: int,
-    seed: int = 0,
-    batch_size: int = 32,
-    judge: RefusalJudge | None = None,
-    openings: Openings = Openings(),
-    progress: bool = True,
+    measuring: Measuring,
+    judge_model: SafetyJudge | None = None,
     source: str = "queries",
-    safety: SafetyJudge | None = None,
+    batching: Batching = Batching(),
 ) -> list[Label]:
-    """Labels for every query under every setting (`none`, a safety prompt name, custom text, or a soft prompt);
-    with the judge model `safety`, every query is judged as a harmful one."""
+    """Labels for every query under every setting (`none`, a safety prompt name, custom text, or a soft prompt):
+    the refusal log-odds of `measuring.openings` and, unless `measuring.num_samples` is 0, the compliance rate of
+    that many samples; with `judge_model`, every query is judged as a harmful one."""
     labels = []
     for setting in map(as_prompt_setting, settings):
         encoded = encode_queries(model, queries, setting, source)
-        log_odds = refusal_log_odds(model, encoded, openings, batch_size, progress)
+        log_odds = refusal_log_odds(model, encoded, measuring.openings, batching)
         compliance: list[float | None] = [None] * len(queries)
-        if num_samples > 0:
-            compliance = list(compliance_rates(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, safety=safety))
+        if measuring.num_samples > 0:
+            compliance = list(compliance_rates(model, encoded, sampling, measuring, batching, judge_model=judge_model))
         labels += [
-            Label(i, q, setting.name, num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
+            Label(i, q, setting.name, measuring.num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
         ]
     return labels

@@ -24,6 +24,7 @@ import numpy as np
 from dro_jax.bench.common import best_of
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import read_queries
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.batching import left_padded_batches
 from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.encoding import encode_queries
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> None:
     openings = Openings()
 
     def ours():
-        return {name: score_refusal(model, e, openings, args.batch_size, progress=False) for name, e in encoded.items()}
+        return {name: score_refusal(model, e, openings, Batching(args.batch_size, progress=False)) for name, e in encoded.items()}
 
     def theirs():
         return {name: torch_refusal_scores(torch_model, torch, e.sequences, openings, model.tokenizer, args.batch_size, model.pad_id)

@@ -22,6 +22,7 @@ import numpy as np
 from dro_jax.bench.common import best_of, layer_matmuls_gflops, matmul_peak_gflops, work_gflop
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import everyday_queries, read_queries
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.batching import left_padded_batches
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.represent import represent_tokens
@@ -59,10 +60,10 @@ def run(args: argparse.Namespace) -> None:
     batches = list(left_padded_batches(sequences, args.batch_size, model.pad_id))
 
     def dro_jax_batched():
-        return represent_tokens(model, encoded, args.batch_size, progress=False)
+        return represent_tokens(model, encoded, Batching(args.batch_size, progress=False))
 
     def dro_jax_whole():
-        return represent_tokens(model, whole, args.batch_size, progress=False)
+        return represent_tokens(model, whole, Batching(args.batch_size, progress=False))
 
     def torch_batched():
         out = np.zeros((len(sequences), config.hidden_size), np.float32)

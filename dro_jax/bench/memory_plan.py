@@ -257,9 +257,9 @@ def compile_generation(request: PlanRequest, mesh: Any, params: Any) -> StepMemo
     import jax
     import jax.numpy as jnp
 
-    from dro_jax.inference.encoding import ModelInputs
     from dro_jax.inference.generate import _generate
     from dro_jax.inference.sampling import SamplingConfig
+    from dro_jax.models.inputs import ModelInputs
     from dro_jax.parallel.sharding import batch_sharded, replicated
 
     rows, copied, split = request.rows, replicated(mesh), batch_sharded(mesh)

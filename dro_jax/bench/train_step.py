@@ -52,6 +52,7 @@ import numpy as np
 from dro_jax.bench.common import matmul_peak_gflops, work_gflop
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import QueryPairs, read_queries
+from dro_jax.inference.batched import Batching
 from dro_jax.loading import load_model
 from dro_jax.parity.torch_models import import_torch, load_torch_model
 
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> None:
     init = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt)
     openings = Openings.load(args.openings)
     reply_tokens = REPLY_TOKENS if args.replies else 0
-    data = prepare_training_set(model, pairs, args.init_prompt, init.shape[0], progress=False, openings=openings, reply_tokens=reply_tokens)
+    data = prepare_training_set(model, pairs, args.init_prompt, init.shape[0], openings, reply_tokens, batching=Batching(progress=False))
     train_config = TrainConfig(batch_size=min(args.batch_size, len(data)))
     mesh = data_mesh()
     index = batch_indices(len(data), train_config, 0)

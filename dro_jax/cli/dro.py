@@ -124,7 +124,7 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy response length (default: %(default)s)")
     evaluate.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
     add_judge_args(evaluate, "a response to a --harmful query (harmless ones: the string judge alone)")
-    evaluate.add_argument("--out", required=True, help="output .md table; a .json with the same rows is written next to it")
+    evaluate.add_argument("--out", required=True, help="output .md table; a .csv and a .json with the same rows are written next to it")
     add_mesh_args(evaluate)
     evaluate.set_defaults(run=_run_evaluate)
 
@@ -156,12 +156,13 @@ def _print_report(report: dict) -> None:
 def _build_anchors(args: argparse.Namespace, model, pairs, out: Path, mesh=None):
     from dro_jax.anchors.collect import build_anchor_space, check_judged_label
     from dro_jax.anchors.space import save_anchor_space
+    from dro_jax.inference.batched import Batching
     from dro_jax.parallel.distributed import is_writer
 
     config = _anchor_config(args)
     check_judged_label(config, bool(args.judge_model))
-    safety = model_judge(args, args.batch_size_eval, mesh, policy=model)
-    space, report, _ = build_anchor_space(model, pairs, config, args.batch_size_eval, mesh=mesh, safety=safety)
+    judge_model = model_judge(args, args.batch_size_eval, mesh, policy=model)
+    space, report, _ = build_anchor_space(model, pairs, config, judge_model=judge_model, batching=Batching(args.batch_size_eval, mesh))
     if is_writer():
         save_anchor_space(space, report, out)
         _print_report(report)
@@ -214,8 +215,9 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.data.queries import QueryPairs
     from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_objective
     from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
-    from dro_jax.dro.train import TrainConfig, TrainingFiles, train_and_export
+    from dro_jax.dro.train import TrainConfig, TrainingFiles, train_soft_prompt
     from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
+    from dro_jax.inference.batched import Batching
     from dro_jax.inference.refusal_score import Openings
     from dro_jax.loading import load_model, resolve_model_path
     from dro_jax.parallel.distributed import is_writer, process_zero_decides
@@ -245,7 +247,7 @@ def _run_train(args: argparse.Namespace) -> None:
     if baseline:
         if is_writer():
             print(f"prompt-tuning baseline: {baseline.describe()}", file=sys.stderr)
-        data = prepare_response_set(model, pairs, base_prompt, len(initial), baseline, args.seed, mesh=mesh)
+        data = prepare_response_set(model, pairs, base_prompt, len(initial), baseline, args.seed, Batching(mesh=mesh))
         objective = prompt_tuning_objective(model.config, baseline, args.remat, args.microbatch)
     else:
         if anchors is None:
@@ -253,11 +255,10 @@ def _run_train(args: argparse.Namespace) -> None:
             built = process_zero_decides(anchor_path.exists)  # before process 0 may write it
             anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, model, pairs, anchor_path, mesh)
         anchors.check_hidden_size(model.config.hidden_size)
-        data = prepare_training_set(
-            model, pairs, base_prompt, len(initial), openings=config.openings, mesh=mesh, reply_tokens=REPLY_TOKENS if weights.replies else 0,
-        )
+        reply_tokens = REPLY_TOKENS if weights.replies else 0
+        data = prepare_training_set(model, pairs, base_prompt, len(initial), config.openings, reply_tokens, batching=Batching(mesh=mesh))
         objective = dro_objective(model.config, weights, args.remat, args.refusal_score, args.microbatch)
-    result = train_and_export(model, data, anchors, initial, config, files, args.resume, objective=objective, mesh=mesh)
+    result = train_soft_prompt(model, data, anchors, initial, config, files, args.resume, objective=objective, mesh=mesh)
     if not is_writer():
         return
     last = result.metrics[-1] if result.metrics else {}
@@ -287,20 +288,23 @@ def _run_export(args: argparse.Namespace) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> None:
-    import dataclasses
-    import json
-
     from dro_jax.anchors.space import AnchorSpace
-    from dro_jax.common.files import check_writable, write_text
+    from dro_jax.common.files import check_writable
+    from dro_jax.common.tables import write_tables
     from dro_jax.data.queries import read_queries
     from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
-    from dro_jax.evaluation.evaluate import evaluate_settings, results_markdown
+    from dro_jax.evaluation.evaluate import EvalConfig, EvalRow, evaluate_settings, results_markdown
     from dro_jax.evaluation.measure import judge_note
+    from dro_jax.inference.batched import Batching
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.loading import load_model
     from dro_jax.parallel.distributed import is_writer
 
+    if Path(args.out).suffix != ".md":
+        raise DroJaxError(f"--out {args.out}: name the markdown table (.md); the .csv and .json are written beside it")
     out = check_writable(args.out)
+    for suffix in (".csv", ".json"):
+        check_writable(out.with_suffix(suffix))
     settings = [parse_prompt_setting(spec) for spec in args.settings + [SOFT_PREFIX + p for p in args.soft_prompt]]
     datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
@@ -311,15 +315,12 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     mesh = start_job(args)
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    safety = model_judge(args, args.batch_size, mesh, policy=model)
+    judge_model = model_judge(args, args.batch_size, mesh, policy=model)
     harmful = ("harmful",)
-    rows = evaluate_settings(
-        model, datasets, settings, anchors, sampling, batch_size=args.batch_size, mesh=mesh, suffix=suffix, safety=safety,
-        harmful_sets=harmful,
-    ).rows
+    config = EvalConfig(sampling, harmful_sets=harmful, suffix=suffix)
+    rows = evaluate_settings(model, datasets, settings, config, anchors, judge_model=judge_model, batching=Batching(args.batch_size, mesh)).rows
     if not is_writer():
         return
     table = results_markdown(rows) + "\n\n" + judge_note(args.judge_model, harmful)
-    write_text(out, table + "\n")
-    write_text(out.with_suffix(".json"), json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+    write_tables(out, rows, EvalRow, table)
     print(table)

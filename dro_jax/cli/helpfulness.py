@@ -71,9 +71,11 @@ def _run_helpfulness(args: argparse.Namespace) -> None:
 
     from dro_jax.data.queries import read_queries
     from dro_jax.dro.soft_prompt import parse_prompt_setting
+    from dro_jax.evaluation.evaluate import EvalConfig
     from dro_jax.evaluation.helpfulness import (
         check_settings, helpfulness_markdown, measure_helpfulness, prepare_helpfulness_dir, write_helpfulness,
     )
+    from dro_jax.inference.batched import Batching
     from dro_jax.inference.pairwise import ModelPairwiseJudge, check_template
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.loading import load_model
@@ -89,7 +91,8 @@ def _run_helpfulness(args: argparse.Namespace) -> None:
         judge = ModelPairwiseJudge(load_model(args.judge_model, args.dtype, attention=args.attention), template, batch_size=args.batch_size)
     model = load_model(args.model, args.dtype, attention=args.attention)
     source = Path(args.instructions).stem  # a packaged set's name, or the file's
-    result = measure_helpfulness(model, instructions, settings, args.reference_setting, judge, sampling, args.seed, args.batch_size, source)
+    config = EvalConfig(sampling, seed=args.seed)
+    result = measure_helpfulness(model, instructions, settings, args.reference_setting, judge, config, source, Batching(args.batch_size))
     paths = write_helpfulness(result, out)
     print(helpfulness_markdown(result.rows))
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)

@@ -54,6 +54,7 @@ def _run_represent(args: argparse.Namespace) -> None:
 
     from dro_jax.common.files import atomic_output, check_writable
     from dro_jax.data.queries import read_queries
+    from dro_jax.inference.batched import Batching
     from dro_jax.inference.represent import represent_queries
     from dro_jax.loading import load_model
 
@@ -61,7 +62,7 @@ def _run_represent(args: argparse.Namespace) -> None:
     queries = read_queries(args.queries, args.field)
     setting = prompt_setting(args)
     model = load_model(args.model, args.dtype, attention=args.attention)
-    states = represent_queries(model, queries, setting, args.batch_size, source=args.queries)
+    states = represent_queries(model, queries, setting, args.queries, Batching(args.batch_size))
     with atomic_output(out) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, states)
@@ -71,6 +72,7 @@ def _run_represent(args: argparse.Namespace) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable, write_jsonl
     from dro_jax.data.queries import read_queries
+    from dro_jax.inference.batched import Batching
     from dro_jax.inference.encoding import encode_queries
     from dro_jax.inference.judges import StringJudge
     from dro_jax.inference.respond import generate_responses
@@ -82,7 +84,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     setting = prompt_setting(args)
     model = load_model(args.model, args.dtype, attention=args.attention)
     encoded = encode_queries(model, queries, setting, args.queries)
-    responses = generate_responses(model, encoded, sampling, args.num_samples, args.seed, args.batch_size, judge)
+    responses = generate_responses(model, encoded, sampling, args.num_samples, args.seed, judge, Batching(args.batch_size))
     write_jsonl(out, (
         {"query": r.query, "query_index": r.query_index, "sample": r.sample, "setting": setting.name,
          "response": r.text, "num_tokens": r.num_tokens, "refusal": r.refusal}
@@ -99,7 +101,9 @@ def _run_label(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable, write_jsonl
     from dro_jax.data.queries import read_queries
     from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
+    from dro_jax.inference.batched import Batching
     from dro_jax.inference.judges import StringJudge
+    from dro_jax.inference.respond import Measuring
     from dro_jax.loading import load_model
 
     out = check_writable(args.out)
@@ -109,9 +113,9 @@ def _run_label(args: argparse.Namespace) -> None:
     queries = read_queries(args.queries, args.field)
     check_judge_args(args)
     model = load_model(args.model, args.dtype, attention=args.attention)
-    safety = model_judge(args, args.batch_size, policy=model)
+    judge_model = model_judge(args, args.batch_size, policy=model)
     labels = label_queries(
-        model, queries, settings, sampling, args.num_samples, args.seed, args.batch_size, judge, source=args.queries, safety=safety,
+        model, queries, settings, sampling, Measuring(args.num_samples, args.seed, judge), judge_model, args.queries, Batching(args.batch_size),
     )
     write_jsonl(out, (dataclasses.asdict(label) for label in labels))
     print(f"wrote {out}: {len(labels)} labels ({len(queries)} queries x {len(settings)} settings)", file=sys.stderr)

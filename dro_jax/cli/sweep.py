@@ -122,7 +122,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         mesh = local_mesh(args.devices, shape)
     if args.judge_model:
-        config = dataclasses.replace(config, safety=model_judge(args, args.batch_size, mesh))
+        config = dataclasses.replace(config, judge_model=model_judge(args, args.batch_size, mesh))
     rows = run_sweep(args.models, prompts, datasets, config, mesh)
     if jax.process_index() != 0:
         return

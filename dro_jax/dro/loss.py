@@ -47,7 +47,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.microbatch import map_microbatches
 from dro_jax.inference.refusal_score import OpeningReadout, continuation_log_probs, first_token_log_odds, log_odds_of
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import SharedPrefix, continuation_nll, final_states
+from dro_jax.models.inputs import ModelInputs, SharedPrefix, continuation_nll, final_states
 from dro_jax.models.transformer import Params, compute_logits
 
 # Short names the command line also accepts for a term.
@@ -183,14 +183,14 @@ def dro_loss(
 
     def through_model(rows):
         token_ids, attention_mask, offsets, reply_ids, reply_mask = rows
-        args = (frozen.params, config, token_ids, attention_mask)
+        inputs = ModelInputs(token_ids, attention_mask, soft_prompt, offsets, frozen.prefix)
         reply_nll = states = log_probs = None
         if with_replies:  # the states at the last query token come with the replies' pass
-            reply_nll, states = continuation_nll(*args, reply_ids, reply_mask, soft_prompt, offsets, remat, frozen.prefix)
+            reply_nll, states = continuation_nll(frozen.params, config, inputs, reply_ids, reply_mask, remat)
         if refusal_score == "openings":
-            log_probs, states = continuation_log_probs(*args, frozen.readout.tree, soft_prompt, offsets, frozen.prefix, remat)
+            log_probs, states = continuation_log_probs(frozen.params, config, inputs, frozen.readout.tree, remat)
         elif states is None:
-            states = final_states(*args, soft_prompt, offsets, remat, frozen.prefix)
+            states = final_states(frozen.params, config, inputs, remat)
         return log_probs, states, reply_nll
 
     rows = (batch.token_ids, batch.attention_mask, batch.soft_offsets, batch.reply_ids, batch.reply_mask)

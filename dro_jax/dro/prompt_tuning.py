@@ -18,13 +18,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from dro_jax.anchors.collect import LABEL_SAMPLING
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import Frozen, Objective, weighted_mean
 from dro_jax.dro.microbatch import map_microbatches
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting, resolve_system_prompt
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import RefusalJudge
@@ -208,8 +208,7 @@ def prepare_response_set(
     num_rows: int,
     settings: PromptTuningConfig = PromptTuningConfig(),
     seed: int = 42,
-    progress: bool = True,
-    mesh: Mesh | None = None,
+    batching: Batching = Batching(),
 ) -> ResponseSet:
     """Samples responses per query under `init_prompt` (and, with `settings.negatives`, under no prompt), judges
     them, and lays them out behind a `num_rows` slot: every row is trained with the soft prompt in its place."""
@@ -225,7 +224,7 @@ def prepare_response_set(
     def sample(setting: str) -> list[Response]:
         encoded = encode_queries(model, queries, PromptSetting.from_text(setting))
         responses = generate_responses(
-            model, encoded, sampling, settings.samples or settings.responses, seed, judge=settings.judge, progress=progress, mesh=mesh
+            model, encoded, sampling, settings.samples or settings.responses, seed, settings.judge, batching
         )
         return keep_longest(responses, settings.responses if settings.samples else None)
 

@@ -193,20 +193,34 @@ def _check_resumable(record: dict, fingerprint: dict, config: TrainConfig, direc
         raise DroJaxError(f"{directory}: the checkpoint was made with different settings ({', '.join(changed)}); resume with the same ones")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingFiles:
+    """Where a training run keeps its state: checkpoints/, metrics.jsonl and the exported soft prompt."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    soft_prompt = property(lambda self: self.root / "soft_prompt.safetensors")
+
+
 def train_soft_prompt(
     model: LoadedModel,
     data: Batches,
     anchors: AnchorSpace | None,
     initial: np.ndarray,
     config: TrainConfig,
-    checkpoint_dir: str | Path,
-    metrics_path: str | Path | None = None,
+    files: TrainingFiles,
     resume: bool = False,
     progress: bool = True,
     objective: Objective | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
-    """Runs (or resumes) training; checkpoints every `checkpoint_every` steps and at the end.
+    """Runs (or resumes) training into `files`: checkpoints every `checkpoint_every` steps and at the end, the
+    metrics of every step, and the trained prompt written in the paper's format beside them.
 
     `objective` defaults to DRO with `config.loss_weights` (`data` a
     `TrainingSet`); the prompt-tuning baseline passes its own objective and
@@ -219,14 +233,13 @@ def train_soft_prompt(
     rows = padded_batch_size(config.batch_size, mesh)
     check_microbatch(config.microbatch, rows, batch_devices(mesh))
     fingerprint = model_fingerprint(model)
-    checkpoints = TrainCheckpoints(checkpoint_dir, config.keep_checkpoints)
+    checkpoints = TrainCheckpoints(files.checkpoints, config.keep_checkpoints)
     optimizer = make_optimizer(config)
     objective = objective or dro_objective(model.config, config.loss_weights, config.remat, config.refusal_score, config.microbatch)
     step_fn = make_train_step(objective.loss, optimizer, mesh)
     soft_prompt = jax.device_put(np.asarray(initial, np.float32))
     soft_prompt, opt_state = replicate((soft_prompt, optimizer.init(soft_prompt)), mesh)  # restored into this placement
     start, history = 0, []
-    metrics_path = Path(metrics_path) if metrics_path else None
     latest = process_zero_decides(checkpoints.latest_step)  # which state to resume from is one decision for all hosts
     if latest is not None:
         if not resume:
@@ -235,7 +248,7 @@ def train_soft_prompt(
         process_zero_decides(lambda: _check_resumable(saved_record, fingerprint, config, checkpoints.directory))
         (soft_prompt, opt_state), record = checkpoints.restore((soft_prompt, opt_state), latest)
         start = record["step"]
-        history = process_zero_decides(lambda: _read_history(metrics_path, start))
+        history = process_zero_decides(lambda: _read_history(files.metrics, start))
     saved = start  # the last step checkpointed, kept here rather than read back from storage
     frozen = place_frozen(frozen_inputs(model, anchors, data.prefix, config.openings), model.config, mesh)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
@@ -246,8 +259,8 @@ def train_soft_prompt(
             "step": step, "epoch": step // steps_per_epoch(len(data), config.batch_size), "seed": config.seed,
             "config": config.to_dict(), "model": fingerprint, "num_examples": len(data),
         }
-        if metrics_path is not None and is_writer():  # first: a resume drops lines beyond its checkpoint, never misses one
-            write_jsonl(metrics_path, history)
+        if is_writer():  # first: a resume drops lines beyond its checkpoint, never misses one
+            write_jsonl(files.metrics, history)
         checkpoints.save(step, (soft_prompt, opt_state), record)
         saved = step
 
@@ -290,47 +303,15 @@ def train_soft_prompt(
             raise
         finally:
             checkpoints.close()
-    return TrainResult(to_host(soft_prompt), total, history)
+    result = TrainResult(to_host(soft_prompt), total, history)
+    if is_writer():
+        save_soft_prompt(files.soft_prompt, result.soft_prompt, {"model": model.source, "steps": str(total)})
+    return result
 
 
-def _read_history(metrics_path: Path | None, last_step: int) -> list[dict]:
+def _read_history(metrics_path: Path, last_step: int) -> list[dict]:
     """The metrics lines of the steps up to `last_step` (a resume drops those beyond its checkpoint)."""
-    if metrics_path is None or not metrics_path.exists():
+    if not metrics_path.exists():
         return []
     history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     return [record for record in history if record["step"] <= last_step]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingFiles:
-    """Where a training run keeps its state: checkpoints/, metrics.jsonl and the exported soft prompt."""
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    checkpoints = property(lambda self: self.root / "checkpoints")
-    metrics = property(lambda self: self.root / "metrics.jsonl")
-    soft_prompt = property(lambda self: self.root / "soft_prompt.safetensors")
-
-
-def train_and_export(
-    model: LoadedModel,
-    data: Batches,
-    anchors: AnchorSpace | None,
-    initial: np.ndarray,
-    config: TrainConfig,
-    files: TrainingFiles,
-    resume: bool = False,
-    progress: bool = True,
-    objective: Objective | None = None,
-    mesh: jax.sharding.Mesh | None = None,
-) -> TrainResult:
-    """`train_soft_prompt` into `files`, then the trained prompt written in the paper's format beside its checkpoints."""
-    result = train_soft_prompt(
-        model, data, anchors, initial, config, files.checkpoints, files.metrics, resume, progress, objective, mesh
-    )
-    if is_writer():
-        save_soft_prompt(files.soft_prompt, result.soft_prompt, {"model": model.source, "steps": str(result.steps)})
-    return result

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from jax.sharding import Mesh
 
+from dro_jax.anchors.collect import AnchorData
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import QueryBatch
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.batching import bucket_length
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import encode_queries
@@ -61,23 +62,26 @@ def prepare_training_set(
     pairs: QueryPairs,
     init_prompt: str,
     num_rows: int,
-    progress: bool = True,
-    base_states: np.ndarray | None = None,
-    reference: RefusalScores | None = None,
     openings: Openings = Openings(),
-    mesh: Mesh | None = None,
     reply_tokens: int = 0,
+    anchor_data: AnchorData | None = None,
+    batching: Batching = Batching(),
 ) -> TrainingSet:
     """Encodes the queries with a `num_rows`-row slot. Their states under `init_prompt` (base) and their states
-    and refusal log-odds (with `openings`) with no prompt (reference) are computed unless given (harmful then
-    harmless, e.g. from the anchor stage), in batches split over `mesh`. With `reply_tokens`, the harmless
-    queries' greedy replies with no prompt, at most that many tokens, are generated for the `replies` term."""
+    and refusal log-odds (with `openings`) with no prompt (reference) are taken from `anchor_data` where it holds
+    rows of those settings (the anchor stage's, on the same queries), computed otherwise. With `reply_tokens`, the
+    harmless queries' greedy replies with no prompt, at most that many tokens, are generated for the `replies` term."""
     queries = pairs.queries
     expected = (len(queries), model.config.hidden_size)
-    if base_states is None:
-        base_states = represent_tokens(model, encode_queries(model, queries, PromptSetting.from_text(init_prompt)), progress=progress, mesh=mesh)
-    if reference is None:
-        reference = score_refusal(model, encode_queries(model, queries, NO_PROMPT), openings, progress=progress, mesh=mesh)
+    base, plain = (anchor_data.rows_of(init_prompt), anchor_data.rows_of(NO_PROMPT)) if anchor_data else ([], [])
+    if len(base):
+        base_states = anchor_data.states[base]
+    else:
+        base_states = represent_tokens(model, encode_queries(model, queries, PromptSetting.from_text(init_prompt)), batching)
+    if len(plain):
+        reference = RefusalScores(anchor_data.refusal_log_odds[plain], anchor_data.states[plain])
+    else:
+        reference = score_refusal(model, encode_queries(model, queries, NO_PROMPT), openings, batching)
     for name, states in (("base", base_states), ("reference", reference.states)):
         if states.shape != expected:
             raise DroJaxError(f"{name} states are {states.shape}, expected {expected}")
@@ -85,20 +89,20 @@ def prepare_training_set(
     encoded = encode_queries(model, queries, placeholder)
     room = model.config.max_position_embeddings - encoded.prefix_length
     token_ids, mask, offsets = encoded.padded_rows(model.pad_id, min(bucket_length(max(map(len, encoded.rows))), room))
-    reply_ids, reply_mask = _no_prompt_replies(model, pairs, reply_tokens, progress, mesh)
+    reply_ids, reply_mask = _no_prompt_replies(model, pairs, reply_tokens, batching)
     return TrainingSet(
         queries, encoded.prefix(), token_ids, mask, offsets, base_states, reference.states,
         np.asarray(reference.log_odds, np.float32), pairs.harmless_flags, reply_ids, reply_mask,
     )
 
 
-def _no_prompt_replies(model: LoadedModel, pairs: QueryPairs, tokens: int, progress: bool, mesh: Mesh | None) -> tuple[np.ndarray, np.ndarray]:
+def _no_prompt_replies(model: LoadedModel, pairs: QueryPairs, tokens: int, batching: Batching) -> tuple[np.ndarray, np.ndarray]:
     """([n, tokens] ids, [n, tokens] mask): the harmless queries' greedy replies with no safety prompt (stop token
     included), right-padded; the harmful rows empty."""
     ids, mask = np.zeros((len(pairs), tokens), np.int32), np.zeros((len(pairs), tokens), np.int32)
     if tokens:
         encoded = encode_queries(model, list(pairs.harmless), NO_PROMPT, "harmless training queries")
-        replies = generate_responses(model, encoded, SamplingConfig(max_new_tokens=tokens), progress=progress, mesh=mesh)
+        replies = generate_responses(model, encoded, SamplingConfig(max_new_tokens=tokens), batching=batching)
         for reply in replies:
             row = len(pairs.harmful) + reply.query_index
             ids[row, : len(reply.token_ids)], mask[row, : len(reply.token_ids)] = reply.token_ids, 1

@@ -9,16 +9,16 @@ import dataclasses
 from typing import Collection, Mapping, Sequence
 
 import numpy as np
-from jax.sharding import Mesh
 
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
-    count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
+    Measuring, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge
@@ -87,6 +87,36 @@ class SettingOutcome:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class EvalConfig:
+    """How prompt settings are evaluated.
+
+    sampling: the decoding of every query set, or, as a mapping, of each set
+    by its name (the reference gives harmful and harmless queries different
+    lengths); `num_samples` replies per query drawn with `seed`, of which the
+    `longest` (by words; None: all) count; `judge`: the string judge (None:
+    the packaged one); `openings`: the scored reply openings; `degeneration`:
+    what counts as a broken reply; `harmful_sets`: the set names a judge
+    model judges too; `suffix`: with one, every setting (and the reference
+    replies) reads query + suffix, judges see the original query, and rows
+    name the setting with the suffix (`QuerySuffix.label`).
+    """
+
+    sampling: SamplingConfig | Mapping[str, SamplingConfig] = GREEDY
+    num_samples: int = 1
+    longest: int | None = None
+    seed: int = 0
+    judge: RefusalJudge | None = None
+    openings: Openings = Openings()
+    degeneration: DegenerationRule = DegenerationRule()
+    harmful_sets: Collection[str] = ()
+    suffix: QuerySuffix | None = None
+
+    @property
+    def measuring(self) -> Measuring:
+        return Measuring(self.num_samples, self.seed, self.judge, self.openings)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Evaluation:
     rows: list[EvalRow]
     outcomes: list[SettingOutcome]
@@ -97,52 +127,37 @@ def evaluate_settings(
     model: LoadedModel,
     datasets: dict[str, Sequence[str]],
     settings: Sequence[PromptSetting],
+    config: EvalConfig = EvalConfig(),
     anchors: AnchorSpace | None = None,
-    sampling: SamplingConfig | Mapping[str, SamplingConfig] = GREEDY,
-    num_samples: int = 1,
-    longest: int | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
-    judge: RefusalJudge | None = None,
-    openings: Openings = Openings(),
-    progress: bool = True,
-    mesh: Mesh | None = None,
     references: Mapping[str, ReplyReference] | None = None,
-    degeneration: DegenerationRule = DegenerationRule(),
-    suffix: QuerySuffix | None = None,
-    safety: SafetyJudge | None = None,
-    harmful_sets: Collection[str] = (),
+    judge_model: SafetyJudge | None = None,
+    batching: Batching = Batching(),
 ) -> Evaluation:
-    """Every setting on every dataset: responses judged for refusal, refusal log-odds, probe logits, reply
-    drift and degenerate responses; batches split over `mesh` (see `dro_jax.parallel.sharding`). On the
-    datasets named in `harmful_sets`, the judge model `safety` (when given) judges every response too.
+    """Every setting on every dataset, as `config` says: responses judged for refusal, refusal log-odds, probe
+    logits (with `anchors`), reply drift and degenerate responses, batched as `batching` says. On the datasets
+    `config` names harmful, `judge_model` (when given) judges every response too.
 
-    `sampling` decodes every dataset, or, as a mapping, each dataset by its
-    name (the reference gives harmful and harmless queries different lengths).
     Reply drift is measured on `references[dataset]` when given (e.g. a run's,
     to add settings to it), else on the greedy replies with no prompt, which
     are generated here (once: a greedy evaluation of `none` reuses them).
-    With `suffix`, every setting (and the reference replies) reads query +
-    suffix, judges see the original query, and rows name the setting with the
-    suffix (`QuerySuffix.label`).
     """
-    if longest is not None and not 1 <= longest <= num_samples:
-        raise DroJaxError(f"cannot keep the {longest} longest of {num_samples} responses per query")
-    suffixes = {} if suffix is None else suffix.per_set(datasets)
-    harmful = harmful_set_flags(list(datasets), harmful_sets, None if safety is None else safety.name)
+    if config.longest is not None and not 1 <= config.longest <= config.num_samples:
+        raise DroJaxError(f"cannot keep the {config.longest} longest of {config.num_samples} responses per query")
+    suffixes = {} if config.suffix is None else config.suffix.per_set(datasets)
+    harmful = harmful_set_flags(list(datasets), config.harmful_sets, None if judge_model is None else judge_model.name)
     rows, outcomes, used = [], [], {}
     for name, queries in datasets.items():
-        decoding = _decoding_of(sampling, name)
-        judge_model = safety if harmful[name] else None
+        decoding = _decoding_of(config.sampling, name)
+        set_judge = judge_model if harmful[name] else None  # the judge model judges harmful sets only
         baseline = None
         reference = (references or {}).get(name)
         reused = None  # the set's greedy measurement without a prompt, when the evaluation is greedy
         plain = encode_queries(model, queries, NO_PROMPT, name, suffixes.get(name))  # encoded once
         if reference is None:
             reference, greedy = measure_reference(
-                model, plain, decoding.max_new_tokens, batch_size, judge, openings, progress, mesh, safety=judge_model
+                model, plain, decoding.max_new_tokens, config.measuring, batching, judge_model=set_judge
             )
-            reused = greedy if decoding == reference_decoding(decoding.max_new_tokens) and num_samples == 1 else None
+            reused = greedy if decoding == reference_decoding(decoding.max_new_tokens) and config.num_samples == 1 else None
         used[name] = reference
         for setting in settings:
             if setting.is_empty and reused is not None:
@@ -150,10 +165,9 @@ def evaluate_settings(
             else:
                 encoded = plain if setting.is_empty else encode_queries(model, queries, setting, name, suffixes.get(name))
                 measured = measure_setting(
-                    model, encoded, decoding, num_samples, seed, batch_size, judge, openings, progress, mesh,
-                    reference_replies=reference.token_ids, safety=judge_model,
+                    model, encoded, decoding, config.measuring, batching, reference_replies=reference.token_ids, judge_model=set_judge,
                 )
-            responses = keep_longest(measured.responses, longest)
+            responses = keep_longest(measured.responses, config.longest)
             scores = measured.scores
             coords = logit = shift = None
             if anchors is not None:
@@ -165,12 +179,12 @@ def evaluate_settings(
             refused, any_refusal, any_compliance = count_refusals(responses, len(queries))
             judged, any_judged = count_harmful_compliance(responses, len(queries))
             declined, any_decline, apologies = count_declines(responses, len(queries))
-            broken = DegenerationCounts.of(responses, degeneration)
+            broken = DegenerationCounts.of(responses, config.degeneration)
             drift = reference.drift(measured.reference_nll)
             # The reference replies are no prompt's own greedy replies: their NLL under no prompt is the surprise's zero.
-            own = reference.nll[:, 0] if measured is reused else own_reply_nll(model, plain, measured.responses, batch_size, progress, mesh)
+            own = reference.nll[:, 0] if measured is reused else own_reply_nll(model, plain, measured.responses, batching)
             surprise = float(np.nanmean(own) - np.nanmean(reference.nll[:, 0]))
-            label = setting.name if suffix is None else suffix.label(setting.name)
+            label = setting.name if config.suffix is None else config.suffix.label(setting.name)
             rows.append(EvalRow(
                 label, name, len(queries), len(responses), refused, any_refusal, any_compliance,
                 float(np.mean(scores.log_odds)), logit, shift, drift.whole,
@@ -182,13 +196,13 @@ def evaluate_settings(
 
 
 def own_reply_nll(
-    model: LoadedModel, plain: EncodedQueries, responses: Sequence[Response], batch_size: int, progress: bool, mesh: Mesh | None
+    model: LoadedModel, plain: EncodedQueries, responses: Sequence[Response], batching: Batching
 ) -> np.ndarray:
     """[n] NLL per token under no prompt (`plain`, the queries encoded without one) of each query's first reply."""
     first = {}
     for response in responses:
         first.setdefault(response.query_index, response.token_ids)
-    return reply_nll(model, plain, [first[i] for i in range(len(plain))], batch_size, progress, mesh)[:, 0]
+    return reply_nll(model, plain, [first[i] for i in range(len(plain))], batching)[:, 0]
 
 
 def _decoding_of(sampling: SamplingConfig | Mapping[str, SamplingConfig], dataset: str) -> SamplingConfig:

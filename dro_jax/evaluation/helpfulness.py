@@ -21,18 +21,18 @@ with the reference setting's:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.common.files import write_jsonl, write_text
-from dro_jax.common.tables import dataclass_csv, markdown_table
-from dro_jax.evaluation.evaluate import EvalRow, evaluate_settings
+from dro_jax.common.files import write_jsonl
+from dro_jax.common.tables import markdown_table, write_tables
+from dro_jax.evaluation.evaluate import EvalConfig, EvalRow, evaluate_settings
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule
 from dro_jax.evaluation.sweep_output import prepare_output_dir
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.pairwise import PairwiseJudge
 from dro_jax.inference.respond import Response
@@ -117,28 +117,26 @@ def check_settings(settings: Sequence[PromptSetting], reference_setting: str) ->
         raise DroJaxError(f"unknown reference setting {reference_setting!r}: it must be one of the settings ({', '.join(names)})")
 
 
+ANSWERS = EvalConfig(SamplingConfig(max_new_tokens=200))  # one greedy answer of up to 200 tokens per instruction
+
+
 def measure_helpfulness(
     model: LoadedModel,
     instructions: Sequence[str],
     settings: Sequence[PromptSetting],
     reference_setting: str,
     judge: PairwiseJudge | None = None,
-    sampling: SamplingConfig = SamplingConfig(max_new_tokens=200),
-    seed: int = 0,
-    batch_size: int = 32,
+    config: EvalConfig = ANSWERS,
     source: str = "instructions",
-    progress: bool = True,
-    degeneration: DegenerationRule = DegenerationRule(),
+    batching: Batching = Batching(),
 ) -> Helpfulness:
-    """Answers of every setting to `instructions` (one each), their quality, and, with `judge`, each setting's
-    win rate against `reference_setting` (a setting name among `settings`)."""
+    """Answers of every setting to `instructions` (one each, decoded with `config.sampling` and `config.seed`),
+    their quality, and, with `judge`, each setting's win rate against `reference_setting` (a setting name among
+    `settings`)."""
     check_settings(settings, reference_setting)
     if not instructions:
         raise DroJaxError(f"{source}: no instructions")
-    evaluation = evaluate_settings(
-        model, {source: instructions}, settings, sampling=sampling, seed=seed, batch_size=batch_size, progress=progress,
-        degeneration=degeneration,
-    )
+    evaluation = evaluate_settings(model, {source: instructions}, settings, config, batching=batching)
     answers = {outcome.setting: outcome.responses for outcome in evaluation.outcomes}
     reference = [r.text for r in answers[reference_setting]]
     rows, records = [], []
@@ -146,9 +144,9 @@ def measure_helpfulness(
         responses = answers[row.setting]
         preferences = None
         if judge is not None:
-            preferences = pairwise_preferences(judge, instructions, [r.text for r in responses], reference, progress)
+            preferences = pairwise_preferences(judge, instructions, [r.text for r in responses], reference, batching.progress)
         rows.append(_row(row, responses, reference_setting if judge else None, preferences))
-        records += _records(row.setting, responses, degeneration, preferences)
+        records += _records(row.setting, responses, config.degeneration, preferences)
     return Helpfulness(rows, records)
 
 
@@ -204,9 +202,6 @@ def prepare_helpfulness_dir(directory: str | Path) -> Path:
 
 def write_helpfulness(result: Helpfulness, directory: Path) -> list[Path]:
     """helpfulness.md, .csv and .json (one row per setting) and answers.jsonl, each written atomically."""
-    md_path, csv_path, json_path, answers_path = (directory / name for name in FILE_NAMES)
-    write_text(md_path, helpfulness_markdown(result.rows) + "\n")
-    write_text(csv_path, dataclass_csv(result.rows, HelpfulnessRow))
-    write_text(json_path, json.dumps([dataclasses.asdict(row) for row in result.rows], indent=2, ensure_ascii=False) + "\n")
-    write_jsonl(answers_path, result.answers)
-    return [md_path, csv_path, json_path, answers_path]
+    paths = write_tables(directory / "helpfulness", result.rows, HelpfulnessRow, helpfulness_markdown(result.rows))
+    write_jsonl(directory / "answers.jsonl", result.answers)
+    return [*paths, directory / "answers.jsonl"]

@@ -17,15 +17,15 @@ import dataclasses
 from typing import Collection, Sequence
 
 import numpy as np
-from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.evaluation.quality import ReplyReference
-from dro_jax.inference.judges import RefusalJudge, SafetyJudge
+from dro_jax.inference.batched import Batching
+from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.inference.judges import SafetyJudge
 from dro_jax.inference.likelihood import reply_nll
-from dro_jax.inference.refusal_score import Openings, RefusalScores, score_refusal
-from dro_jax.inference.respond import Response, generate_responses, judge_harm
+from dro_jax.inference.refusal_score import RefusalScores, score_refusal
+from dro_jax.inference.respond import Measuring, Response, generate_responses, judge_harm
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 
@@ -41,25 +41,22 @@ def measure_setting(
     model: LoadedModel,
     encoded: EncodedQueries,
     sampling: SamplingConfig,
-    num_samples: int = 1,
-    seed: int = 0,
-    batch_size: int = 32,
-    judge: RefusalJudge | None = None,
-    openings: Openings = Openings(),
-    progress: bool = True,
-    mesh: Mesh | None = None,
+    measuring: Measuring = Measuring(),
+    batching: Batching = Batching(),
     query_numbers: Sequence[int] | None = None,
     reference_replies: Sequence[Sequence[int]] | None = None,
-    safety: SafetyJudge | None = None,
+    judge_model: SafetyJudge | None = None,
 ) -> Measurement:
-    """`num_samples` judged responses per query, one scoring pass and, given `reference_replies` (token ids,
-    one per query), their teacher-forced likelihood, all on the same encoded queries; batches split over
-    `mesh`; `query_numbers`: see `generate_responses`. `safety`, the judge model, is given for a harmful set
-    only: every response then also carries its verdict."""
-    responses = generate_responses(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, query_numbers)
-    responses = judge_harm(responses, safety, progress=progress)
-    scores = score_refusal(model, encoded, openings, batch_size, progress, mesh)
-    nll = None if reference_replies is None else reply_nll(model, encoded, reference_replies, batch_size, progress, mesh)
+    """Judged responses (`measuring.num_samples` per query), one scoring pass and, given `reference_replies`
+    (token ids, one per query), their teacher-forced likelihood, all on the same encoded queries; `query_numbers`:
+    see `generate_responses`. `judge_model` is given for a harmful set only: every response then
+    also carries its verdict."""
+    responses = generate_responses(
+        model, encoded, sampling, measuring.num_samples, measuring.seed, measuring.judge, batching, query_numbers
+    )
+    responses = judge_harm(responses, judge_model, progress=batching.progress)
+    scores = score_refusal(model, encoded, measuring.openings, batching)
+    nll = None if reference_replies is None else reply_nll(model, encoded, reference_replies, batching)
     return Measurement(responses, scores, nll)
 
 
@@ -72,22 +69,18 @@ def measure_reference(
     model: LoadedModel,
     encoded_without_prompt: EncodedQueries,
     max_new_tokens: int,
-    batch_size: int = 32,
-    judge: RefusalJudge | None = None,
-    openings: Openings = Openings(),
-    progress: bool = True,
-    mesh: Mesh | None = None,
+    measuring: Measuring = Measuring(),
+    batching: Batching = Batching(),
     query_numbers: Sequence[int] | None = None,
-    safety: SafetyJudge | None = None,
+    judge_model: SafetyJudge | None = None,
 ) -> tuple[ReplyReference, Measurement]:
     """The reply reference of a query set (its greedy replies with no safety prompt, and their likelihood)
-    and the greedy measurement it came from (`safety`: see `measure_setting`)."""
-    measured = measure_setting(
-        model, encoded_without_prompt, reference_decoding(max_new_tokens), 1, 0, batch_size, judge, openings, progress, mesh, query_numbers,
-        safety=safety,
-    )
+    and the greedy measurement it came from (one reply per query, whatever `measuring` draws elsewhere; `judge_model`:
+    see `measure_setting`)."""
+    once = dataclasses.replace(measuring, num_samples=1, seed=0)
+    measured = measure_setting(model, encoded_without_prompt, reference_decoding(max_new_tokens), once, batching, query_numbers, judge_model=judge_model)
     replies = [r.token_ids for r in measured.responses]
-    nll = reply_nll(model, encoded_without_prompt, replies, batch_size, progress, mesh)
+    nll = reply_nll(model, encoded_without_prompt, replies, batching)
     return ReplyReference(replies, nll), dataclasses.replace(measured, reference_nll=nll)
 
 

@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
-    Measurement, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting,
+    Measurement, Measuring, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting,
     reference_decoding,
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift, ReplyReference
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge
@@ -60,7 +61,7 @@ def harmful_by_name(specs: Sequence[str]) -> tuple[str, ...]:
 class SweepConfig:
     """How every row is measured: greedy by default; a sampling config gives `num_samples` responses per query;
     `suffix`: an adversarial suffix on every query (see `dro_jax.data.suffixes`; rows name it in `prompt`).
-    `safety`, the judge model, judges the responses to the query sets named in `harmful_datasets`."""
+    `judge_model` judges the responses to the query sets named in `harmful_datasets`."""
 
     sampling: SamplingConfig = SamplingConfig()
     num_samples: int = 1
@@ -72,7 +73,7 @@ class SweepConfig:
     judge: RefusalJudge = dataclasses.field(default_factory=StringJudge.default)
     degeneration: DegenerationRule = DegenerationRule()
     suffix: QuerySuffix | None = None
-    safety: SafetyJudge | None = None
+    judge_model: SafetyJudge | None = None
     harmful_datasets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -82,6 +83,10 @@ class SweepConfig:
             raise DroJaxError(f"greedy decoding gives one response per query; {self.num_samples} samples need sampling")
         if self.batch_size < 1:
             raise DroJaxError(f"batch-size must be at least 1, got {self.batch_size}")
+
+    @property
+    def measuring(self) -> Measuring:
+        return Measuring(self.num_samples, self.seed, self.judge, self.openings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +152,8 @@ def run_sweep(
     if empty:
         raise DroJaxError(f"{empty[0]}: the query set is empty")
     suffixes = {} if config.suffix is None else config.suffix.per_set(datasets)
-    harmful = harmful_set_flags(list(datasets), config.harmful_datasets, None if config.safety is None else config.safety.name)
+    sets = {name: _Share(name, list(queries), suffixes.get(name), list(range(len(queries)))) for name, queries in datasets.items()}
+    harmful = harmful_set_flags(list(datasets), config.harmful_datasets, None if config.judge_model is None else config.judge_model.name)
     rows = []
     total = len(models) * len(prompts) * len(datasets)
     with tqdm(total=total, desc="sweep", unit="row", disable=not shows_progress(progress) or jax.process_index() != 0) as bar:
@@ -155,14 +161,13 @@ def run_sweep(
             model, error = _load(spec, config, mesh)
             references: dict[str, dict] = {}  # per dataset: this process's share of the reply reference
             for setting in prompts:
-                for name, queries in datasets.items():
-                    label = setting.name if config.suffix is None else config.suffix.label(setting.name)
-                    bar.set_postfix_str(f"{spec} | {label} | {name}", refresh=False)
+                for name, whole in sets.items():
+                    bar.set_postfix_str(f"{spec} | {_label(setting, config)} | {name}", refresh=False)
                     if model is None:
-                        rows.append(SweepRow(spec, label, name, len(queries), error=error))
+                        rows.append(SweepRow(spec, _label(setting, config), name, len(whole.queries), error=error))
                     else:
-                        safety = config.safety if harmful[name] else None
-                        rows.append(_measure(model, spec, setting, label, name, queries, suffixes.get(name), config, mesh, references, safety))
+                        judge_model = config.judge_model if harmful[name] else None
+                        rows.append(_measure(model, spec, setting, whole, config, mesh, references, judge_model))
                     bar.update(1)
             del model  # free it before the next one loads
     return rows
@@ -182,7 +187,7 @@ def _load(spec: str, config: SweepConfig, mesh: Mesh | None) -> tuple[LoadedMode
 
 @dataclasses.dataclass(frozen=True)
 class _Share:
-    """This process's queries of one set: their texts, suffixes (or None) and numbers in the whole set."""
+    """Queries of one set (all of them, or one process's share): their texts, suffixes (or None) and numbers in the set."""
 
     name: str
     queries: list[str]
@@ -192,23 +197,35 @@ class _Share:
     def encode(self, model: LoadedModel, setting: PromptSetting) -> EncodedQueries:
         return encode_queries(model, self.queries, setting, self.name, self.suffixes)
 
+    def part(self, positions: Sequence[int]) -> "_Share":
+        """The queries at these positions of this share, with their suffixes and numbers."""
+        pick = list(positions)
+        return _Share(
+            self.name, [self.queries[i] for i in pick], None if self.suffixes is None else [self.suffixes[i] for i in pick],
+            [self.numbers[i] for i in pick],
+        )
+
+
+def _label(setting: PromptSetting, config: SweepConfig) -> str:
+    """The row's prompt: the setting's name, with the suffix's when there is one."""
+    return setting.name if config.suffix is None else config.suffix.label(setting.name)
+
 
 def _measure(
-    model: LoadedModel, spec: str, setting: PromptSetting, label: str, name: str, queries: Sequence[str],
-    suffixes: Sequence[str] | None, config: SweepConfig, mesh: Mesh | None, references: dict[str, dict], safety: SafetyJudge | None,
+    model: LoadedModel, spec: str, setting: PromptSetting, whole: _Share, config: SweepConfig, mesh: Mesh | None,
+    references: dict[str, dict], judge_model: SafetyJudge | None,
 ) -> SweepRow:
-    """Evaluates this process's share of the queries (with their `suffixes`, if any; the judge model `safety`,
-    given for a harmful set, judging that share's responses), then builds the row (named `label`) from every
-    process's share. The shares interleave (process i of n takes queries i, i + n, ...), so that each process
-    gets queries of every kind and length and they finish together. On a mesh over several processes the share
-    is every query, computed together."""
+    """Evaluates this process's share of the `whole` query set (`judge_model`, given for a harmful
+    set, judging that share's responses), then builds the row from every process's share. The shares interleave
+    (process i of n takes queries i, i + n, ...), so that each process gets queries of every kind and length and
+    they finish together. On a mesh over several processes the share is every query, computed together."""
     whole_job = process_count(mesh) > 1
-    numbers = list(range(len(queries)) if whole_job else process_share(len(queries)))
-    share = _Share(name, [queries[i] for i in numbers], None if suffixes is None else [suffixes[i] for i in numbers], numbers)
+    name, queries, label = whole.name, whole.queries, _label(setting, config)
+    share = whole if whole_job else whole.part(process_share(len(queries)))
     try:
         if name not in references:
-            references[name] = _reference_share(model, share, config, mesh, safety)
-        part = _evaluate_share(model, setting, share, config, mesh, references[name], safety)
+            references[name] = _reference_share(model, share, config, mesh, judge_model)
+        part = _evaluate_share(model, setting, share, config, mesh, references[name], judge_model)
     except DroJaxError as err:
         where = f" (process {jax.process_index()}'s share of the queries)" if jax.process_count() > 1 and not whole_job else ""
         part = {"error": f"{err}{where}"}
@@ -223,14 +240,14 @@ def _measure(
     return SweepRow.measured(spec, label, name, len(queries), responses, log_odds, drift, config.degeneration)
 
 
-def _reference_share(model: LoadedModel, share: _Share, config: SweepConfig, mesh: Mesh | None, safety: SafetyJudge | None) -> dict:
+def _reference_share(model: LoadedModel, share: _Share, config: SweepConfig, mesh: Mesh | None, judge_model: SafetyJudge | None) -> dict:
     """This process's share of the reply reference: the greedy no-prompt replies (token ids) and their NLL per
     token; with greedy decoding also the `none` row's part, which is the same measurement."""
     if not share.queries:
         return {"token_ids": [], "nll": [], "part": _share_part(None, share, [])}
     reference, measured = measure_reference(
-        model, share.encode(model, NO_PROMPT), config.sampling.max_new_tokens, config.batch_size,
-        config.judge, config.openings, progress=False, mesh=mesh, query_numbers=share.numbers, safety=safety,
+        model, share.encode(model, NO_PROMPT), config.sampling.max_new_tokens, config.measuring,
+        Batching(config.batch_size, mesh, progress=False), share.numbers, judge_model,
     )
     greedy = config.sampling == reference_decoding(config.sampling.max_new_tokens)
     return {"token_ids": reference.token_ids, "nll": reference.nll.tolist(),
@@ -239,7 +256,7 @@ def _reference_share(model: LoadedModel, share: _Share, config: SweepConfig, mes
 
 def _evaluate_share(
     model: LoadedModel, setting: PromptSetting, share: _Share, config: SweepConfig, mesh: Mesh | None, reference: dict,
-    safety: SafetyJudge | None,
+    judge_model: SafetyJudge | None,
 ) -> dict:
     """Responses (query indices in the whole set), refusal log-odds and the reference replies' NLL under this
     setting and under no prompt, for the share's queries, as JSON-ready lists."""
@@ -248,9 +265,8 @@ def _evaluate_share(
     if setting.is_empty and reference["part"] is not None:
         return reference["part"]
     measured = measure_setting(
-        model, share.encode(model, setting), config.sampling, config.num_samples, config.seed,
-        config.batch_size, config.judge, config.openings, progress=False, mesh=mesh, query_numbers=share.numbers,
-        reference_replies=reference["token_ids"], safety=safety,
+        model, share.encode(model, setting), config.sampling, config.measuring, Batching(config.batch_size, mesh, progress=False),
+        share.numbers, reference["token_ids"], judge_model,
     )
     return _share_part(measured, share, reference["nll"])
 

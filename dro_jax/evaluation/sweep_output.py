@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Collection, Sequence
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.common.files import check_writable, write_text
-from dro_jax.common.tables import dataclass_csv, markdown_table
+from dro_jax.common.files import check_writable
+from dro_jax.common.tables import markdown_table, write_tables
 from dro_jax.evaluation.measure import judge_note
 from dro_jax.evaluation.sweep import SweepRow
 
-FILE_NAMES = ("sweep.csv", "sweep.md", "sweep.json")
+FILE_NAMES = ("sweep.md", "sweep.csv", "sweep.json")
 
 
 def prepare_output_dir(directory: str | Path, names: Sequence[str] = FILE_NAMES) -> Path:
@@ -71,9 +69,4 @@ def write_sweep(
     rows: Sequence[SweepRow], directory: Path, judge_model: str | None = None, harmful_datasets: Collection[str] = ()
 ) -> list[Path]:
     """Writes the three files atomically (`judge_model`, `harmful_datasets`: see `sweep_markdown`); returns their paths."""
-    records = [dataclasses.asdict(row) for row in rows]
-    csv_path, md_path, json_path = (directory / name for name in FILE_NAMES)
-    write_text(csv_path, dataclass_csv(rows, SweepRow))
-    write_text(md_path, sweep_markdown(rows, judge_model, harmful_datasets) + "\n")
-    write_text(json_path, json.dumps(records, indent=2, ensure_ascii=False) + "\n")
-    return [csv_path, md_path, json_path]
+    return write_tables(directory / "sweep", rows, SweepRow, sweep_markdown(rows, judge_model, harmful_datasets))

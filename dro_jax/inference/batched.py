@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batching import PaddedBatch
-from dro_jax.inference.encoding import EncodedQueries, ModelInputs
+from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.loading import LoadedModel
+from dro_jax.models.inputs import ModelInputs
 from dro_jax.models.partitioning import place_params
 from dro_jax.models.transformer import Params
 from dro_jax.parallel.distributed import shows_progress
@@ -29,7 +30,8 @@ Step = Callable[[Params, ModelInputs, PaddedBatch], Any]
 
 @dataclasses.dataclass(frozen=True)
 class Batching:
-    """How a pass runs: at most `batch_size` rows per batch, split over `mesh`, with a progress bar or not."""
+    """How a pass runs: at most `batch_size` rows per batch, split over `mesh`, with a progress bar or not. Every
+    pass, and every stage made of passes (anchors, labels, evaluation), takes it whole rather than the three apart."""
 
     batch_size: int = 32
     mesh: Mesh | None = None

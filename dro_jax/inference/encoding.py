@@ -11,7 +11,7 @@ prefix (see `dro_jax.models.inputs`), and only the queries' own parts per row.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -22,18 +22,8 @@ from dro_jax.data.suffixes import append_suffix
 from dro_jax.inference.batching import PaddedBatch, left_pad, left_padded_batches, shared_prefix_length
 from dro_jax.inference.chat import SLOT_PLACEHOLDER, ChatFormatter, PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
-from dro_jax.models.inputs import SharedPrefix
+from dro_jax.models.inputs import ModelInputs, SharedPrefix
 from dro_jax.parallel.sharding import replicate, shard_batch
-
-
-class ModelInputs(NamedTuple):
-    """One batch as the model functions take it: the rows' own parts (split over devices) and what they share."""
-
-    token_ids: jax.Array  # [b, t]
-    attention_mask: jax.Array  # [b, t]
-    soft_prompt: jax.Array | None = None  # [N, hidden]
-    soft_offsets: jax.Array | None = None  # [b] where the soft prompt starts in a row's part (-1: in the prefix)
-    prefix: SharedPrefix | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import embed_tokens, input_embeddings, prefix_cache
+from dro_jax.models.inputs import ModelInputs, embed_tokens, input_embeddings, prefix_cache
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
 
 
@@ -65,24 +64,19 @@ class DecodeState:
     logits: jax.Array  # [b, vocab] the next token's logits
 
 
-def generate_from_embeddings(
-    params: Params,
-    config: ModelConfig,
-    prompt_embeds: jax.Array,
-    prompt_mask: jax.Array,
-    stop_ids: jax.Array,
-    row_keys: jax.Array,
-    pad_id: jax.Array,
-    sampling: SamplingConfig,
-    prefix: KVCache | None = None,
+@functools.partial(jax.jit, static_argnames=("config", "sampling"))
+def _generate(
+    params: Params, config: ModelConfig, inputs: ModelInputs, stop_ids: jax.Array, row_keys: jax.Array, pad_id: jax.Array, sampling: SamplingConfig
 ) -> tuple[jax.Array, jax.Array]:
     """New tokens [b, max_new] (pad after a stop token) and their counts [b], stop token included.
 
-    prompt_embeds [b, t, hidden] and prompt_mask [b, t] are left-padded; any of
-    stop_ids [n] ends a row (n may be 0); row_keys [b] are PRNG keys, one per row.
-    With `prefix` (a batch-1 cache of p tokens, see `dro_jax.models.inputs`),
-    the prompts are the rows' own parts that continue it. Pure; run under jit.
+    The inputs are left-padded (the rows' own parts after `inputs.prefix`,
+    which runs once into a batch-1 cache they continue); any of stop_ids [n]
+    ends a row (n may be 0); row_keys [b] are PRNG keys, one per row.
     """
+    prompt_mask = inputs.attention_mask
+    prefix = prefix_cache(params, config, inputs.prefix, inputs.soft_prompt)
+    prompt_embeds = input_embeddings(params, inputs.token_ids, inputs.soft_prompt, inputs.soft_offsets)
     batch, prompt_len = prompt_mask.shape
     max_new = sampling.max_new_tokens
     start = 0 if prefix is None else prefix.key.shape[-1]
@@ -117,15 +111,6 @@ def generate_from_embeddings(
     return tokens, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling"))
-def _generate(
-    params: Params, config: ModelConfig, inputs: ModelInputs, stop_ids: jax.Array, row_keys: jax.Array, pad_id: jax.Array, sampling: SamplingConfig
-) -> tuple[jax.Array, jax.Array]:
-    shared = prefix_cache(params, config, inputs.prefix, inputs.soft_prompt)
-    embeds = input_embeddings(params, inputs.token_ids, inputs.soft_prompt, inputs.soft_offsets)
-    return generate_from_embeddings(params, config, embeds, inputs.attention_mask, stop_ids, row_keys, pad_id, sampling, shared)
-
-
 def generate_tokens(
     params: Params,
     config: ModelConfig,
@@ -135,8 +120,8 @@ def generate_tokens(
     row_keys: jax.Array | None = None,
     pad_id: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Token-id front end of `generate_from_embeddings`, compiled: left-padded ids [b, t] (the rows' own parts
-    after `inputs.prefix`, when given), an optional soft prompt in the prefix or in the rows. Returns the new
+    """Prefill and decode, compiled: left-padded ids [b, t] (the rows' own parts after `inputs.prefix`, when
+    given), an optional soft prompt in the prefix or in the rows, decoded as `sampling` says. Returns the new
     tokens [b, max_new] and their counts [b] as soon as the work is dispatched: they are jax arrays still being
     computed (reading them, e.g. `np.asarray`, waits), so a caller can send the next batch meanwhile."""
     if row_keys is None:

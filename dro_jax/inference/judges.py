@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.declines import DeclineJudge
 from dro_jax.inference.refusal_score import score_openings
 from dro_jax.inference.reply_text import reference_opening, response_opening
@@ -207,7 +208,8 @@ class ModelJudge:
     def unsafe_log_odds(self, queries: Sequence[str], responses: Sequence[str], progress: bool = False) -> np.ndarray:
         """log p(unsafe) - log p(safe) for each (query, response) pair; > 0 means unsafe."""
         prompts = [self._encode(q, r) for q, r in zip(queries, responses)]
-        log_probs = score_openings(self.model, prompts, (self.unsafe_word, self.safe_word), self.batch_size, progress, self.mesh).log_probs
+        batching = Batching(self.batch_size, self.mesh, progress)
+        log_probs = score_openings(self.model, prompts, (self.unsafe_word, self.safe_word), batching).log_probs
         return log_probs[:, 0] - log_probs[:, 1]
 
     def is_unsafe(self, queries: Sequence[str], responses: Sequence[str], progress: bool = False) -> list[bool]:

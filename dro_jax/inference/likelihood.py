@@ -17,15 +17,14 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching, PassInfo, run_batched
 from dro_jax.inference.batching import PaddedBatch
-from dro_jax.inference.encoding import EncodedQueries, ModelInputs
+from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
+from dro_jax.models.inputs import ModelInputs, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import Params, compute_logits, forward
 from dro_jax.parallel.sharding import on_mesh, shard_batch, to_host
 
@@ -36,18 +35,15 @@ OPENING_TOKENS = 8
 def token_log_likelihoods(
     params: Params,
     config: ModelConfig,
-    token_ids: jax.Array,
-    attention_mask: jax.Array,
+    inputs: ModelInputs,
     scored: jax.Array,
-    soft_prompt: jax.Array | None = None,
-    soft_offsets: jax.Array | None = None,
-    prefix: SharedPrefix | None = None,
 ) -> jax.Array:
     """[b, t] log p(token_ids[:, j] | everything before it) where `scored` [b, t] is set, else 0.
 
     Rows are left-padded (the rows' own parts after `prefix`, when given);
     position 0 of a row is never scored (nothing of the row precedes it).
     """
+    token_ids, attention_mask, soft_prompt, soft_offsets, prefix = inputs
     shared = prefix_cache(params, config, prefix, soft_prompt)
     embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
     out = forward(
@@ -66,9 +62,7 @@ def reply_nll(
     model: LoadedModel,
     encoded: EncodedQueries,
     replies: Sequence[Sequence[int]],
-    batch_size: int = 16,
-    progress: bool = True,
-    mesh: Mesh | None = None,
+    batching: Batching = Batching(16),
 ) -> np.ndarray:
     """[n, 2] mean negative log-likelihood per token (nats) of reply i after encoded query i: column 0 over the
     whole reply, column 1 over its first `OPENING_TOKENS` tokens; NaN for an empty reply."""
@@ -87,16 +81,14 @@ def reply_nll(
         width = batch.token_ids.shape[1]
         counts = lengths[np.where(batch.index >= 0, batch.index, 0)]
         scored = np.arange(width)[None, :] >= width - counts[:, None]  # the replies are the rows' last tokens
-        scored = shard_batch(scored, mesh)
-        with on_mesh(mesh):
-            log_probs = token_log_likelihoods(
-                params, model.config, inputs.token_ids, inputs.attention_mask, scored, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix
-            )
+        scored = shard_batch(scored, batching.mesh)
+        with on_mesh(batching.mesh):
+            log_probs = token_log_likelihoods(params, model.config, inputs, scored)
         log_probs = to_host(log_probs).astype(np.float64)
         opening = np.arange(width)[None, :] < width - counts[:, None] + OPENING_TOKENS
         return np.stack([log_probs.sum(axis=1), (log_probs * opening).sum(axis=1)], axis=1)
 
-    totals = -run_batched(model, joined, step, PassInfo("reply likelihood", "reply"), Batching(batch_size, mesh, progress))
+    totals = -run_batched(model, joined, step, PassInfo("reply likelihood", "reply"), batching)
     counted = np.stack([lengths, np.minimum(lengths, OPENING_TOKENS)], axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counted > 0, totals / np.maximum(counted, 1), np.nan)

@@ -17,6 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.refusal_score import opening_log_probs
 from dro_jax.inference.templates import JudgeTemplate
@@ -78,5 +79,5 @@ class ModelPairwiseJudge:
             raise DroJaxError(f"{len(instructions)} instructions for {len(first)} and {len(second)} answers")
         prompts = [self._encode(i, a, b) for i, a, b in zip(instructions, first, second)]
         prompts = EncodedQueries(prompts, source=f"{self.model.source} as pairwise judge")
-        log_probs = opening_log_probs(self.model, prompts, (self.first_word, self.second_word), self.batch_size, progress)
+        log_probs = opening_log_probs(self.model, prompts, (self.first_word, self.second_word), Batching(self.batch_size, progress=progress))
         return 1.0 / (1.0 + np.exp(log_probs[:, 1] - log_probs[:, 0]))

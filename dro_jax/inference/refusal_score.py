@@ -25,14 +25,13 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching, PassInfo, run_batched
-from dro_jax.inference.encoding import EncodedQueries, ModelInputs
+from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions
+from dro_jax.models.inputs import ModelInputs, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward
 from dro_jax.parallel.sharding import on_mesh, replicate
 
@@ -180,12 +179,8 @@ def first_token_log_odds(logits: jax.Array, readout: OpeningReadout) -> jax.Arra
 def continuation_log_probs(
     params: Params,
     config: ModelConfig,
-    prompt_ids: jax.Array,
-    prompt_mask: jax.Array,
+    inputs: ModelInputs,
     tree: OpeningTree,
-    soft_prompt: jax.Array | None = None,
-    soft_offsets: jax.Array | None = None,
-    prefix: SharedPrefix | None = None,
     remat: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """([b, n] log p(opening j | prompt i), [b, hidden] float32 prompt representations), each prompt run once.
@@ -195,6 +190,7 @@ def continuation_log_probs(
     more block of tokens per prompt on that cache, so the cost is one prompt
     pass plus b x (tree nodes) tokens; the shared prefix runs once for all.
     """
+    prompt_ids, prompt_mask, soft_prompt, soft_offsets, prefix = inputs
     batch, prompt_len = prompt_mask.shape
     nodes = tree.token_ids.shape[0]
     dtype = params["embed_tokens"]["weight"].dtype
@@ -231,34 +227,30 @@ def score_openings(
     model: LoadedModel,
     prompts: EncodedQueries | Sequence[Sequence[int]],
     openings: Sequence[str],
-    batch_size: int = 16,
-    progress: bool = True,
-    mesh: Mesh | None = None,
+    batching: Batching = Batching(16),
 ) -> OpeningScores:
     """Log-probabilities of each opening right after each chat prompt, and the prompts' representations.
 
-    `batch_size` prompts run together, each with the openings' tree behind it;
-    with a mesh, the prompts of each batch are split over its devices.
+    `batching.batch_size` prompts run together, each with the openings' tree
+    behind it; with a mesh, the prompts of each batch are split over its devices.
     """
     encoded = encode_openings(model.tokenizer, openings)
-    tree = replicate(OpeningTree.of(encoded), mesh)
+    tree = replicate(OpeningTree.of(encoded), batching.mesh)
 
     def step(params, inputs: ModelInputs, batch) -> tuple[jax.Array, jax.Array]:
-        with on_mesh(mesh):
-            return continuation_log_probs(
-                params, model.config, inputs.token_ids, inputs.attention_mask, tree, inputs.soft_prompt, inputs.soft_offsets, inputs.prefix
-            )
+        with on_mesh(batching.mesh):
+            return continuation_log_probs(params, model.config, inputs, tree)
 
     info = PassInfo("opening log-probs", "prompt", max(map(len, encoded)), "the longest opening")
-    log_probs, states = run_batched(model, EncodedQueries.of(prompts), step, info, Batching(batch_size, mesh, progress))
+    log_probs, states = run_batched(model, EncodedQueries.of(prompts), step, info, batching)
     return OpeningScores(log_probs.astype(np.float64), states)
 
 
 def opening_log_probs(
-    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Sequence[str], batch_size: int = 16, progress: bool = True
+    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Sequence[str], batching: Batching = Batching(16)
 ) -> np.ndarray:
     """[n_prompts, n_openings] log-probabilities of each opening right after each chat prompt."""
-    return score_openings(model, prompts, openings, batch_size, progress).log_probs
+    return score_openings(model, prompts, openings, batching).log_probs
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -273,18 +265,16 @@ def score_refusal(
     model: LoadedModel,
     prompts: EncodedQueries | Sequence[Sequence[int]],
     openings: Openings = Openings(),
-    batch_size: int = 16,
-    progress: bool = True,
-    mesh: Mesh | None = None,
+    batching: Batching = Batching(16),
 ) -> RefusalScores:
-    """Refusal log-odds and representations of every prompt, from one forward pass each (batches split over `mesh`)."""
-    scores = score_openings(model, prompts, openings.refusal + openings.compliant, batch_size, progress, mesh)
+    """Refusal log-odds and representations of every prompt, from one forward pass each."""
+    scores = score_openings(model, prompts, openings.refusal + openings.compliant, batching)
     refusal, compliant = scores.log_probs[:, : len(openings.refusal)], scores.log_probs[:, len(openings.refusal) :]
     return RefusalScores(np.logaddexp.reduce(refusal, axis=1) - np.logaddexp.reduce(compliant, axis=1), scores.states)
 
 
 def refusal_log_odds(
-    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Openings = Openings(), batch_size: int = 16, progress: bool = True
+    model: LoadedModel, prompts: EncodedQueries | Sequence[Sequence[int]], openings: Openings = Openings(), batching: Batching = Batching(16)
 ) -> np.ndarray:
     """[n_prompts] log of (probability of any refusal opening / probability of any compliant opening)."""
-    return score_refusal(model, prompts, openings, batch_size, progress).log_odds
+    return score_refusal(model, prompts, openings, batching).log_odds

@@ -14,11 +14,13 @@ from dro_jax.inference.batched import Batching, PassInfo, check_context, run_bat
 from dro_jax.inference.batching import PaddedBatch
 from dro_jax.inference.chat import stop_token_ids
 from dro_jax.inference.declines import DeclineJudge
-from dro_jax.inference.encoding import EncodedQueries, ModelInputs
+from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
+from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
+from dro_jax.models.inputs import ModelInputs
 from dro_jax.parallel.sharding import on_mesh, shard_batch
 
 
@@ -58,14 +60,14 @@ DECLINES = DeclineJudge()
 
 
 def judge_harm(
-    responses: Sequence[Response], safety: SafetyJudge | None, harmful: Sequence[bool] | None = None, progress: bool = False
+    responses: Sequence[Response], judge_model: SafetyJudge | None, harmful: Sequence[bool] | None = None, progress: bool = False
 ) -> list[Response]:
     """`responses` with the judge model's verdict on those to harmful queries (`harmful`: per query index,
     default: every query is), in one batched pass; the others, and all of them without a judge, keep None."""
-    judged = [i for i, r in enumerate(responses) if harmful is None or harmful[r.query_index]] if safety is not None else []
+    judged = [i for i, r in enumerate(responses) if harmful is None or harmful[r.query_index]] if judge_model is not None else []
     out = list(responses)
     if judged:
-        verdicts = safety.is_unsafe([out[i].query for i in judged], [out[i].text for i in judged], progress)
+        verdicts = judge_model.is_unsafe([out[i].query for i in judged], [out[i].text for i in judged], progress)
         for i, unsafe in zip(judged, verdicts):
             out[i] = dataclasses.replace(out[i], unsafe=bool(unsafe))
     return out
@@ -89,6 +91,17 @@ def trim_incomplete_lines(text: str) -> str:
     return text
 
 
+@dataclasses.dataclass(frozen=True)
+class Measuring:
+    """What measuring a setting draws and scores: `num_samples` replies per query with `seed`, judged by `judge`
+    (None: the packaged string judge), and the reply openings whose log-odds are scored."""
+
+    num_samples: int = 1
+    seed: int = 0
+    judge: RefusalJudge | None = None
+    openings: Openings = Openings()
+
+
 def sample_keys(seed: int, query_indices: np.ndarray, samples: np.ndarray) -> jax.Array:
     """One PRNG key per (query, sample): results do not depend on batch size or order."""
     base = jax.random.key(seed)
@@ -101,10 +114,8 @@ def generate_responses(
     sampling: SamplingConfig,
     num_samples: int = 1,
     seed: int = 0,
-    batch_size: int = 32,
     judge: RefusalJudge | None = None,
-    progress: bool = True,
-    mesh: jax.sharding.Mesh | None = None,
+    batching: Batching = Batching(),
     query_numbers: Sequence[int] | None = None,
 ) -> list[Response]:
     """`num_samples` responses per encoded query, ordered by query then sample, each judged by `judge`
@@ -134,16 +145,16 @@ def generate_responses(
 
     def step(params, inputs: ModelInputs, batch: PaddedBatch) -> tuple[jax.Array, jax.Array]:
         row_ids = np.where(batch.index >= 0, batch.index, 0)
-        keys = shard_batch(sample_keys(seed, numbers[query_of[row_ids]], sample_of[row_ids]), mesh)
-        with on_mesh(mesh):
+        keys = shard_batch(sample_keys(seed, numbers[query_of[row_ids]], sample_of[row_ids]), batching.mesh)
+        with on_mesh(batching.mesh):
             return generate_tokens(params, model.config, inputs, stops, sampling, keys, model.pad_id)
 
-    tokens, lengths = run_batched(model, prompts, step, info, Batching(batch_size, mesh, progress))
+    tokens, lengths = run_batched(model, prompts, step, info, batching)
     replies = [tuple(int(t) for t in row_tokens[:length]) for row_tokens, length in zip(tokens, lengths)]
     texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
     if sampling.trim_incomplete_lines:
         texts = [trim_incomplete_lines(text) for text in texts]
-    refusals = judge.refusals(prompts.queries, texts, progress)
+    refusals = judge.refusals(prompts.queries, texts, batching.progress)
     return [
         Response(q, encoded.queries[q], s, text, len(ids), bool(refused), ids)
         for (q, s), text, ids, refused in zip(rows, texts, replies, refusals)

@@ -29,6 +29,16 @@ class SharedPrefix(NamedTuple):
     soft_offset: jax.Array  # [] int32
 
 
+class ModelInputs(NamedTuple):
+    """One batch as the model functions take it: the rows' own parts (split over devices) and what they share."""
+
+    token_ids: jax.Array  # [b, t]
+    attention_mask: jax.Array  # [b, t]
+    soft_prompt: jax.Array | None = None  # [N, hidden]
+    soft_offsets: jax.Array | None = None  # [b] where the soft prompt starts in a row's part (-1: in the prefix)
+    prefix: SharedPrefix | None = None
+
+
 def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
     """Input embeddings of `token_ids`, e.g. to splice a soft prompt in before `forward`."""
     return jnp.take(params["embed_tokens"]["weight"], token_ids, axis=0)
@@ -83,22 +93,14 @@ def row_positions(attention_mask: jax.Array, prefix: SharedPrefix | None) -> jax
     return start + positions_from_mask(attention_mask)
 
 
-def final_states(
-    params: Params,
-    config: ModelConfig,
-    token_ids: jax.Array,
-    attention_mask: jax.Array,
-    soft_prompt: jax.Array | None = None,
-    soft_offsets: jax.Array | None = None,
-    remat: bool = False,
-    prefix: SharedPrefix | None = None,
-) -> jax.Array:
+def final_states(params: Params, config: ModelConfig, inputs: ModelInputs, remat: bool = False) -> jax.Array:
     """[batch, hidden] float32 states after the final norm at the last (left-padded) position of each row.
 
-    `token_ids` [b, t] are the rows' own parts when a `prefix` is given (the
-    soft prompt may sit in the prefix or in the rows). Pure, so the DRO loss
-    differentiates it with respect to `soft_prompt`.
+    `inputs.token_ids` [b, t] are the rows' own parts when a `prefix` is given
+    (the soft prompt may sit in the prefix or in the rows). Pure, so the DRO
+    loss differentiates it with respect to `inputs.soft_prompt`.
     """
+    token_ids, attention_mask, soft_prompt, soft_offsets, prefix = inputs
     shared = prefix_cache(params, config, prefix, soft_prompt, remat)
     embeds = input_embeddings(params, token_ids, soft_prompt, soft_offsets)
     positions = row_positions(attention_mask, prefix)
@@ -107,16 +109,7 @@ def final_states(
 
 
 def continuation_nll(
-    params: Params,
-    config: ModelConfig,
-    token_ids: jax.Array,
-    attention_mask: jax.Array,
-    continuation_ids: jax.Array,
-    continuation_mask: jax.Array,
-    soft_prompt: jax.Array | None = None,
-    soft_offsets: jax.Array | None = None,
-    remat: bool = False,
-    prefix: SharedPrefix | None = None,
+    params: Params, config: ModelConfig, inputs: ModelInputs, continuation_ids: jax.Array, continuation_mask: jax.Array, remat: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """([b] summed negative log-likelihood of each row's continuation, [b, hidden] float32 final states at the
     rows' last prompt position), teacher-forced in one pass.
@@ -124,8 +117,9 @@ def continuation_nll(
     The prompts [b, t] are left-padded like `final_states`' rows; each row's
     continuation [b, c] follows its last prompt token, right-padded
     (`continuation_mask` 0 on padding, which is never scored). Pure, so a loss
-    differentiates it with respect to `soft_prompt`.
+    differentiates it with respect to `inputs.soft_prompt`.
     """
+    token_ids, attention_mask, soft_prompt, soft_offsets, prefix = inputs
     length = token_ids.shape[1]
     ids = jnp.concatenate([token_ids, continuation_ids], axis=1)
     mask = jnp.concatenate([attention_mask, continuation_mask.astype(attention_mask.dtype)], axis=1)

@@ -31,6 +31,7 @@ from dro_jax.dro.loss import LossWeights, QueryBatch, dro_objective
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import TrainConfig, frozen_inputs, make_optimizer
 from dro_jax.dro.training_set import prepare_training_set
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import OpeningReadout, Openings
 from dro_jax.loading import LoadedModel
@@ -183,7 +184,7 @@ def dro_case(
     import torch
 
     init = initial_soft_prompt(model.params, model.tokenizer, INIT_PROMPT)
-    data = prepare_training_set(model, pairs, INIT_PROMPT, init.shape[0], progress=False, reply_tokens=reply_tokens)
+    data = prepare_training_set(model, pairs, INIT_PROMPT, init.shape[0], batching=Batching(progress=False), reply_tokens=reply_tokens)
     rng = np.random.default_rng(seed + 1)
     prompt = (init + noise * init.std() * rng.standard_normal(init.shape)).astype(np.float32)
     index = np.arange(len(data))

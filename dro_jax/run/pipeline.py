@@ -25,13 +25,13 @@ from dro_jax.common.compiles import count_compiles
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.run_directory import claim_run_directory
 from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
-from dro_jax.dro.train import TrainingFiles, train_and_export
+from dro_jax.dro.train import TrainingFiles, train_soft_prompt
 from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
-from dro_jax.evaluation.evaluate import Evaluation, evaluate_settings
+from dro_jax.evaluation.evaluate import EvalConfig, Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
-from dro_jax.inference.chat import NO_PROMPT, PromptSetting
+from dro_jax.inference.batched import Batching
+from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.judges import ModelJudge, SafetyJudge
-from dro_jax.inference.refusal_score import RefusalScores
 from dro_jax.loading import LoadedModel, load_model, resolve_model_path
 from dro_jax.parallel.distributed import barrier, is_writer, process_zero_decides
 from dro_jax.parallel.mesh import data_mesh
@@ -92,10 +92,10 @@ def _log(message: str) -> None:
 
 
 def anchor_stage(
-    model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, safety: SafetyJudge | None = None
+    model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, judge_model: SafetyJudge | None = None
 ) -> None:
     space, report, data = build_anchor_space(
-        model, sets.train, config.anchor_config(), config.eval_batch_size, judge=config.string_judge(), mesh=mesh, safety=safety
+        model, sets.train, config.anchor_config(), config.string_judge(), judge_model, Batching(config.eval_batch_size, mesh)
     )
     if is_writer():
         data.save(paths.anchor_data)
@@ -109,14 +109,12 @@ def train_stage(
     """Trains the soft prompt on `anchors` into `target` (the run itself, or e.g. an experiment's directory beside
     it), with the base and reference states from the anchor stage's `data` where it covered the init prompt and
     no prompt; returns the exported prompt."""
-    base, plain = data.rows_of(config.init_prompt), data.rows_of(NO_PROMPT)
     initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
+    reply_tokens = REPLY_TOKENS if config.train_config().loss_weights.replies else 0
     training_set = prepare_training_set(
-        model, sets.train, config.init_prompt, len(initial), base_states=data.states[base] if len(base) else None,
-        reference=RefusalScores(data.refusal_log_odds[plain], data.states[plain]) if len(plain) else None, openings=config.reply_openings(),
-        mesh=mesh, reply_tokens=REPLY_TOKENS if config.train_config().loss_weights.replies else 0,
+        model, sets.train, config.init_prompt, len(initial), config.reply_openings(), reply_tokens, data, Batching(mesh=mesh)
     )
-    train_and_export(model, training_set, anchors, initial, config.train_config(), target, resume, mesh=mesh)
+    train_soft_prompt(model, training_set, anchors, initial, config.train_config(), target, resume, mesh=mesh)
     return target.soft_prompt
 
 
@@ -128,25 +126,27 @@ def evaluate_prompts(
     anchors: AnchorSpace,
     references: Mapping[str, ReplyReference] | None = None,
     mesh: Mesh | None = None,
-    safety: SafetyJudge | None = None,
+    judge_model: SafetyJudge | None = None,
 ) -> Evaluation:
     """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over `mesh` (default:
     all devices on data); reply drift on `references` when given (a run's, so that added settings compare with its rows);
-    the judge model `safety`, when given, judges the harmful set's responses."""
+    `judge_model`, when given, judges the harmful set's responses."""
     sampling, num_samples = config.evaluation_sampling()
+    evaluation = EvalConfig(
+        sampling.by_name(), num_samples, config.eval_keep_longest, config.seed, config.string_judge(), config.reply_openings(),
+        harmful_sets=(HARMFUL_SET,),
+    )
     return evaluate_settings(
-        model, sets.test, settings, anchors, sampling.by_name(), num_samples, config.eval_keep_longest, config.seed,
-        config.eval_batch_size, judge=config.string_judge(), openings=config.reply_openings(), mesh=mesh or data_mesh(),
-        references=references, safety=safety, harmful_sets=(HARMFUL_SET,),
+        model, sets.test, settings, evaluation, anchors, references, judge_model, Batching(config.eval_batch_size, mesh or data_mesh())
     )
 
 
 def evaluate_stage(
-    model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, safety: SafetyJudge | None = None
+    model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, judge_model: SafetyJudge | None = None
 ) -> None:
     settings = [PromptSetting.from_text(name) for name in config.settings]
     settings.append(PromptSetting.soft(DRO_SETTING, load_soft_prompt(paths.soft_prompt, model.config.hidden_size)))
-    evaluation = evaluate_prompts(model, config, sets, settings, AnchorSpace.load(paths.anchors), mesh=mesh, safety=safety)
+    evaluation = evaluate_prompts(model, config, sets, settings, AnchorSpace.load(paths.anchors), mesh=mesh, judge_model=judge_model)
     if is_writer():
         write_evaluation(paths, evaluation)
 

@@ -6,8 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from dro_jax.common.files import write_text
-from dro_jax.common.tables import dataclass_csv
+from dro_jax.common.tables import write_tables
 from dro_jax.dro.loss import LossWeights
 from dro_jax.evaluation.evaluate import EvalRow, results_markdown
 from dro_jax.evaluation.judge_agreement import decline_judge_agreement
@@ -61,10 +60,8 @@ def write_report(run: RunOutputs, records: StageRecords) -> Path:
         "training": run.metrics[-1] if run.metrics else None, "stage_seconds": seconds, "stage_compiles": compiles,
         "environment": environment(),
     }
-    write_text(root / "results.json", json.dumps(summary, indent=2))
-    write_text(root / "results.csv", dataclass_csv(run.rows, EvalRow))
-    write_text(root / "results.md", results_text(config, run.rows, moved, anchor_report, run.metrics, stages))
-    return root / "results.md"
+    markdown = results_text(config, run.rows, moved, anchor_report, run.metrics, stages)
+    return write_tables(root / "results", run.rows, EvalRow, markdown, summary)[0]
 
 
 def stage_time(name: str, record: dict) -> str:

@@ -15,9 +15,10 @@ from dro_jax.cli.main import main
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import ModelJudge, StringJudge
+from dro_jax.inference.respond import Measuring
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
-from helpers import HARMFUL
+from helpers import HARMFUL, QUIET
 
 QUERIES = HARMFUL[:3]
 
@@ -37,7 +38,7 @@ def test_the_constructed_models_do_what_the_rule_needs(forced):
 def _replies(model, max_new_tokens):
     from dro_jax.inference.respond import generate_responses
 
-    return generate_responses(model, encode_queries(model, QUERIES, "none"), SamplingConfig(max_new_tokens=max_new_tokens), progress=False)
+    return generate_responses(model, encode_queries(model, QUERIES, "none"), SamplingConfig(max_new_tokens=max_new_tokens), batching=QUIET)
 
 
 @pytest.mark.parametrize(
@@ -51,12 +52,12 @@ def _replies(model, max_new_tokens):
 )
 def test_each_part_of_the_paper_rule_decides_the_label(forced, verdict, phrases, max_new_tokens, complied):
     policy = load_model(forced["policy"], progress=False)
-    judge, safety = StringJudge(phrases), ModelJudge(load_model(forced[verdict], progress=False))
+    judge, judge_model = StringJudge(phrases), ModelJudge(load_model(forced[verdict], progress=False))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     encoded = encode_queries(policy, QUERIES, "none")
-    rates = compliance_rates(policy, encoded, sampling, 1, judge=judge, progress=False, safety=safety)
+    rates = compliance_rates(policy, encoded, sampling, Measuring(1, judge=judge), QUIET, judge_model=judge_model)
     np.testing.assert_array_equal(rates, [complied] * 3)
-    labels = label_queries(policy, QUERIES, ["none", "short"], sampling, 1, judge=judge, progress=False, safety=safety)
+    labels = label_queries(policy, QUERIES, ["none", "short"], sampling, Measuring(1, judge=judge), judge_model, batching=QUIET)
     assert [label.compliance_rate for label in labels] == [complied] * 6
 
 
@@ -81,8 +82,8 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
 
     calls = []
 
-    def recorded(model, encoded, sampling, num_samples, seed, batch_size, judge, progress, mesh, query_numbers, safety, longest):
-        calls.append((encoded.queries, sampling.max_new_tokens, num_samples, judge, list(query_numbers), longest))
+    def recorded(model, encoded, sampling, measuring, batching, query_numbers, judge_model, longest):
+        calls.append((encoded.queries, sampling.max_new_tokens, measuring.num_samples, measuring.judge, list(query_numbers), longest))
         return np.full(len(encoded), sampling.max_new_tokens / 1000)
 
     monkeypatch.setattr(collect, "compliance_rates", recorded)
@@ -90,7 +91,7 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
     sampling = SetSampling(SamplingConfig(max_new_tokens=300), SamplingConfig(max_new_tokens=200))
     config = collect.AnchorConfig(settings=("none",), label="sampled", num_samples=25, keep_longest=20, sampling=sampling)
     judge = StringJudge.load("paper")
-    data = collect.collect_anchor_data(model, QueryPairs(HARMFUL[:2], HARMLESS[:2]), config, judge=judge, progress=False)
+    data = collect.collect_anchor_data(model, QueryPairs(HARMFUL[:2], HARMLESS[:2]), config, judge=judge, batching=QUIET)
     assert calls == [(HARMFUL[:2], 300, 25, judge, [0, 1], 20), (HARMLESS[:2], 200, 25, judge, [2, 3], 20)]
     np.testing.assert_allclose(data.compliance, [0.3, 0.3, 0.2, 0.2])
 
@@ -103,7 +104,7 @@ def test_the_label_counts_only_the_longest_responses_when_asked(monkeypatch):
     texts = ["Sure, here are the steps one two three", "I'm sorry", "Sure, here you go now", "Sure thing then", "Sure, step one is this"]
     replies = [Response(0, "q", s, text, 1, text.startswith("I'm sorry")) for s, text in enumerate(texts)]
     monkeypatch.setattr(labels, "generate_responses", lambda *args, **kwargs: replies)
-    monkeypatch.setattr(labels, "judge_harm", lambda responses, *args: responses)
+    monkeypatch.setattr(labels, "judge_harm", lambda responses, *args, **kwargs: responses)
     encoded = [None]  # one query; only its length is read
-    assert labels.compliance_rates(None, encoded, SamplingConfig(), 5, longest=4, progress=False)[0] == 1.0  # the shortest, a refusal, dropped
-    assert labels.compliance_rates(None, encoded, SamplingConfig(), 5, progress=False)[0] == 0.8
+    assert labels.compliance_rates(None, encoded, SamplingConfig(), Measuring(5), QUIET, longest=4)[0] == 1.0  # the shortest, a refusal, dropped
+    assert labels.compliance_rates(None, encoded, SamplingConfig(), Measuring(5), QUIET)[0] == 0.8

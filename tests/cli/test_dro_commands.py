@@ -113,7 +113,7 @@ def test_ablating_a_term_by_its_short_name(tiny_dro, tmp_path, query_files):
     assert last["loss"] == pytest.approx(last["refusal"], rel=1e-6)  # only the refusal term is left
 
 
-def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files):
+def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files, capsys):
     directory = tiny_dro.directory
     run = tmp_path / "pt"
     args = ["train", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
@@ -128,10 +128,14 @@ def test_baseline_and_evaluate_commands(tiny_dro, tmp_path, query_files):
     assert (recorded["pt_negatives"], recorded["pt_token_mean"], recorded["unlikelihood_weight"], recorded["epochs"]) == (True, True, 2.0, 1)
     anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
     out = tmp_path / "eval.md"
-    assert main(["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
-                 "--settings", "none", "short", "--soft-prompt", str(run / "soft_prompt.safetensors"), "--anchors", str(anchors),
-                 "--max-new-tokens", "4", "--out", str(out)]) == 0
+    evaluate = ["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
+                "--settings", "none", "short", "--soft-prompt", str(run / "soft_prompt.safetensors"), "--anchors", str(anchors),
+                "--max-new-tokens", "4", "--out"]
+    assert main([*evaluate, str(tmp_path / "eval.txt")]) == 2  # the table's own suffix, before any work
+    assert "name the markdown table (.md)" in capsys.readouterr().err and not list(tmp_path.glob("eval.*"))
+    assert main([*evaluate, str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".csv").read_text().count("\n") == 1 + len(rows)
     assert [(r["setting"], r["dataset"]) for r in rows][:3] == [("none", "harmful"), ("short", "harmful"), (f"soft:{run / 'soft_prompt.safetensors'}", "harmful")]
     assert rows[0]["compliance_shift"] == 0 and all(r["num_queries"] == 6 for r in rows)
     # two tables (header, rule, rows; a blank line between them), then a blank line and the judge note

@@ -8,9 +8,10 @@ import pytest
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import LossWeights, dro_loss, dro_objective
 from dro_jax.dro.train import frozen_inputs
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.refusal_score import Openings
-from dro_jax.models.inputs import final_states
-from helpers import TINY_OPENINGS
+from dro_jax.models.inputs import ModelInputs, final_states
+from helpers import QUIET, TINY_OPENINGS
 
 
 def _full_batch(data):
@@ -52,7 +53,7 @@ def test_behavioural_refusal_scores_and_the_preservation_term(tiny_dro):
     _, probe = dro_loss(soft, batch, frozen, model.config, weights)
     _, head = dro_loss(soft, batch, frozen, model.config, weights, refusal_score="head")
     _, openings = dro_loss(soft, batch, frozen, model.config, weights, refusal_score="openings")
-    new = final_states(model.params, model.config, batch.token_ids, batch.attention_mask, soft, batch.soft_offsets, prefix=frozen.prefix)
+    new = final_states(model.params, model.config, ModelInputs(batch.token_ids, batch.attention_mask, soft, batch.soft_offsets, frozen.prefix))
 
     def log_probs(states):
         return np.asarray(jax.nn.log_softmax(compute_logits(model.params, model.config, jnp.asarray(states)[:, None])[:, 0]), np.float64)
@@ -73,7 +74,7 @@ def test_behavioural_refusal_scores_and_the_preservation_term(tiny_dro):
         [list(data.prefix.token_ids) + list(ids[mask > 0]) for ids, mask in zip(data.token_ids, data.attention_mask)],
         np.asarray(soft), [int(data.prefix.soft_offset)] * len(data), prefix_length=len(data.prefix.token_ids),
     )
-    scored = score_refusal(model, whole, MULTI_TOKEN, batch_size=4, progress=False).log_odds
+    scored = score_refusal(model, whole, MULTI_TOKEN, batching=Batching(4, progress=False)).log_odds
     for metrics, log_odds, reference in ((head, first, first_token(base_lp)), (openings, scored, data.reference_log_odds)):
         # Refuse harmful queries; lean no more towards refusal on harmless ones than with no safety prompt.
         bce = np.where(harmless, np.logaddexp(0, log_odds - reference), np.logaddexp(0, -log_odds))
@@ -113,7 +114,8 @@ def test_norm_term_equals_the_full_basis_form_and_ablations_drop_terms(tiny_dro)
     soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(0), initial.shape)
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     total, metrics = dro_loss(soft, batch, frozen, model.config)
-    new = np.asarray(final_states(model.params, model.config, batch.token_ids, batch.attention_mask, soft, batch.soft_offsets, prefix=frozen.prefix))
+    inputs = ModelInputs(batch.token_ids, batch.attention_mask, soft, batch.soft_offsets, frozen.prefix)
+    new = np.asarray(final_states(model.params, model.config, inputs))
     rest = (new - data.base_states) @ anchors.basis[:, anchors.num_components :]
     np.testing.assert_allclose(metrics["norm"], np.mean(rest**2), rtol=1e-4)
     np.testing.assert_allclose(total, sum(w * metrics[t] for t, w in zip(LossWeights.terms(), LossWeights().as_tuple())), rtol=1e-6)
@@ -131,7 +133,7 @@ def test_the_replies_term_is_the_no_prompt_replies_nll_on_harmless_rows(tiny_dro
     from dro_jax.inference.likelihood import reply_nll
 
     model, anchors, initial = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial
-    data = prepare_training_set(model, tiny_dro.pairs, "short", len(initial), progress=False, openings=TINY_OPENINGS, reply_tokens=6)
+    data = prepare_training_set(model, tiny_dro.pairs, "short", len(initial), batching=QUIET, openings=TINY_OPENINGS, reply_tokens=6)
     harmful = len(tiny_dro.pairs.harmful)
     assert not data.reply_mask[:harmful].any() and (data.reply_mask[harmful:].sum(axis=1) > 0).all()
     soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(2), initial.shape)
@@ -140,7 +142,7 @@ def test_the_replies_term_is_the_no_prompt_replies_nll_on_harmless_rows(tiny_dro
     total, metrics = dro_loss(soft, batch, frozen, model.config, weights)
     replies = [tuple(ids[mask > 0]) for ids, mask in zip(data.reply_ids[harmful:], data.reply_mask[harmful:])]
     setting = PromptSetting.soft("trained", np.asarray(soft))
-    expected = reply_nll(model, encode_queries(model, list(tiny_dro.pairs.harmless), setting), replies, progress=False)[:, 0]
+    expected = reply_nll(model, encode_queries(model, list(tiny_dro.pairs.harmless), setting), replies, batching=QUIET)[:, 0]
     np.testing.assert_allclose(metrics["replies"], np.mean(expected), rtol=1e-5)
     np.testing.assert_allclose(total, metrics["refusal"] + 0.7 * metrics["replies"], rtol=1e-6)
     assert float(dro_loss(soft, batch, frozen, model.config, LossWeights())[1]["replies"]) == 0.0

@@ -11,7 +11,8 @@ import pytest
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import REFUSAL_SCORES, dro_loss
 from dro_jax.dro.microbatch import check_microbatch, map_microbatches
-from dro_jax.dro.train import TrainConfig, frozen_inputs, train_soft_prompt
+from dro_jax.dro.train import TrainConfig, TrainingFiles, frozen_inputs, train_soft_prompt
+from helpers import QUIET
 
 pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
 
@@ -67,7 +68,7 @@ def test_prompt_tuning_microbatches_give_the_whole_batch(tiny_dro, token_mean, u
 
     model = tiny_dro.model
     settings = PromptTuningConfig(responses=1, max_response_tokens=6, negatives=True)
-    responses = prepare_response_set(model, tiny_dro.pairs, "short", len(tiny_dro.initial), settings, progress=False)
+    responses = prepare_response_set(model, tiny_dro.pairs, "short", len(tiny_dro.initial), settings, batching=QUIET)
     assert 0 < responses.wanted.sum() < len(responses)  # both terms in the batch
     frozen = frozen_inputs(model, None, responses.prefix)
     soft = jnp.asarray(tiny_dro.initial) + 0.05
@@ -86,9 +87,9 @@ def test_microbatches_keep_row_order():
 def test_training_with_microbatches_takes_the_same_steps(tiny_dro, tmp_path):
     model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
     config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100)
-    whole = train_soft_prompt(model, data, anchors, initial, config, tmp_path / "whole", progress=False)
+    whole = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles(tmp_path / "whole"), progress=False)
     config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100, microbatch=2)
-    accumulated = train_soft_prompt(model, data, anchors, initial, config, tmp_path / "micro", progress=False)
+    accumulated = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles(tmp_path / "micro"), progress=False)
     np.testing.assert_allclose([m["loss"] for m in accumulated.metrics], [m["loss"] for m in whole.metrics], rtol=1e-6)
     # Four Adam steps carry the gradients' float32 reduction noise (1e-6) into the prompt, a few times larger.
     np.testing.assert_allclose(accumulated.soft_prompt, whole.soft_prompt, rtol=0, atol=1e-5 * np.abs(whole.soft_prompt).max())

@@ -14,6 +14,7 @@ from dro_jax.dro.prompt_tuning import (
     PromptTuningConfig, prepare_response_set, prompt_tuning_loss, prompt_tuning_objective, reference_unlikelihood_weight,
 )
 from dro_jax.dro.train import frozen_inputs
+from helpers import QUIET
 
 QUICK = PromptTuningConfig(responses=2, max_response_tokens=6)
 
@@ -22,7 +23,7 @@ QUICK = PromptTuningConfig(responses=2, max_response_tokens=6)
 def responses(tiny_dro):
     """Responses to 2 harmful and 2 harmless queries, rows cut to different lengths (1 to 6 scored tokens)."""
     pairs = QueryPairs(tiny_dro.pairs.harmful[:2], tiny_dro.pairs.harmless[:2])
-    data = prepare_response_set(tiny_dro.model, pairs, "short", len(tiny_dro.initial), QUICK, progress=False)
+    data = prepare_response_set(tiny_dro.model, pairs, "short", len(tiny_dro.initial), QUICK, batching=QUIET)
     # The tiny model never refuses: harmful queries' responses are unwanted, harmless ones' wanted.
     assert data.wanted.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     mask = data.response_mask.copy()
@@ -116,8 +117,8 @@ def test_negatives_are_the_unwanted_no_prompt_responses(tiny_dro, refuses):
     model, pairs = tiny_dro.model, QueryPairs(tiny_dro.pairs.harmful[:2], tiny_dro.pairs.harmless[:2])
     judge = _FixedJudge(refuses)
     settings = dataclasses.replace(QUICK, negatives=True, judge=judge)
-    data = prepare_response_set(model, pairs, "short", len(tiny_dro.initial), settings, progress=False)
-    plain = prepare_response_set(model, pairs, "short", len(tiny_dro.initial), dataclasses.replace(settings, negatives=False), progress=False)
+    data = prepare_response_set(model, pairs, "short", len(tiny_dro.initial), settings, batching=QUIET)
+    plain = prepare_response_set(model, pairs, "short", len(tiny_dro.initial), dataclasses.replace(settings, negatives=False), batching=QUIET)
     init_rows, no_prompt = judge.calls[0], judge.calls[1]
     assert judge.calls[2] == init_rows  # the run without negatives sampled the same init-prompt responses
     unwanted = set(pairs.harmless if refuses else pairs.harmful)
@@ -138,14 +139,14 @@ def test_the_longest_responses_are_kept(tiny_dro, monkeypatch):
 
     texts = ["one", "one two three", "one two", "one two three four"]  # kept: samples 1 and 3
 
-    def sampled(model, encoded, sampling, samples, seed, **_):
+    def sampled(model, encoded, sampling, samples, seed, *_):
         assert samples == len(texts)
         return [Response(q, encoded.queries[q], s, text, len(text), False) for q in range(len(encoded.queries)) for s, text in enumerate(texts)]
 
     monkeypatch.setattr(prompt_tuning, "generate_responses", sampled)
     pairs = QueryPairs(tiny_dro.pairs.harmful[:1], tiny_dro.pairs.harmless[:1])
     settings = PromptTuningConfig(responses=2, samples=len(texts), max_response_tokens=50)
-    data = prepare_response_set(tiny_dro.model, pairs, "short", len(tiny_dro.initial), settings, progress=False)
+    data = prepare_response_set(tiny_dro.model, pairs, "short", len(tiny_dro.initial), settings, batching=QUIET)
     trained = [data.token_ids[row][data.response_mask[row] == 1].tolist() for row in range(len(data))]
     encode = lambda text: tiny_dro.model.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     assert trained == [encode(texts[1]), encode(texts[3])] * 2
@@ -153,7 +154,7 @@ def test_the_longest_responses_are_kept(tiny_dro, monkeypatch):
 
 def test_negatives_need_a_human_init_prompt(tiny_dro):
     with pytest.raises(DroJaxError, match="need a human init prompt"):
-        prepare_response_set(tiny_dro.model, tiny_dro.pairs, "none", 3, dataclasses.replace(QUICK, negatives=True), progress=False)
+        prepare_response_set(tiny_dro.model, tiny_dro.pairs, "none", 3, dataclasses.replace(QUICK, negatives=True), batching=QUIET)
 
 
 def test_the_reference_preset_and_the_quick_default():

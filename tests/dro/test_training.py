@@ -13,7 +13,7 @@ import pytest
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import Objective, dro_loss, dro_objective
 from dro_jax.dro.soft_prompt import load_soft_prompt
-from dro_jax.dro.train import TrainConfig, TrainingFiles, frozen_inputs, train_and_export, train_soft_prompt
+from dro_jax.dro.train import TrainConfig, TrainingFiles, frozen_inputs, train_soft_prompt
 from dro_jax.loading import load_model
 from processes import device_env
 
@@ -29,7 +29,7 @@ def test_training_lowers_the_loss_and_only_moves_the_prompt(tiny_dro, tmp_path):
     before = jax.tree.map(np.asarray, model.params)
     # Full batch and a small step: the tiny model's embeddings are only 0.02 in scale.
     config = TrainConfig(epochs=10, batch_size=12, learning_rate=1e-4, checkpoint_every=100)
-    result = train_and_export(model, data, anchors, initial, config, TrainingFiles(str(tmp_path / "run")), progress=False)
+    result = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles(tmp_path / "run"), progress=False)
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     start, _ = dro_loss(jnp.asarray(initial), batch, frozen, model.config)
     end, _ = dro_loss(jnp.asarray(result.soft_prompt), batch, frozen, model.config)
@@ -56,22 +56,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dro, tmp_
         return jnp.where(moved, jnp.nan, total), metrics
 
     with pytest.raises(DroJaxError, match="last good checkpoint is step 1"):
-        train_soft_prompt(model, data, anchors, initial, TRAIN, tmp_path / "ck", progress=False,
+        train_soft_prompt(model, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False,
                           objective=Objective("breaks", breaks_after_one_step, dro.shown))
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["1"]
+    assert sorted(p.name for p in (tmp_path / "ck" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_dro, tmp_path):
     from helpers import save_tiny_model
 
     model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
-    train_soft_prompt(model, data, anchors, initial, TRAIN, tmp_path / "ck", progress=False)
+    train_soft_prompt(model, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
     save_tiny_model("llama", tmp_path / "other", seed=1)  # same sizes and tokenizer, other weights
     other = load_model(tmp_path / "other", progress=False)
     with pytest.raises(DroJaxError, match="another model"):
-        train_soft_prompt(other, data, anchors, initial, TRAIN, tmp_path / "ck", resume=True, progress=False)
+        train_soft_prompt(other, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), resume=True, progress=False)
     with pytest.raises(DroJaxError, match="--resume"):
-        train_soft_prompt(model, data, anchors, initial, TRAIN, tmp_path / "ck", progress=False)
+        train_soft_prompt(model, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
 
 
 SHARDING_SCRIPT = """
@@ -80,20 +80,21 @@ import jax, numpy as np
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
-from dro_jax.dro.train import TrainConfig, train_soft_prompt
+from dro_jax.dro.train import TrainConfig, TrainingFiles, train_soft_prompt
 from dro_jax.dro.training_set import prepare_training_set
+from dro_jax.inference.batched import Batching
 from dro_jax.loading import load_model
 from dro_jax.parallel.mesh import data_mesh
 assert len(jax.devices()) == 4
 model = load_model({model!r}, progress=False)
 anchors = AnchorSpace.load({anchors!r})
 initial = initial_soft_prompt(model.params, model.tokenizer, "short")
-data = prepare_training_set(model, QueryPairs({harmful!r}, {harmless!r}), "short", len(initial), progress=False)
+data = prepare_training_set(model, QueryPairs({harmful!r}, {harmless!r}), "short", len(initial), batching=Batching(progress=False))
 config = TrainConfig(epochs=2, batch_size=5, learning_rate=1e-2, checkpoint_every=100)
 results = []
 for count in (1, 4):
     mesh = data_mesh(jax.devices()[:count])
-    out = train_soft_prompt(model, data, anchors, initial, config, {tmp!r} + f"/ck{{count}}", progress=False, mesh=mesh)
+    out = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles({tmp!r} + f"/ck{{count}}"), progress=False, mesh=mesh)
     results.append(out)
 np.save({tmp!r} + "/one.npy", results[0].soft_prompt)
 np.save({tmp!r} + "/four.npy", results[1].soft_prompt)

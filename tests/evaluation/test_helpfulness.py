@@ -11,7 +11,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.helpfulness import WinRate, measure_helpfulness, pairwise_preferences, win_rate
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.pairwise import ModelPairwiseJudge
-from helpers import HARMLESS
+from helpers import HARMLESS, QUIET
 
 INSTRUCTIONS = ["Bake bread.", "Write a poem.", "Explain a lock.", "Say hello."]
 SETTING = ["good: " + i for i in INSTRUCTIONS]  # the setting's answers
@@ -66,9 +66,9 @@ def test_both_orders_go_to_the_judge_in_one_call_and_identical_answers_are_ties_
 def test_settings_must_name_the_reference_once(tiny_dro):
     none, short = PromptSetting.from_text("none"), PromptSetting.from_text("short")
     with pytest.raises(DroJaxError, match="unknown reference setting 'default': it must be one of the settings \\(none, short\\)"):
-        measure_helpfulness(tiny_dro.model, INSTRUCTIONS, [none, short], "default", progress=False)
+        measure_helpfulness(tiny_dro.model, INSTRUCTIONS, [none, short], "default", batching=QUIET)
     with pytest.raises(DroJaxError, match="a setting is given twice"):
-        measure_helpfulness(tiny_dro.model, INSTRUCTIONS, [none, none], "none", progress=False)
+        measure_helpfulness(tiny_dro.model, INSTRUCTIONS, [none, none], "none", batching=QUIET)
 
 
 @pytest.fixture()

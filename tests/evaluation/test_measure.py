@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.evaluation.evaluate import evaluate_settings
+from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.evaluation.measure import count_refusals
 from dro_jax.inference.respond import keep_longest, response_words
 from dro_jax.inference.chat import ChatFormatter, PromptSetting
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
-from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
+from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 
 
 def _response(query, sample, words, refusal=False):
@@ -51,7 +51,7 @@ def test_evaluation_encodes_each_set_once_per_setting(tiny_dro, monkeypatch):
     datasets = {"harmful": HARMFUL[:3], "harmless": HARMLESS[:3]}
     settings = [PromptSetting.from_text("none"), PromptSetting.from_text("short")]
     evaluation = evaluate_settings(
-        tiny_dro.model, datasets, settings, tiny_dro.anchors, SamplingConfig(max_new_tokens=3), openings=TINY_OPENINGS, progress=False,
+        tiny_dro.model, datasets, settings, EvalConfig(SamplingConfig(max_new_tokens=3), openings=TINY_OPENINGS), tiny_dro.anchors, batching=QUIET
     )
     assert len(encoded) == 2 * 2 * 3  # settings x sets x queries: generation and scoring share one encoding
     assert [(r.setting, r.dataset) for r in evaluation.rows] == [(s, d) for d in datasets for s in ("none", "short")]
@@ -64,13 +64,13 @@ def test_evaluation_encodes_each_set_once_per_setting(tiny_dro, monkeypatch):
 def test_each_set_is_decoded_with_its_own_sampling(tiny_dro):
     datasets = {"harmful": HARMFUL[:2], "harmless": HARMLESS[:2]}
     sampling = {"harmful": SamplingConfig(max_new_tokens=3, min_new_tokens=3), "harmless": SamplingConfig(max_new_tokens=5, min_new_tokens=5)}
-    evaluation = evaluate_settings(tiny_dro.model, datasets, [PromptSetting.from_text("short")], sampling=sampling, progress=False)
+    evaluation = evaluate_settings(tiny_dro.model, datasets, [PromptSetting.from_text("short")], EvalConfig(sampling), batching=QUIET)
     assert {o.dataset: {r.num_tokens for r in o.responses} for o in evaluation.outcomes} == {"harmful": {3}, "harmless": {5}}
     assert {d: [len(ids) for ids in ref.token_ids] for d, ref in evaluation.references.items()} == {"harmful": [3, 3], "harmless": [5, 5]}
     with pytest.raises(DroJaxError, match="no decoding given for the query set 'other' \\(given: harmful, harmless\\)"):
-        evaluate_settings(tiny_dro.model, {"other": HARMFUL[:1]}, [PromptSetting.from_text("none")], sampling=sampling, progress=False)
+        evaluate_settings(tiny_dro.model, {"other": HARMFUL[:1]}, [PromptSetting.from_text("none")], EvalConfig(sampling), batching=QUIET)
 
 
 def test_keeping_more_replies_than_were_sampled_is_an_error(tiny_dro):
     with pytest.raises(DroJaxError, match="cannot keep the 3 longest of 2"):
-        evaluate_settings(tiny_dro.model, {"h": HARMFUL[:1]}, [PromptSetting.from_text("none")], num_samples=2, longest=3, progress=False)
+        evaluate_settings(tiny_dro.model, {"h": HARMFUL[:1]}, [PromptSetting.from_text("none")], EvalConfig(num_samples=2, longest=3))

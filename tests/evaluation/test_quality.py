@@ -4,12 +4,13 @@ and the teacher-forced likelihood it is computed from."""
 import numpy as np
 import pytest
 
-from dro_jax.evaluation.evaluate import evaluate_settings
+from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
-from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
+from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 
 RULE = DegenerationRule()
 FLUENT = (
@@ -77,7 +78,7 @@ def test_reply_likelihood_matches_transformers_on_the_whole_sequences(tiny_model
     encoded = encode_queries(model, HARMLESS[:4], "short")
     assert encoded.prefix_length > 0
     replies = [[5, 9, 33], [7], [100 + i for i in range(OPENING_TOKENS + 3)], []]
-    nll = reply_nll(model, encoded, replies, batch_size=3, progress=False)
+    nll = reply_nll(model, encoded, replies, batching=Batching(3, progress=False))
     assert nll.shape == (4, 2)
     for ids, reply, (whole, opening) in zip(encoded.sequences, replies, nll):
         if not reply:
@@ -95,7 +96,7 @@ def test_evaluation_reports_drift_and_degeneration_beside_refusals(tiny_dro):
     datasets = {"harmful": HARMFUL[:3], "harmless": HARMLESS[:3]}
     settings = [PromptSetting.from_text("none"), PromptSetting.from_text("short")]
     evaluation = evaluate_settings(
-        tiny_dro.model, datasets, settings, tiny_dro.anchors, SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS, progress=False,
+        tiny_dro.model, datasets, settings, EvalConfig(SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS), tiny_dro.anchors, batching=QUIET
     )
     rows = {(r.setting, r.dataset): r for r in evaluation.rows}
     none = rows[("none", "harmless")]
@@ -108,14 +109,14 @@ def test_evaluation_reports_drift_and_degeneration_beside_refusals(tiny_dro):
 
     own = [r.token_ids for o in evaluation.outcomes if (o.setting, o.dataset) == ("short", "harmless") for r in o.responses]
     plain = encode_queries(tiny_dro.model, HARMLESS[:3], "none")
-    expected = np.mean(reply_nll(tiny_dro.model, plain, own, progress=False)[:, 0]) - np.mean(evaluation.references["harmless"].nll[:, 0])
+    expected = np.mean(reply_nll(tiny_dro.model, plain, own, batching=QUIET)[:, 0]) - np.mean(evaluation.references["harmless"].nll[:, 0])
     assert short.reply_surprise == pytest.approx(expected, abs=1e-6)
     assert all(r.degenerate_responses is not None and r.degenerate_responses <= r.num_responses for r in evaluation.rows)
     none_replies = [r.token_ids for o in evaluation.outcomes if (o.setting, o.dataset) == ("none", "harmless") for r in o.responses]
     assert evaluation.references["harmless"].token_ids == none_replies  # the greedy no-prompt replies, reused
     # Given the references, a second evaluation of another setting measures drift on the same replies.
     again = evaluate_settings(
-        tiny_dro.model, datasets, settings[1:], tiny_dro.anchors, SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS,
-        progress=False, references=evaluation.references,
+        tiny_dro.model, datasets, settings[1:], EvalConfig(SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS), tiny_dro.anchors,
+        evaluation.references, batching=QUIET,
     )
     assert again.rows[1].reply_drift == pytest.approx(short.reply_drift, abs=1e-6)

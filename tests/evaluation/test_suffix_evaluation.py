@@ -6,12 +6,12 @@ import numpy as np
 
 from dro_jax.cli.main import main
 from dro_jax.data.suffixes import QuerySuffix
-from dro_jax.evaluation.evaluate import evaluate_settings
+from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.inference.chat import ChatFormatter, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import StringJudge
 from dro_jax.inference.sampling import SamplingConfig
-from helpers import HARMFUL, TINY_OPENINGS
+from helpers import HARMFUL, QUIET, TINY_OPENINGS
 
 QUERIES = HARMFUL[:3]
 SUFFIX = QuerySuffix("attack", ("about the sea and the wind",), per_query=False)
@@ -40,10 +40,10 @@ def test_the_tokens_carry_the_suffix_and_the_texts_stay_the_queries(tiny_dro):
 def test_evaluation_generates_from_the_suffix_and_judges_the_original_query(tiny_dro):
     datasets, settings = {"harmful": QUERIES}, [PromptSetting.from_text("none"), PromptSetting.from_text("short")]
     sampling = SamplingConfig(max_new_tokens=6)
-    plain = evaluate_settings(tiny_dro.model, datasets, settings, sampling=sampling, openings=TINY_OPENINGS, progress=False)
+    plain = evaluate_settings(tiny_dro.model, datasets, settings, EvalConfig(sampling, openings=TINY_OPENINGS), batching=QUIET)
     judge = RecordingJudge()
     attacked = evaluate_settings(
-        tiny_dro.model, datasets, settings, sampling=sampling, openings=TINY_OPENINGS, progress=False, judge=judge, suffix=SUFFIX,
+        tiny_dro.model, datasets, settings, EvalConfig(sampling, judge=judge, openings=TINY_OPENINGS, suffix=SUFFIX), batching=QUIET
     )
     assert [r.setting for r in attacked.rows] == ["none + suffix attack", "short + suffix attack"]
     for before, after in zip(plain.outcomes, attacked.outcomes):

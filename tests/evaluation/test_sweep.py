@@ -21,6 +21,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.evaluation.quality import Drift
 from dro_jax.evaluation.sweep import SweepConfig, SweepRow
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import StringJudge
 from dro_jax.inference.refusal_score import score_refusal
@@ -29,6 +30,7 @@ from dro_jax.inference.respond import Response, generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.parallel.distributed import allgather_json, process_share
+from helpers import QUIET
 from processes import finish, free_port, host_args, start
 
 pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
@@ -50,7 +52,7 @@ def setup(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
     queries = tmp / "queries.txt"
     queries.write_text("\n".join(QUERIES), encoding="utf-8")
-    responses = generate_responses(model, encode_queries(model, QUERIES, "short"), GREEDY, progress=False)
+    responses = generate_responses(model, encode_queries(model, QUERIES, "short"), GREEDY, batching=QUIET)
     phrases = tmp / "phrases.json"
     phrases.write_text(json.dumps({"refusal": [responses[0].text]}), encoding="utf-8")
     soft = tmp / "reference.safetensors"  # as the paper's code writes it: one tensor 'soft_prompt' [N, hidden]
@@ -143,9 +145,10 @@ def test_sample_keys_follow_the_index_in_the_whole_set(setup):
     """A share evaluated on its own (as one process does) draws the same samples as the whole set."""
     model = setup[0]
     sampling = SamplingConfig(greedy=False, max_new_tokens=MAX_NEW)
-    whole = generate_responses(model, encode_queries(model, QUERIES[:4], "none"), sampling, num_samples=2, seed=3, batch_size=4, progress=False)
+    batching = Batching(4, progress=False)
+    whole = generate_responses(model, encode_queries(model, QUERIES[:4], "none"), sampling, num_samples=2, seed=3, batching=batching)
     share = generate_responses(
-        model, encode_queries(model, QUERIES[2:4], "none"), sampling, num_samples=2, seed=3, batch_size=4, progress=False, query_numbers=[2, 3]
+        model, encode_queries(model, QUERIES[2:4], "none"), sampling, num_samples=2, seed=3, batching=batching, query_numbers=[2, 3]
     )
     assert [r.text for r in share] == [r.text for r in whole[4:]]
     assert [r.query_index for r in share] == [0, 0, 1, 1]
@@ -203,6 +206,7 @@ FOUR_DEVICES = """
 import dataclasses, json
 import jax
 import dro_jax.inference.refusal_score, dro_jax.inference.represent, dro_jax.inference.respond
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.judges import StringJudge
@@ -231,9 +235,9 @@ greedy = SamplingConfig(greedy=True, temperature=1.0, top_k=50, top_p=0.9, max_n
 mesh = local_mesh()
 model = load_model({model!r}, progress=False)
 encoded = encode_queries(model, queries, "short")
-responses = generate_responses(model, encoded, greedy, progress=False, mesh=mesh)
-scores = score_refusal(model, encoded, progress=False, mesh=mesh)
-states = represent_tokens(model, encoded, progress=False, mesh=mesh)
+responses = generate_responses(model, encoded, greedy, batching=Batching(mesh=mesh, progress=False))
+scores = score_refusal(model, encoded, batching=Batching(mesh=mesh, progress=False))
+states = represent_tokens(model, encoded, batching=Batching(mesh=mesh, progress=False))
 config = SweepConfig(sampling=greedy, judge=StringJudge.from_file({phrases!r}))
 rows = run_sweep([{model!r}], [PromptSetting.from_text("short")], {{{dataset!r}: queries}}, config, mesh, progress=False)
 with open({out!r}, "w") as handle:
@@ -262,21 +266,22 @@ def test_four_devices_give_the_single_device_results(setup, reference):
     assert four["texts"] == [r.text for r in responses]
     assert four["refusals"] == [r.refusal for r in responses]
     encoded = encode_queries(model, QUERIES, "short")
-    np.testing.assert_allclose(four["log_odds"], score_refusal(model, encoded, progress=False).log_odds, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(four["states"], represent_tokens(model, encoded, progress=False), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(four["log_odds"], score_refusal(model, encoded, batching=QUIET).log_odds, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(four["states"], represent_tokens(model, encoded, batching=QUIET), atol=1e-5, rtol=0)
     _assert_same_rows(four["rows"], _rows(reference[1])[:1])
 
 
 RECORDING_CLI = """
-import json, sys
+import inspect, json, sys
 import dro_jax.evaluation.sweep
 from dro_jax.cli.main import main
 
 calls = []
 original = dro_jax.evaluation.sweep.measure_setting
-def recorded(model, encoded, *args, **kwargs):
-    calls.append({"numbers": list(kwargs["query_numbers"]), "queries": encoded.queries, "devices": kwargs["mesh"].devices.size})
-    return original(model, encoded, *args, **kwargs)
+def recorded(*args, **kwargs):
+    given = inspect.signature(original).bind(*args, **kwargs).arguments
+    calls.append({"numbers": list(given["query_numbers"]), "queries": given["encoded"].queries, "devices": given["batching"].mesh.devices.size})
+    return original(*args, **kwargs)
 dro_jax.evaluation.sweep.measure_setting = recorded
 at = sys.argv.index("--then")  # two commands in one process: the second one stays in the job the first joined
 code = main(sys.argv[2:at]) or main(sys.argv[at + 1:])

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from dro_jax.common.compiles import count_compiles
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.batching import bucket_length, left_padded_batches
 
 
@@ -46,7 +47,7 @@ def test_the_representation_pass_compiles_once_per_length_bucket(tiny_model_dir)
     def compiles(lengths: list[int]) -> int:
         sequences = [rng.integers(3, model.config.vocab_size, n).tolist() for n in lengths]
         with count_compiles() as count:
-            represent_tokens(model, sequences, batch_size=4, progress=False)
+            represent_tokens(model, sequences, batching=Batching(4, progress=False))
         return count.by_function["jit(final_states)"]
 
     last_position_states.clear_cache()

@@ -12,6 +12,7 @@ from dro_jax.inference.refusal_score import OPENING_SETS, Openings
 from dro_jax.inference.respond import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
+from helpers import QUIET
 
 QUERIES = ["How do I bake bread?", "Write a poem about the sea.", "Hi"]
 
@@ -29,14 +30,14 @@ def test_encoded_queries_keep_their_texts_and_slot(tiny_model_dir):
 
 def test_an_empty_query_set_has_no_responses(tiny_model_dir):
     model = load_model(tiny_model_dir("llama")[0], progress=False)
-    assert generate_responses(model, encode_queries(model, [], None), SamplingConfig(max_new_tokens=2), progress=False) == []
+    assert generate_responses(model, encode_queries(model, [], None), SamplingConfig(max_new_tokens=2), batching=QUIET) == []
 
 
 def test_generation_needs_the_texts_it_answers(tiny_model_dir):
     model = load_model(tiny_model_dir("llama")[0], progress=False)
     tokens_only = EncodedQueries.of(encode_queries(model, QUERIES, None).sequences)
     with pytest.raises(ValueError, match="query texts"):
-        generate_responses(model, tokens_only, SamplingConfig(max_new_tokens=2), progress=False)
+        generate_responses(model, tokens_only, SamplingConfig(max_new_tokens=2), batching=QUIET)
 
 
 def test_openings_load_by_name_from_a_file_or_fail_in_one_line(tmp_path):

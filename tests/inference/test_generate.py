@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.generate import candidates, generate_tokens
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
+from dro_jax.models.inputs import ModelInputs
 from helpers import TINY_CONFIGS
 
 STOP_ID, PAD_ID = 1, 0

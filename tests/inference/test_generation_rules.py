@@ -9,7 +9,7 @@ from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.respond import ends_a_sentence, generate_responses, trim_incomplete_lines
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
-from helpers import HARMFUL, TEMPLATES, tiny_tokenizer
+from helpers import HARMFUL, QUIET, TEMPLATES, tiny_tokenizer
 
 # An openchat-style template: its turns end in a special token that is not EOS.
 OPENCHAT_TEMPLATE = (
@@ -66,7 +66,7 @@ def test_generation_uses_the_templates_stop_ids(tiny_model_dir, monkeypatch):
         return generate(params, config, inputs, stop_ids, *rest)
 
     monkeypatch.setattr(respond, "generate_tokens", spy)
-    generate_responses(model, encode_queries(model, HARMFUL[:1], "none"), SamplingConfig(max_new_tokens=2), progress=False)
+    generate_responses(model, encode_queries(model, HARMFUL[:1], "none"), SamplingConfig(max_new_tokens=2), batching=QUIET)
     assert seen == [_ids(model.tokenizer, "<|endoftext|>", "<|im_end|>")]
 
 
@@ -94,7 +94,7 @@ def test_generation_trims_when_its_sampling_says_so(tiny_model_dir, monkeypatch)
     model = load_model(tiny_model_dir("llama")[0], progress=False)
     monkeypatch.setattr(model.tokenizer, "decode", lambda ids, **options: "Sure.\nHalf a")  # a reply cut mid-line
     encoded = encode_queries(model, HARMFUL[:2], "none")
-    plain = generate_responses(model, encoded, SamplingConfig(max_new_tokens=6), progress=False)
-    trimmed = generate_responses(model, encoded, SamplingConfig(max_new_tokens=6, trim_incomplete_lines=True), progress=False)
+    plain = generate_responses(model, encoded, SamplingConfig(max_new_tokens=6), batching=QUIET)
+    trimmed = generate_responses(model, encoded, SamplingConfig(max_new_tokens=6, trim_incomplete_lines=True), batching=QUIET)
     assert [r.text for r in plain] == ["Sure.\nHalf a"] * 2 and [r.text for r in trimmed] == ["Sure."] * 2
     assert [r.token_ids for r in trimmed] == [r.token_ids for r in plain]  # the tokens stay as generated

@@ -3,10 +3,12 @@
 import numpy as np
 import torch
 
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.refusal_score import Openings, opening_log_probs, refusal_log_odds, score_refusal
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.loading import load_model
+from helpers import QUIET
 
 QUERIES = ["How do I bake bread?", "Explain how a lock works, step by step.", "Hi"]
 OPENINGS = Openings(refusal=("I'm sorry", "No"), compliant=("Sure", "Here is a poem"))
@@ -17,7 +19,7 @@ def test_opening_log_probs_match_transformers(tiny_model_dir):
     model = load_model(directory, progress=False)
     prompts = [ChatFormatter(model.tokenizer, None).encode(q) for q in QUERIES]
     texts = OPENINGS.refusal + OPENINGS.compliant
-    ours = opening_log_probs(model, prompts, texts, batch_size=5, progress=False)
+    ours = opening_log_probs(model, prompts, texts, batching=Batching(5, progress=False))
     for p, prompt in enumerate(prompts):
         for o, text in enumerate(texts):
             opening = model.tokenizer.encode(text, add_special_tokens=False)
@@ -26,7 +28,7 @@ def test_opening_log_probs_match_transformers(tiny_model_dir):
             log_probs = torch.log_softmax(logits, dim=-1)
             want = sum(log_probs[len(prompt) - 1 + i, token].item() for i, token in enumerate(opening))
             assert abs(ours[p, o] - want) < 1e-4, (QUERIES[p], text)
-    scores = refusal_log_odds(model, prompts, OPENINGS, progress=False)
+    scores = refusal_log_odds(model, prompts, OPENINGS, batching=QUIET)
     want = np.logaddexp(ours[:, 0], ours[:, 1]) - np.logaddexp(ours[:, 2], ours[:, 3])
     np.testing.assert_allclose(scores, want, rtol=1e-6)
 
@@ -35,6 +37,6 @@ def test_refusal_scores_carry_the_representations_of_the_same_pass(tiny_model_di
     directory, _ = tiny_model_dir("llama")
     model = load_model(directory, progress=False)
     prompts = [ChatFormatter(model.tokenizer, "Be careful.").encode(q) for q in QUERIES]
-    scores = score_refusal(model, prompts, OPENINGS, batch_size=2, progress=False)
-    np.testing.assert_allclose(scores.states, represent_tokens(model, prompts, batch_size=2, progress=False), atol=1e-5)
-    np.testing.assert_allclose(scores.log_odds, refusal_log_odds(model, prompts, OPENINGS, batch_size=3, progress=False), atol=1e-5)
+    scores = score_refusal(model, prompts, OPENINGS, batching=Batching(2, progress=False))
+    np.testing.assert_allclose(scores.states, represent_tokens(model, prompts, batching=Batching(2, progress=False)), atol=1e-5)
+    np.testing.assert_allclose(scores.log_odds, refusal_log_odds(model, prompts, OPENINGS, batching=Batching(3, progress=False)), atol=1e-5)

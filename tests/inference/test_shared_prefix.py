@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import HARMFUL, HARMLESS, TINY_OPENINGS
+from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 from processes import device_env
 
 from dro_jax.data.queries import QueryPairs
@@ -20,6 +20,7 @@ from dro_jax.dro.loss import dro_loss
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import frozen_inputs
 from dro_jax.dro.training_set import prepare_training_set
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.batching import shared_prefix_length
 from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.encoding import encode_queries
@@ -48,14 +49,14 @@ QUERY_FIRST = (
 
 
 def _passes(model, encoded, generate=True):
-    scores = score_refusal(model, encoded, TINY_OPENINGS, batch_size=BATCH, progress=False)
+    scores = score_refusal(model, encoded, TINY_OPENINGS, batching=Batching(BATCH, progress=False))
     passes = {
-        "states": represent_tokens(model, encoded, batch_size=BATCH, progress=False),
+        "states": represent_tokens(model, encoded, batching=Batching(BATCH, progress=False)),
         "score_states": scores.states,
         "log_odds": scores.log_odds,
     }
     if generate:
-        passes["tokens"] = [r.text for r in generate_responses(model, encoded, GREEDY, batch_size=BATCH, progress=False)]
+        passes["tokens"] = [r.text for r in generate_responses(model, encoded, GREEDY, batching=Batching(BATCH, progress=False))]
     return passes
 
 
@@ -111,7 +112,7 @@ def _loss_and_gradient(model, data, anchors, prompt, shared: bool):
 def test_dro_loss_and_gradient_equal_the_whole_inputs(tiny_model_dir, tiny_dro, name):
     model = load_model(tiny_model_dir(name)[0], progress=False)
     initial = initial_soft_prompt(model.params, model.tokenizer, "short")
-    data = prepare_training_set(model, QueryPairs(HARMFUL, HARMLESS), "short", len(initial), progress=False)
+    data = prepare_training_set(model, QueryPairs(HARMFUL, HARMLESS), "short", len(initial), batching=QUIET)
     assert data.prefix is not None and int(data.prefix.soft_offset) >= 0
     prompt = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(0), initial.shape)
     shared = _loss_and_gradient(model, data, tiny_dro.anchors, prompt, shared=True)
@@ -139,9 +140,8 @@ assert len(jax.devices()) == 4
 model = load_model({model!r}, progress=False)
 mesh = data_mesh()
 def on_mesh(fn):
-    def placed(*args, **kwargs):
-        kwargs.setdefault("mesh", mesh)
-        return fn(*args, **kwargs)
+    def placed(*args, batching, **kwargs):
+        return fn(*args, batching=dataclasses.replace(batching, mesh=mesh), **kwargs)
     return placed
 import test_shared_prefix as t
 t.score_refusal, t.represent_tokens, t.generate_responses = map(on_mesh, (t.score_refusal, t.represent_tokens, t.generate_responses))

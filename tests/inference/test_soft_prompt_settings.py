@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from dro_jax.dro.soft_prompt import initial_soft_prompt, prompt_token_ids, random_soft_prompt
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter, PromptSetting
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import refusal_log_odds
@@ -12,7 +13,7 @@ from dro_jax.inference.represent import represent_queries
 from dro_jax.inference.respond import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
-from helpers import TEMPLATES, TINY_OPENINGS
+from helpers import QUIET, TEMPLATES, TINY_OPENINGS
 
 QUERIES = ["How do I bake bread?", "Write a poem about the sea.", "Explain how a lock works, step by step.", "Hi"]
 
@@ -35,8 +36,8 @@ def _own_embeddings(model, name):
 def test_soft_prompt_of_own_embeddings_reproduces_plain_text(tiny_model_dir, template, prompt):
     model = _model(tiny_model_dir, TEMPLATES[template])
     soft = PromptSetting.soft("own", _own_embeddings(model, prompt))
-    plain = represent_queries(model, QUERIES, prompt, batch_size=3, progress=False)
-    learned = represent_queries(model, QUERIES, soft, batch_size=3, progress=False)
+    plain = represent_queries(model, QUERIES, prompt, batching=Batching(3, progress=False))
+    learned = represent_queries(model, QUERIES, soft, batching=Batching(3, progress=False))
     np.testing.assert_allclose(learned, plain, atol=1e-5, rtol=0)
     # The fillers sit exactly where the prompt's tokens were.
     plain_ids = encode_queries(model, QUERIES, prompt).sequences
@@ -60,18 +61,18 @@ def test_generation_and_log_odds_with_own_embeddings_equal_plain_text(tiny_model
     soft = PromptSetting.soft("own", _own_embeddings(model, "short"))
     greedy = SamplingConfig(max_new_tokens=8)
     plain, learned = encode_queries(model, QUERIES, "short"), encode_queries(model, QUERIES, soft)
-    plain_replies = generate_responses(model, plain, greedy, batch_size=3, progress=False)
-    learned_replies = generate_responses(model, learned, greedy, batch_size=3, progress=False)
+    plain_replies = generate_responses(model, plain, greedy, batching=Batching(3, progress=False))
+    learned_replies = generate_responses(model, learned, greedy, batching=Batching(3, progress=False))
     assert [r.text for r in learned_replies] == [r.text for r in plain_replies]
     assert [r.query for r in learned_replies] == QUERIES
     np.testing.assert_allclose(
-        refusal_log_odds(model, learned, TINY_OPENINGS, progress=False), refusal_log_odds(model, plain, TINY_OPENINGS, progress=False),
+        refusal_log_odds(model, learned, TINY_OPENINGS, batching=QUIET), refusal_log_odds(model, plain, TINY_OPENINGS, batching=QUIET),
         atol=1e-4,
     )
 
 
 def test_a_different_soft_prompt_changes_the_representations(tiny_model_dir):
     model = _model(tiny_model_dir)
-    plain = represent_queries(model, QUERIES, "short", progress=False)
+    plain = represent_queries(model, QUERIES, "short", batching=QUIET)
     other = PromptSetting.soft("random", random_soft_prompt(model.params, 5, seed=0))
-    assert np.abs(represent_queries(model, QUERIES, other, progress=False) - plain).max() > 1e-3
+    assert np.abs(represent_queries(model, QUERIES, other, batching=QUIET) - plain).max() > 1e-3

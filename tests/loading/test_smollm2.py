@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter
 from dro_jax.inference.represent import represent_queries
 from dro_jax.loading import load_model, resolve_model_path
@@ -81,7 +82,7 @@ def test_twenty_prompts_match_transformers(smollm2, torch_smollm2):
 
 def test_batched_representations_match_transformers_one_by_one(smollm2, torch_smollm2):
     """The CLI path (left-padded, bucketed batches) against the reference's per-query loop."""
-    states = represent_queries(smollm2, PROMPTS, SAFETY_PROMPTS["short"], batch_size=8, progress=False)
+    states = represent_queries(smollm2, PROMPTS, SAFETY_PROMPTS["short"], batching=Batching(8, progress=False))
     formatter = ChatFormatter(smollm2.tokenizer, SAFETY_PROMPTS["short"])
     for row, prompt in enumerate(PROMPTS):
         with torch.no_grad():
@@ -98,9 +99,10 @@ def test_smollm2_template_inserts_its_own_system_message(smollm2):
 def test_greedy_generation_equals_transformers_generate(smollm2, torch_smollm2):
     """20 chat-formatted prompts x 32 new tokens, one left-padded batch, token for token."""
     from dro_jax.inference.batching import left_padded_batches
-    from dro_jax.inference.encoding import ModelInputs, encode_queries
+    from dro_jax.inference.encoding import encode_queries
     from dro_jax.inference.generate import generate_tokens
     from dro_jax.inference.sampling import SamplingConfig
+    from dro_jax.models.inputs import ModelInputs
 
     pad = smollm2.tokenizer.pad_token_id
     stop = [smollm2.tokenizer.eos_token_id]

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.encoding import ModelInputs
 from dro_jax.inference.generate import generate_tokens
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.models import KVCache, ModelConfig, compute_logits, forward
 from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS
-from dro_jax.models.inputs import SharedPrefix, final_states
+from dro_jax.models.inputs import ModelInputs, SharedPrefix, final_states
 from dro_jax.models.transformer import ATTENTION_FUNCTIONS, KeyBlock, attend, attend_fused
 
 pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
@@ -136,7 +135,7 @@ def test_a_shared_prefix_equals_the_reference(tiny_model_dir, name):
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
     def loss(prompt, config):
-        states = final_states(model.params, config, ids, mask, prompt, jnp.full(ids.shape[0], -1), prefix=prefix)
+        states = final_states(model.params, config, ModelInputs(ids, mask, prompt, jnp.full(ids.shape[0], -1), prefix))
         return jnp.sum(states**2), states
 
     results = [jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(soft, config) for config in _both(model)]
@@ -170,7 +169,8 @@ def test_bfloat16_equals_the_reference_within_bfloat16_rounding(tiny_model_dir, 
     decode = jax.jit(_prefill_and_decode, static_argnums=1)
     pairs.append(tuple(decode(model.params, config, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tokens)) for config in _both(model)))
     prefix = SharedPrefix(jnp.asarray(np.random.default_rng(5).integers(3, 320, size=9), jnp.int32), jnp.int32(-1))
-    pairs.append(tuple(jax.jit(final_states, static_argnums=1)(model.params, c, jnp.asarray(ids), jnp.asarray(mask), prefix=prefix) for c in _both(model)))
+    inputs = ModelInputs(jnp.asarray(ids), jnp.asarray(mask), prefix=prefix)
+    pairs.append(tuple(jax.jit(final_states, static_argnums=1)(model.params, c, inputs) for c in _both(model)))
     for want, got in pairs:
         assert got.dtype == want.dtype
         want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)

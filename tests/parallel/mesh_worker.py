@@ -9,8 +9,9 @@ import jax
 from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
-from dro_jax.dro.train import TrainConfig, model_fingerprint, train_soft_prompt
+from dro_jax.dro.train import TrainConfig, TrainingFiles, model_fingerprint, train_soft_prompt
 from dro_jax.dro.training_set import prepare_training_set
+from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.respond import generate_responses
@@ -41,9 +42,10 @@ def main(directory: str, out: str) -> None:
     assert len(jax.devices()) == 8
     model = load_model(directory, progress=False)
     pairs = QueryPairs(HARMFUL, HARMLESS)
-    anchors = build_anchor_space(model, pairs, AnchorConfig(settings=("none", "short"), openings=TINY_OPENINGS, fit=TINY_FIT), progress=False)[0]
+    anchor_config = AnchorConfig(settings=("none", "short"), openings=TINY_OPENINGS, fit=TINY_FIT)
+    anchors = build_anchor_space(model, pairs, anchor_config, batching=Batching(progress=False))[0]
     initial = initial_soft_prompt(model.params, model.tokenizer, "short")
-    data = prepare_training_set(model, pairs, "short", len(initial), progress=False, openings=TINY_OPENINGS)
+    data = prepare_training_set(model, pairs, "short", len(initial), batching=Batching(progress=False), openings=TINY_OPENINGS)
     config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100, refusal_score="openings", openings=TINY_OPENINGS)
     encoded = encode_queries(model, HARMFUL + HARMLESS, "short")
     greedy = SamplingConfig(greedy=True, max_new_tokens=8)
@@ -51,13 +53,13 @@ def main(directory: str, out: str) -> None:
     for name, (count, shape) in MESHES.items():
         mesh = make_mesh(shape, jax.devices()[:count])
         placed = type(model)(model.config, place_params(model.params, model.config, mesh), model.tokenizer, model.source)
-        trained = train_soft_prompt(placed, data, anchors, initial, config, f"{out}/{name}", progress=False, mesh=mesh)
-        responses = generate_responses(placed, encoded, greedy, batch_size=12, progress=False, mesh=mesh)
+        trained = train_soft_prompt(placed, data, anchors, initial, config, TrainingFiles(f"{out}/{name}"), progress=False, mesh=mesh)
+        responses = generate_responses(placed, encoded, greedy, batching=Batching(12, mesh, False))
         results[name] = {
             "losses": [m["loss"] for m in trained.metrics],
             "soft_prompt": trained.soft_prompt.tolist(),
             "tokens": [list(r.token_ids) for r in responses],
-            "log_odds": score_refusal(placed, encoded, TINY_OPENINGS, batch_size=12, progress=False, mesh=mesh).log_odds.tolist(),
+            "log_odds": score_refusal(placed, encoded, TINY_OPENINGS, batching=Batching(12, mesh, False)).log_odds.tolist(),
             "share": {key: device_share(_leaf(placed.params, path)) for key, path in WATCHED.items()},
             "fingerprint": model_fingerprint(placed),
             "mesh": describe_mesh(mesh),
