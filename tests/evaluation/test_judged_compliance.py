@@ -231,25 +231,3 @@ def test_smollm2_judges_its_own_replies():
     assert [r.unsafe for r in replies] == unsafe
     assert harmful.harmful_compliant_responses == sum(r.harmful_compliance for r in replies) <= harmful.num_responses - harmful.refused_responses
     assert harmless.harmful_compliant_responses is None and all(r.unsafe is None for r in evaluation.outcomes[1].responses)
-
-
-def test_a_run_with_a_judge_model_reports_both_verdicts(forced, run_args, tmp_path):
-    """End to end, the tiny run with the always-unsafe judge: the evaluation's harmful set is judged and its
-    counts follow the rule on the very replies, the harmless set is not judged, and results.md says so."""
-    out = tmp_path / "run"
-    assert main(run_args(out, "--judge-model", str(forced["unsafe"]))) == 0
-    assert json.loads((out / "config.json").read_text())["judge_model"] == str(forced["unsafe"])
-    responses = [Response(**{k: v for k, v in r.items() if k not in ("setting", "dataset", "kind")}) for r in _lines(out / "responses.jsonl")]
-    datasets = [r["dataset"] for r in _lines(out / "responses.jsonl")]
-    assert {(d, r.unsafe) for d, r in zip(datasets, responses)} == {("harmful", True), ("harmless", None)}
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    settings = [r["setting"] for r in _lines(out / "responses.jsonl")]
-    for row in rows:
-        mine = [r for r, d, s in zip(responses, datasets, settings) if (d, s) == (row["dataset"], row["setting"])]
-        want = sum(r.harmful_compliance for r in mine) if row["dataset"] == "harmful" else None
-        assert row["harmful_compliant_responses"] == want
-    assert f"string judge `dro-jax` and judge model {forced['unsafe']} (harmful set)" in (out / "results.md").read_text()
-
-
-def _lines(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]

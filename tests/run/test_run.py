@@ -173,6 +173,27 @@ def test_resume_may_change_what_only_the_evaluation_reads(finished_run, run_args
     assert "learning_rate: 0.005 -> 0.1" in err and "with --resume only" in err and "judge_template" in err
 
 
+def test_a_judge_model_added_on_resume_judges_the_harmful_set(finished_run, forced, run_args, tmp_path):
+    """End to end, the tiny run continued with the always-unsafe judge model (an evaluation-only setting, so only
+    the evaluation runs again): the harmful set is judged and its counts follow the rule on the very replies, the
+    harmless set is not judged, and results.md says so."""
+    import shutil
+
+    from dro_jax.inference.respond import Response
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    assert main(run_args(out, "--judge-model", str(forced["unsafe"]), "--resume")) == 0
+    assert json.loads((out / "config.json").read_text())["judge_model"] == str(forced["unsafe"])
+    lines = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    responses = [Response(**{k: v for k, v in r.items() if k not in ("setting", "dataset", "kind")}) for r in lines]
+    assert {(r["dataset"], reply.unsafe) for r, reply in zip(lines, responses)} == {("harmful", True), ("harmless", None)}
+    for row in json.loads((out / "results.json").read_text())["rows"]:
+        mine = [reply for r, reply in zip(lines, responses) if (r["dataset"], r["setting"]) == (row["dataset"], row["setting"])]
+        assert row["harmful_compliant_responses"] == (sum(r.harmful_compliance for r in mine) if row["dataset"] == "harmful" else None)
+    assert f"string judge `dro-jax` and judge model {forced['unsafe']} (harmful set)" in (out / "results.md").read_text()
+
+
 def test_evaluation_only_settings_leave_the_earlier_stages_keys_alone():
     """Each setting that --resume may change, given another value, changes the evaluation's key and no other."""
     import dataclasses
