@@ -12,10 +12,10 @@ from pathlib import Path
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_text
-from dro_jax.dro.soft_prompt import load_soft_prompt
 from dro_jax.evaluation.evaluate import EvalRow, results_markdown
 from dro_jax.evaluation.movement import Movement, movements, movements_markdown
-from dro_jax.inference.chat import NO_PROMPT, PromptSetting
+from dro_jax.inference.settings import load_soft_prompt
+from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel
 from dro_jax.run.config import QuerySets
 from dro_jax.run.outputs import RunOutputs

@@ -52,12 +52,13 @@ from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
 from dro_jax.dro.loss import LossWeights
 from dro_jax.dro.prompt_tuning import PromptTuningConfig, prepare_response_set, prompt_tuning_objective
-from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
+from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import TrainingFiles, train_soft_prompt
 from dro_jax.evaluation.evaluate import EvalRow
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS, PromptSetting
 from dro_jax.inference.declines import DeclineJudge
+from dro_jax.inference.settings import load_soft_prompt
+from dro_jax.inference.settings import NO_PROMPT, PROMPT_SETTINGS, PromptSetting
 from dro_jax.loading import LoadedModel, load_model
 from dro_jax.run.config import QuerySets, RunConfig
 from dro_jax.run.pipeline import evaluate_prompts, input_key, stage_inputs, train_stage

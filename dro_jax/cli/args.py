@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
+from dro_jax.inference.settings import PROMPT_SETTINGS
 from dro_jax.loading.registry import DEFAULT_MODEL, DTYPES
 from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS, MATMUL_PRECISIONS
 
@@ -90,7 +90,7 @@ def add_prompt_args(parser: argparse.ArgumentParser) -> None:
 
 def prompt_setting(args: argparse.Namespace):
     """The setting from --system-prompt or --soft-prompt; a soft-prompt file is read (and checked) here."""
-    from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
+    from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting
 
     return parse_prompt_setting(SOFT_PREFIX + args.soft_prompt if args.soft_prompt else args.system_prompt)
 

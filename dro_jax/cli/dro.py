@@ -12,7 +12,7 @@ from dro_jax.cli.args import (
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
-from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.settings import PROMPT_SETTINGS
 from dro_jax.run.config import PAPER_TRAINING  # the reference's schedule: the defaults of `dro-jax train`
 
 # `dro-jax train` option -> PromptTuningConfig field; unset options keep the preset's value.
@@ -269,7 +269,7 @@ def _run_train(args: argparse.Namespace) -> None:
 def _run_export(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable
     from dro_jax.dro.checkpoints import TrainCheckpoints
-    from dro_jax.dro.soft_prompt import save_soft_prompt
+    from dro_jax.inference.settings import save_soft_prompt
 
     out = check_writable(args.out)
     directory = Path(args.checkpoint)
@@ -292,11 +292,11 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable
     from dro_jax.common.tables import write_tables
     from dro_jax.data.queries import read_queries
-    from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.evaluation.evaluate import EvalConfig, EvalRow, evaluate_settings, results_markdown
     from dro_jax.evaluation.measure import judge_note
     from dro_jax.inference.batched import Batching
     from dro_jax.inference.sampling import SamplingConfig
+    from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.loading import load_model
     from dro_jax.parallel.distributed import is_writer
 

@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from dro_jax.cli.args import add_field_arg, add_model_args, positive_int
-from dro_jax.inference.chat import NO_PROMPT, PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING
+from dro_jax.inference.settings import NO_PROMPT, PROMPT_SETTINGS
 
 DEFAULT_INSTRUCTIONS = "helpful_instructions"
 
@@ -70,8 +70,8 @@ def _run_helpfulness(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from dro_jax.data.queries import read_queries
-    from dro_jax.dro.soft_prompt import parse_prompt_setting
     from dro_jax.evaluation.evaluate import EvalConfig
+    from dro_jax.inference.settings import parse_prompt_setting
     from dro_jax.evaluation.helpfulness import (
         check_settings, helpfulness_markdown, measure_helpfulness, prepare_helpfulness_dir, write_helpfulness,
     )

@@ -9,7 +9,7 @@ from dro_jax.cli.args import (
     add_decoding_args, add_judge_args, add_model_args, add_prompt_args, add_query_args, check_judge_args, model_judge, positive_int,
     prompt_setting, sampling_config,
 )
-from dro_jax.inference.chat import PROMPT_SETTINGS
+from dro_jax.inference.settings import PROMPT_SETTINGS
 
 
 def add_commands(commands) -> None:
@@ -100,10 +100,10 @@ def _run_label(args: argparse.Namespace) -> None:
     from dro_jax.anchors.labels import label_queries
     from dro_jax.common.files import check_writable, write_jsonl
     from dro_jax.data.queries import read_queries
-    from dro_jax.dro.soft_prompt import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.inference.batched import Batching
     from dro_jax.inference.judges import StringJudge
     from dro_jax.inference.respond import Measuring
+    from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.loading import load_model
 
     out = check_writable(args.out)

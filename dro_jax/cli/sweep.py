@@ -10,8 +10,8 @@ from dro_jax.cli.args import (
     model_judge, positive_int, start_job, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.chat import PROMPT_SETTINGS
 from dro_jax.inference.sampling import REFERENCE_SAMPLING
+from dro_jax.inference.settings import PROMPT_SETTINGS
 from dro_jax.loading.registry import DTYPES
 
 SAMPLING_OPTIONS = ("temperature", "top_p", "top_k")  # apply only with --num-samples; defaults from REFERENCE_SAMPLING
@@ -101,9 +101,9 @@ def _run_sweep(args: argparse.Namespace) -> None:
     import jax
 
     from dro_jax.data.queries import read_queries
-    from dro_jax.dro.soft_prompt import parse_prompt_setting
     from dro_jax.evaluation.sweep import run_sweep
     from dro_jax.evaluation.sweep_output import prepare_output_dir, sweep_markdown, write_sweep
+    from dro_jax.inference.settings import parse_prompt_setting
     from dro_jax.parallel import distributed
     from dro_jax.parallel.mesh import MeshShape, local_mesh
 

@@ -32,7 +32,7 @@ from dro_jax.dro.checkpoints import TrainCheckpoints
 from dro_jax.dro.loss import Frozen, LossWeights, Objective, check_refusal_score, dro_objective
 from dro_jax.dro.microbatch import check_microbatch
 from dro_jax.inference.refusal_score import OpeningReadout, Openings
-from dro_jax.dro.soft_prompt import save_soft_prompt
+from dro_jax.inference.settings import save_soft_prompt
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix

@@ -33,10 +33,10 @@ from dro_jax.evaluation.evaluate import EvalConfig, EvalRow, evaluate_settings
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule
 from dro_jax.evaluation.sweep_output import prepare_output_dir
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.pairwise import PairwiseJudge
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.inference.settings import PromptSetting
 from dro_jax.loading import LoadedModel
 
 FILE_NAMES = ("helpfulness.md", "helpfulness.csv", "helpfulness.json", "answers.jsonl")

@@ -14,7 +14,7 @@ import numpy as np
 
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.tables import markdown_table
-from dro_jax.inference.chat import NO_PROMPT
+from dro_jax.inference.settings import NO_PROMPT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,12 +40,12 @@ from dro_jax.evaluation.measure import (
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift, ReplyReference
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.chat import NO_PROMPT, PromptSetting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel, load_model
 from dro_jax.parallel.distributed import allgather_json, process_share, shows_progress
 from dro_jax.parallel.mesh import process_count

@@ -1,4 +1,4 @@
-"""Chat formatting and the human-written safety prompts.
+"""Chat formatting: a prompt setting (`dro_jax.inference.settings`) in the system-message slot of the chat template.
 
 A safety prompt is the system message of the chat template. Templates with no
 system role (Llama-2 style `[INST]` without `<<SYS>>`, Mistral) get the prompt
@@ -10,76 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from dro_jax.common.errors import DroJaxError
-
-SAFETY_PROMPTS = {
-    "default": (
-        "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
-        "while being safe. Your answers should not include any harmful, unethical, racist, sexist, toxic, "
-        "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
-        "in nature.\n\nIf a question does not make any sense, or is not factually coherent, explain why instead "
-        "of answering something not correct. If you don't know the answer to a question, please don't share "
-        "false information."
-    ),
-    "short": "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe.",
-    "mistral": (
-        "You are an AI assistant. Always assist with care, respect, and truth. Please respond with utmost utility "
-        "yet securely and avoid harmful, unethical, prejudiced, or negative content. Also ensure replies promote "
-        "fairness and positivity."
-    ),
-}
-NO_PROMPT = "none"
-PROMPT_SETTINGS = (NO_PROMPT, *SAFETY_PROMPTS)
-
-
-def resolve_system_prompt(setting: str | None) -> str | None:
-    """`none` -> no system message; a prompt name -> its text; anything else is custom text."""
-    if setting is None or setting == NO_PROMPT:
-        return None
-    if not setting.strip():
-        raise DroJaxError("the system prompt is empty; use 'none' for no system message")
-    return SAFETY_PROMPTS.get(setting, setting)
-
 
 # Stands in for the system text while locating the slot that soft-prompt rows fill;
 # plain words, so it tokenizes like ordinary prompt text at both ends.
 SLOT_PLACEHOLDER = "Follow these instructions."
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PromptSetting:
-    """What fills the system-message slot: nothing, human-written text, or soft-prompt rows.
-
-    `soft_prompt` is a float32 [N, hidden] array of input embeddings (a trained
-    or imported DRO prompt); `text` and `soft_prompt` are never both set.
-    """
-
-    name: str
-    text: str | None = None
-    soft_prompt: np.ndarray | None = None
-
-    @classmethod
-    def from_text(cls, setting: str | None) -> "PromptSetting":
-        """`none`, a safety-prompt name, or custom text."""
-        text = resolve_system_prompt(setting)
-        if text is None:
-            return cls(NO_PROMPT)
-        return cls(setting, text)
-
-    @classmethod
-    def soft(cls, name: str, soft_prompt: np.ndarray) -> "PromptSetting":
-        return cls(name, None, np.asarray(soft_prompt, np.float32))
-
-    @property
-    def is_empty(self) -> bool:
-        """No safety prompt at all: the setting reply drift and the no-prompt rows are measured against."""
-        return self.text is None and self.soft_prompt is None
-
-
-def as_prompt_setting(setting: "PromptSetting | str | None") -> PromptSetting:
-    return setting if isinstance(setting, PromptSetting) else PromptSetting.from_text(setting)
 
 
 def template_has_system_role(tokenizer: Any) -> bool:

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 
 from dro_jax.inference.batched import Batching, PassInfo, run_batched
-from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
+from dro_jax.inference.settings import PromptSetting
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import ModelInputs, final_states
 from dro_jax.parallel.sharding import on_mesh

@@ -24,14 +24,15 @@ from dro_jax.anchors.space import AnchorSpace, save_anchor_space
 from dro_jax.common.compiles import count_compiles
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.run_directory import claim_run_directory
-from dro_jax.dro.soft_prompt import initial_soft_prompt, load_soft_prompt
+from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import TrainingFiles, train_soft_prompt
 from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
 from dro_jax.evaluation.evaluate import EvalConfig, Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.judges import ModelJudge, SafetyJudge
+from dro_jax.inference.settings import load_soft_prompt
+from dro_jax.inference.settings import PromptSetting
 from dro_jax.loading import LoadedModel, load_model, resolve_model_path
 from dro_jax.parallel.distributed import barrier, is_writer, process_zero_decides
 from dro_jax.parallel.mesh import data_mesh

@@ -12,7 +12,7 @@ import pytest
 
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.cli.main import main
-from dro_jax.dro.soft_prompt import load_soft_prompt
+from dro_jax.inference.settings import load_soft_prompt
 
 pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
 

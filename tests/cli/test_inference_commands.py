@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from dro_jax.cli.main import main
-from dro_jax.dro.soft_prompt import initial_soft_prompt, save_soft_prompt
-from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter
+from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.inference.chat import ChatFormatter
+from dro_jax.inference.settings import save_soft_prompt
+from dro_jax.inference.settings import SAFETY_PROMPTS
 from dro_jax.loading import load_model
 from helpers import save_tiny_model
 

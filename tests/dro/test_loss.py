@@ -128,9 +128,9 @@ def test_the_replies_term_is_the_no_prompt_replies_nll_on_harmless_rows(tiny_dro
     per token, averaged over the harmless rows; checked against the evaluation's own reply likelihood of the same
     replies under the same soft prompt. Not computed (0) when its weight is 0; refused without prepared replies."""
     from dro_jax.dro.training_set import prepare_training_set
-    from dro_jax.inference.chat import PromptSetting
     from dro_jax.inference.encoding import encode_queries
     from dro_jax.inference.likelihood import reply_nll
+    from dro_jax.inference.settings import PromptSetting
 
     model, anchors, initial = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial
     data = prepare_training_set(model, tiny_dro.pairs, "short", len(initial), batching=QUIET, openings=TINY_OPENINGS, reply_tokens=6)

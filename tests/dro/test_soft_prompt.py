@@ -4,15 +4,8 @@ import numpy as np
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.dro.soft_prompt import (
-    initial_soft_prompt,
-    load_soft_prompt,
-    parse_prompt_setting,
-    prompt_token_ids,
-    random_soft_prompt,
-    save_soft_prompt,
-)
-from dro_jax.inference.chat import SAFETY_PROMPTS
+from dro_jax.dro.soft_prompt import initial_soft_prompt, prompt_token_ids, random_soft_prompt
+from dro_jax.inference.settings import SAFETY_PROMPTS, load_soft_prompt, parse_prompt_setting, save_soft_prompt
 
 
 def test_file_round_trip_and_errors(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import Objective, dro_loss, dro_objective
-from dro_jax.dro.soft_prompt import load_soft_prompt
 from dro_jax.dro.train import TrainConfig, TrainingFiles, frozen_inputs, train_soft_prompt
+from dro_jax.inference.settings import load_soft_prompt
 from dro_jax.loading import load_model
 from processes import device_env
 

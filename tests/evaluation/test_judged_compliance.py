@@ -22,10 +22,10 @@ from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings, results_m
 from dro_jax.evaluation.measure import count_harmful_compliance, harmful_set_flags, judge_note
 from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name, run_sweep
 from dro_jax.evaluation.sweep_output import sweep_markdown
-from dro_jax.inference.chat import PromptSetting
 from dro_jax.inference.judges import ModelJudge, read_judge_template
 from dro_jax.inference.respond import Response, judge_harm
 from dro_jax.inference.sampling import SamplingConfig, SetSampling
+from dro_jax.inference.settings import PromptSetting
 from dro_jax.loading import load_model
 from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 

@@ -206,17 +206,17 @@ FOUR_DEVICES = """
 import dataclasses, json
 import jax
 import dro_jax.inference.refusal_score, dro_jax.inference.represent, dro_jax.inference.respond
+from dro_jax.evaluation.sweep import SweepConfig, run_sweep
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.chat import PromptSetting
-from dro_jax.inference.sampling import SamplingConfig
-from dro_jax.inference.judges import StringJudge
-from dro_jax.loading import load_model
-from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.judges import StringJudge
+from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.inference.respond import generate_responses
+from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.inference.settings import PromptSetting
+from dro_jax.loading import load_model
 from dro_jax.parallel.mesh import local_mesh
-from dro_jax.evaluation.sweep import SweepConfig, run_sweep
 
 spans = {{}}
 def record(module, name):

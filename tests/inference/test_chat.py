@@ -3,7 +3,8 @@
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter, resolve_system_prompt, template_has_system_role
+from dro_jax.inference.chat import ChatFormatter, template_has_system_role
+from dro_jax.inference.settings import SAFETY_PROMPTS, resolve_system_prompt
 from helpers import tiny_tokenizer
 
 NO_SYSTEM_RAISES = (
@@ -63,7 +64,7 @@ def test_tokenizer_without_template():
 def test_only_the_no_prompt_setting_is_empty():
     import numpy as np
 
-    from dro_jax.inference.chat import PromptSetting
+    from dro_jax.inference.settings import PromptSetting
 
     assert PromptSetting.from_text("none").is_empty and PromptSetting.from_text(None).is_empty
     assert not PromptSetting.from_text("short").is_empty

@@ -6,12 +6,13 @@ import pytest
 
 from dro_jax.dro.soft_prompt import initial_soft_prompt, prompt_token_ids, random_soft_prompt
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter, PromptSetting
+from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import refusal_log_odds
 from dro_jax.inference.represent import represent_queries
 from dro_jax.inference.respond import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.inference.settings import PromptSetting, SAFETY_PROMPTS
 from dro_jax.loading import load_model
 from helpers import QUIET, TEMPLATES, TINY_OPENINGS
 

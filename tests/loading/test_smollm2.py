@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.chat import SAFETY_PROMPTS, ChatFormatter
+from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.represent import represent_queries
+from dro_jax.inference.settings import SAFETY_PROMPTS
 from dro_jax.loading import load_model, resolve_model_path
 
 pytestmark = [pytest.mark.real_model, pytest.mark.heavy]  # heavy: among the longest files, started first (tests/conftest.py)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dro_jax.cli.main import main
-from dro_jax.dro.soft_prompt import load_soft_prompt
+from dro_jax.inference.settings import load_soft_prompt
 from processes import finish, free_port, host_args, start
 
 pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)

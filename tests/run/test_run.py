@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dro_jax.cli.main import main
-from dro_jax.dro.soft_prompt import load_soft_prompt
+from dro_jax.inference.settings import load_soft_prompt
 from dro_jax.run import pipeline
 from helpers import HARMLESS, PNG_MAGIC
 
