@@ -73,7 +73,7 @@ def prepare_training_set(
     harmless queries' greedy replies with no prompt, at most that many tokens, are generated for the `replies` term."""
     queries = pairs.queries
     expected = (len(queries), model.config.hidden_size)
-    base, plain = (anchor_data.rows_of(init_prompt), anchor_data.rows_of(NO_PROMPT)) if anchor_data else ([], [])
+    base, plain = (anchor_data.rows_of(init_prompt), anchor_data.rows_of(NO_PROMPT)) if anchor_data is not None else ([], [])
     if len(base):
         base_states = anchor_data.states[base]
     else:

@@ -15,7 +15,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
-    Measuring, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
+    count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.batched import Batching
@@ -23,7 +23,7 @@ from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.likelihood import reply_nll
 from dro_jax.inference.refusal_score import Openings
-from dro_jax.inference.respond import Response, keep_longest
+from dro_jax.inference.respond import Measuring, Response, keep_longest
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.measure import (
-    Measurement, Measuring, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting,
+    Measurement, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting,
     reference_decoding,
 )
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift, ReplyReference
@@ -43,7 +43,7 @@ from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge
 from dro_jax.inference.refusal_score import Openings
-from dro_jax.inference.respond import Response
+from dro_jax.inference.respond import Measuring, Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel, load_model
