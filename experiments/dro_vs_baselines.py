@@ -25,6 +25,7 @@ import sys
 from common import comparison, evaluate_extra_prompts, main_guard, parser, start, tables, write_outputs
 from dro_jax.dro.prompt_tuning import PromptTuningConfig, prepare_response_set, prompt_tuning_objective
 from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.dro.task import TrainingTask
 from dro_jax.dro.train import TrainingFiles, train_soft_prompt
 from dro_jax.loading import load_model
 from dro_jax.run.config import QuerySets, RunConfig
@@ -69,8 +70,8 @@ def main() -> None:
     if not files.soft_prompt.exists():
         initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
         data = prepare_response_set(model, QuerySets.read(config).train, config.init_prompt, len(initial), settings, config.seed)
-        train_soft_prompt(model, data, None, initial, config.train_config(epochs=settings.epochs), files, resume=True,
-                         objective=prompt_tuning_objective(model.config, settings, config.remat, config.microbatch))
+        task = TrainingTask(initial, data, prompt_tuning_objective(model.config, settings, config.remat, config.microbatch))
+        train_soft_prompt(model, task, config.train_config(epochs=settings.epochs), files, resume=True)
     rows, coords, log_odds = evaluate_extra_prompts(model, run, {BASELINE: files.soft_prompt})
     rows, moved = comparison(run, rows, coords, log_odds)
     refusal_plot(out / "dro_vs_baselines.png", rows, f"{config.model}: human prompts, DRO and vanilla prompt tuning")

@@ -53,6 +53,7 @@ from dro_jax.common.tables import markdown_table
 from dro_jax.dro.loss import LossWeights
 from dro_jax.dro.prompt_tuning import PromptTuningConfig, prepare_response_set, prompt_tuning_objective
 from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.dro.task import TrainingTask
 from dro_jax.dro.train import TrainingFiles, train_soft_prompt
 from dro_jax.evaluation.evaluate import EvalRow
 from dro_jax.inference.batched import Batching
@@ -209,8 +210,8 @@ class Experiment:
         epochs = max(1, round(steps * config.batch_size / (settings.responses * len(pairs))))
         initial = initial_soft_prompt(self.model.params, self.model.tokenizer, config.init_prompt)
         data = prepare_response_set(self.model, pairs, config.init_prompt, len(initial), settings, config.seed)
-        objective = prompt_tuning_objective(self.model.config, settings, config.remat, config.microbatch)
-        train_soft_prompt(self.model, data, None, initial, config.train_config(epochs=epochs), files, resume=True, objective=objective)
+        task = TrainingTask(initial, data, prompt_tuning_objective(self.model.config, settings, config.remat, config.microbatch))
+        train_soft_prompt(self.model, task, config.train_config(epochs=epochs), files, resume=True)
 
     def rows(self, name: str, setting: PromptSetting, key: str) -> list[EvalRow]:
         """The evaluation rows of one setting on this experiment's sets (kept under `key`)."""

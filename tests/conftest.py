@@ -93,6 +93,13 @@ class TinyDro:
     initial: object  # the soft prompt initialised from the short prompt
     data: object  # its TrainingSet
 
+    @property
+    def task(self):
+        """DRO from the short prompt on the training set, with the anchor space."""
+        from dro_jax.dro.task import TrainingTask
+
+        return TrainingTask(self.initial, self.data, anchors=self.anchors)
+
 
 @pytest.fixture(scope="session")
 def tiny_dro(tiny_model_dir):

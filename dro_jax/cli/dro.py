@@ -11,7 +11,7 @@ from dro_jax.cli.args import (
     add_suffix_arg, check_judge_args, model_judge, positive_int, start_job, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
-from dro_jax.dro.loss import TERM_ALIASES, LossWeights, dro_objective
+from dro_jax.dro.loss import TERM_ALIASES, LossWeights
 from dro_jax.inference.settings import PROMPT_SETTINGS
 from dro_jax.run.config import PAPER_TRAINING  # the reference's schedule: the defaults of `dro-jax train`
 
@@ -138,35 +138,15 @@ def _anchor_config(args: argparse.Namespace):
     return AnchorConfig(settings=tuple(args.settings), label=args.label, num_samples=args.num_samples, fit=fit, openings=Openings.load(args.openings))
 
 
-def _print_report(report: dict) -> None:
-    def metric(value):
-        return "n/a" if value is None else f"{value:.3f}"
-
-    explained = ", ".join(f"{v:.3f}" for v in report["explained_variance_ratio"])
-    print(f"PCA explained variance: {explained}", file=sys.stderr)
-    for name in ("refusal", "harmfulness"):
-        probe = report[name]
-        print(
-            f"{name} probe ({probe.get('fit', 'logistic')}): accuracy {metric(probe['accuracy'])}, AUC {metric(probe['auc'])}, "
-            f"BCE {metric(probe['bce'])}" + (f", R^2 {probe['r2']:.3f}" if "r2" in probe else ""),
-            file=sys.stderr,
-        )
-
-
 def _build_anchors(args: argparse.Namespace, model, pairs, out: Path, mesh=None):
-    from dro_jax.anchors.collect import build_anchor_space, check_judged_label
-    from dro_jax.anchors.space import save_anchor_space
+    from dro_jax.anchors.collect import check_judged_label
     from dro_jax.inference.batched import Batching
-    from dro_jax.parallel.distributed import is_writer
+    from dro_jax.run.pipeline import write_anchor_space
 
     config = _anchor_config(args)
     check_judged_label(config, bool(args.judge_model))
     judge_model = model_judge(args, args.batch_size_eval, mesh, policy=model)
-    space, report, _ = build_anchor_space(model, pairs, config, judge_model=judge_model, batching=Batching(args.batch_size_eval, mesh))
-    if is_writer():
-        save_anchor_space(space, report, out)
-        _print_report(report)
-    return space
+    return write_anchor_space(model, pairs, config, Batching(args.batch_size_eval, mesh), out, judge_model=judge_model)[0]
 
 
 def _run_anchor(args: argparse.Namespace) -> None:
@@ -215,8 +195,9 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.data.queries import QueryPairs
     from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_objective
     from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
+    from dro_jax.dro.task import TrainingTask
     from dro_jax.dro.train import TrainConfig, TrainingFiles, train_soft_prompt
-    from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
+    from dro_jax.dro.training_set import dro_task
     from dro_jax.inference.batched import Batching
     from dro_jax.inference.refusal_score import Openings
     from dro_jax.loading import load_model, resolve_model_path
@@ -248,21 +229,18 @@ def _run_train(args: argparse.Namespace) -> None:
         if is_writer():
             print(f"prompt-tuning baseline: {baseline.describe()}", file=sys.stderr)
         data = prepare_response_set(model, pairs, base_prompt, len(initial), baseline, args.seed, Batching(mesh=mesh))
-        objective = prompt_tuning_objective(model.config, baseline, args.remat, args.microbatch)
+        task = TrainingTask(initial, data, prompt_tuning_objective(model.config, baseline, args.remat, args.microbatch))
     else:
         if anchors is None:
             anchor_path = files.root / "anchors.safetensors"
             built = process_zero_decides(anchor_path.exists)  # before process 0 may write it
             anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, model, pairs, anchor_path, mesh)
-        anchors.check_hidden_size(model.config.hidden_size)
-        reply_tokens = REPLY_TOKENS if weights.replies else 0
-        data = prepare_training_set(model, pairs, base_prompt, len(initial), config.openings, reply_tokens, batching=Batching(mesh=mesh))
-        objective = dro_objective(model.config, weights, args.remat, args.refusal_score, args.microbatch)
-    result = train_soft_prompt(model, data, anchors, initial, config, files, args.resume, objective=objective, mesh=mesh)
+        task = dro_task(model, pairs, anchors, initial, base_prompt, config, batching=Batching(mesh=mesh))
+    result = train_soft_prompt(model, task, config, files, args.resume, mesh=mesh)
     if not is_writer():
         return
     last = result.metrics[-1] if result.metrics else {}
-    summary = ", ".join(f"{k} {last[k]:.4g}" for k in objective.shown if k in last)
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in task.objective.shown if k in last)
     print(f"trained {result.steps} steps ({summary}); wrote {files.soft_prompt}", file=sys.stderr)
 
 

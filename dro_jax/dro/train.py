@@ -17,7 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,7 @@ from dro_jax.common.files import write_jsonl
 from dro_jax.dro.checkpoints import TrainCheckpoints
 from dro_jax.dro.loss import Frozen, LossWeights, Objective, check_refusal_score, dro_objective
 from dro_jax.dro.microbatch import check_microbatch
+from dro_jax.dro.task import TrainingTask
 from dro_jax.inference.refusal_score import OpeningReadout, Openings
 from dro_jax.inference.settings import save_soft_prompt
 from dro_jax.loading import LoadedModel
@@ -72,6 +73,10 @@ class TrainConfig:
             raise DroJaxError(f"the learning rate must be positive, got {self.learning_rate}")
         check_refusal_score(self.refusal_score)
 
+    def dro_objective(self, model_config: ModelConfig) -> Objective:
+        """DRO with these loss weights, refusal score, remat and microbatch size."""
+        return dro_objective(model_config, self.loss_weights, self.remat, self.refusal_score, self.microbatch)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -93,17 +98,6 @@ def batch_indices(num_examples: int, config: TrainConfig, step: int) -> np.ndarr
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adamw(config.learning_rate, weight_decay=config.weight_decay))
-
-
-class Batches(Protocol):
-    """Training data: its size, the prefix all its inputs share, and the batch its objective's loss expects
-    for given rows and row weights."""
-
-    prefix: SharedPrefix | None
-
-    def __len__(self) -> int: ...
-
-    def rows(self, index: np.ndarray, weights: np.ndarray): ...
 
 
 def make_train_step(
@@ -209,22 +203,16 @@ class TrainingFiles:
 
 def train_soft_prompt(
     model: LoadedModel,
-    data: Batches,
-    anchors: AnchorSpace | None,
-    initial: np.ndarray,
+    task: TrainingTask,
     config: TrainConfig,
     files: TrainingFiles,
     resume: bool = False,
     progress: bool = True,
-    objective: Objective | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> TrainResult:
-    """Runs (or resumes) training into `files`: checkpoints every `checkpoint_every` steps and at the end, the
-    metrics of every step, and the trained prompt written in the paper's format beside them.
-
-    `objective` defaults to DRO with `config.loss_weights` (`data` a
-    `TrainingSet`); the prompt-tuning baseline passes its own objective and
-    a `ResponseSet`.
+    """Runs (or resumes) `task` into `files`: checkpoints every `checkpoint_every` steps and at the end, the
+    metrics of every step, and the trained prompt written in the paper's format beside them. A task without an
+    objective trains `config.dro_objective`.
 
     NaN or inf in the loss or gradient stops training with an error; the
     last good checkpoint stays on disk.
@@ -235,9 +223,10 @@ def train_soft_prompt(
     fingerprint = model_fingerprint(model)
     checkpoints = TrainCheckpoints(files.checkpoints, config.keep_checkpoints)
     optimizer = make_optimizer(config)
-    objective = objective or dro_objective(model.config, config.loss_weights, config.remat, config.refusal_score, config.microbatch)
+    data = task.data
+    objective = task.objective or config.dro_objective(model.config)
     step_fn = make_train_step(objective.loss, optimizer, mesh)
-    soft_prompt = jax.device_put(np.asarray(initial, np.float32))
+    soft_prompt = jax.device_put(np.asarray(task.initial, np.float32))
     soft_prompt, opt_state = replicate((soft_prompt, optimizer.init(soft_prompt)), mesh)  # restored into this placement
     start, history = 0, []
     latest = process_zero_decides(checkpoints.latest_step)  # which state to resume from is one decision for all hosts
@@ -250,7 +239,7 @@ def train_soft_prompt(
         start = record["step"]
         history = process_zero_decides(lambda: _read_history(files.metrics, start))
     saved = start  # the last step checkpointed, kept here rather than read back from storage
-    frozen = place_frozen(frozen_inputs(model, anchors, data.prefix, config.openings), model.config, mesh)
+    frozen = place_frozen(frozen_inputs(model, task.anchors, data.prefix, config.openings), model.config, mesh)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
 
     def save(step: int) -> None:

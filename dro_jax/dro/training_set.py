@@ -12,9 +12,12 @@ import dataclasses
 import numpy as np
 
 from dro_jax.anchors.collect import AnchorData
+from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import QueryBatch
+from dro_jax.dro.task import TrainingTask
+from dro_jax.dro.train import TrainConfig
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.batching import bucket_length
 from dro_jax.inference.encoding import encode_queries
@@ -107,3 +110,22 @@ def _no_prompt_replies(model: LoadedModel, pairs: QueryPairs, tokens: int, batch
             row = len(pairs.harmful) + reply.query_index
             ids[row, : len(reply.token_ids)], mask[row, : len(reply.token_ids)] = reply.token_ids, 1
     return ids, mask
+
+
+def dro_task(
+    model: LoadedModel,
+    pairs: QueryPairs,
+    anchors: AnchorSpace,
+    initial: np.ndarray,
+    init_prompt: str,
+    config: TrainConfig,
+    anchor_data: AnchorData | None = None,
+    batching: Batching = Batching(),
+) -> TrainingTask:
+    """DRO on `pairs` from `initial`, whose rows take the slot of the prompt setting `init_prompt` ("none" for a
+    random start), with `anchors`' space in the loss; the replies term's greedy replies are generated only when
+    `config` weighs it. `dro-jax run`, `dro-jax train` and the experiments train DRO through this one task."""
+    anchors.check_hidden_size(model.config.hidden_size)
+    reply_tokens = REPLY_TOKENS if config.loss_weights.replies else 0
+    data = prepare_training_set(model, pairs, init_prompt, len(initial), config.openings, reply_tokens, anchor_data, batching)
+    return TrainingTask(np.asarray(initial, np.float32), data, config.dro_objective(model.config), anchors)

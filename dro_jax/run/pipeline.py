@@ -19,20 +19,20 @@ from typing import Callable, Mapping, Sequence
 
 from jax.sharding import Mesh
 
-from dro_jax.anchors.collect import AnchorData, build_anchor_space
+from dro_jax.anchors.collect import AnchorConfig, AnchorData, build_anchor_space
 from dro_jax.anchors.space import AnchorSpace, save_anchor_space
 from dro_jax.common.compiles import count_compiles
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.run_directory import claim_run_directory
+from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import TrainingFiles, train_soft_prompt
-from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
+from dro_jax.dro.training_set import dro_task
 from dro_jax.evaluation.evaluate import EvalConfig, Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.judges import ModelJudge, SafetyJudge
-from dro_jax.inference.settings import load_soft_prompt
-from dro_jax.inference.settings import PromptSetting
+from dro_jax.inference.judges import ModelJudge, RefusalJudge, SafetyJudge
+from dro_jax.inference.settings import PromptSetting, load_soft_prompt
 from dro_jax.loading import LoadedModel, load_model, resolve_model_path
 from dro_jax.parallel.distributed import barrier, is_writer, process_zero_decides
 from dro_jax.parallel.mesh import data_mesh
@@ -92,15 +92,50 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def fit_summary(report: dict) -> str:
+    """The anchor space's fit in a few lines: PCA explained variance, and each probe's accuracy, AUC and BCE."""
+    def metric(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [f"PCA explained variance: {', '.join(f'{v:.3f}' for v in report['explained_variance_ratio'])}"]
+    for name in ("refusal", "harmfulness"):
+        probe = report[name]
+        lines.append(
+            f"{name} probe ({probe.get('fit', 'logistic')}): accuracy {metric(probe['accuracy'])}, AUC {metric(probe['auc'])}, "
+            f"BCE {metric(probe['bce'])}" + (f", R^2 {probe['r2']:.3f}" if "r2" in probe else "")
+        )
+    return "\n".join(lines)
+
+
+def write_anchor_space(
+    model: LoadedModel,
+    pairs: QueryPairs,
+    config: AnchorConfig,
+    batching: Batching,
+    out: Path,
+    judge: RefusalJudge | None = None,
+    judge_model: SafetyJudge | None = None,
+    data_out: Path | None = None,
+) -> tuple[AnchorSpace, AnchorData]:
+    """Builds the anchor space of `pairs` (a sampled label judged by `judge` and `judge_model`, see
+    `build_anchor_space`), writes it to `out` with its report beside it and, with `data_out`, the anchor inputs' rows there, and
+    says how well it fits. The main job's anchor stage, `dro-jax anchor` and `dro-jax train` build it here."""
+    space, report, data = build_anchor_space(model, pairs, config, judge, judge_model, batching)
+    if is_writer():
+        if data_out is not None:
+            data.save(data_out)
+        save_anchor_space(space, report, out)
+    _log(fit_summary(report))
+    return space, data
+
+
 def anchor_stage(
     model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, judge_model: SafetyJudge | None = None
 ) -> None:
-    space, report, data = build_anchor_space(
-        model, sets.train, config.anchor_config(), config.string_judge(), judge_model, Batching(config.eval_batch_size, mesh)
+    write_anchor_space(
+        model, sets.train, config.anchor_config(), Batching(config.eval_batch_size, mesh), paths.anchors,
+        config.string_judge(), judge_model, paths.anchor_data,
     )
-    if is_writer():
-        data.save(paths.anchor_data)
-        save_anchor_space(space, report, paths.anchors)
 
 
 def train_stage(
@@ -111,11 +146,9 @@ def train_stage(
     it), with the base and reference states from the anchor stage's `data` where it covered the init prompt and
     no prompt; returns the exported prompt."""
     initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
-    reply_tokens = REPLY_TOKENS if config.train_config().loss_weights.replies else 0
-    training_set = prepare_training_set(
-        model, sets.train, config.init_prompt, len(initial), config.reply_openings(), reply_tokens, data, Batching(mesh=mesh)
-    )
-    train_soft_prompt(model, training_set, anchors, initial, config.train_config(), target, resume, mesh=mesh)
+    train = config.train_config()
+    task = dro_task(model, sets.train, anchors, initial, config.init_prompt, train, data, Batching(mesh=mesh))
+    train_soft_prompt(model, task, train, target, resume, mesh=mesh)
     return target.soft_prompt
 
 

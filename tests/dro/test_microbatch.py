@@ -85,11 +85,11 @@ def test_microbatches_keep_row_order():
 
 
 def test_training_with_microbatches_takes_the_same_steps(tiny_dro, tmp_path):
-    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
+    model = tiny_dro.model
     config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100)
-    whole = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles(tmp_path / "whole"), progress=False)
+    whole = train_soft_prompt(model, tiny_dro.task, config, TrainingFiles(tmp_path / "whole"), progress=False)
     config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100, microbatch=2)
-    accumulated = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles(tmp_path / "micro"), progress=False)
+    accumulated = train_soft_prompt(model, tiny_dro.task, config, TrainingFiles(tmp_path / "micro"), progress=False)
     np.testing.assert_allclose([m["loss"] for m in accumulated.metrics], [m["loss"] for m in whole.metrics], rtol=1e-6)
     # Four Adam steps carry the gradients' float32 reduction noise (1e-6) into the prompt, a few times larger.
     np.testing.assert_allclose(accumulated.soft_prompt, whole.soft_prompt, rtol=0, atol=1e-5 * np.abs(whole.soft_prompt).max())

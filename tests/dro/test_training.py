@@ -1,6 +1,7 @@
 """Training a soft prompt: the loss goes down and only the prompt moves, failures keep the last good state,
 checkpoints belong to one model, and a batch sharded over 4 devices trains as on one."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def test_training_lowers_the_loss_and_only_moves_the_prompt(tiny_dro, tmp_path):
     before = jax.tree.map(np.asarray, model.params)
     # Full batch and a small step: the tiny model's embeddings are only 0.02 in scale.
     config = TrainConfig(epochs=10, batch_size=12, learning_rate=1e-4, checkpoint_every=100)
-    result = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles(tmp_path / "run"), progress=False)
+    result = train_soft_prompt(model, tiny_dro.task, config, TrainingFiles(tmp_path / "run"), progress=False)
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     start, _ = dro_loss(jnp.asarray(initial), batch, frozen, model.config)
     end, _ = dro_loss(jnp.asarray(result.soft_prompt), batch, frozen, model.config)
@@ -46,8 +47,8 @@ def test_training_lowers_the_loss_and_only_moves_the_prompt(tiny_dro, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dro, tmp_path):
-    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
-    reference = jnp.asarray(initial)
+    model = tiny_dro.model
+    reference = jnp.asarray(tiny_dro.initial)
     dro = dro_objective(model.config)
 
     def breaks_after_one_step(soft_prompt, batch, frozen):
@@ -56,22 +57,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dro, tmp_
         return jnp.where(moved, jnp.nan, total), metrics
 
     with pytest.raises(DroJaxError, match="last good checkpoint is step 1"):
-        train_soft_prompt(model, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False,
-                          objective=Objective("breaks", breaks_after_one_step, dro.shown))
+        breaking = dataclasses.replace(tiny_dro.task, objective=Objective("breaks", breaks_after_one_step, dro.shown))
+        train_soft_prompt(model, breaking, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
     assert sorted(p.name for p in (tmp_path / "ck" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(tiny_dro, tmp_path):
     from helpers import save_tiny_model
 
-    model, anchors, initial, data = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial, tiny_dro.data
-    train_soft_prompt(model, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
+    model = tiny_dro.model
+    train_soft_prompt(model, tiny_dro.task, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
     save_tiny_model("llama", tmp_path / "other", seed=1)  # same sizes and tokenizer, other weights
     other = load_model(tmp_path / "other", progress=False)
     with pytest.raises(DroJaxError, match="another model"):
-        train_soft_prompt(other, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), resume=True, progress=False)
+        train_soft_prompt(other, tiny_dro.task, TRAIN, TrainingFiles(tmp_path / "ck"), resume=True, progress=False)
     with pytest.raises(DroJaxError, match="--resume"):
-        train_soft_prompt(model, data, anchors, initial, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
+        train_soft_prompt(model, tiny_dro.task, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
 
 
 SHARDING_SCRIPT = """
@@ -80,6 +81,7 @@ import jax, numpy as np
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.dro.task import TrainingTask
 from dro_jax.dro.train import TrainConfig, TrainingFiles, train_soft_prompt
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.batched import Batching
@@ -94,7 +96,7 @@ config = TrainConfig(epochs=2, batch_size=5, learning_rate=1e-2, checkpoint_ever
 results = []
 for count in (1, 4):
     mesh = data_mesh(jax.devices()[:count])
-    out = train_soft_prompt(model, data, anchors, initial, config, TrainingFiles({tmp!r} + f"/ck{{count}}"), progress=False, mesh=mesh)
+    out = train_soft_prompt(model, TrainingTask(initial, data, anchors=anchors), config, TrainingFiles({tmp!r} + f"/ck{{count}}"), progress=False, mesh=mesh)
     results.append(out)
 np.save({tmp!r} + "/one.npy", results[0].soft_prompt)
 np.save({tmp!r} + "/four.npy", results[1].soft_prompt)

@@ -9,6 +9,7 @@ import jax
 from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.dro.task import TrainingTask
 from dro_jax.dro.train import TrainConfig, TrainingFiles, model_fingerprint, train_soft_prompt
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.batched import Batching
@@ -53,7 +54,7 @@ def main(directory: str, out: str) -> None:
     for name, (count, shape) in MESHES.items():
         mesh = make_mesh(shape, jax.devices()[:count])
         placed = type(model)(model.config, place_params(model.params, model.config, mesh), model.tokenizer, model.source)
-        trained = train_soft_prompt(placed, data, anchors, initial, config, TrainingFiles(f"{out}/{name}"), progress=False, mesh=mesh)
+        trained = train_soft_prompt(placed, TrainingTask(initial, data, anchors=anchors), config, TrainingFiles(f"{out}/{name}"), progress=False, mesh=mesh)
         responses = generate_responses(placed, encoded, greedy, batching=Batching(12, mesh, False))
         results[name] = {
             "losses": [m["loss"] for m in trained.metrics],
