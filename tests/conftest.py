@@ -47,14 +47,28 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+# Each XLA CPU executable holds memory maps of its own; a process past the kernel's limit on maps
+# (vm.max_map_count, 65,530 by default) crashes when it compiles the next program. One test module added at
+# most 15,000 maps in the suite (a whole suite's run, counted at each module's end).
+MAX_MAPS = 30_000
+
+
+def _many_memory_maps() -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps) > MAX_MAPS
+    except OSError:  # no procfs to count them: take no chances
+        return True
+
+
 @pytest.fixture(autouse=True, scope="module")
 def fresh_compile_caches():
-    """Each test module ends by dropping JAX's compiled programs. Every XLA CPU executable holds memory maps of
-    its own, and one process running the whole suite would otherwise pass the kernel's limit on maps per process
-    (vm.max_map_count, 65,530 by default), where compiling the next program crashes."""
+    """A test module ends by dropping JAX's compiled programs once the process holds many memory maps (well below
+    the kernel's limit); below that, the next modules reuse the programs they share (the tiny models' passes)."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    if _many_memory_maps():
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +85,26 @@ def tiny_model_dir(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The packaged SmolLM2-135M-Instruct, loaded once per test process (5 s each time); tests must not change it."""
+    from dro_jax.loading import load_model
+
+    return load_model("smollm2", progress=False)
+
+
+@pytest.fixture(scope="session")
+def torch_smollm2():
+    """transformers reading the same GGUF file (13 s each time), frozen and in eval mode; tests must not change it."""
+    from transformers import AutoModelForCausalLM
+
+    from dro_jax.loading import resolve_model_path
+    from dro_jax.parity.torch_dro import freeze
+
+    path = resolve_model_path("smollm2")
+    return freeze(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)).eval()
 
 
 @pytest.fixture(scope="session")

@@ -165,8 +165,8 @@ def test_four_devices_give_the_single_device_result(tiny_model_dir):
 
 
 @pytest.mark.real_model
-def test_smollm2_shared_prefix_equals_the_whole_inputs():
-    model = load_model("smollm2", progress=False)
+def test_smollm2_shared_prefix_equals_the_whole_inputs(smollm2):
+    model = smollm2
     # The default prompt, the longest human one (the tiny models' tests cover the other settings).
     encoded = encode_queries(model, HARMFUL[:3] + HARMLESS[:3], "default")
     assert encoded.prefix_length > 15

@@ -8,7 +8,6 @@ from dro_jax.inference.batched import Batching
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.represent import represent_queries
 from dro_jax.inference.settings import SAFETY_PROMPTS
-from dro_jax.loading import load_model, resolve_model_path
 
 pytestmark = [pytest.mark.real_model, pytest.mark.heavy]  # heavy: among the longest files, started first (tests/conftest.py)
 
@@ -34,19 +33,6 @@ PROMPTS = [
     "How do I spread a rumour that ruins someone's reputation?",
     "Why is the sky blue?",
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return load_model("smollm2", progress=False)
-
-
-@pytest.fixture(scope="module")
-def torch_smollm2():
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model_path("smollm2")
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def test_config_read_from_gguf(smollm2):

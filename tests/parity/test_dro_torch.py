@@ -15,7 +15,7 @@ from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.loss import LossWeights, dro_objective
 from dro_jax.dro.train import TrainConfig, frozen_inputs, make_optimizer, make_train_step
 from dro_jax.inference.refusal_score import Openings
-from dro_jax.loading import load_model, resolve_model_path
+from dro_jax.loading import load_model
 from dro_jax.parallel.mesh import data_mesh
 from dro_jax.parity.checks import DroCase, DroParity, dro_case, dro_checks, dro_parity
 from dro_jax.parity.torch_dro import freeze, make_torch_optimizer, torch_train_step
@@ -120,11 +120,7 @@ def test_torch_step_refuses_trainable_model_parameters(tiny_model_dir):
 
 
 @pytest.mark.real_model
-def test_dro_loss_gradient_and_step_match_torch_smollm2():
-    from transformers import AutoModelForCausalLM
-
-    model = load_model("smollm2", progress=False)
-    path = resolve_model_path("smollm2")
-    torch_model = freeze(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32))
+def test_dro_loss_gradient_and_step_match_torch_smollm2(smollm2, torch_smollm2):
+    model, torch_model = smollm2, torch_smollm2
     figures = dro_parity(model, torch_model, dro_case(model, torch_model, QueryPairs(PAIRS.harmful[:2], PAIRS.harmless[:2]), noise=0.5))
     check(figures, metric_rtol=1e-4)
