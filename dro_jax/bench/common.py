@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: timing and the machine's matmul peak (the PyTorch models come from `dro_jax.parity`)."""
+"""Shared pieces of the benchmarks: timing and work counts (the device and its limits: `dro_jax.bench.device`; the
+PyTorch models come from `dro_jax.parity`)."""
 
 from __future__ import annotations
 
@@ -19,20 +20,7 @@ def best_of(repeats: int, fn: Callable[[], object]) -> float:
     return min(times)
 
 
-def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:
-    """The machine's float32 matmul rate through XLA: the best of large square jnp matmuls."""
-    matmul = jax.jit(jnp.matmul)
-    best = 0.0
-    for size in sizes:
-        a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-        b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-        matmul(a, b).block_until_ready()
-        seconds = best_of(repeats, lambda: matmul(a, b).block_until_ready())
-        best = max(best, 2 * size**3 / seconds / 1e9)
-    return best
-
-
-def layer_matmuls_gflops(config, rows: int, repeats: int = 3) -> float:
+def layer_matmuls_gflops(config, rows: int, dtype: str = "float32", repeats: int = 3) -> float:
     """Rate of the model's own projections alone (all layers, `rows` tokens, no attention or norms).
 
     Small inner dimensions run below the square-matmul peak, so this is the
@@ -42,8 +30,8 @@ def layer_matmuls_gflops(config, rows: int, repeats: int = 3) -> float:
     q_dim, kv_dim = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     shapes = [(q_dim, hidden), (kv_dim, hidden), (kv_dim, hidden), (hidden, q_dim), (inter, hidden), (inter, hidden), (hidden, inter)]
     keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
-    weights = [jax.random.normal(k, (config.num_layers, *shape), jnp.float32) * 0.02 for k, shape in zip(keys, shapes)]
-    x = jax.random.normal(keys[-1], (rows, hidden), jnp.float32)
+    weights = [(jax.random.normal(k, (config.num_layers, *shape)) * 0.02).astype(dtype) for k, shape in zip(keys, shapes)]
+    x = jax.random.normal(keys[-1], (rows, hidden), dtype)
 
     @jax.jit
     def projections(x, weights):
@@ -53,7 +41,7 @@ def layer_matmuls_gflops(config, rows: int, repeats: int = 3) -> float:
             kv_total = kv_total + (h @ k.T).mean() + (h @ v.T).mean()
             return (h + (h @ q.T) @ o.T + ((h @ gate.T) * (h @ up.T)) @ down.T, kv_total), None
 
-        return jax.lax.scan(layer, (x, jnp.float32(0)), weights)[0]
+        return jax.lax.scan(layer, (x, jnp.zeros((), dtype)), weights)[0]
 
     jax.block_until_ready(projections(x, weights))
     seconds = best_of(repeats, lambda: jax.block_until_ready(projections(x, weights)))

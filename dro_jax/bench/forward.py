@@ -6,20 +6,25 @@ template head and the safety prompt) once per batch; the "every query whole"
 row turns that off and does the same work as transformers. "Work" counts the
 matmul FLOPs of the real (unpadded) tokens each row computes plus causal
 attention, so padding is a cost, not a credit; GFLOP/s is that work per
-second, also given as a fraction of the machine's float32 matmul peak,
-measured in the same run.
+second, also given as a fraction of the device's matmul peak in the dtype
+both sides run in (see `dro_jax.bench.device`: the same device and dtype for
+both, bfloat16 on accelerators).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
-from dro_jax.bench.common import best_of, layer_matmuls_gflops, matmul_peak_gflops, work_gflop
+from dro_jax.bench.common import best_of, layer_matmuls_gflops, work_gflop
+from dro_jax.bench.device import DTYPES, bench_device
+from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import everyday_queries, read_queries
 from dro_jax.inference.batched import Batching
@@ -39,24 +44,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads (XLA uses every core)")
     parser.add_argument("--skip-loop", action="store_true", help="skip the slow one-query-at-a-time row")
+    parser.add_argument("--dtype", choices=DTYPES, help="both sides' dtype (default: bfloat16 on accelerators, float32 on CPUs)")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
 
 
 def run(args: argparse.Namespace) -> None:
     torch = import_torch(args.threads)
+    device = bench_device(torch, args.dtype)
     queries = read_queries(args.queries) if args.queries else everyday_queries(args.num_queries)
-    model = load_model(args.model, "float32", progress=False)
+    model = load_model(args.model, device.dtype, progress=False)
     config = model.config
     encoded = encode_queries(model, queries, args.system_prompt)
     sequences, shared = encoded.sequences, encoded.prefix_length
     whole = EncodedQueries(sequences, prefix_length=0)
     lengths = np.array([len(s) for s in sequences])
     plain_work = work_gflop(config, lengths)
-    print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters, float32")
+    print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters; {device.describe()}")
     print(f"{len(sequences)} queries, {lengths.sum()} tokens (mean {lengths.mean():.0f}, {shared} shared by all), batch "
           f"{args.batch_size}; XLA sees {os.cpu_count()} cores, PyTorch {args.threads} threads")
 
-    peak = matmul_peak_gflops()
-    torch_model = load_torch_model(model.source, torch)
+    peak = device.peak_gflops
+    torch_model = load_torch_model(model.source, torch, device.dtype, device.torch_device)
     batches = list(left_padded_batches(sequences, args.batch_size, model.pad_id))
 
     def dro_jax_batched():
@@ -71,22 +79,24 @@ def run(args: argparse.Namespace) -> None:
             for batch in batches:
                 real = batch.index >= 0
                 width = int(batch.attention_mask[real].sum(1).max())  # pad to the batch's longest, not the bucket
-                ids = torch.from_numpy(batch.token_ids[real, -width:]).long()
-                mask = torch.from_numpy(batch.attention_mask[real, -width:]).long()
+                ids = torch.from_numpy(batch.token_ids[real, -width:]).long().to(device.torch_device)
+                mask = torch.from_numpy(batch.attention_mask[real, -width:]).long().to(device.torch_device)
                 positions = (mask.cumsum(1) - 1).clamp(min=0)
                 hidden = torch_model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-                out[batch.index[real]] = hidden[:, -1].numpy()
+                out[batch.index[real]] = hidden[:, -1].float().cpu().numpy()
         return out
 
     def torch_loop():
         with torch.inference_mode():
             for seq in sequences:
-                torch_model.model(input_ids=torch.tensor([seq])).last_hidden_state[:, -1]
+                torch_model.model(input_ids=torch.tensor([seq], device=device.torch_device)).last_hidden_state[:, -1]
+        device.synchronize(torch)
 
     def torch_loop_as_reference():
         with torch.inference_mode():
             for seq in sequences:
-                torch_model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][:, -1]
+                torch_model(input_ids=torch.tensor([seq], device=device.torch_device), output_hidden_states=True).hidden_states[-1][:, -1]
+        device.synchronize(torch)
 
     start = time.perf_counter()
     jax_states = dro_jax_batched()
@@ -99,10 +109,12 @@ def run(args: argparse.Namespace) -> None:
         timings["jax"].append(best_of(1, dro_jax_batched))
         timings["whole"].append(best_of(1, dro_jax_whole))
         timings["torch"].append(best_of(1, torch_batched))
-    rows = []
+    rows, figures = [], []
 
     def row(name: str, seconds: float, work: float, note: str = "") -> None:
         rows.append([name, f"{len(sequences) / seconds:.2f}", f"{work:.0f}", f"{work / seconds:.0f}", f"{work / seconds / peak:.0%}", note])
+        figures.append({"implementation": name, "seconds": seconds, "queries_per_second": len(sequences) / seconds, "gflop": work,
+                        "gflops": work / seconds, "of_peak": work / seconds / peak, "note": note})
 
     jax_seconds = statistics.median(timings["jax"])
     row("dro-jax, jit, batched", jax_seconds, work_gflop(config, lengths, shared, args.batch_size),
@@ -119,13 +131,20 @@ def run(args: argparse.Namespace) -> None:
         return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
     typical_rows = args.batch_size * int(np.median([b.token_ids.shape[1] for b in batches]))
-    ceiling = layer_matmuls_gflops(config, typical_rows)
-    print(f"float32 matmul peak (XLA, best square matmul): {peak:.0f} GFLOP/s; the model's projections alone at "
+    ceiling = layer_matmuls_gflops(config, typical_rows, device.dtype)
+    cosines = {"transformers": min_cosine(jax_states, torch_states), "every_query_whole": min_cosine(jax_states, whole_states)}
+    print(f"matmul peak ({device.limits_from}): {peak:.0f} GFLOP/s; the model's projections alone at "
           f"{typical_rows} rows: {ceiling:.0f} GFLOP/s ({ceiling / peak:.0%} of peak)")
-    print(f"final states, min cosine: dro-jax vs transformers {min_cosine(jax_states, torch_states):.6f}, shared prefix vs "
-          f"every query whole {min_cosine(jax_states, whole_states):.6f} (max abs diff {np.abs(jax_states - whole_states).max():.1e})\n")
+    print(f"final states, min cosine: dro-jax vs transformers {cosines['transformers']:.6f}, shared prefix vs "
+          f"every query whole {cosines['every_query_whole']:.6f} (max abs diff {np.abs(jax_states - whole_states).max():.1e})\n")
     print(markdown_table(["implementation", "queries/s", "work (GFLOP)", "GFLOP/s", "of peak", "note"], rows))
+    ratios = {}
     for name, key in (("dro-jax", "jax"), ("dro-jax, every query whole", "whole")):
-        ratios = [t / j for j, t in zip(timings[key], timings["torch"])]
-        print(f"{name} / transformers batched: {statistics.median(ratios):.2f}x, median of {len(ratios)} repeats "
-              f"({', '.join(f'{r:.2f}' for r in ratios)})")
+        ratios[name] = [t / j for j, t in zip(timings[key], timings["torch"])]
+        print(f"{name} / transformers batched: {statistics.median(ratios[name]):.2f}x, median of {len(ratios[name])} repeats "
+              f"({', '.join(f'{r:.2f}' for r in ratios[name])})")
+    if args.json:
+        write_text(Path(args.json), json.dumps({
+            "device": device.as_dict(), "model": model.source, "queries": len(sequences), "batch_size": args.batch_size,
+            "projections_gflops": ceiling, "min_cosine": cosines, "rows": figures, "speedups": ratios,
+        }, indent=2))

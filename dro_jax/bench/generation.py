@@ -2,26 +2,30 @@
 
 Same chat-formatted prompts, greedy and sampled (temperature 1, top-p 0.9,
 top-k 50), a fixed number of new tokens (stop tokens are ignored so that every
-row makes them all), float32; dro-jax runs the prompts' shared prefix once.
-Compile time is reported apart; rows are medians of alternating repeats. Each row also gives its fraction of the relevant limit: at
-batch 1, decoding is bound by reading the weights once per token (memory
-bandwidth, measured here with a large matrix-vector product); at large batch, by compute (the
-float32 matmul peak).
+row makes them all), both sides on the device JAX uses and in one dtype
+(bfloat16 on accelerators, float32 on CPUs: `dro_jax.bench.device`); dro-jax
+runs the prompts' shared prefix once. Compile time is reported apart; rows are
+medians of alternating repeats. Each row also gives its fraction of the
+relevant limit: at batch 1, decoding is bound by reading the weights once per
+token (memory bandwidth); at large batch, by compute (the matmul peak).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dro_jax.bench.common import best_of, matmul_peak_gflops
+from dro_jax.bench.common import best_of
+from dro_jax.bench.device import DTYPES, bench_device
+from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import read_queries
 from dro_jax.inference.encoding import encode_queries
@@ -37,35 +41,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-
-
-def memory_bandwidth_gbs(megabytes: int = 512, repeats: int = 5) -> float:
-    """Weight bytes read per second by a large matrix-vector product: the access
-    pattern of decoding one token, so the practical limit at batch 1."""
-    columns = 4096
-    matrix = jnp.ones((megabytes * 2**20 // 4 // columns, columns), jnp.float32)
-    vector = jnp.ones((columns,), jnp.float32)
-    matvec = jax.jit(jnp.matmul)
-    matvec(matrix, vector).block_until_ready()
-    seconds = best_of(repeats, lambda: matvec(matrix, vector).block_until_ready())
-    return matrix.nbytes / seconds / 1e9
+    parser.add_argument("--dtype", choices=DTYPES, help="both sides' dtype (default: bfloat16 on accelerators, float32 on CPUs)")
+    parser.add_argument("--queries", help="query file (default: the packaged held-out sets)")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to this JSON file")
 
 
 def run(args: argparse.Namespace) -> None:
     torch = import_torch(args.threads)
-    model = load_model(args.model, "float32", progress=False)
-    torch_model = load_torch_model(model.source, torch)
+    device = bench_device(torch, args.dtype)
+    model = load_model(args.model, device.dtype, progress=False)
+    torch_model = load_torch_model(model.source, torch, device.dtype, device.torch_device)
     config = model.config
-    queries = read_queries("harmful_test") + read_queries("harmless_test")
+    queries = read_queries(args.queries) if args.queries else read_queries("harmful_test") + read_queries("harmless_test")
     encoded = encode_queries(model, queries, None)
     greedy = SamplingConfig(max_new_tokens=args.new_tokens)
-    peak = matmul_peak_gflops()
-    bandwidth = memory_bandwidth_gbs()
-    weight_bytes = 4 * config.num_parameters
-    print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters, float32 ({weight_bytes / 1e9:.2f} GB of weights)")
-    print(f"float32 matmul peak {peak:.0f} GFLOP/s; memory bandwidth {bandwidth:.1f} GB/s "
-          f"(a token at batch 1 reads every weight once: at most {bandwidth * 1e9 / weight_bytes:.0f} tokens/s)")
-    rows = []
+    peak, bandwidth = device.peak_gflops, device.bandwidth_gbs
+    weight_bytes = jnp.dtype(device.dtype).itemsize * config.num_parameters
+    print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters ({weight_bytes / 1e9:.2f} GB of weights); {device.describe()}")
+    print(f"a token at batch 1 reads every weight once: at most {bandwidth * 1e9 / weight_bytes:.0f} tokens/s")
+    rows, figures = [], []
     sampled = dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=args.new_tokens)
     for batch_size in args.batch_sizes:
         prompts = encoded.select([i % len(encoded) for i in range(batch_size)])
@@ -84,11 +78,13 @@ def run(args: argparse.Namespace) -> None:
             def call():
                 with torch.inference_mode():
                     options = dict(do_sample=True, temperature=1.0, top_p=0.9, top_k=50) if sample else dict(do_sample=False)
-                    return torch_model.generate(
-                        input_ids=torch.from_numpy(np.ascontiguousarray(whole[:, -width:])).long(),
-                        attention_mask=torch.from_numpy(np.ascontiguousarray(whole_mask[:, -width:])).long(),
+                    tokens = torch_model.generate(
+                        input_ids=torch.from_numpy(np.ascontiguousarray(whole[:, -width:])).long().to(device.torch_device),
+                        attention_mask=torch.from_numpy(np.ascontiguousarray(whole_mask[:, -width:])).long().to(device.torch_device),
                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=model.pad_id, **options,
                     )
+                device.synchronize(torch)
+                return tokens
             return call
 
         calls = {"dro-jax, greedy": ours(greedy), "transformers, greedy": theirs(False),
@@ -114,6 +110,9 @@ def run(args: argparse.Namespace) -> None:
                 limit = f"{flops / taken / 1e9 / peak:.0%} of compute peak"
             note = f"compile {max(compile_seconds[name] - min(timings[name]), 0):.1f} s" if name.startswith("dro-jax") else ""
             rows.append([str(batch_size), name, f"{rate:.1f}", limit, note])
+            figures.append({"batch": batch_size, "implementation": name, "seconds": taken, "new_tokens_per_second": rate,
+                            "of_bandwidth": rate * weight_bytes / 1e9 / bandwidth, "of_compute_peak": flops / taken / 1e9 / peak,
+                            "first_call_seconds": compile_seconds[name]})
         for kind in ("greedy", "sampled"):
             ratio = seconds[f"transformers, {kind}"] / seconds[f"dro-jax, {kind}"]
             rows.append([str(batch_size), f"dro-jax / transformers, {kind}", f"{ratio:.2f}x", "",
@@ -122,3 +121,7 @@ def run(args: argparse.Namespace) -> None:
                      "T 1, top-p 0.9, top-k 50"])
     print()
     print(markdown_table(["batch", "implementation", "new tokens/s (median)", "of the limit", "note"], rows))
+    if args.json:
+        write_text(Path(args.json), json.dumps({
+            "device": device.as_dict(), "model": model.source, "new_tokens": args.new_tokens, "weight_bytes": weight_bytes, "rows": figures,
+        }, indent=2))

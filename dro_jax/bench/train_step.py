@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.bench.common import matmul_peak_gflops, work_gflop
+from dro_jax.bench.common import work_gflop
+from dro_jax.bench.device import matmul_peak_gflops
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.inference.batched import Batching

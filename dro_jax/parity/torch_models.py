@@ -16,15 +16,15 @@ def import_torch(threads: int, needed_by: str = "python -m dro_jax.bench"):
     return torch
 
 
-def load_torch_model(model_source: str, torch):
-    """The same checkpoint in transformers (float32), for the baseline rows."""
+def load_torch_model(model_source: str, torch, dtype: str = "float32", device: str = "cpu"):
+    """The same checkpoint in transformers, in `dtype` on `device`, for the baseline rows."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM
 
     path = Path(model_source)
     if path.suffix.lower() == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    return model.eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    return model.to(device).eval()

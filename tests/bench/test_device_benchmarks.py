@@ -1,0 +1,81 @@
+"""`python -m dro_jax.bench forward|generate`: both sides on the device JAX uses, in one dtype, read against that
+chip's limits, every figure in `--json`."""
+
+import json
+from types import SimpleNamespace
+
+import jax
+import pytest
+from helpers import HARMFUL, HARMLESS
+
+from dro_jax.bench import device as bench_device_module
+from dro_jax.bench.__main__ import main as bench
+from dro_jax.bench.device import bench_device, datasheet
+from dro_jax.common.errors import DroJaxError
+
+
+def test_known_chips_by_their_device_kind():
+    assert datasheet("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
+    assert datasheet("NVIDIA H100 PCIe") == (756.0, 2.0)  # not the SXM part's figures
+    assert datasheet("NVIDIA H200") == (989.0, 4.8)
+    assert datasheet("TPU v5 lite") == (197.0, 0.82) and datasheet("TPU v5p")[0] == 459.0
+    assert datasheet("cpu") is None
+
+
+def _fake_device(monkeypatch, platform: str, kind: str):
+    monkeypatch.setattr(bench_device_module.jax, "devices", lambda: [SimpleNamespace(platform=platform, device_kind=kind)])
+
+
+def test_a_gpu_runs_both_sides_there_in_bfloat16(monkeypatch):
+    _fake_device(monkeypatch, "gpu", "NVIDIA H100 80GB HBM3")
+    with_cuda = SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: True))
+    device = bench_device(with_cuda)
+    assert (device.dtype, device.torch_device, device.limits_from) == ("bfloat16", "cuda", "datasheet")
+    assert (device.peak_gflops, device.bandwidth_gbs) == (989e3, 3.35e3)
+    without_cuda = SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: False))
+    with pytest.raises(DroJaxError, match="no CUDA"):
+        bench_device(without_cuda)
+
+
+def test_the_cpu_measures_its_own_limits():
+    import torch
+
+    device = bench_device(torch)
+    assert (device.platform, device.dtype, device.torch_device, device.limits_from) == ("cpu", "float32", "cpu", "measured")
+    assert device.peak_gflops > 0 and device.bandwidth_gbs > 0
+    with pytest.raises(DroJaxError, match="dtype must be one of"):
+        bench_device(torch, "float16")
+
+
+def test_forward_and_generate_write_every_figure(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # The limits as measured (the test above measures them once); the rows' fractions are read against these.
+    monkeypatch.setattr(bench_device_module, "matmul_peak_gflops", lambda dtype: 100.0)
+    monkeypatch.setattr(bench_device_module, "memory_bandwidth_gbs", lambda dtype: 10.0)
+    directory = str(tiny_model_dir("llama")[0])
+    queries = tmp_path / "queries.txt"
+    queries.write_text("\n".join(HARMFUL[:3] + HARMLESS[:3]))
+    figures = tmp_path / "forward.json"
+    common = ["--model", directory, "--queries", str(queries), "--repeats", "1", "--threads", "1"]
+    assert bench(["forward", *common, "--system-prompt", "none", "--batch-size", "4", "--skip-loop", "--json", str(figures)]) == 0
+    forward = json.loads(figures.read_text())
+    assert forward["device"]["platform"] == jax.devices()[0].platform and forward["device"]["dtype"] == "float32"
+    assert [row["implementation"] for row in forward["rows"]] == [
+        "dro-jax, jit, batched", "dro-jax, jit, batched, every query whole", "transformers, batched"]
+    assert forward["device"]["peak_gflops"] == 100.0
+    assert all(row["of_peak"] == pytest.approx(row["gflops"] / 100.0) for row in forward["rows"])
+    assert forward["min_cosine"]["transformers"] > 0.9999 and forward["min_cosine"]["every_query_whole"] > 0.9999
+    figures = tmp_path / "generate.json"
+    assert bench(["generate", *common, "--batch-sizes", "1", "2", "--new-tokens", "3", "--json", str(figures)]) == 0
+    generate = json.loads(figures.read_text())
+    assert {(row["batch"], row["implementation"]) for row in generate["rows"]} == {
+        (batch, f"{side}, {kind}") for batch in (1, 2) for side in ("dro-jax", "transformers") for kind in ("greedy", "sampled")}
+    for row in generate["rows"]:
+        assert row["of_bandwidth"] == pytest.approx(row["new_tokens_per_second"] * generate["weight_bytes"] / 1e9 / 10.0)
+    assert generate["weight_bytes"] == 4 * forward_parameters(directory)
+    assert "transformers on cpu, both in float32" in capsys.readouterr().out
+
+
+def forward_parameters(directory: str) -> int:
+    from dro_jax.loading import load_model
+
+    return load_model(directory, with_tokenizer=False, progress=False).config.num_parameters
