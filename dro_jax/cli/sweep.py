@@ -76,6 +76,7 @@ def _sweep_config(args: argparse.Namespace):
     import dataclasses
 
     from dro_jax.evaluation.measure import harmful_set_flags
+    from dro_jax.evaluation.evaluate import EvalConfig
     from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name
     from dro_jax.inference.judges import StringJudge
     from dro_jax.inference.refusal_score import Openings
@@ -88,11 +89,11 @@ def _sweep_config(args: argparse.Namespace):
     harmful = harmful_by_name(args.datasets) if args.harmful_datasets is None else tuple(args.harmful_datasets)
     harmful_set_flags(args.datasets, harmful, args.judge_model)
     sampling = dataclasses.replace(REFERENCE_SAMPLING, greedy=args.num_samples is None, max_new_tokens=args.max_new_tokens, **given)
-    return SweepConfig(
-        sampling=sampling, num_samples=args.num_samples or 1, seed=args.seed, batch_size=args.batch_size, dtype=args.dtype, attention=args.attention,
-        openings=Openings.load(args.openings), judge=StringJudge.load(args.refusal_phrases), suffix=suffix_of(args),
-        harmful_datasets=harmful,
+    evaluation = EvalConfig(
+        sampling, args.num_samples or 1, seed=args.seed, judge=StringJudge.load(args.refusal_phrases), openings=Openings.load(args.openings),
+        harmful_sets=harmful, suffix=suffix_of(args),
     )
+    return SweepConfig(evaluation, args.batch_size, args.dtype, args.attention)
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
@@ -128,6 +129,6 @@ def _run_sweep(args: argparse.Namespace) -> None:
         return
     for model, error in dict.fromkeys((row.model, row.error) for row in rows if row.error):
         print(f"dro-jax: warning: error rows for {model}: {error}", file=sys.stderr)
-    paths = write_sweep(rows, out, args.judge_model, config.harmful_datasets)
-    print(sweep_markdown(rows, args.judge_model, config.harmful_datasets))
+    paths = write_sweep(rows, out, args.judge_model, config.evaluation.harmful_sets)
+    print(sweep_markdown(rows, args.judge_model, config.evaluation.harmful_sets))
     print(f"wrote {', '.join(map(str, paths))}", file=sys.stderr)

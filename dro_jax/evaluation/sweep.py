@@ -6,7 +6,7 @@ if *any* of its responses refuses, a harmful one if *any* complies; both rates
 are lower-is-better. The refusal log-odds (no generation) and the reply
 quality (reply drift against the model's greedy replies with no prompt, and
 degenerate responses; see `dro_jax.evaluation.quality`) come with every row.
-With a judge model, the query sets named in `SweepConfig.harmful_datasets`
+With a judge model, the query sets named in the evaluation's `harmful_sets`
 also get the paper's judged compliance beside the string judge's (see
 `dro_jax.evaluation.measure`); by default those are the sets whose file name
 starts with "harmful" (`harmful_by_name`).
@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.data.suffixes import QuerySuffix
+from dro_jax.evaluation.evaluate import EvalConfig
 from dro_jax.evaluation.measure import (
     Measurement, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting,
     reference_decoding,
@@ -41,9 +41,8 @@ from dro_jax.evaluation.measure import (
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift, ReplyReference
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.judges import RefusalJudge, SafetyJudge, StringJudge
-from dro_jax.inference.refusal_score import Openings
-from dro_jax.inference.respond import Measuring, Response
+from dro_jax.inference.judges import SafetyJudge
+from dro_jax.inference.respond import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel, load_model
@@ -59,34 +58,33 @@ def harmful_by_name(specs: Sequence[str]) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """How every row is measured: greedy by default; a sampling config gives `num_samples` responses per query;
-    `suffix`: an adversarial suffix on every query (see `dro_jax.data.suffixes`; rows name it in `prompt`).
-    `judge_model` judges the responses to the query sets named in `harmful_datasets`."""
+    """How every row is measured (`evaluation`, as `evaluate_settings` reads it: one decoding for every set, greedy
+    by default, `num_samples` responses per query when sampling, the string judge, the scored openings, the
+    degeneration rule, an adversarial suffix that rows name in `prompt`, and the sets that `judge_model` judges),
+    and how each model is loaded (`dtype`, `attention`) and batched (`batch_size`)."""
 
-    sampling: SamplingConfig = SamplingConfig()
-    num_samples: int = 1
-    seed: int = 0
+    evaluation: EvalConfig = EvalConfig()
     batch_size: int = 32
     dtype: str = "float32"
     attention: str = "reference"  # see dro_jax.models.config.ATTENTION_IMPLEMENTATIONS
-    openings: Openings = Openings()
-    judge: RefusalJudge = dataclasses.field(default_factory=StringJudge.default)
-    degeneration: DegenerationRule = DegenerationRule()
-    suffix: QuerySuffix | None = None
     judge_model: SafetyJudge | None = None
-    harmful_datasets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise DroJaxError(f"num-samples must be at least 1, got {self.num_samples}")
-        if self.sampling.is_greedy and self.num_samples > 1:
-            raise DroJaxError(f"greedy decoding gives one response per query; {self.num_samples} samples need sampling")
+        evaluation = self.evaluation
+        if not isinstance(evaluation.sampling, SamplingConfig):
+            raise DroJaxError("a sweep decodes every query set alike: give one SamplingConfig, not one per set")
+        if evaluation.longest is not None:
+            raise DroJaxError("a sweep judges every response: keeping the longest is for `evaluate_settings`")
+        if evaluation.num_samples < 1:
+            raise DroJaxError(f"num-samples must be at least 1, got {evaluation.num_samples}")
+        if evaluation.sampling.is_greedy and evaluation.num_samples > 1:
+            raise DroJaxError(f"greedy decoding gives one response per query; {evaluation.num_samples} samples need sampling")
         if self.batch_size < 1:
             raise DroJaxError(f"batch-size must be at least 1, got {self.batch_size}")
 
-    @property
-    def measuring(self) -> Measuring:
-        return Measuring(self.num_samples, self.seed, self.judge, self.openings)
+    def batching(self, mesh: Mesh | None) -> Batching:
+        """Every pass of a row: `batch_size` rows at a time over `mesh`, without bars of its own (the sweep has one)."""
+        return Batching(self.batch_size, mesh, progress=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +149,9 @@ def run_sweep(
     empty = [name for name, queries in datasets.items() if not queries]
     if empty:
         raise DroJaxError(f"{empty[0]}: the query set is empty")
-    suffixes = {} if config.suffix is None else config.suffix.per_set(datasets)
+    suffixes = {} if config.evaluation.suffix is None else config.evaluation.suffix.per_set(datasets)
     sets = {name: _Share(name, list(queries), suffixes.get(name), list(range(len(queries)))) for name, queries in datasets.items()}
-    harmful = harmful_set_flags(list(datasets), config.harmful_datasets, None if config.judge_model is None else config.judge_model.name)
+    harmful = harmful_set_flags(list(datasets), config.evaluation.harmful_sets, None if config.judge_model is None else config.judge_model.name)
     rows = []
     total = len(models) * len(prompts) * len(datasets)
     with tqdm(total=total, desc="sweep", unit="row", disable=not shows_progress(progress) or jax.process_index() != 0) as bar:
@@ -208,7 +206,7 @@ class _Share:
 
 def _label(setting: PromptSetting, config: SweepConfig) -> str:
     """The row's prompt: the setting's name, with the suffix's when there is one."""
-    return setting.name if config.suffix is None else config.suffix.label(setting.name)
+    return setting.name if config.evaluation.suffix is None else config.evaluation.suffix.label(setting.name)
 
 
 def _measure(
@@ -237,7 +235,7 @@ def _measure(
     log_odds = np.array([v for p in parts for v in p["log_odds"]])
     reference = ReplyReference([], np.array([v for p in parts for v in p["reference_nll"]], np.float64).reshape(-1, 2))
     drift = reference.drift(np.array([v for p in parts for v in p["reply_nll"]], np.float64))
-    return SweepRow.measured(spec, label, name, len(queries), responses, log_odds, drift, config.degeneration)
+    return SweepRow.measured(spec, label, name, len(queries), responses, log_odds, drift, config.evaluation.degeneration)
 
 
 def _reference_share(model: LoadedModel, share: _Share, config: SweepConfig, mesh: Mesh | None, judge_model: SafetyJudge | None) -> dict:
@@ -246,10 +244,10 @@ def _reference_share(model: LoadedModel, share: _Share, config: SweepConfig, mes
     if not share.queries:
         return {"token_ids": [], "nll": [], "part": _share_part(None, share, [])}
     reference, measured = measure_reference(
-        model, share.encode(model, NO_PROMPT), config.sampling.max_new_tokens, config.measuring,
-        Batching(config.batch_size, mesh, progress=False), share.numbers, judge_model,
+        model, share.encode(model, NO_PROMPT), config.evaluation.sampling.max_new_tokens, config.evaluation.measuring,
+        config.batching(mesh), share.numbers, judge_model,
     )
-    greedy = config.sampling == reference_decoding(config.sampling.max_new_tokens)
+    greedy = config.evaluation.sampling == reference_decoding(config.evaluation.sampling.max_new_tokens)
     return {"token_ids": reference.token_ids, "nll": reference.nll.tolist(),
             "part": _share_part(measured, share, reference.nll.tolist()) if greedy else None}
 
@@ -265,7 +263,7 @@ def _evaluate_share(
     if setting.is_empty and reference["part"] is not None:
         return reference["part"]
     measured = measure_setting(
-        model, share.encode(model, setting), config.sampling, config.measuring, Batching(config.batch_size, mesh, progress=False),
+        model, share.encode(model, setting), config.evaluation.sampling, config.evaluation.measuring, config.batching(mesh),
         share.numbers, reference["token_ids"], judge_model,
     )
     return _share_part(measured, share, reference["nll"])

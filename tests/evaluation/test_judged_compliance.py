@@ -161,8 +161,8 @@ def test_sweep_rows_and_table(models, forced, query_files, tmp_path, capsys):
     datasets = {str(path): DATASETS[name] for name, path in query_files.items()}
     harmful = harmful_by_name(list(datasets))
     assert harmful == (str(query_files["harmful"]),)
-    config = SweepConfig(sampling=SamplingConfig(max_new_tokens=FOUR_LINES), openings=TINY_OPENINGS, judge_model=ModelJudge(models["unsafe"]),
-                         harmful_datasets=harmful)
+    evaluation = EvalConfig(SamplingConfig(max_new_tokens=FOUR_LINES), openings=TINY_OPENINGS, harmful_sets=harmful)
+    config = SweepConfig(evaluation, judge_model=ModelJudge(models["unsafe"]))
     rows = run_sweep([str(forced["policy"])], [PromptSetting.from_text("none")], datasets, config, progress=False)
     assert [(r.queries_any_harmful_compliance, r.any_harmful_compliance_rate) for r in rows] == [(2, 1.0), (None, None)]
     assert [r.queries_any_compliance for r in rows] == [2, 2]

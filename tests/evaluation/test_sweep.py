@@ -20,6 +20,7 @@ from dro_jax.cli.main import main
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.evaluation.quality import Drift
+from dro_jax.evaluation.evaluate import EvalConfig
 from dro_jax.evaluation.sweep import SweepConfig, SweepRow
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
@@ -125,7 +126,11 @@ def test_process_shares_interleave_and_cover_every_item_once():
 
 def test_config_and_flag_errors(capsys, tmp_path):
     with pytest.raises(DroJaxError, match="greedy decoding gives one response per query"):
-        SweepConfig(num_samples=3)
+        SweepConfig(EvalConfig(num_samples=3))
+    with pytest.raises(DroJaxError, match="one SamplingConfig, not one per set"):
+        SweepConfig(EvalConfig({"harmful": SamplingConfig()}))
+    with pytest.raises(DroJaxError, match="judges every response"):
+        SweepConfig(EvalConfig(SamplingConfig(greedy=False), num_samples=3, longest=2))
     base = ["sweep", "--models", "x", "--datasets", "harmful_test", "--out", str(tmp_path / "o")]
     assert main([*base, "--temperature", "0.5"]) == 2
     assert "--temperature only apply with --num-samples" in capsys.readouterr().err
@@ -206,6 +211,7 @@ FOUR_DEVICES = """
 import dataclasses, json
 import jax
 import dro_jax.inference.refusal_score, dro_jax.inference.represent, dro_jax.inference.respond
+from dro_jax.evaluation.evaluate import EvalConfig
 from dro_jax.evaluation.sweep import SweepConfig, run_sweep
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
@@ -238,7 +244,7 @@ encoded = encode_queries(model, queries, "short")
 responses = generate_responses(model, encoded, greedy, batching=Batching(mesh=mesh, progress=False))
 scores = score_refusal(model, encoded, batching=Batching(mesh=mesh, progress=False))
 states = represent_tokens(model, encoded, batching=Batching(mesh=mesh, progress=False))
-config = SweepConfig(sampling=greedy, judge=StringJudge.from_file({phrases!r}))
+config = SweepConfig(EvalConfig(greedy, judge=StringJudge.from_file({phrases!r})))
 rows = run_sweep([{model!r}], [PromptSetting.from_text("short")], {{{dataset!r}: queries}}, config, mesh, progress=False)
 with open({out!r}, "w") as handle:
     json.dump({{
