@@ -41,7 +41,7 @@ from dro_jax.models.partitioning import place_params
 from dro_jax.parallel.distributed import is_writer, process_zero_decides, shows_progress
 from dro_jax.parallel.mesh import batch_devices, data_mesh
 from dro_jax.parallel.preemption import Stopped, steps_may_finish, stop_requested
-from dro_jax.parallel.sharding import on_mesh, padded_batch_size, replicate, replicated, shard_batch, to_host
+from dro_jax.parallel.sharding import on_mesh, padded_batch_size, replicate, replicated, shard_batch, to_host, tree_to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +266,7 @@ def train_soft_prompt(
                 batch = shard_batch(host_batch, mesh)
                 with on_mesh(mesh):
                     new_prompt, new_state, metrics = step_fn(soft_prompt, opt_state, batch, frozen)
-                metrics = {k: float(to_host(v)) for k, v in metrics.items()}
+                metrics = {k: float(v) for k, v in tree_to_host(metrics).items()}
                 seconds = time.perf_counter() - began  # the first step's includes compiling it
                 tokens = int(np.asarray(host_batch.attention_mask)[: len(index)].sum())  # the real rows' own tokens
                 throughput = {"step_seconds": seconds, "tokens_per_second": tokens / seconds}

@@ -20,7 +20,7 @@ from dro_jax.models.inputs import ModelInputs
 from dro_jax.models.partitioning import place_params
 from dro_jax.models.transformer import Params
 from dro_jax.parallel.distributed import shows_progress
-from dro_jax.parallel.sharding import rows_per_batch, to_host
+from dro_jax.parallel.sharding import rows_per_batch, tree_to_host
 
 # (placed params, the batch's inputs on the mesh, the batch itself) -> a pytree of [batch, ...] arrays. A step
 # enters the mesh context (`on_mesh`) around its jitted call only: a value made inside it (a PRNG key, a mask)
@@ -70,7 +70,7 @@ def run_batched(model: LoadedModel, encoded: EncodedQueries, step: Step, info: P
 
     def collect(batch: PaddedBatch, on_device: Any) -> None:
         nonlocal gathered
-        out = jax.tree.map(to_host, on_device)
+        out = tree_to_host(on_device)
         if gathered is None:
             gathered = jax.tree.map(lambda leaf: np.zeros((len(encoded), *leaf.shape[1:]), leaf.dtype), out)
         real = batch.index >= 0

@@ -64,8 +64,8 @@ def test_the_next_batch_is_dispatched_before_the_last_one_is_fetched(tiny_model_
 
     model = load_model(tiny_model_dir("llama")[0], with_tokenizer=False, progress=False)
     events = []
-    fetch = batched.to_host
-    monkeypatch.setattr(batched, "to_host", lambda x: events.append(("fetch", int(np.asarray(x).min()))) or fetch(x))
+    fetch = batched.tree_to_host
+    monkeypatch.setattr(batched, "tree_to_host", lambda x: events.append(("fetch", int(np.asarray(x).min()))) or fetch(x))
 
     def step(params, inputs, batch):
         events.append(("step", int(batch.index[batch.index >= 0].min())))
