@@ -11,8 +11,6 @@ measured here otherwise (always on CPUs, whose figures vary by machine).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -76,9 +74,6 @@ class BenchDevice:
     peak_gflops: float
     bandwidth_gbs: float
     limits_from: str
-
-    def torch_dtype(self, torch) -> Any:
-        return getattr(torch, self.dtype)
 
     def synchronize(self, torch) -> None:
         """Waits for transformers' queued work, so that a timed call counts all of it."""

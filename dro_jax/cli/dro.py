@@ -240,7 +240,7 @@ def _run_train(args: argparse.Namespace) -> None:
     if not is_writer():
         return
     last = result.metrics[-1] if result.metrics else {}
-    summary = ", ".join(f"{k} {last[k]:.4g}" for k in task.objective.shown if k in last)
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in result.objective.shown if k in last)
     print(f"trained {result.steps} steps ({summary}); wrote {files.soft_prompt}", file=sys.stderr)
 
 

@@ -32,7 +32,7 @@ class Batches(Protocol):
 class TrainingTask:
     """`initial`: the soft prompt's starting values [rows, hidden]; `data`: the rows it learns from (a
     `TrainingSet` for DRO, a `ResponseSet` for the prompt-tuning baseline); `objective`: what is minimised (None:
-    DRO with the training config's loss weights and refusal score); `anchors`: the anchor space the DRO loss reads
+    DRO as the training config weighs it, so that a DRO task follows the config it is trained with); `anchors`: the anchor space the DRO loss reads
     (None for the baseline)."""
 
     initial: np.ndarray

@@ -168,6 +168,7 @@ class TrainResult:
     soft_prompt: np.ndarray
     steps: int
     metrics: list[dict]
+    objective: Objective  # what was minimised (its `shown` metrics name the ones worth printing)
 
 
 def _check_resumable(record: dict, fingerprint: dict, config: TrainConfig, directory: Path) -> None:
@@ -292,7 +293,7 @@ def train_soft_prompt(
             raise
         finally:
             checkpoints.close()
-    result = TrainResult(to_host(soft_prompt), total, history)
+    result = TrainResult(to_host(soft_prompt), total, history, objective)
     if is_writer():
         save_soft_prompt(files.soft_prompt, result.soft_prompt, {"model": model.source, "steps": str(total)})
     return result

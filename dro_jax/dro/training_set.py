@@ -128,4 +128,4 @@ def dro_task(
     anchors.check_hidden_size(model.config.hidden_size)
     reply_tokens = REPLY_TOKENS if config.loss_weights.replies else 0
     data = prepare_training_set(model, pairs, init_prompt, len(initial), config.openings, reply_tokens, anchor_data, batching)
-    return TrainingTask(np.asarray(initial, np.float32), data, config.dro_objective(model.config), anchors)
+    return TrainingTask(initial, data, anchors=anchors)
