@@ -12,6 +12,7 @@ from dro_jax.anchors.labels import compliance_rates
 from dro_jax.anchors.space import AnchorSpace, FitConfig, fit_anchor_space
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import atomic_output
+from dro_jax.common.paths import as_path, local_file
 from dro_jax.data.queries import QueryPairs
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
@@ -75,7 +76,7 @@ class AnchorData:
 
     @classmethod
     def load(cls, path: Path) -> "AnchorData":
-        with np.load(path) as saved:
+        with local_file(as_path(path)) as local, np.load(local) as saved:
             return cls(saved["states"], saved["compliance"], saved["refusal_log_odds"], saved["harmless"], list(saved["settings"]))
 
     def rows_of(self, setting: str) -> np.ndarray:

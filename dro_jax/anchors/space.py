@@ -33,6 +33,7 @@ import optax
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import atomic_output, check_writable, write_text
+from dro_jax.common.paths import as_path, local_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +124,11 @@ class AnchorSpace:
     def load(cls, path: str | Path) -> "AnchorSpace":
         from safetensors import safe_open
 
-        path = Path(path)
+        path = as_path(path)
         if not path.is_file():
             raise DroJaxError(f"{path}: no such anchor file")
         try:
-            with safe_open(str(path), framework="numpy") as handle:
+            with local_file(path) as local, safe_open(str(local), framework="numpy") as handle:
                 header = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
             return cls(
@@ -352,7 +353,7 @@ def fit_anchor_space(
 
 def report_path(anchor_file: str | Path) -> Path:
     """Where an anchor file's report goes: beside it, `NAME.report.json`."""
-    return Path(anchor_file).with_suffix(".report.json")
+    return as_path(anchor_file).with_suffix(".report.json")
 
 
 def save_anchor_space(space: AnchorSpace, report: dict, path: str | Path) -> Path:

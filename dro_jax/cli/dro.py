@@ -246,11 +246,12 @@ def _run_train(args: argparse.Namespace) -> None:
 
 def _run_export(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable
+    from dro_jax.common.paths import as_path
     from dro_jax.dro.checkpoints import TrainCheckpoints
     from dro_jax.inference.settings import save_soft_prompt
 
     out = check_writable(args.out)
-    directory = Path(args.checkpoint)
+    directory = as_path(args.checkpoint)
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
     if not directory.is_dir():

@@ -52,15 +52,14 @@ def add_commands(commands) -> None:
 
 
 def _judge_template(path: str | None) -> str:
-    from pathlib import Path
-
     from dro_jax.common.errors import DroJaxError
+    from dro_jax.common.paths import as_path
     from dro_jax.inference.pairwise import DEFAULT_TEMPLATE
 
     if path is None:
         return DEFAULT_TEMPLATE
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return as_path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise DroJaxError(f"{path}: cannot read the judge template ({err})") from None
 

@@ -5,15 +5,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import AnyPath, PathLike, as_path, is_remote
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fails early, before any expensive work, if `path` cannot be written."""
-    path = Path(path)
+def check_writable(path: PathLike) -> AnyPath:
+    """Fails early, before any expensive work, if `path` cannot be written. In an object store there are no
+    directories to check: a missing bucket or permission shows when the first file is written."""
+    path = as_path(path)
+    if is_remote(path):
+        if path.is_dir():
+            raise DroJaxError(f"{path}: is a directory, expected a file name")
+        return path
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise DroJaxError(f"{path}: the output directory {parent} does not exist")
@@ -25,26 +32,34 @@ def check_writable(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yields a temporary path beside `path` and renames it into place only on success."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yields a temporary local path and puts its file at `path` only on success: renamed into place beside it on
+    a local disk, uploaded in one piece to an object store (which shows an object only once it is whole)."""
+    path = as_path(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        if is_remote(path):
+            with tempfile.TemporaryDirectory(prefix="dro-jax-") as directory:
+                tmp = Path(directory) / path.name
+                yield tmp
+                path.write_bytes(tmp.read_bytes())
+        else:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                yield tmp
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     except OSError as err:
         raise DroJaxError(f"{path}: cannot write ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def write_text(path: str | Path, text: str) -> Path:
+def write_text(path: PathLike, text: str) -> AnyPath:
     """Writes UTF-8 text atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return Path(path)
+    return as_path(path)
 
 
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+def write_jsonl(path: PathLike, records: Iterable[dict]) -> AnyPath:
     """One JSON object per line, UTF-8 (non-ASCII text kept as it is), written atomically."""
     return write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))

@@ -9,22 +9,22 @@ match no command. `claim_run_directory` is the one guard against both.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Callable, Collection
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_text
+from dro_jax.common.paths import AnyPath, PathLike, as_path
 
 CONFIG_NAME = "config.json"
 
 
 def claim_run_directory(
-    root: str | Path,
+    root: PathLike,
     settings: dict,
     resume: bool,
-    in_progress: Callable[[Path], str | None] = lambda root: None,
+    in_progress: Callable[[AnyPath], str | None] = lambda root: None,
     changeable: Collection[str] = (),
-) -> Path:
+) -> AnyPath:
     """Creates `root` with `settings` as its config.json, or checks that an existing one holds these settings.
 
     `in_progress(root)` describes work that `--resume` would continue (e.g.
@@ -35,7 +35,7 @@ def claim_run_directory(
     `resume` on a directory without a run is refused, so that a mistyped
     `--out` does not start a fresh run.
     """
-    root = Path(root)
+    root = as_path(root)
     path = root / CONFIG_NAME
     if not path.exists():
         if resume:

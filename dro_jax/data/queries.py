@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path
 from dro_jax.data import QUERY_SETS, query_set_path
 
 DEFAULT_FIELD = "query"
@@ -70,7 +71,7 @@ def read_queries(spec: str | Path, field: str | None = None) -> list[str]:
     """
     if str(spec) in QUERY_SETS:
         return read_queries(query_set_path(str(spec)))
-    path = Path(spec)
+    path = as_path(spec)
     if path.is_dir():
         raise DroJaxError(f"{path}: is a directory, expected a query file (.txt, .csv or .jsonl)")
     if not path.is_file():

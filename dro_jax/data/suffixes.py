@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path
 
 SUFFIX_KEY = "suffix"
 
@@ -56,7 +57,7 @@ class QuerySuffix:
     @classmethod
     def read(cls, path: str | Path) -> "QuerySuffix":
         """A suffix file in one of the forms of the module docstring."""
-        path = Path(path)
+        path = as_path(path)
         if not path.is_file():
             raise DroJaxError(f"{path}: no such suffix file")
         try:

@@ -14,13 +14,15 @@ from typing import Any
 import jax
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path, is_remote
 
 
 class TrainCheckpoints:
     def __init__(self, directory: str | Path, keep: int = 3):
         import orbax.checkpoint as ocp
 
-        self.directory = Path(directory).absolute()
+        directory = as_path(directory)
+        self.directory = directory if is_remote(directory) else directory.absolute()  # orbax wants absolute local paths
         self._ocp = ocp
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "record"))

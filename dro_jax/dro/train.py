@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_jsonl
+from dro_jax.common.paths import AnyPath, as_path
 from dro_jax.dro.checkpoints import TrainCheckpoints
 from dro_jax.dro.loss import Frozen, LossWeights, Objective, check_refusal_score, dro_objective
 from dro_jax.dro.microbatch import check_microbatch
@@ -192,10 +193,10 @@ def _check_resumable(record: dict, fingerprint: dict, config: TrainConfig, direc
 class TrainingFiles:
     """Where a training run keeps its state: checkpoints/, metrics.jsonl and the exported soft prompt."""
 
-    root: Path
+    root: AnyPath  # a local directory or one in an object store (gs://...)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "root", as_path(self.root))
 
     checkpoints = property(lambda self: self.root / "checkpoints")
     metrics = property(lambda self: self.root / "metrics.jsonl")

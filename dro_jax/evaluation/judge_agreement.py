@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path
 from dro_jax.inference.declines import DeclineJudge
 
 LABELS = ("decline", "comply", "apology-only", "off-topic")
@@ -24,7 +25,7 @@ SECOND_BATCH = 412  # the first id of the replies drawn after the decline judge'
 
 def labelled_replies(path: str | Path | None = None) -> list[dict]:
     """The labelled replies of `path` (default: the packaged set), each a dict with `id`, `query`, `reply`, `label`."""
-    source = Path(path) if path else Path(str(resources.files("dro_jax.data") / "labelled_replies.jsonl"))
+    source = as_path(path) if path else Path(str(resources.files("dro_jax.data") / "labelled_replies.jsonl"))
     if not source.is_file():
         raise DroJaxError(f"{source}: no such labelled reply file")
     records = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]

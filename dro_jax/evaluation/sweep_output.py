@@ -7,6 +7,7 @@ from typing import Collection, Sequence
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import check_writable
+from dro_jax.common.paths import AnyPath, PathLike, as_path
 from dro_jax.common.tables import markdown_table, write_tables
 from dro_jax.evaluation.measure import judge_note
 from dro_jax.evaluation.sweep import SweepRow
@@ -14,10 +15,10 @@ from dro_jax.evaluation.sweep import SweepRow
 FILE_NAMES = ("sweep.md", "sweep.csv", "sweep.json")
 
 
-def prepare_output_dir(directory: str | Path, names: Sequence[str] = FILE_NAMES) -> Path:
+def prepare_output_dir(directory: PathLike, names: Sequence[str] = FILE_NAMES) -> AnyPath:
     """Creates the directory if needed and checks that the files `names` (default: the sweep's three) can be
     written, before any work."""
-    directory = Path(directory)
+    directory = as_path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.declines import DeclineJudge
 from dro_jax.inference.refusal_score import score_openings
@@ -85,14 +86,14 @@ class StringJudge:
             return ReferenceStringJudge.packaged()
         if spec == "decline":
             return DeclineJudge()
-        if not Path(spec).is_file():
+        if not as_path(spec).is_file():
             raise DroJaxError(f"refusal phrases {str(spec)!r}: neither 'decline', 'paper', 'dro-jax' nor a phrase file")
         return StringJudge.from_file(spec)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "StringJudge":
         """Reads {"refusal": [...], "not_refusal": [...]} from a JSON file."""
-        path = Path(path)
+        path = as_path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             refusal, exceptions = data["refusal"], data.get("not_refusal", [])
@@ -232,7 +233,7 @@ def read_judge_template(value: str | None) -> str | None:
     itself (checked for its {query} and {response} fields by `ModelJudge`)."""
     if value is None:
         return None
-    path = Path(value)
+    path = as_path(value)
     try:
         is_file = path.is_file()
     except OSError:  # e.g. a text too long to be a file name

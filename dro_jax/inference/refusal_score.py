@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path
 from dro_jax.inference.batched import Batching, PassInfo, run_batched
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.loading import LoadedModel
@@ -50,7 +51,7 @@ class Openings:
     @classmethod
     def from_file(cls, path: str | Path) -> "Openings":
         """Reads {"refusal": [...], "compliant": [...]} (two non-empty lists of strings) from a JSON file."""
-        path = Path(path)
+        path = as_path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             refusal, compliant = tuple(data["refusal"]), tuple(data["compliant"])
@@ -67,7 +68,7 @@ class Openings:
             return cls()
         if str(spec) in OPENING_SETS:
             return OPENING_SETS[str(spec)]
-        if not Path(spec).is_file():
+        if not as_path(spec).is_file():
             raise DroJaxError(f"openings {str(spec)!r}: neither one of {', '.join(OPENING_SETS)} nor a JSON file")
         return cls.from_file(spec)
 

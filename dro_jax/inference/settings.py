@@ -14,6 +14,7 @@ import numpy as np
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import atomic_output, check_writable
+from dro_jax.common.paths import as_path, local_file
 
 SAFETY_PROMPTS = {
     "default": (
@@ -100,11 +101,12 @@ def load_soft_prompt(path: str | Path, hidden_size: int | None = None) -> np.nda
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    path = Path(path)
+    path = as_path(path)
     if not path.is_file():
         raise DroJaxError(f"{path}: no such soft-prompt file")
     try:
-        tensors = load_file(str(path))
+        with local_file(path) as local:
+            tensors = load_file(str(local))
     except (SafetensorError, OSError, ValueError) as err:
         raise DroJaxError(f"{path}: not a readable safetensors file ({err})") from None
     if TENSOR_NAME not in tensors:

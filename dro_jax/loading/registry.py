@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path, local_copy
 from dro_jax.loading.gguf import GGUFSource, open_gguf, read_gguf_config
 from dro_jax.loading.gguf_tokenizer import build_tokenizer, read_vocabulary
 from dro_jax.loading.hf import SafetensorsSource, read_hf_config
@@ -72,14 +73,15 @@ def packaged_model_path(name: str) -> Path:
 
 
 def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """Maps a model name or path to an existing file or directory."""
+    """Maps a model name or path to an existing local file or directory; a model in an object store (gs://...)
+    is copied to the local cache first (see `dro_jax.common.paths.local_copy`)."""
     if str(spec) in PACKAGED_MODELS:
         return packaged_model_path(str(spec))
-    path = Path(spec)
+    path = as_path(spec)
     if not path.exists():
         names = ", ".join(PACKAGED_MODELS)
         raise DroJaxError(f"{path}: no such file or directory (and not a packaged model name: {names})")
-    return path
+    return local_copy(path)
 
 
 def parse_dtype(name: str) -> Any:

@@ -23,6 +23,7 @@ from dro_jax.anchors.collect import AnchorConfig, AnchorData, build_anchor_space
 from dro_jax.anchors.space import AnchorSpace, save_anchor_space
 from dro_jax.common.compiles import count_compiles
 from dro_jax.common.errors import DroJaxError
+from dro_jax.common.paths import as_path
 from dro_jax.common.run_directory import claim_run_directory
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
@@ -52,7 +53,7 @@ def prepare_run_dir(config: RunConfig, root: str | Path, resume: bool) -> RunPat
         return f"an unfinished run (stopped in: {', '.join(stopped)})" if stopped else None
 
     claim = functools.partial(claim_run_directory, root, config.to_dict(), resume, unfinished, evaluation_only_settings(config))
-    return RunPaths(Path(process_zero_decides(lambda: str(claim()))))
+    return RunPaths(as_path(process_zero_decides(lambda: str(claim()))))
 
 
 def stage_settings(config: RunConfig) -> dict[str, tuple[str, ...]]:
@@ -194,7 +195,7 @@ def load_judge(config: RunConfig, model: LoadedModel, attention: str = "referenc
 
 def finish_run(directory: str | Path) -> RunOutputs:
     """The outputs of the run in `directory`, after finishing any stage it still lacks (with its own config)."""
-    paths = RunPaths(Path(directory))
+    paths = RunPaths(as_path(directory))
     if not paths.config.is_file():
         raise DroJaxError(f"{directory}: no run here; make one with `dro-jax run --out {directory}` (and --model/--paper as wanted)")
     config = RunConfig.from_dict(json.loads(paths.config.read_text()))

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from dro_jax.common.compiles import CompileCount
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_text
+from dro_jax.common.paths import AnyPath
 
 
 def input_key(inputs: Any) -> str:
@@ -30,17 +30,17 @@ def text_digest(items: list[str]) -> str:
 
 
 class StageRecords:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: AnyPath):
         self.directory = run_dir / "stages"
 
-    def _path(self, name: str) -> Path:
+    def _path(self, name: str) -> AnyPath:
         return self.directory / f"{name}.json"
 
     def read(self, name: str) -> dict | None:
         path = self._path(name)
         return json.loads(path.read_text()) if path.exists() else None
 
-    def is_done(self, name: str, key: str, outputs: list[Path]) -> bool:
+    def is_done(self, name: str, key: str, outputs: list[AnyPath]) -> bool:
         record = self.read(name)
         return bool(record and record["key"] == key and record["done"] and all(p.exists() for p in outputs))
 
