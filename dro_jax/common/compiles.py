@@ -12,6 +12,8 @@ from typing import Iterator
 
 import jax
 
+from dro_jax.common.paths import AnyPath, as_path
+
 # Recorded around every XLA executable jax builds for a jitted program, whether compiled now or read from the
 # persistent compilation cache; its `fun_name` is the jitted function's name.
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -53,7 +55,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dro-jax" / "xla"
 
 
-def use_compilation_cache(where: str | None = None) -> Path | None:
+def use_compilation_cache(where: str | None = None) -> AnyPath | None:
     """Turns jax's persistent compilation cache on in `where` (None: `default_cache_dir()`), or off ("off").
 
     Every program is kept, however quickly it compiled (jax keeps only those
@@ -67,7 +69,7 @@ def use_compilation_cache(where: str | None = None) -> Path | None:
     if where == "off":
         jax.config.update("jax_enable_compilation_cache", False)
         return None
-    directory = Path(where) if where else default_cache_dir()
+    directory = as_path(where) if where else default_cache_dir()  # jax reads and writes gs:// caches too
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", str(directory))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
