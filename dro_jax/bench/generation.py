@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
         prompts = encoded.select([i % len(encoded) for i in range(batch_size)])
         batch = next(prompts.batches(batch_size, model.pad_id))
         inputs = prompts.model_inputs(batch)
-        whole = np.concatenate([np.broadcast_to(prompts.prefix().token_ids, (batch_size, prompts.prefix_length)), batch.token_ids], 1)
+        whole = np.concatenate([np.broadcast_to(prompts.prefix().tokens, (batch_size, prompts.prefix_length)), batch.token_ids], 1)
         whole_mask = np.concatenate([np.ones((batch_size, prompts.prefix_length), np.int32), batch.attention_mask], 1)
         width = int(whole_mask.sum(1).max())
 

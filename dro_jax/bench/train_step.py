@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> None:
         LinearProbe(rng.standard_normal(num_components).astype(np.float32), 0.0), {"benchmark": "PCA + random probes"},
     )
 
-    shared = 0 if data.prefix is None else len(data.prefix.token_ids)
+    shared = 0 if data.prefix is None else len(data.prefix.tokens)
     real = shared + batch.attention_mask[: len(index)].sum(axis=1).astype(np.int64)  # whole inputs
     forward_flops = work_gflop(config, real) * 1e9
     shared_flops = work_gflop(config, real, shared, len(index)) * 1e9

@@ -229,7 +229,8 @@ def train_soft_prompt(
     objective = task.objective or config.dro_objective(model.config)
     step_fn = make_train_step(objective.loss, optimizer, mesh)
     soft_prompt = jax.device_put(np.asarray(task.initial, np.float32))
-    soft_prompt, opt_state = replicate((soft_prompt, optimizer.init(soft_prompt)), mesh)  # restored into this placement
+    # (one compiled program for the optimizer's zeros, not one per eager array it makes)
+    soft_prompt, opt_state = replicate((soft_prompt, jax.jit(optimizer.init)(soft_prompt)), mesh)  # restored into this placement
     start, history = 0, []
     latest = process_zero_decides(checkpoints.latest_step)  # which state to resume from is one decision for all hosts
     if latest is not None:

@@ -144,6 +144,14 @@ def evaluate_settings(
     if config.longest is not None and not 1 <= config.longest <= config.num_samples:
         raise DroJaxError(f"cannot keep the {config.longest} longest of {config.num_samples} responses per query")
     suffixes = {} if config.suffix is None else config.suffix.per_set(datasets)
+    # Settings without a soft prompt carry an unused one shaped like the first soft prompt's, so that every setting
+    # runs the same compiled programs (their shared prefixes are padded alike, see `padded_prefix`).
+    soft = next((setting.soft_prompt for setting in settings if setting.soft_prompt is not None), None)
+
+    def encode(queries: Sequence[str], setting: PromptSetting, name: str) -> EncodedQueries:
+        encoded = encode_queries(model, queries, setting, name, suffixes.get(name))
+        return encoded if soft is None else encoded.with_unused_soft_prompt(soft)
+
     harmful = harmful_set_flags(list(datasets), config.harmful_sets, None if judge_model is None else judge_model.name)
     rows, outcomes, used = [], [], {}
     for name, queries in datasets.items():
@@ -152,7 +160,7 @@ def evaluate_settings(
         baseline = None
         reference = (references or {}).get(name)
         reused = None  # the set's greedy measurement without a prompt, when the evaluation is greedy
-        plain = encode_queries(model, queries, NO_PROMPT, name, suffixes.get(name))  # encoded once
+        plain = encode(queries, NO_PROMPT, name)  # encoded once
         if reference is None:
             reference, greedy = measure_reference(
                 model, plain, decoding.max_new_tokens, config.measuring, batching, judge_model=set_judge
@@ -163,7 +171,7 @@ def evaluate_settings(
             if setting.is_empty and reused is not None:
                 measured = reused
             else:
-                encoded = plain if setting.is_empty else encode_queries(model, queries, setting, name, suffixes.get(name))
+                encoded = plain if setting.is_empty else encode(queries, setting, name)
                 measured = measure_setting(
                     model, encoded, decoding, config.measuring, batching, reference_replies=reference.token_ids, judge_model=set_judge,
                 )

@@ -23,7 +23,7 @@ from dro_jax.inference.batching import PaddedBatch, left_pad, left_padded_batche
 from dro_jax.inference.chat import SLOT_PLACEHOLDER, ChatFormatter
 from dro_jax.inference.settings import PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
-from dro_jax.models.inputs import ModelInputs, SharedPrefix
+from dro_jax.models.inputs import ModelInputs, SharedPrefix, padded_prefix
 from dro_jax.parallel.sharding import replicate, shard_batch
 
 
@@ -68,16 +68,23 @@ class EncodedQueries:
             pick(self.sequences), self.soft_prompt, pick(self.soft_starts), pick(self.queries), self.source, self.prefix_length
         )
 
+    def with_unused_soft_prompt(self, like: np.ndarray) -> "EncodedQueries":
+        """The same sequences carrying a soft prompt shaped like `like` that no row reads (zeros, placed nowhere):
+        passes over them then compile to the programs of a soft-prompt setting of that shape, which they share."""
+        if self.soft_prompt is not None:
+            return self
+        return dataclasses.replace(self, soft_prompt=np.zeros_like(like))
+
     @property
     def soft_in_prefix(self) -> bool:
         return self.soft_starts is not None and bool(self.soft_starts) and self.soft_starts[0] < self.prefix_length
 
     def prefix(self) -> SharedPrefix | None:
-        """The shared tokens (numpy), or None when the sequences share none."""
+        """The shared tokens (numpy, padded as `padded_prefix` says), or None when the sequences share none."""
         if not self.prefix_length:
             return None
         offset = self.soft_starts[0] if self.soft_in_prefix else -1
-        return SharedPrefix(np.asarray(self.sequences[0][: self.prefix_length], np.int32), np.int32(offset))
+        return padded_prefix(np.asarray(self.sequences[0][: self.prefix_length], np.int32), offset)
 
     @property
     def rows(self) -> list[list[int]]:

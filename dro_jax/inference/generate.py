@@ -79,7 +79,7 @@ def _generate(
     prompt_embeds = input_embeddings(params, inputs.token_ids, inputs.soft_prompt, inputs.soft_offsets)
     batch, prompt_len = prompt_mask.shape
     max_new = sampling.max_new_tokens
-    start = 0 if prefix is None else prefix.key.shape[-1]
+    start = 0 if prefix is None else prefix.filled
     key_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new), prompt_mask.dtype)], axis=1)
     cache = KVCache.zeros(config, batch, prompt_len + max_new, params["embed_tokens"]["weight"].dtype)
     prefill = forward(

@@ -102,8 +102,10 @@ class Measuring:
     openings: Openings = Openings()
 
 
+@jax.jit
 def sample_keys(seed: int, query_indices: np.ndarray, samples: np.ndarray) -> jax.Array:
-    """One PRNG key per (query, sample): results do not depend on batch size or order."""
+    """One PRNG key per (query, sample): results do not depend on batch size or order. Compiled as one program
+    (run eagerly, the key, the casts and each fold-in compile a program of their own)."""
     base = jax.random.key(seed)
     return jax.vmap(lambda q, s: jax.random.fold_in(jax.random.fold_in(base, q), s))(query_indices, samples)
 

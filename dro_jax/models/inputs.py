@@ -17,16 +17,43 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
 
 
 class SharedPrefix(NamedTuple):
-    """The tokens every row of a batch starts with, and where the soft prompt starts in them (-1: not there)."""
+    """The tokens every row of a batch starts with, and where the soft prompt starts in them (-1: not there).
+
+    `length` (None: all of `token_ids`) counts the real tokens when
+    `token_ids` is padded at the end (see `padded_prefix`): prefixes of
+    different lengths (the prompt settings) then share one compiled shape.
+    """
 
     token_ids: jax.Array  # [p] int32
     soft_offset: jax.Array  # [] int32
+    length: jax.Array | None = None  # [] int32
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """The real tokens, without the padding (host values)."""
+        ids = np.asarray(self.token_ids)
+        return ids if self.length is None else ids[: int(self.length)]
+
+
+# A shared prefix is padded to a multiple of this many tokens: one shape for the system prompts of a run (chat
+# templates and safety prompts are mostly under 128 tokens), at the cost of each row attending to at most 127
+# masked keys.
+PREFIX_BUCKET = 128
+
+
+def padded_prefix(token_ids: np.ndarray, soft_offset: int, bucket: int = PREFIX_BUCKET) -> SharedPrefix:
+    """`token_ids` [p] (host values) padded at the end to a multiple of `bucket`, with their count."""
+    length = len(token_ids)
+    padded = np.zeros(-(-length // bucket) * bucket, np.int32)
+    padded[:length] = token_ids
+    return SharedPrefix(padded, np.int32(soft_offset), np.int32(length))
 
 
 class ModelInputs(NamedTuple):
@@ -77,19 +104,19 @@ def prefix_cache(
     """
     if prefix is None or prefix.token_ids.shape[0] == 0:
         return None
-    length = prefix.token_ids.shape[0]
+    slots = prefix.token_ids.shape[0]
     embeds = input_embeddings(params, prefix.token_ids[None], soft_prompt, prefix.soft_offset[None])
-    cache = KVCache.zeros(config, 1, length, jnp.float32)
-    out = forward(
-        params, config, inputs_embeds=embeds, attention_mask=jnp.ones((1, length), jnp.int32),
-        positions=jnp.arange(length)[None], cache=cache, cache_index=0, remat=remat,
+    cache = KVCache.zeros(config, 1, slots, jnp.float32)
+    out = forward(  # causal: the padding after the real tokens changes none of theirs
+        params, config, inputs_embeds=embeds, attention_mask=jnp.ones((1, slots), jnp.int32),
+        positions=jnp.arange(slots)[None], cache=cache, cache_index=0, remat=remat,
     )
-    return out.cache
+    return out.cache.replace(length=prefix.length)
 
 
 def row_positions(attention_mask: jax.Array, prefix: SharedPrefix | None) -> jax.Array:
     """Positions of the rows' own tokens [b, t]: they continue the prefix, counting real tokens only."""
-    start = 0 if prefix is None else prefix.token_ids.shape[0]
+    start = 0 if prefix is None else prefix.token_ids.shape[0] if prefix.length is None else prefix.length
     return start + positions_from_mask(attention_mask)
 
 

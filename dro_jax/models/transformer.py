@@ -38,6 +38,12 @@ class KVCache:
 
     key: jax.Array
     value: jax.Array
+    length: jax.Array | None = None  # [] for a shared prefix padded past its tokens: the slots before it are real
+
+    @property
+    def filled(self) -> jax.Array | int:
+        """How many leading slots hold tokens: `length`, or every slot."""
+        return self.key.shape[-1] if self.length is None else self.length
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
@@ -295,8 +301,9 @@ def attention_masks(
     positions: jax.Array,
     sliding_window: int | None,
     cache_index: jax.Array | int | None = None,
-    prefix_length: int = 0,
+    prefix_length: jax.Array | int = 0,
     structure: jax.Array | None = None,
+    prefix_slots: int | None = None,
 ) -> AttentionMasks:
     """Causal, not padding, and inside the sliding window (measured in positions, so padding between a
     shared prefix and a row's own tokens does not count).
@@ -305,7 +312,10 @@ def attention_masks(
     inputs' real tokens. With one, it covers every cache slot [b, slots] and
     the inputs sit at slots cache_index .. cache_index + t - 1; the slots
     before cache_index are the cache block. Queries and their own keys are at
-    `positions` [b, t]; a prefix holds positions 0 .. prefix_length - 1.
+    `positions` [b, t]; a prefix holds positions 0 .. prefix_length - 1 in its
+    first slots of `prefix_slots` (default: as many as its tokens; the slots
+    after them are padding, so that prefixes of different lengths share one
+    compiled shape).
     `structure` [t, t] says which of the inputs' own tokens each may see
     (default: the earlier ones and itself; a tree lets several continuations
     of the same context share one row).
@@ -328,8 +338,13 @@ def attention_masks(
         if inside is not None:
             cache &= inside((prefix_length + positions_from_mask(attention_mask))[:, None, :])
     prefix = None
-    if prefix_length and inside is not None:
-        prefix = inside(jnp.arange(prefix_length)[None, None, :])
+    padded = prefix_slots is not None and not (isinstance(prefix_length, int) and prefix_length == prefix_slots)
+    slots = prefix_length if prefix_slots is None else prefix_slots
+    if slots and (padded or inside is not None):
+        keys = jnp.arange(slots)[None, None, :]
+        prefix = jnp.broadcast_to(keys < prefix_length, (positions.shape[0], steps, slots))
+        if inside is not None:
+            prefix &= inside(keys)
     return AttentionMasks(prefix, cache, own)
 
 
@@ -374,9 +389,9 @@ class Transformer(nn.Module):
                 raise ValueError("positions are required with a cache or a shared prefix")
             positions = positions_from_mask(attention_mask)
         cos, sin = rotary_tables(c, positions, h.dtype)
-        prefix_length = 0 if prefix is None else prefix.key.shape[-1]
         masks = attention_masks(
-            attention_mask, positions, c.sliding_window, None if cache is None else cache_index, prefix_length, structure
+            attention_mask, positions, c.sliding_window, None if cache is None else cache_index,
+            0 if prefix is None else prefix.filled, structure, None if prefix is None else prefix.key.shape[-1],
         )
 
         layer = nn.remat(DecoderLayer, prevent_cse=False) if self.remat else DecoderLayer
@@ -388,7 +403,7 @@ class Transformer(nn.Module):
             length=c.num_layers,
         )(c, self.param_dtype, output_hidden_states, cache is not None, name="layers")
         layer_caches = None if masks.cache is None else (cache.key, cache.value)
-        layer_prefixes = None if prefix is None else (prefix.key, prefix.value)
+        layer_prefixes = None if prefix is None else (prefix.key, prefix.value)  # the blocks, not the length
         h, (per_layer, new_entries) = layers(h, cos, sin, masks, layer_caches, layer_prefixes)
         if cache is not None:  # one in-place write of every layer's new keys and values
             new_keys, new_values = new_entries
@@ -441,7 +456,8 @@ def forward(
     With a `KVCache`, the inputs are written at slots `cache_index` onwards,
     `attention_mask` covers all cache slots [b, slots], and `positions` must
     be given. With `prefix`, a batch-1 `KVCache` of p tokens that every row
-    continues (positions 0 .. p - 1; see `dro_jax.models.inputs`), every row
+    continues (positions 0 .. p - 1, in its first `filled` slots; see
+    `dro_jax.models.inputs`), every row
     also attends to it, and `positions` must be given. `structure` [t, t]
     replaces the causal order among the inputs' own tokens (e.g. a tree).
     Wrap with `jax.jit(..., static_argnames=("config", "output_hidden_states",

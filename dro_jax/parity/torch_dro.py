@@ -119,7 +119,7 @@ def whole_sequences(batch, prefix=None) -> tuple[np.ndarray, np.ndarray, np.ndar
     the prefix and a row's own tokens, which the mask and the positions from it take care of."""
     if prefix is None:
         return np.asarray(batch.token_ids), np.asarray(batch.attention_mask), np.asarray(batch.soft_offsets)
-    prefix_ids, prefix_offset = np.asarray(prefix.token_ids), int(prefix.soft_offset)
+    prefix_ids, prefix_offset = prefix.tokens, int(prefix.soft_offset)
     rows = len(batch.token_ids)
     token_ids = np.concatenate([np.broadcast_to(prefix_ids, (rows, len(prefix_ids))), batch.token_ids], axis=1)
     mask = np.concatenate([np.ones((rows, len(prefix_ids)), np.int32), batch.attention_mask], axis=1)

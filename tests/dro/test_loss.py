@@ -71,8 +71,8 @@ def test_behavioural_refusal_scores_and_the_preservation_term(tiny_dro):
     first = first_token(new_lp)
     # The whole openings' log-odds: the evaluation's scoring pass over the same inputs, soft prompt in place.
     whole = EncodedQueries(
-        [list(data.prefix.token_ids) + list(ids[mask > 0]) for ids, mask in zip(data.token_ids, data.attention_mask)],
-        np.asarray(soft), [int(data.prefix.soft_offset)] * len(data), prefix_length=len(data.prefix.token_ids),
+        [list(data.prefix.tokens) + list(ids[mask > 0]) for ids, mask in zip(data.token_ids, data.attention_mask)],
+        np.asarray(soft), [int(data.prefix.soft_offset)] * len(data), prefix_length=len(data.prefix.tokens),
     )
     scored = score_refusal(model, whole, MULTI_TOKEN, batching=Batching(4, progress=False)).log_odds
     for metrics, log_odds, reference in ((head, first, first_token(base_lp)), (openings, scored, data.reference_log_odds)):

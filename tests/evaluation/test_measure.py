@@ -1,8 +1,10 @@
 """Measuring a setting: the paper's counts, the longest-N rule, and each query set encoded once per setting."""
 
+import jax
 import numpy as np
 import pytest
 
+from dro_jax.common.compiles import count_compiles
 from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.evaluation.measure import count_refusals
@@ -60,6 +62,22 @@ def test_evaluation_encodes_each_set_once_per_setting(tiny_dro, monkeypatch):
     for row, outcome in zip(evaluation.rows, evaluation.outcomes):
         assert row.mean_refusal_log_odds == pytest.approx(float(np.mean(outcome.log_odds)))
         assert outcome.coords.shape == (3, 4) and len(outcome.responses) == 3
+
+
+def test_every_setting_runs_the_same_compiled_programs(tiny_dro):
+    """Settings with system prompts of different lengths, and a soft prompt, share each pass's compiled program:
+    their shared prefixes are padded to one length, and the settings without a soft prompt carry an unused one."""
+    settings = [PromptSetting.from_text("none"), PromptSetting.from_text("short"), PromptSetting.soft("DRO", tiny_dro.initial)]
+    lengths = {len(s.text or "") for s in settings}
+    assert len(lengths) == 2  # (the soft prompt's rows stand in for the short prompt's tokens)
+    jax.clear_caches()
+    with count_compiles() as count:
+        evaluate_settings(
+            tiny_dro.model, {"harmful": HARMFUL[:3]}, settings, EvalConfig(SamplingConfig(max_new_tokens=3), openings=TINY_OPENINGS),
+            batching=QUIET,
+        )
+    passes = ("jit(_generate)", "jit(continuation_log_probs)", "jit(token_log_likelihoods)")
+    assert {name: count.by_function[name] for name in passes} == dict.fromkeys(passes, 1)  # three queries: one batch shape
 
 
 def test_each_set_is_decoded_with_its_own_sampling(tiny_dro):
