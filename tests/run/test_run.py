@@ -33,8 +33,10 @@ def test_run_writes_the_whole_run_directory(finished_run):
     assert len((finished_run / "responses.jsonl").read_text().splitlines()) == 18
     text = (finished_run / "results.md").read_text()
     assert "![anchor space](anchor_space.png)" in text and "| DRO | harmful (3) |" in text
-    compiles = results["stage_compiles"]  # every stage builds executables of its own (its first run in this process)
-    assert set(compiles) == {"anchors", "train", "evaluate"} and all(c["compiles"] > 0 and c["compile_seconds"] > 0 for c in compiles.values())
+    # Each stage's executables, as counted: a stage may build none when earlier tests of this process compiled the
+    # same programs (the prompt settings share them); the cold benchmark run counts every stage's (test_main_job_bench).
+    compiles = results["stage_compiles"]
+    assert set(compiles) == {"anchors", "train", "evaluate"} and all(c["compiles"] >= 0 and c["compile_seconds"] >= 0 for c in compiles.values())
     assert f"train {results['stage_seconds']['train'] / 60:.1f} min ({compiles['train']['compiles']} XLA compiles, " in text
     assert load_soft_prompt(finished_run / "soft_prompt.safetensors").shape[0] > 0
 
