@@ -1,4 +1,4 @@
-"""`python -m dro_jax.bench forward|generate`: both sides on the device JAX uses, in one dtype, read against that
+"""`python -m dro_jax.bench forward|generate|anchor`: both sides on the device JAX uses, in one dtype, read against that
 chip's limits, every figure in `--json`."""
 
 import json
@@ -72,6 +72,23 @@ def test_forward_and_generate_write_every_figure(tiny_model_dir, tmp_path, capsy
     for row in generate["rows"]:
         assert row["of_bandwidth"] == pytest.approx(row["new_tokens_per_second"] * generate["weight_bytes"] / 1e9 / 10.0)
     assert generate["weight_bytes"] == 4 * forward_parameters(directory)
+    assert "transformers on cpu, both in float32" in capsys.readouterr().out
+
+
+def test_the_anchor_benchmark_writes_every_figure(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_device_module, "matmul_peak_gflops", lambda dtype: 100.0)
+    monkeypatch.setattr(bench_device_module, "memory_bandwidth_gbs", lambda dtype: 10.0)
+    figures = tmp_path / "anchor.json"
+    args = ["anchor", "--model", str(tiny_model_dir("llama")[0]), "--num-queries", "2", "--batch-size", "4", "--repeats", "1",
+            "--settings", "none", "Answer safely.", "--threads", "1", "--json", str(figures)]
+    assert bench(args) == 0
+    anchor = json.loads(figures.read_text())
+    assert anchor["device"]["dtype"] == "float32" and anchor["inputs"] == 2 * 4  # 2 settings x (2 harmful + 2 harmless)
+    assert [row["implementation"] for row in anchor["rows"]] == ["dro-jax", "transformers"]
+    assert all(row["of_peak"] == pytest.approx(row["gflops"] / 100.0) for row in anchor["rows"])
+    dro_jax, transformers = anchor["rows"]
+    assert dro_jax["gflop"] < transformers["gflop"]  # each setting's shared tokens run once per batch
+    assert anchor["log_odds_max_abs_diff"] < 1e-3 and anchor["states_min_cosine"] > 0.9999
     assert "transformers on cpu, both in float32" in capsys.readouterr().out
 
 
