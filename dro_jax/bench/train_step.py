@@ -3,7 +3,8 @@
 Both sides run one batch of the packaged training queries (`harmful_train` and
 `harmless_train`, drawn as the training loop draws its first batch and padded
 to the training set's single length), the soft prompt initialised from the
-short safety prompt, float32:
+short safety prompt, on the device JAX uses and in one dtype (see
+`dro_jax.bench.device`: bfloat16 on accelerators, float32 on CPUs):
 
 * dro-jax: `make_train_step` (value_and_grad of `dro_loss`, optax clip 1.0 +
   AdamW 1e-3) under `jax.jit`, as `train_soft_prompt` runs it;
@@ -50,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from dro_jax.bench.common import work_gflop
-from dro_jax.bench.device import matmul_peak_gflops
+from dro_jax.bench.device import DTYPES, bench_device
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.inference.batched import Batching
@@ -72,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replies", type=float, default=0.0,
                         help="weight of the replies term in the dro-jax rows: the harmless rows' no-prompt replies teacher-forced, one "
                         "more pass over query + reply per step (default: %(default)s, off)")
+    parser.add_argument("--dtype", choices=DTYPES, help="both sides' dtype (default: bfloat16 on accelerators, float32 on CPUs)")
     parser.add_argument("--openings", default=None, help="the openings of the `openings` score: apologies, declines, decline-replies or "
                         "a JSON file (default: apologies)")
 
@@ -172,7 +174,8 @@ def run(args: argparse.Namespace) -> None:
     for score in args.refusal_scores:
         check_refusal_score(score)
     pairs = QueryPairs(read_queries("harmful_train")[: args.num_queries], read_queries("harmless_train")[: args.num_queries])
-    model = load_model(args.model, "float32", progress=False)
+    device = bench_device(torch, args.dtype)
+    model = load_model(args.model, device.dtype, progress=False)
     config = model.config
     init = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt)
     openings = Openings.load(args.openings)
@@ -200,8 +203,8 @@ def run(args: argparse.Namespace) -> None:
     real = shared + batch.attention_mask[: len(index)].sum(axis=1).astype(np.int64)  # whole inputs
     forward_flops = work_gflop(config, real) * 1e9
     shared_flops = work_gflop(config, real, shared, len(index)) * 1e9
-    print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters, float32; soft prompt {init.shape[0]} rows "
-          f"from the {args.init_prompt!r} prompt")
+    print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters; {device.describe()}; soft prompt {init.shape[0]} "
+          f"rows (float32) from the {args.init_prompt!r} prompt")
     print(f"batch {len(index)} of {len(data)} training queries: {real.sum()} real tokens; dro-jax runs their shared prefix of {shared} tokens once and each row's own part "
           f"(padded to {batch.token_ids.shape[1]}), PyTorch each whole input (padded to the batch's longest); "
           f"XLA sees {os.cpu_count()} cores, PyTorch {args.threads} threads")
@@ -248,9 +251,9 @@ def run(args: argparse.Namespace) -> None:
 
     # PyTorch: the same step on the transformers model, each whole input left-padded to the batch's longest.
     torch_batch = whole_inputs_batch(batch, data.prefix)
-    torch_model = freeze(load_torch_model(model.source, torch))
-    t_anchors = torch_anchors(anchors)
-    soft = torch.nn.Parameter(torch.from_numpy(init.copy()))
+    torch_model = freeze(load_torch_model(model.source, torch, device.dtype, device.torch_device))
+    t_anchors = torch_anchors(anchors, device=torch_model.device)
+    soft = torch.nn.Parameter(torch.from_numpy(init.copy()).to(torch_model.device))
     torch_optimizer = make_torch_optimizer(soft, train_config.learning_rate, train_config.weight_decay)
     torch_metrics = {}
 
@@ -259,15 +262,16 @@ def run(args: argparse.Namespace) -> None:
         torch_metrics.setdefault("probe", metrics)
 
     measure("torch_step", torch_step, torch_step)
-    fixed = torch.from_numpy(init.copy())
+    fixed = torch.from_numpy(init.copy()).to(torch_model.device)
 
     def torch_forward():
         with torch.no_grad():
             torch_dro_loss(torch_model, fixed, torch_batch, t_anchors)
+        device.synchronize(torch)
 
     measure("torch_forward", torch_forward, torch_forward)
 
-    peak = matmul_peak_gflops()
+    peak = device.peak_gflops
     table = []
     nodes = OpeningTree.of(encode_openings(model.tokenizer, openings.refusal + openings.compliant)).token_ids.shape[0]
     tree_flops = work_gflop(config, real + nodes, shared, len(index)) * 1e9  # the openings' tree: `nodes` more tokens per row
@@ -297,7 +301,7 @@ def run(args: argparse.Namespace) -> None:
             label, f"{seconds:.2f}", f"{min(result['times']):.2f}", f"{work / 1e9:.0f}", f"{gflops:.0f}", f"{gflops / peak:.0%}",
             _gib(max(result["peak_rss"] - result["start_rss"], 0)), _gib(result["peak_rss"]), note,
         ])
-    print(f"float32 matmul peak (XLA, best square matmul): {peak:.0f} GFLOP/s; memory: process RSS peak ({memory.kind})\n")
+    print(f"matmul peak ({device.limits_from}): {peak:.0f} GFLOP/s; memory: process RSS peak ({memory.kind})\n")
     print(markdown_table(
         ["implementation", f"median s ({args.steps} calls)", "best s", "work (GFLOP)", "GFLOP/s", "of peak", "peak RSS over start",
          "peak RSS", "note"], table

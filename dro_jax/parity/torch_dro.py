@@ -59,8 +59,8 @@ class TorchAnchors(NamedTuple):
     harmfulness_bias: float
 
 
-def torch_anchors(anchors: AnchorSpace | TorchAnchors, dtype: str = ANCHOR_DTYPE) -> TorchAnchors:
-    """Converts an `AnchorSpace` once (a `TorchAnchors` passes through)."""
+def torch_anchors(anchors: AnchorSpace | TorchAnchors, dtype: str = ANCHOR_DTYPE, device: Any = "cpu") -> TorchAnchors:
+    """Converts an `AnchorSpace` once, onto the model's `device` (a `TorchAnchors` passes through)."""
     import torch
 
     if isinstance(anchors, TorchAnchors):
@@ -68,7 +68,7 @@ def torch_anchors(anchors: AnchorSpace | TorchAnchors, dtype: str = ANCHOR_DTYPE
     kind = getattr(torch, dtype)
 
     def tensor(array):
-        return torch.from_numpy(np.asarray(array, np.float64)).to(kind)
+        return torch.from_numpy(np.asarray(array, np.float64)).to(device=device, dtype=kind)
 
     return TorchAnchors(
         tensor(anchors.mean), tensor(anchors.basis), int(anchors.num_components),
@@ -89,11 +89,11 @@ def position_ids(mask):
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def _tensor(array, dtype=None):
+def _tensor(array, dtype=None, device: Any = "cpu"):
+    """A host array as a tensor on `device` (the model's), in `dtype` when given."""
     import torch
 
-    out = torch.as_tensor(np.asarray(array))
-    return out if dtype is None else out.to(dtype)
+    return torch.as_tensor(np.asarray(array)).to(device=device, dtype=dtype)
 
 
 def soft_prompt_embeddings(model, soft_prompt, token_ids, soft_offsets):
@@ -133,8 +133,8 @@ def soft_prompt_states(model, soft_prompt, batch, prefix=None) -> Any:
     import torch
 
     ids, mask, offsets = whole_sequences(batch, prefix)
-    token_ids = _tensor(ids, torch.long)
-    mask = _tensor(mask, torch.long)
+    token_ids = _tensor(ids, torch.long, model.device)
+    mask = _tensor(mask, torch.long, model.device)
     embeds = soft_prompt_embeddings(model, soft_prompt, token_ids, _tensor(offsets, torch.long))
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
@@ -152,8 +152,8 @@ def opening_log_probs(model, soft_prompt, batch, prefix, openings: list[list[int
     ids, mask, offsets = whole_sequences(batch, prefix)
     length, columns = ids.shape[1], []
     for opening in openings:
-        extended = _tensor(np.concatenate([ids, np.broadcast_to(np.asarray(opening), (len(ids), len(opening)))], axis=1), torch.long)
-        extended_mask = _tensor(np.concatenate([mask, np.ones((len(ids), len(opening)), mask.dtype)], axis=1), torch.long)
+        extended = _tensor(np.concatenate([ids, np.broadcast_to(np.asarray(opening), (len(ids), len(opening)))], axis=1), torch.long, model.device)
+        extended_mask = _tensor(np.concatenate([mask, np.ones((len(ids), len(opening)), mask.dtype)], axis=1), torch.long, model.device)
         embeds = soft_prompt_embeddings(model, soft_prompt, extended, _tensor(offsets, torch.long))
         logits = model(inputs_embeds=embeds, attention_mask=extended_mask, position_ids=position_ids(extended_mask), use_cache=False).logits
         log_p = torch.log_softmax(logits.double(), dim=-1)
@@ -168,13 +168,13 @@ def reply_nll_per_token(model, soft_prompt, batch, prefix) -> Any:
 
     ids, mask, offsets = whole_sequences(batch, prefix)
     reply_ids, reply_mask = np.asarray(batch.reply_ids), np.asarray(batch.reply_mask)
-    extended = _tensor(np.concatenate([ids, reply_ids], axis=1), torch.long)
-    extended_mask = _tensor(np.concatenate([mask, reply_mask.astype(mask.dtype)], axis=1), torch.long)
+    extended = _tensor(np.concatenate([ids, reply_ids], axis=1), torch.long, model.device)
+    extended_mask = _tensor(np.concatenate([mask, reply_mask.astype(mask.dtype)], axis=1), torch.long, model.device)
     embeds = soft_prompt_embeddings(model, soft_prompt, extended, _tensor(offsets, torch.long))
     logits = model(inputs_embeds=embeds, attention_mask=extended_mask, position_ids=position_ids(extended_mask), use_cache=False).logits
     log_p = torch.log_softmax(logits.double(), dim=-1)[:, ids.shape[1] - 1 : -1]  # position j predicts token j + 1
-    picked = torch.gather(log_p, 2, _tensor(reply_ids, torch.long)[..., None])[..., 0]
-    scored = _tensor(reply_mask).double()
+    picked = torch.gather(log_p, 2, _tensor(reply_ids, torch.long, model.device)[..., None])[..., 0]
+    scored = _tensor(reply_mask, torch.float64, model.device)
     return -(picked * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1.0)
 
 
@@ -193,11 +193,12 @@ def torch_dro_loss(
     import torch.nn.functional as F
 
     check_refusal_score(refusal_score)
-    space = torch_anchors(anchors)
+    device = model.device
+    space = torch_anchors(anchors, device=device)
     kind = space.basis.dtype
     states = soft_prompt_states(model, soft_prompt, batch, prefix)
     new = states.to(kind)
-    base = _tensor(batch.base_states).to(kind)
+    base = _tensor(batch.base_states, kind, device)
     z_new = (new - space.mean) @ space.basis  # [b, h], full coordinates
     z_base = (base - space.mean) @ space.basis
     k = space.num_components
@@ -205,8 +206,8 @@ def torch_dro_loss(
     harm_shift = (z_new[:, :k] @ space.harmfulness_weight + space.harmfulness_bias) - (
         z_base[:, :k] @ space.harmfulness_weight + space.harmfulness_bias
     )
-    target = _tensor(batch.harmless).to(kind)
-    row_weights = _tensor(batch.weights).to(kind)
+    target = _tensor(batch.harmless, kind, device)
+    row_weights = _tensor(batch.weights, kind, device)
     terms = {
         "refusal": _weighted_mean(F.binary_cross_entropy_with_logits(refusal_shift, target, reduction="none"), row_weights),
         "harmfulness": _weighted_mean(F.binary_cross_entropy_with_logits(harm_shift, target, reduction="none"), row_weights),
@@ -214,26 +215,26 @@ def torch_dro_loss(
     }
     head = model.get_output_embeddings()
     new_log_p = torch.log_softmax(head(states).double(), dim=-1)
-    reference_log_p = torch.log_softmax(head(_tensor(batch.reference_states).to(states.dtype)).double(), dim=-1)
+    reference_log_p = torch.log_softmax(head(_tensor(batch.reference_states, states.dtype, device)).double(), dim=-1)
     kl = (reference_log_p.exp() * (reference_log_p - new_log_p)).sum(dim=1)
     terms["preserve"] = _weighted_mean(kl, row_weights * target)
-    terms["replies"] = torch.zeros((), dtype=kind)
+    terms["replies"] = torch.zeros((), dtype=kind, device=device)
     if weights.replies > 0:  # computed only when weighted, as in the JAX loss
-        has_reply = _tensor(np.asarray(batch.reply_mask).sum(axis=1) > 0).to(kind)
+        has_reply = _tensor(np.asarray(batch.reply_mask).sum(axis=1) > 0, kind, device)
         terms["replies"] = _weighted_mean(reply_nll_per_token(model, soft_prompt, batch, prefix).to(kind), row_weights * target * has_reply)
     behaviour = {}
     if refusal_score != "probe":
         def first_token(log_p):
-            return (torch.logsumexp(log_p[:, torch.from_numpy(readout.refusal_first)], dim=1)
-                    - torch.logsumexp(log_p[:, torch.from_numpy(readout.compliant_first)], dim=1))
+            return (torch.logsumexp(log_p[:, _tensor(readout.refusal_first, device=device)], dim=1)
+                    - torch.logsumexp(log_p[:, _tensor(readout.compliant_first, device=device)], dim=1))
 
         if refusal_score == "head":
             log_odds, reference = first_token(new_log_p), first_token(reference_log_p)
         else:
             log_p = opening_log_probs(model, soft_prompt, batch, prefix, readout.tree.openings())
-            refusal = torch.from_numpy(np.asarray(readout.is_refusal))
+            refusal = _tensor(readout.is_refusal, torch.bool, device)
             log_odds = torch.logsumexp(log_p[:, refusal], dim=1) - torch.logsumexp(log_p[:, ~refusal], dim=1)
-            reference = _tensor(batch.reference_log_odds).to(kind)
+            reference = _tensor(batch.reference_log_odds, kind, device)
         # Harmful rows: towards refusal; harmless rows: below their log-odds with no safety prompt.
         compliance = torch.where(target > 0, reference - log_odds, -log_odds)
         terms["refusal"] = _weighted_mean(F.binary_cross_entropy_with_logits(compliance, target, reduction="none"), row_weights)

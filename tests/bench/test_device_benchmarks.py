@@ -1,4 +1,4 @@
-"""`python -m dro_jax.bench forward|generate|anchor`: both sides on the device JAX uses, in one dtype, read against that
+"""`python -m dro_jax.bench forward|generate|anchor|train-step`: both sides on the device JAX uses, in one dtype, read against that
 chip's limits, every figure in `--json`."""
 
 import json
@@ -90,6 +90,20 @@ def test_the_anchor_benchmark_writes_every_figure(tiny_model_dir, tmp_path, caps
     assert dro_jax["gflop"] < transformers["gflop"]  # each setting's shared tokens run once per batch
     assert anchor["log_odds_max_abs_diff"] < 1e-3 and anchor["states_min_cosine"] > 0.9999
     assert "transformers on cpu, both in float32" in capsys.readouterr().out
+
+
+def test_the_training_step_benchmark_runs_both_sides_on_one_device(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(bench_device_module, "matmul_peak_gflops", lambda dtype: 100.0)
+    monkeypatch.setattr(bench_device_module, "memory_bandwidth_gbs", lambda dtype: 10.0)
+    args = ["train-step", "--model", str(tiny_model_dir("llama")[0]), "--num-queries", "2", "--batch-size", "4", "--steps", "1",
+            "--init-prompt", "Answer safely.", "--refusal-scores", "probe", "--threads", "1"]
+    assert bench(args) == 0
+    out = capsys.readouterr().out
+    assert "transformers on cpu, both in float32" in out and "matmul peak (measured): 100 GFLOP/s" in out
+    for row in ("dro-jax training step", "PyTorch training step", "dro-jax loss, forward only", "PyTorch loss, forward only"):
+        assert f"| {row}" in out
+    jax_terms, torch_terms = (float(x) for x in out.split("the paper's terms ")[1].split(" (")[0].split(" vs "))
+    assert jax_terms == pytest.approx(torch_terms, rel=1e-4)  # the same loss on the same inputs
 
 
 def forward_parameters(directory: str) -> int:
