@@ -58,13 +58,16 @@ def check_context(model: LoadedModel, encoded: EncodedQueries, info: PassInfo) -
             raise DroJaxError(f"{encoded.source}: query {number} is {len(ids)} tokens{beyond} the model's context of {limit}")
 
 
-def run_batched(model: LoadedModel, encoded: EncodedQueries, step: Step, info: PassInfo, batching: Batching = Batching()) -> Any:
-    """`step` over every batch of `encoded`; its outputs gathered on the host as [n, ...] arrays in input order."""
+def run_batched(
+    model: LoadedModel, encoded: EncodedQueries, step: Step, info: PassInfo, batching: Batching = Batching(), serving: bool = False
+) -> Any:
+    """`step` over every batch of `encoded`; its outputs gathered on the host as [n, ...] arrays in input order.
+    `serving`: the weights in generation's layout (see `dro_jax.models.partitioning.param_shardings`)."""
     if not len(encoded):
         raise DroJaxError(f"{encoded.source}: nothing to run ({info.desc}): no sequences given")
     check_context(model, encoded, info)
     mesh = batching.mesh
-    params = place_params(model.params, model.config, mesh)
+    params = place_params(model.params, model.config, mesh, serving)
     longest = model.config.max_position_embeddings - info.added_tokens
     gathered = None
 

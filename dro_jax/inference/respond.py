@@ -151,7 +151,7 @@ def generate_responses(
         with on_mesh(batching.mesh):
             return generate_tokens(params, model.config, inputs, stops, sampling, keys, model.pad_id)
 
-    tokens, lengths = run_batched(model, prompts, step, info, batching)
+    tokens, lengths = run_batched(model, prompts, step, info, batching, serving=True)  # no weight gathers per new token
     replies = [tuple(int(t) for t in row_tokens[:length]) for row_tokens, length in zip(tokens, lengths)]
     texts = [model.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in replies]
     if sampling.trim_incomplete_lines:

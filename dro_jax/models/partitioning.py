@@ -51,10 +51,17 @@ def axis_units(config: ModelConfig) -> dict[str | None, int]:
     }
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh) -> Params:
-    """A tree like the parameters with the `NamedSharding` of each on `mesh`."""
+def _layout_shape(mesh: Mesh, serving: bool) -> dict[str, int]:
+    """The mesh axes a layout splits weights over: all of them, or for serving all but `fsdp`."""
+    return {axis: size for axis, size in mesh.shape.items() if not (serving and axis == "fsdp")}
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, serving: bool = False) -> Params:
+    """A tree like the parameters with the `NamedSharding` of each on `mesh`. `serving`: the layout for
+    generation, whole along the `fsdp` axis (split over `model` only), so that decoding a token gathers no weights
+    (FSDP's layout would gather every layer's weights at every new token)."""
     units = axis_units(config)
-    mesh_shape = dict(mesh.shape)
+    mesh_shape = _layout_shape(mesh, serving)
 
     def sharding(key_path, _shape) -> NamedSharding:
         axes = PARAM_AXES[tuple(k.key for k in key_path)]
@@ -81,11 +88,25 @@ def unsplit_weights(config: ModelConfig, mesh_shape: dict[str, int]) -> list[str
             for (family, over), names in families.items()]
 
 
-def place_params(params: Params, config: ModelConfig, mesh: Mesh | None) -> Params:
+def serving_fits(config: ModelConfig, mesh: Mesh, dtype_bytes: int) -> bool:
+    """Whether the serving layout's weights take at most half of a device's memory (the rest is for the KV cache
+    and the FSDP copy); True where the backend does not say (CPUs)."""
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    return limit is None or config.num_parameters * dtype_bytes / mesh.shape.get("model", 1) <= limit / 2
+
+
+def place_params(params: Params, config: ModelConfig, mesh: Mesh | None, serving: bool = False) -> Params:
     """The parameters on `mesh` as `param_shardings` splits them (no transfer where they already are);
-    without a mesh, as they are."""
+    without a mesh, as they are. `serving` asks for generation's layout where it fits (`serving_fits`; else
+    FSDP's, with a warning)."""
     if mesh is None:
         return params
-    for line in unsplit_weights(config, dict(mesh.shape)):
+    if serving and mesh.shape.get("fsdp", 1) > 1:
+        dtype_bytes = jax.tree.leaves(params)[0].dtype.itemsize
+        if not serving_fits(config, mesh, dtype_bytes):
+            warn_once("the weights do not fit whole along the fsdp axis: generation gathers them at every new token "
+                      "(a larger model axis, --mesh model=M, avoids it)")
+            serving = False
+    for line in unsplit_weights(config, _layout_shape(mesh, serving)):
         warn_once(line)
-    return place(params, param_shardings(config, mesh))
+    return place(params, param_shardings(config, mesh, serving))

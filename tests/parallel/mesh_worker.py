@@ -5,6 +5,7 @@ import json
 import sys
 
 import jax
+import numpy as np
 
 from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
 from dro_jax.data.queries import QueryPairs
@@ -16,10 +17,12 @@ from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.respond import generate_responses
+from dro_jax.inference.generate import _generate
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.models.partitioning import place_params
 from dro_jax.parallel.mesh import describe_mesh, make_mesh
+from dro_jax.parallel.sharding import on_mesh, rows_per_batch, shard_batch
 from helpers import HARMFUL, HARMLESS, TINY_FIT, TINY_OPENINGS
 
 # Pure data parallelism is checked on 4 devices by the training, sweep and shared-prefix tests; here the splits of
@@ -37,6 +40,19 @@ WATCHED = {
 def device_share(array: jax.Array) -> float:
     """The largest fraction of the array any one device holds."""
     return max(shard.data.nbytes for shard in array.addressable_shards) / array.nbytes
+
+
+def weight_gathers(model, encoded, mesh, sampling, serving: bool) -> int:
+    """All-gathers in the compiled generation program (prefill and decode loop) with the weights laid out for
+    serving or as FSDP splits them."""
+    params = place_params(model.params, model.config, mesh, serving)
+    batch = next(encoded.batches(rows_per_batch(12, len(encoded), mesh), model.pad_id))
+    keys = shard_batch(jax.random.split(jax.random.key(0), len(batch.index)), mesh)
+    with on_mesh(mesh):
+        compiled = _generate.lower(
+            params, model.config, encoded.model_inputs(batch, mesh), np.zeros(1, np.int32), keys, np.int32(0), sampling
+        ).compile()
+    return sum("all-gather(" in line or "all-gather-start(" in line for line in compiled.as_text().splitlines())
 
 
 def main(directory: str, out: str) -> None:
@@ -64,6 +80,7 @@ def main(directory: str, out: str) -> None:
             "share": {key: device_share(_leaf(placed.params, path)) for key, path in WATCHED.items()},
             "fingerprint": model_fingerprint(placed),
             "mesh": describe_mesh(mesh),
+            "weight_gathers": {layout: weight_gathers(model, encoded, mesh, greedy, layout == "serving") for layout in ("serving", "fsdp")},
         }
     print(json.dumps(results))
 

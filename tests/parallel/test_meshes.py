@@ -87,6 +87,9 @@ def test_eight_device_meshes_give_the_single_device_results(tiny_model_dir, tmp_
     assert set(one["share"].values()) == {1.0}
     assert results["fsdp=8"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 8))
     assert results["data=2,model=4"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 4))
+    # Generation takes the weights whole along the fsdp axis: its compiled program gathers none, where FSDP's layout
+    # would gather them in the prefill and at every decoded token.
+    assert results["fsdp=8"]["weight_gathers"]["serving"] == 0 and results["fsdp=8"]["weight_gathers"]["fsdp"] > 0
     assert results["data=2,model=4"]["mesh"] == (
         "mesh data=2,fsdp=1,model=4 over 8 device(s) of 1 process(es); device ids by (data, model): [[0 1 2 3] [4 5 6 7]]")
 
