@@ -80,8 +80,9 @@ def main(directory: str, out: str) -> None:
             "share": {key: device_share(_leaf(placed.params, path)) for key, path in WATCHED.items()},
             "fingerprint": model_fingerprint(placed),
             "mesh": describe_mesh(mesh),
-            "weight_gathers": {layout: weight_gathers(model, encoded, mesh, greedy, layout == "serving") for layout in ("serving", "fsdp")},
         }
+    fsdp = make_mesh("fsdp=8", jax.devices())
+    results["fsdp=8"]["weight_gathers"] = {layout: weight_gathers(model, encoded, fsdp, greedy, layout == "serving") for layout in ("serving", "fsdp")}
     print(json.dumps(results))
 
 
