@@ -245,7 +245,8 @@ def prepare_response_set(
     for row, reply in enumerate(replies):
         response_mask[row, mask.shape[1] - len(reply) :] = 1
     wanted = np.asarray([w for _, w in examples], np.int32)
-    return ResponseSet(inputs.prefix(), token_ids, mask, offsets, response_mask, wanted)
+    # One setting trains, as in DRO: the prefix unpadded.
+    return ResponseSet(inputs.prefix(bucket=None), token_ids, mask, offsets, response_mask, wanted)
 
 
 def prompt_tuning_objective(

@@ -23,7 +23,7 @@ from dro_jax.inference.batching import PaddedBatch, left_pad, left_padded_batche
 from dro_jax.inference.chat import SLOT_PLACEHOLDER, ChatFormatter
 from dro_jax.inference.settings import PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
-from dro_jax.models.inputs import ModelInputs, SharedPrefix, padded_prefix
+from dro_jax.models.inputs import PREFIX_BUCKET, ModelInputs, SharedPrefix, padded_prefix
 from dro_jax.parallel.sharding import replicate, shard_batch
 
 
@@ -79,12 +79,13 @@ class EncodedQueries:
     def soft_in_prefix(self) -> bool:
         return self.soft_starts is not None and bool(self.soft_starts) and self.soft_starts[0] < self.prefix_length
 
-    def prefix(self) -> SharedPrefix | None:
-        """The shared tokens (numpy, padded as `padded_prefix` says), or None when the sequences share none."""
+    def prefix(self, bucket: int | None = PREFIX_BUCKET) -> SharedPrefix | None:
+        """The shared tokens (numpy, padded to a multiple of `bucket` as `padded_prefix` says; None: not padded), or
+        None when the sequences share none."""
         if not self.prefix_length:
             return None
         offset = self.soft_starts[0] if self.soft_in_prefix else -1
-        return padded_prefix(np.asarray(self.sequences[0][: self.prefix_length], np.int32), offset)
+        return padded_prefix(np.asarray(self.sequences[0][: self.prefix_length], np.int32), offset, bucket)
 
     @property
     def rows(self) -> list[list[int]]:

@@ -48,8 +48,11 @@ class SharedPrefix(NamedTuple):
 PREFIX_BUCKET = 128
 
 
-def padded_prefix(token_ids: np.ndarray, soft_offset: int, bucket: int = PREFIX_BUCKET) -> SharedPrefix:
-    """`token_ids` [p] (host values) padded at the end to a multiple of `bucket`, with their count."""
+def padded_prefix(token_ids: np.ndarray, soft_offset: int, bucket: int | None = PREFIX_BUCKET) -> SharedPrefix:
+    """`token_ids` [p] (host values) padded at the end to a multiple of `bucket`, with their count; None: as they
+    are (where nothing would share the shape, padding only adds attention work)."""
+    if bucket is None:
+        return SharedPrefix(np.asarray(token_ids, np.int32), np.int32(soft_offset))
     length = len(token_ids)
     padded = np.zeros(-(-length // bucket) * bucket, np.int32)
     padded[:length] = token_ids
