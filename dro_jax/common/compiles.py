@@ -12,7 +12,7 @@ from typing import Iterator
 
 import jax
 
-from dro_jax.common.paths import AnyPath, as_path
+from dro_jax.common.paths import AnyPath, as_path, user_cache_dir
 
 # Recorded around every XLA executable jax builds for a jitted program, whether compiled now or read from the
 # persistent compilation cache; its `fun_name` is the jitted function's name.
@@ -52,7 +52,7 @@ def default_cache_dir() -> Path:
     (~/.cache/dro-jax/xla)."""
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dro-jax" / "xla"
+    return user_cache_dir() / "xla"
 
 
 def use_compilation_cache(where: str | None = None) -> AnyPath | None:

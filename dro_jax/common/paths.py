@@ -35,9 +35,14 @@ def as_path(spec: PathLike) -> AnyPath:
     return epath.Path(spec) if is_remote(spec) else Path(spec)
 
 
+def user_cache_dir() -> Path:
+    """dro-jax's folder in the user's cache directory: $XDG_CACHE_HOME/dro-jax (~/.cache/dro-jax)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dro-jax"
+
+
 def remote_cache_dir() -> Path:
-    """Where remote models are copied to be read locally: $XDG_CACHE_HOME/dro-jax/remote (~/.cache/dro-jax/remote)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dro-jax" / "remote"
+    """Where remote models are copied to be read locally: `user_cache_dir()`/remote."""
+    return user_cache_dir() / "remote"
 
 
 def local_copy(path: AnyPath) -> Path:
