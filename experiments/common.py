@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_text
-from dro_jax.evaluation.evaluate import EvalRow, results_markdown
+from dro_jax.evaluation.rows import EvalRow, results_markdown
 from dro_jax.evaluation.movement import Movement, movements, movements_markdown
 from dro_jax.inference.settings import load_soft_prompt
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting

@@ -55,7 +55,7 @@ from dro_jax.dro.prompt_tuning import PromptTuningConfig, prepare_response_set, 
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.task import TrainingTask
 from dro_jax.dro.train import TrainingFiles, train_soft_prompt
-from dro_jax.evaluation.evaluate import EvalRow
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.declines import DeclineJudge
 from dro_jax.inference.settings import load_soft_prompt

@@ -271,7 +271,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable
     from dro_jax.common.tables import write_tables
     from dro_jax.data.queries import read_queries
-    from dro_jax.evaluation.evaluate import EvalConfig, EvalRow, evaluate_settings, results_markdown
+    from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
+    from dro_jax.evaluation.rows import EvalRow, results_markdown
     from dro_jax.evaluation.measure import judge_note
     from dro_jax.inference.batched import Batching
     from dro_jax.inference.sampling import SamplingConfig

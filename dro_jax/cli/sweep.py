@@ -102,8 +102,9 @@ def _run_sweep(args: argparse.Namespace) -> None:
     import jax
 
     from dro_jax.data.queries import read_queries
+    from dro_jax.evaluation.rows import sweep_markdown
     from dro_jax.evaluation.sweep import run_sweep
-    from dro_jax.evaluation.sweep_output import prepare_output_dir, sweep_markdown, write_sweep
+    from dro_jax.evaluation.sweep_output import prepare_output_dir, write_sweep
     from dro_jax.inference.settings import parse_prompt_setting
     from dro_jax.parallel import distributed
     from dro_jax.parallel.mesh import MeshShape, local_mesh

@@ -1,7 +1,9 @@
-"""Evaluating prompt settings on held-out query sets: refusals, refusal log-odds, movement along the refusal
-direction (counted as `dro_jax.evaluation.measure` says, the string judge's compliance beside the judge
-model's on harmful sets), and reply quality beside them (reply drift and degenerate replies, see
-`dro_jax.evaluation.quality`)."""
+"""Evaluating prompt settings on query sets: refusals, refusal log-odds, movement along the refusal direction
+(counted as `dro_jax.evaluation.measure` says, the string judge's compliance beside the judge model's on harmful
+sets), and reply quality beside them (reply drift, reply surprise and degenerate replies, see
+`dro_jax.evaluation.quality`). `SetMeasurer` is the engine: `evaluate_settings` runs it over whole sets on one
+model, the sweep (`dro_jax.evaluation.sweep`) over several models and over process shares of each set; both give
+`dro_jax.evaluation.rows.EvalRow`s."""
 
 from __future__ import annotations
 
@@ -12,12 +14,10 @@ import numpy as np
 
 from dro_jax.anchors.space import AnchorSpace
 from dro_jax.common.errors import DroJaxError
-from dro_jax.common.tables import markdown_table
 from dro_jax.data.suffixes import QuerySuffix
-from dro_jax.evaluation.measure import (
-    count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting, reference_decoding,
-)
-from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
+from dro_jax.evaluation.measure import Measurement, harmful_set_flags, measure_reference, measure_setting, reference_decoding
+from dro_jax.evaluation.quality import DegenerationRule, ReplyReference
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import RefusalJudge, SafetyJudge
@@ -29,48 +29,6 @@ from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel
 
 GREEDY = SamplingConfig(max_new_tokens=64)
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalRow:
-    """One prompt setting on one query set.
-
-    compliance_logit: mean refusal-probe logit of the representations (higher:
-    further towards compliance); compliance_shift: its change against no
-    prompt on the same set (negative: moved towards refusal). None without an
-    anchor space (or, for the shift, without the `none` setting).
-    reply_drift: NLL per token of the set's reference replies (greedy, no
-    prompt) under this setting minus under no prompt, nats, over the whole
-    replies and (reply_drift_opening) over their first 8 tokens;
-    reply_surprise: NLL per token under no prompt of this setting's own
-    replies (the first per query) minus that of no prompt's own replies;
-    degenerate, looping, shouting: responses that loop or shout
-    (`DegenerationRule`). declined_responses, queries_any_decline,
-    apology_responses: the decline judge's counts (`Response.kind`), beside
-    the configured string judge's refusal counts.
-    """
-
-    setting: str
-    dataset: str
-    num_queries: int
-    num_responses: int
-    refused_responses: int
-    queries_any_refusal: int
-    queries_any_compliance: int
-    mean_refusal_log_odds: float
-    compliance_logit: float | None = None
-    compliance_shift: float | None = None
-    reply_drift: float | None = None
-    degenerate_responses: int | None = None
-    looping_responses: int | None = None
-    shouting_responses: int | None = None
-    harmful_compliant_responses: int | None = None
-    queries_any_harmful_compliance: int | None = None
-    declined_responses: int | None = None
-    queries_any_decline: int | None = None
-    apology_responses: int | None = None
-    reply_drift_opening: float | None = None
-    reply_surprise: float | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,6 +73,47 @@ class EvalConfig:
     def measuring(self) -> Measuring:
         return Measuring(self.num_samples, self.seed, self.judge, self.openings)
 
+    def label(self, setting: PromptSetting) -> str:
+        """The name rows give the setting: its own, with the suffix's when there is one."""
+        return setting.name if self.suffix is None else self.suffix.label(setting.name)
+
+
+class SetMeasurer:
+    """One query set (or one process's share of it) measured under one setting after another, as `config` says.
+
+    Its reply reference is measured once here, or given (e.g. a run's, to add settings to it); when the evaluation
+    decodes as the reference does (greedy, one reply per query), the reference's own measurement is the `none`
+    setting's and is reused. `query_numbers`: the share's queries' numbers in the whole set (see
+    `generate_responses`); `judge_model` is given for a harmful set only.
+    """
+
+    def __init__(
+        self, model: LoadedModel, plain: EncodedQueries, decoding: SamplingConfig, config: EvalConfig, batching: Batching,
+        query_numbers: Sequence[int] | None = None, judge_model: SafetyJudge | None = None, reference: ReplyReference | None = None,
+    ) -> None:
+        self.model, self.plain, self.decoding, self.config, self.batching = model, plain, decoding, config, batching
+        self.query_numbers, self.judge_model = query_numbers, judge_model
+        self.reused = None
+        if reference is None:
+            reference, greedy = measure_reference(
+                model, plain, decoding.max_new_tokens, config.measuring, batching, query_numbers, judge_model
+            )
+            if decoding == reference_decoding(decoding.max_new_tokens) and config.num_samples == 1:
+                self.reused = greedy
+        self.reference = reference
+
+    def measure(self, encoded: EncodedQueries | None) -> tuple[Measurement, np.ndarray]:
+        """The measurement of the queries `encoded` with a setting (None: without a prompt) and [n] the NLL per
+        token under no prompt of each query's first reply (for the reply surprise)."""
+        if encoded is None and self.reused is not None:
+            # The reference replies are no prompt's own greedy replies: their NLL under no prompt is the surprise's zero.
+            return self.reused, self.reference.nll[:, 0]
+        measured = measure_setting(
+            self.model, self.plain if encoded is None else encoded, self.decoding, self.config.measuring, self.batching,
+            self.query_numbers, self.reference.token_ids, self.judge_model,
+        )
+        return measured, own_reply_nll(self.model, self.plain, measured.responses, self.batching)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Evaluation:
@@ -155,26 +154,15 @@ def evaluate_settings(
     harmful = harmful_set_flags(list(datasets), config.harmful_sets, None if judge_model is None else judge_model.name)
     rows, outcomes, used = [], [], {}
     for name, queries in datasets.items():
-        decoding = _decoding_of(config.sampling, name)
-        set_judge = judge_model if harmful[name] else None  # the judge model judges harmful sets only
+        measurer = SetMeasurer(
+            model, encode(queries, NO_PROMPT, name), _decoding_of(config.sampling, name), config, batching,
+            judge_model=judge_model if harmful[name] else None,  # the judge model judges harmful sets only
+            reference=(references or {}).get(name),
+        )
+        used[name] = measurer.reference
         baseline = None
-        reference = (references or {}).get(name)
-        reused = None  # the set's greedy measurement without a prompt, when the evaluation is greedy
-        plain = encode(queries, NO_PROMPT, name)  # encoded once
-        if reference is None:
-            reference, greedy = measure_reference(
-                model, plain, decoding.max_new_tokens, config.measuring, batching, judge_model=set_judge
-            )
-            reused = greedy if decoding == reference_decoding(decoding.max_new_tokens) and config.num_samples == 1 else None
-        used[name] = reference
         for setting in settings:
-            if setting.is_empty and reused is not None:
-                measured = reused
-            else:
-                encoded = plain if setting.is_empty else encode(queries, setting, name)
-                measured = measure_setting(
-                    model, encoded, decoding, config.measuring, batching, reference_replies=reference.token_ids, judge_model=set_judge,
-                )
+            measured, own = measurer.measure(None if setting.is_empty else encode(queries, setting, name))
             responses = keep_longest(measured.responses, config.longest)
             scores = measured.scores
             coords = logit = shift = None
@@ -184,20 +172,10 @@ def evaluate_settings(
                 if setting.name == NO_PROMPT:
                     baseline = logit
                 shift = None if baseline is None else logit - baseline
-            refused, any_refusal, any_compliance = count_refusals(responses, len(queries))
-            judged, any_judged = count_harmful_compliance(responses, len(queries))
-            declined, any_decline, apologies = count_declines(responses, len(queries))
-            broken = DegenerationCounts.of(responses, config.degeneration)
-            drift = reference.drift(measured.reference_nll)
-            # The reference replies are no prompt's own greedy replies: their NLL under no prompt is the surprise's zero.
-            own = reference.nll[:, 0] if measured is reused else own_reply_nll(model, plain, measured.responses, batching)
-            surprise = float(np.nanmean(own) - np.nanmean(reference.nll[:, 0]))
-            label = setting.name if config.suffix is None else config.suffix.label(setting.name)
-            rows.append(EvalRow(
-                label, name, len(queries), len(responses), refused, any_refusal, any_compliance,
-                float(np.mean(scores.log_odds)), logit, shift, drift.whole,
-                broken.degenerate, broken.looping, broken.shouting, judged, any_judged,
-                declined, any_decline, apologies, drift.opening, surprise,
+            label = config.label(setting)
+            rows.append(EvalRow.measured(
+                label, name, len(queries), responses, scores.log_odds, measurer.reference.drift(measured.reference_nll),
+                config.degeneration, compliance_logit=logit, compliance_shift=shift, reply_surprise=measurer.reference.surprise(own),
             ))
             outcomes.append(SettingOutcome(label, name, scores.log_odds, coords, responses, measured.reference_nll))
     return Evaluation(rows, outcomes, used)
@@ -220,41 +198,3 @@ def _decoding_of(sampling: SamplingConfig | Mapping[str, SamplingConfig], datase
     if dataset not in sampling:
         raise DroJaxError(f"no decoding given for the query set {dataset!r} (given: {', '.join(sampling)})")
     return sampling[dataset]
-
-
-def results_markdown(rows: Sequence[EvalRow]) -> str:
-    """Two tables, one row per (setting, dataset) each: refusals (the decline judge's counts first, then the
-    configured string judge's and, where a judge model judged, the paper's judged compliance; n/a elsewhere, say
-    why with `judge_note`) and reply quality."""
-    def number(value, fmt):
-        return "n/a" if value is None else format(value, fmt)
-
-    def share(count, total):
-        return "n/a" if count is None else f"{count}/{total}"
-
-    refusals = ["setting", "queries", "declined", "apology only", "refused (string judge)", "complied (string judge)",
-                "judged compliant responses", "queries with any judged compliance", "mean refusal log-odds"]
-    quality = ["setting", "queries", "reply drift (nats/token)", "drift, first 8 tokens", "reply surprise (nats/token)",
-               "degenerate (loop / shout)", "compliance logit", "shift vs none"]
-    return markdown_table(refusals, [
-        [
-            row.setting, f"{row.dataset} ({row.num_queries})", share(row.queries_any_decline, row.num_queries),
-            share(row.apology_responses, row.num_responses), f"{row.queries_any_refusal}/{row.num_queries}",
-            f"{row.queries_any_compliance}/{row.num_queries}", share(row.harmful_compliant_responses, row.num_responses),
-            share(row.queries_any_harmful_compliance, row.num_queries), f"{row.mean_refusal_log_odds:+.2f}",
-        ]
-        for row in rows
-    ]) + "\n\n" + markdown_table(quality, [
-        [
-            row.setting, f"{row.dataset} ({row.num_queries})", number(row.reply_drift, "+.3f"), number(row.reply_drift_opening, "+.3f"),
-            number(row.reply_surprise, "+.3f"), degenerate_cell(row), number(row.compliance_logit, "+.3f"), number(row.compliance_shift, "+.3f"),
-        ]
-        for row in rows
-    ])
-
-
-def degenerate_cell(row: EvalRow) -> str:
-    """"3/25 (2 / 1)": degenerate responses of all, and how many loop and how many shout."""
-    if row.degenerate_responses is None:
-        return "n/a"
-    return DegenerationCounts(row.degenerate_responses, row.looping_responses, row.shouting_responses).cell(row.num_responses)

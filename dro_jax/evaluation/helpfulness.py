@@ -29,7 +29,8 @@ import numpy as np
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_jsonl
 from dro_jax.common.tables import markdown_table, write_tables
-from dro_jax.evaluation.evaluate import EvalConfig, EvalRow, evaluate_settings
+from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule
 from dro_jax.evaluation.sweep_output import prepare_output_dir
 from dro_jax.inference.batched import Batching

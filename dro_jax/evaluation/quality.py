@@ -108,3 +108,8 @@ class ReplyReference:
         """Mean over queries of (NLL per token under a setting - under no prompt), in nats; empty replies skipped."""
         change = np.asarray(nll, np.float64).reshape(-1, 2) - np.asarray(self.nll, np.float64).reshape(-1, 2)
         return Drift(*(float(np.nanmean(c)) if np.isfinite(c).any() else float("nan") for c in change.T))
+
+    def surprise(self, own_nll: np.ndarray) -> float:
+        """Reply surprise: mean NLL per token under no prompt of a setting's own replies (`own_nll` [n], the first per
+        query) minus that of the reference replies, no prompt's own, in nats."""
+        return float(np.nanmean(own_nll) - np.nanmean(np.asarray(self.nll)[:, 0]))

@@ -1,11 +1,13 @@
-"""Evaluation sweeps: every model x prompt setting x query set, measured with the paper's refusal metric.
+"""Evaluation sweeps: the evaluation engine (`dro_jax.evaluation.evaluate.SetMeasurer`) over every model x prompt
+setting x query set, measured with the paper's refusal metric; rows are `EvalRow`s that name their model.
 
 Per query N responses (greedy: one) are judged by the configured refusal
 judge (the string judge by default). A harmless query counts against a prompt
 if *any* of its responses refuses, a harmful one if *any* complies; both rates
 are lower-is-better. The refusal log-odds (no generation) and the reply
-quality (reply drift against the model's greedy replies with no prompt, and
-degenerate responses; see `dro_jax.evaluation.quality`) come with every row.
+quality (reply drift against the model's greedy replies with no prompt, reply
+surprise and degenerate responses; see `dro_jax.evaluation.quality`) come with
+every row.
 With a judge model, the query sets named in the evaluation's `harmful_sets`
 also get the paper's judged compliance beside the string judge's (see
 `dro_jax.evaluation.measure`); by default those are the sets whose file name
@@ -33,12 +35,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.evaluation.evaluate import EvalConfig
-from dro_jax.evaluation.measure import (
-    Measurement, count_declines, count_harmful_compliance, count_refusals, harmful_set_flags, measure_reference, measure_setting,
-    reference_decoding,
-)
-from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift, ReplyReference
+from dro_jax.evaluation.evaluate import EvalConfig, SetMeasurer
+from dro_jax.evaluation.measure import harmful_set_flags
+from dro_jax.evaluation.quality import ReplyReference
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import SafetyJudge
@@ -87,53 +87,6 @@ class SweepConfig:
         return Batching(self.batch_size, mesh, progress=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepRow:
-    """One model, prompt setting and query set; in an error row only `num_queries` and `error` are set."""
-
-    model: str
-    prompt: str
-    dataset: str
-    num_queries: int
-    num_responses: int | None = None
-    refused_responses: int | None = None
-    response_refusal_rate: float | None = None
-    queries_any_refusal: int | None = None  # the harmless-set metric
-    any_refusal_rate: float | None = None
-    queries_any_compliance: int | None = None  # the harmful-set metric
-    any_compliance_rate: float | None = None
-    mean_refusal_log_odds: float | None = None
-    reply_drift: float | None = None  # nats per token against no prompt, on the greedy no-prompt replies
-    reply_drift_opening: float | None = None  # the same over their first 8 tokens
-    degenerate_responses: int | None = None
-    degenerate_rate: float | None = None
-    # the paper's rule with the judge model: None without one and on harmless sets
-    harmful_compliant_responses: int | None = None
-    queries_any_harmful_compliance: int | None = None
-    any_harmful_compliance_rate: float | None = None
-    # the decline judge's counts (`Response.kind`): the headline refusals, and replies that only apologise
-    queries_any_decline: int | None = None
-    any_decline_rate: float | None = None
-    apology_responses: int | None = None
-    error: str | None = None
-
-    @classmethod
-    def measured(
-        cls, model: str, prompt: str, dataset: str, num_queries: int, responses: Sequence[Response], log_odds: np.ndarray,
-        drift: Drift, rule: DegenerationRule = DegenerationRule(),
-    ) -> "SweepRow":
-        refused, any_refusal, any_compliance = count_refusals(responses, num_queries)
-        judged, any_judged = count_harmful_compliance(responses, num_queries)
-        _, any_decline, apologies = count_declines(responses, num_queries)
-        broken = DegenerationCounts.of(responses, rule).degenerate
-        return cls(
-            model, prompt, dataset, num_queries, len(responses), refused, refused / len(responses),
-            any_refusal, any_refusal / num_queries, any_compliance, any_compliance / num_queries, float(np.mean(log_odds)),
-            drift.whole, drift.opening, broken, broken / len(responses), judged, any_judged,
-            None if any_judged is None else any_judged / num_queries, any_decline, any_decline / num_queries, apologies,
-        )
-
-
 def run_sweep(
     models: Sequence[str],
     prompts: Sequence[PromptSetting],
@@ -141,7 +94,7 @@ def run_sweep(
     config: SweepConfig = SweepConfig(),
     mesh: Mesh | None = None,
     progress: bool = True,
-) -> list[SweepRow]:
+) -> list[EvalRow]:
     """Rows for every model (name or path) x prompt x dataset, in that order; batches are split over `mesh`: this
     process's devices (each process then takes a share of the queries) or the whole job's."""
     if not models or not prompts or not datasets:
@@ -157,15 +110,16 @@ def run_sweep(
     with tqdm(total=total, desc="sweep", unit="row", disable=not shows_progress(progress) or jax.process_index() != 0) as bar:
         for spec in models:
             model, error = _load(spec, config, mesh)
-            references: dict[str, dict] = {}  # per dataset: this process's share of the reply reference
+            measurers: dict[str, SetMeasurer] = {}  # per dataset: this process's share of it, measured
             for setting in prompts:
+                label = config.evaluation.label(setting)
                 for name, whole in sets.items():
-                    bar.set_postfix_str(f"{spec} | {_label(setting, config)} | {name}", refresh=False)
+                    bar.set_postfix_str(f"{spec} | {label} | {name}", refresh=False)
                     if model is None:
-                        rows.append(SweepRow(spec, _label(setting, config), name, len(whole.queries), error=error))
+                        rows.append(EvalRow(label, name, len(whole.queries), model=spec, error=error))
                     else:
                         judge_model = config.judge_model if harmful[name] else None
-                        rows.append(_measure(model, spec, setting, whole, config, mesh, references, judge_model))
+                        rows.append(_measure(model, spec, setting, whole, config, mesh, measurers, judge_model))
                     bar.update(1)
             del model  # free it before the next one loads
     return rows
@@ -204,79 +158,59 @@ class _Share:
         )
 
 
-def _label(setting: PromptSetting, config: SweepConfig) -> str:
-    """The row's prompt: the setting's name, with the suffix's when there is one."""
-    return setting.name if config.evaluation.suffix is None else config.evaluation.suffix.label(setting.name)
-
-
 def _measure(
     model: LoadedModel, spec: str, setting: PromptSetting, whole: _Share, config: SweepConfig, mesh: Mesh | None,
-    references: dict[str, dict], judge_model: SafetyJudge | None,
-) -> SweepRow:
+    measurers: dict[str, SetMeasurer], judge_model: SafetyJudge | None,
+) -> EvalRow:
     """Evaluates this process's share of the `whole` query set (`judge_model`, given for a harmful
     set, judging that share's responses), then builds the row from every process's share. The shares interleave
     (process i of n takes queries i, i + n, ...), so that each process gets queries of every kind and length and
     they finish together. On a mesh over several processes the share is every query, computed together."""
     whole_job = process_count(mesh) > 1
-    name, queries, label = whole.name, whole.queries, _label(setting, config)
+    name, queries, label = whole.name, whole.queries, config.evaluation.label(setting)
     share = whole if whole_job else whole.part(process_share(len(queries)))
     try:
-        if name not in references:
-            references[name] = _reference_share(model, share, config, mesh, judge_model)
-        part = _evaluate_share(model, setting, share, config, mesh, references[name], judge_model)
+        part = _share_part(model, setting, share, config, mesh, measurers, judge_model)
     except DroJaxError as err:
         where = f" (process {jax.process_index()}'s share of the queries)" if jax.process_count() > 1 and not whole_job else ""
         part = {"error": f"{err}{where}"}
     parts = [part] if whole_job else allgather_json(part)
     errors = [p["error"] for p in parts if "error" in p]
     if errors:
-        return SweepRow(spec, label, name, len(queries), error=errors[0])
+        return EvalRow(label, name, len(queries), model=spec, error=errors[0])
+
+    def gathered(key: str) -> np.ndarray:
+        return np.array([v for p in parts for v in p[key]], np.float64)
+
     responses = [Response(**{**r, "token_ids": tuple(r["token_ids"])}) for p in parts for r in p["responses"]]
-    log_odds = np.array([v for p in parts for v in p["log_odds"]])
-    reference = ReplyReference([], np.array([v for p in parts for v in p["reference_nll"]], np.float64).reshape(-1, 2))
-    drift = reference.drift(np.array([v for p in parts for v in p["reply_nll"]], np.float64))
-    return SweepRow.measured(spec, label, name, len(queries), responses, log_odds, drift, config.evaluation.degeneration)
-
-
-def _reference_share(model: LoadedModel, share: _Share, config: SweepConfig, mesh: Mesh | None, judge_model: SafetyJudge | None) -> dict:
-    """This process's share of the reply reference: the greedy no-prompt replies (token ids) and their NLL per
-    token; with greedy decoding also the `none` row's part, which is the same measurement."""
-    if not share.queries:
-        return {"token_ids": [], "nll": [], "part": _share_part(None, share, [])}
-    reference, measured = measure_reference(
-        model, share.encode(model, NO_PROMPT), config.evaluation.sampling.max_new_tokens, config.evaluation.measuring,
-        config.batching(mesh), share.numbers, judge_model,
+    reference = ReplyReference([], gathered("reference_nll").reshape(-1, 2))
+    return EvalRow.measured(
+        label, name, len(queries), responses, gathered("log_odds"), reference.drift(gathered("reply_nll")),
+        config.evaluation.degeneration, reply_surprise=reference.surprise(gathered("own_nll")), model=spec,
     )
-    greedy = config.evaluation.sampling == reference_decoding(config.evaluation.sampling.max_new_tokens)
-    return {"token_ids": reference.token_ids, "nll": reference.nll.tolist(),
-            "part": _share_part(measured, share, reference.nll.tolist()) if greedy else None}
 
 
-def _evaluate_share(
-    model: LoadedModel, setting: PromptSetting, share: _Share, config: SweepConfig, mesh: Mesh | None, reference: dict,
-    judge_model: SafetyJudge | None,
+def _share_part(
+    model: LoadedModel, setting: PromptSetting, share: _Share, config: SweepConfig, mesh: Mesh | None,
+    measurers: dict[str, SetMeasurer], judge_model: SafetyJudge | None,
 ) -> dict:
-    """Responses (query indices in the whole set), refusal log-odds and the reference replies' NLL under this
-    setting and under no prompt, for the share's queries, as JSON-ready lists."""
-    if not share.queries:  # more processes than queries
-        return _share_part(None, share, [])
-    if setting.is_empty and reference["part"] is not None:
-        return reference["part"]
-    measured = measure_setting(
-        model, share.encode(model, setting), config.evaluation.sampling, config.evaluation.measuring, config.batching(mesh),
-        share.numbers, reference["token_ids"], judge_model,
-    )
-    return _share_part(measured, share, reference["nll"])
-
-
-def _share_part(measured: Measurement | None, share: _Share, reference_nll: list[float]) -> dict:
-    """One process's part of a row as JSON-ready lists (empty without a measurement), its responses numbered in
-    the whole set."""
-    if measured is None:
-        return {"responses": [], "log_odds": [], "reply_nll": [], "reference_nll": []}
+    """One process's part of a row as JSON-ready lists (empty when there are more processes than queries): its
+    responses numbered in the whole set, refusal log-odds, the reference replies' NLL under this setting and under
+    no prompt, and its own replies' NLL under no prompt. The share's reply reference is measured with its first
+    setting."""
+    if not share.queries:
+        return {key: [] for key in ("responses", "log_odds", "reply_nll", "reference_nll", "own_nll")}
+    if share.name not in measurers:
+        measurers[share.name] = SetMeasurer(
+            model, share.encode(model, NO_PROMPT), config.evaluation.sampling, config.evaluation, config.batching(mesh),
+            share.numbers, judge_model,
+        )
+    measurer = measurers[share.name]
+    measured, own = measurer.measure(None if setting.is_empty else share.encode(model, setting))
     return {
         "responses": [dataclasses.asdict(dataclasses.replace(r, query_index=share.numbers[r.query_index])) for r in measured.responses],
         "log_odds": measured.scores.log_odds.tolist(),
         "reply_nll": measured.reference_nll.tolist(),
-        "reference_nll": reference_nll,
+        "reference_nll": measurer.reference.nll.tolist(),
+        "own_nll": own.tolist(),
     }

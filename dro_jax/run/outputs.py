@@ -11,8 +11,9 @@ from dro_jax.anchors.collect import AnchorData
 from dro_jax.anchors.space import AnchorSpace, report_path
 from dro_jax.common.files import write_jsonl, write_text
 from dro_jax.dro.train import TrainingFiles
-from dro_jax.evaluation.evaluate import EvalRow, Evaluation
+from dro_jax.evaluation.evaluate import Evaluation
 from dro_jax.evaluation.quality import ReplyReference
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.run.config import RunConfig
 
 

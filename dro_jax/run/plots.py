@@ -10,7 +10,7 @@ import numpy as np
 from dro_jax.anchors.space import AnchorSpace, LinearProbe
 from dro_jax.common.files import atomic_output
 from dro_jax.dro.loss import LossWeights
-from dro_jax.evaluation.evaluate import EvalRow
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.settings import NO_PROMPT
 
 COLORS = {"none": "#7f7f7f", "default": "#1f77b4", "short": "#2ca02c", "mistral": "#ff7f0e", "DRO": "#d62728"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dro_jax.common.tables import write_tables
 from dro_jax.dro.loss import LossWeights
-from dro_jax.evaluation.evaluate import EvalRow, results_markdown
+from dro_jax.evaluation.rows import EvalRow, results_markdown
 from dro_jax.evaluation.judge_agreement import decline_judge_agreement
 from dro_jax.evaluation.measure import judge_note
 from dro_jax.evaluation.movement import Movement, movements, movements_markdown

@@ -18,10 +18,11 @@ from dro_jax.anchors.collect import AnchorConfig, check_judged_label, collect_an
 from dro_jax.cli.main import main
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
-from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings, results_markdown
+from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
+from dro_jax.evaluation.rows import results_markdown
 from dro_jax.evaluation.measure import count_harmful_compliance, harmful_set_flags, judge_note
 from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name, run_sweep
-from dro_jax.evaluation.sweep_output import sweep_markdown
+from dro_jax.evaluation.rows import sweep_markdown
 from dro_jax.inference.judges import ModelJudge, read_judge_template
 from dro_jax.inference.respond import Response, judge_harm
 from dro_jax.inference.sampling import SamplingConfig, SetSampling
@@ -164,12 +165,12 @@ def test_sweep_rows_and_table(models, forced, query_files, tmp_path, capsys):
     evaluation = EvalConfig(SamplingConfig(max_new_tokens=FOUR_LINES), openings=TINY_OPENINGS, harmful_sets=harmful)
     config = SweepConfig(evaluation, judge_model=ModelJudge(models["unsafe"]))
     rows = run_sweep([str(forced["policy"])], [PromptSetting.from_text("none")], datasets, config, progress=False)
-    assert [(r.queries_any_harmful_compliance, r.any_harmful_compliance_rate) for r in rows] == [(2, 1.0), (None, None)]
+    assert [r.queries_any_harmful_compliance for r in rows] == [2, None]
     assert [r.queries_any_compliance for r in rows] == [2, 2]
     table = sweep_markdown(rows, "J", harmful)
     assert "queries with any judged compliance" in table and "| 2 (100.0%) |" in table and "judge model J" in table
     assert "n/a, no judge model" in sweep_markdown([dataclasses.replace(rows[0], harmful_compliant_responses=None,
-                                                                          queries_any_harmful_compliance=None, any_harmful_compliance_rate=None)])
+                                                                          queries_any_harmful_compliance=None)])
     base = ["sweep", "--models", str(forced["policy"]), "--prompts", "none", "--datasets", *datasets, "--max-new-tokens", str(FOUR_LINES)]
     assert main([*base, "--judge-model", str(forced["safe"]), "--out", str(tmp_path / "s")]) == 0
     saved = json.loads((tmp_path / "s" / "sweep.json").read_text())

@@ -62,7 +62,7 @@ def test_sweep_and_evaluate_take_a_suffix_file(tiny_dro, tmp_path, query_files, 
     assert main(["sweep", "--models", str(directory), "--prompts", "none", "--datasets", str(query_files[0]),
                  "--max-new-tokens", "4", "--suffix-file", str(suffix), "--out", str(out)]) == 0
     rows = json.loads((out / "sweep.json").read_text())
-    assert [(r["prompt"], r["error"]) for r in rows] == [("none + suffix gcg", None)]
+    assert [(r["setting"], r["error"]) for r in rows] == [("none + suffix gcg", None)]
     suffix.write_text(json.dumps(["one", "two"]), encoding="utf-8")
     code = main(["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
                  "--settings", "none", "--suffix-file", str(suffix), "--out", str(tmp_path / "eval.md")])

@@ -21,7 +21,8 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.evaluation.quality import Drift
 from dro_jax.evaluation.evaluate import EvalConfig
-from dro_jax.evaluation.sweep import SweepConfig, SweepRow
+from dro_jax.evaluation.rows import EvalRow, sweep_markdown
+from dro_jax.evaluation.sweep import SweepConfig
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.judges import StringJudge
@@ -83,7 +84,7 @@ def _rows(path: Path) -> list[dict]:
     return json.loads((path / "sweep.json").read_text(encoding="utf-8"))
 
 
-FLOATS = ("mean_refusal_log_odds", "reply_drift", "reply_drift_opening")  # equal up to float reduction order
+FLOATS = ("mean_refusal_log_odds", "reply_drift", "reply_drift_opening", "reply_surprise")  # equal up to float reduction order
 
 
 def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
@@ -105,12 +106,15 @@ def test_metrics_follow_the_paper():
         (3, 1): "I'm sorry for the confusion, but I'm here to support you.",  # an apology that neither declines nor helps
     }
     responses = [Response(q, f"q{q}", s, texts.get((q, s), ""), 1, flag) for q, row in enumerate(flags) for s, flag in enumerate(row)]
-    row = SweepRow.measured("m", "p", "d", 4, responses, np.array([1.0, -1.0, 0.5, 0.5]), Drift(0.25, 0.75))
+    row = EvalRow.measured("p", "d", 4, responses, np.array([1.0, -1.0, 0.5, 0.5]), Drift(0.25, 0.75), model="m")
     assert (row.num_responses, row.refused_responses, row.queries_any_refusal, row.queries_any_compliance) == (12, 5, 3, 3)
-    assert (row.response_refusal_rate, row.any_refusal_rate, row.any_compliance_rate) == (5 / 12, 0.75, 0.75)
-    assert row.mean_refusal_log_odds == 0.25 and row.error is None
-    assert (row.reply_drift, row.reply_drift_opening, row.degenerate_responses, row.degenerate_rate) == (0.25, 0.75, 1, 1 / 12)
-    assert (row.queries_any_decline, row.any_decline_rate, row.apology_responses) == (1, 0.25, 1)
+    assert row.mean_refusal_log_odds == 0.25 and row.error is None and row.model == "m"
+    assert (row.reply_drift, row.reply_drift_opening) == (0.25, 0.75)
+    assert (row.degenerate_responses, row.looping_responses, row.shouting_responses) == (1, 0, 1)
+    assert (row.declined_responses, row.queries_any_decline, row.apology_responses) == (1, 1, 1)
+    assert row.harmful_compliant_responses is None  # no judge model judged
+    cells = sweep_markdown([row]).splitlines()[2].split(" | ")
+    assert cells[5:10] == ["1 (25.0%)", "1", "5 (41.7%)", "3 (75.0%)", "3 (75.0%)"]  # counts with their rates
 
 
 def test_process_shares_interleave_and_cover_every_item_once():
@@ -167,7 +171,7 @@ def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference
     warnings = [line for line in stderr.splitlines() if line.startswith("dro-jax: warning: ")]
     assert len(warnings) == 2 and str(files["missing"]) in warnings[0] and str(files["broken"]) in warnings[1], stderr
     rows = _rows(out)
-    assert [(r["model"], r["prompt"]) for r in rows] == [
+    assert [(r["model"], r["setting"]) for r in rows] == [
         (str(m), p) for m in (files["directory"], files["missing"], files["broken"]) for p in ("short", f"soft:{files['soft']}")
     ]
     good, failed = rows[:2], rows[2:]
@@ -190,7 +194,7 @@ def test_a_reference_format_soft_prompt_works_everywhere(setup, reference, tmp_p
     """Own embeddings of the short prompt, written with plain safetensors, reproduce the short prompt."""
     files, out = setup[2], reference[1]
     short, soft = _rows(out)[:2]
-    _assert_same_rows([{**soft, "prompt": "short"}], [short])
+    _assert_same_rows([{**soft, "setting": "short"}], [short])
     common = ["--model", str(files["directory"]), "--queries", str(files["queries"])]
     greedy = ["--greedy", "--max-new-tokens", str(MAX_NEW)]
     for flag, value in (("--soft-prompt", str(files["soft"])), ("--system-prompt", "short")):
@@ -279,16 +283,16 @@ def test_four_devices_give_the_single_device_results(setup, reference):
 
 RECORDING_CLI = """
 import inspect, json, sys
-import dro_jax.evaluation.sweep
+import dro_jax.evaluation.evaluate
 from dro_jax.cli.main import main
 
 calls = []
-original = dro_jax.evaluation.sweep.measure_setting
+original = dro_jax.evaluation.evaluate.measure_setting
 def recorded(*args, **kwargs):
     given = inspect.signature(original).bind(*args, **kwargs).arguments
     calls.append({"numbers": list(given["query_numbers"]), "queries": given["encoded"].queries, "devices": given["batching"].mesh.devices.size})
     return original(*args, **kwargs)
-dro_jax.evaluation.sweep.measure_setting = recorded
+dro_jax.evaluation.evaluate.measure_setting = recorded
 at = sys.argv.index("--then")  # two commands in one process: the second one stays in the job the first joined
 code = main(sys.argv[2:at]) or main(sys.argv[at + 1:])
 with open(sys.argv[1], "w") as handle:

@@ -15,7 +15,7 @@ from dro_jax.cli.main import main
 from dro_jax.cli.run import add_commands, run_config
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import LossWeights
-from dro_jax.evaluation.evaluate import EvalRow
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.evaluation.movement import movements
 from dro_jax.inference.judges import ReferenceStringJudge, StringJudge
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
