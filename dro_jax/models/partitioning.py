@@ -1,4 +1,5 @@
-"""Which logical axis each dimension of each Llama-family parameter is, and the shardings that follow on a mesh.
+"""The shardings of the Llama-family parameters on a mesh, from the logical axes each weight declares
+(`dro_jax.models.transformer.param_axes`).
 
 Weights keep HF's [out, in] layout with the layers stacked first, so e.g.
 `q_proj` is [layers, heads * head_dim, hidden] -> ("layers", "heads", "embed"):
@@ -16,31 +17,14 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.transformer import Params, param_shapes
+from dro_jax.models.transformer import Params, param_axes, param_shapes
 from dro_jax.parallel.sharding import logical_spec, place, warn_once, whole_dimensions
 
-# Logical axes of a parameter's dimensions, keyed by its path in the tree (the layer axis included).
-PARAM_AXES: dict[tuple[str, ...], tuple[str | None, ...]] = {
-    ("embed_tokens", "weight"): ("vocab", "embed"),
-    ("lm_head", "weight"): ("vocab", "embed"),
-    ("norm", "weight"): (None,),
-    ("layers", "input_layernorm", "weight"): ("layers", None),
-    ("layers", "post_attention_layernorm", "weight"): ("layers", None),
-    ("layers", "self_attn", "q_proj", "weight"): ("layers", "heads", "embed"),
-    ("layers", "self_attn", "q_proj", "bias"): ("layers", "heads"),
-    ("layers", "self_attn", "k_proj", "weight"): ("layers", "kv_heads", "embed"),
-    ("layers", "self_attn", "k_proj", "bias"): ("layers", "kv_heads"),
-    ("layers", "self_attn", "v_proj", "weight"): ("layers", "kv_heads", "embed"),
-    ("layers", "self_attn", "v_proj", "bias"): ("layers", "kv_heads"),
-    ("layers", "self_attn", "o_proj", "weight"): ("layers", "embed", "heads"),
-    ("layers", "self_attn", "o_proj", "bias"): ("layers", None),
-    ("layers", "mlp", "gate_proj", "weight"): ("layers", "mlp", "embed"),
-    ("layers", "mlp", "gate_proj", "bias"): ("layers", "mlp"),
-    ("layers", "mlp", "up_proj", "weight"): ("layers", "mlp", "embed"),
-    ("layers", "mlp", "up_proj", "bias"): ("layers", "mlp"),
-    ("layers", "mlp", "down_proj", "weight"): ("layers", "embed", "mlp"),
-    ("layers", "mlp", "down_proj", "bias"): ("layers", None),
-}
+def logical_axes(config: ModelConfig) -> dict[tuple[str, ...], tuple[str | None, ...]]:
+    """Each parameter's logical axes by its path in the tree (the layer axis included), as `transformer.py` declares
+    them beside each weight."""
+    flat = jax.tree_util.tree_flatten_with_path(param_axes(config), is_leaf=lambda x: isinstance(x, tuple))[0]
+    return {tuple(k.key for k in path): axes for path, axes in flat}
 
 
 def axis_units(config: ModelConfig) -> dict[str | None, int]:
@@ -62,9 +46,10 @@ def param_shardings(config: ModelConfig, mesh: Mesh, serving: bool = False) -> P
     (FSDP's layout would gather every layer's weights at every new token)."""
     units = axis_units(config)
     mesh_shape = _layout_shape(mesh, serving)
+    declared = logical_axes(config)
 
     def sharding(key_path, _shape) -> NamedSharding:
-        axes = PARAM_AXES[tuple(k.key for k in key_path)]
+        axes = declared[tuple(k.key for k in key_path)]
         return NamedSharding(mesh, logical_spec(mesh_shape, axes, [units[a] for a in axes]))
 
     return jax.tree_util.tree_map_with_path(sharding, param_shapes(config))
@@ -78,9 +63,7 @@ def unsplit_weights(config: ModelConfig, mesh_shape: dict[str, int]) -> list[str
     """One line per logical axis whose count does not divide over its mesh axes, naming the weights kept whole."""
     units = axis_units(config)
     families: dict[tuple[str, int, str], list[str]] = {}
-    for key_path, _ in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
-        path = tuple(k.key for k in key_path)
-        axes = PARAM_AXES[path]
+    for path, axes in logical_axes(config).items():
         for name, count, over in whole_dimensions(mesh_shape, axes, [units[a] for a in axes]):
             family = _COUNTED_AS[name].format(count)
             families.setdefault((family, over), []).append(path[-2] if path[0] == "layers" else path[0])

@@ -72,19 +72,30 @@ class ModelOutput:
     cache: KVCache | None = None
 
 
+def _param(module: nn.Module, name: str, init: Any, shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...]) -> jax.Array:
+    """A parameter declared with the logical axis of each dimension (`param_axes` reads them; the mesh rules in
+    `dro_jax.parallel.sharding` map them to mesh axes)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
 class Linear(nn.Module):
-    """y = x W^T (+ b) with W stored as [out, in], like torch.nn.Linear."""
+    """y = x W^T (+ b) with W stored as [out, in], like torch.nn.Linear; `axes` are W's logical axes (out, in).
+
+    A bias is split like W's rows, except along `embed` (the hidden size, which splits weights for FSDP but not
+    the activations a bias adds to): that one stays whole."""
 
     features: int
     use_bias: bool
     param_dtype: Any
+    axes: tuple[str, str]
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.param_dtype)
+        weight = _param(self, "weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.param_dtype, self.axes)
         y = jax.lax.dot_general(x, weight.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(x.dtype)
+            rows = None if self.axes[0] == "embed" else self.axes[0]
+            y = y + _param(self, "bias", nn.initializers.zeros, (self.features,), self.param_dtype, (rows,)).astype(x.dtype)
         return y
 
 
@@ -96,7 +107,7 @@ class Embedding(nn.Module):
     param_dtype: Any
 
     def setup(self) -> None:
-        self.weight = self.param("weight", nn.initializers.normal(0.02), (self.num_embeddings, self.features), self.param_dtype)
+        self.weight = _param(self, "weight", nn.initializers.normal(0.02), (self.num_embeddings, self.features), self.param_dtype, ("vocab", "embed"))
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
         return jnp.take(self.weight, token_ids, axis=0)
@@ -113,7 +124,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        weight = _param(self, "weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype, (None,))  # never split
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return weight.astype(x.dtype) * x32.astype(x.dtype)
@@ -226,9 +237,9 @@ class Attention(nn.Module):
         c = self.config
         batch, seq, _ = x.shape
         group = c.num_heads // c.num_kv_heads
-        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, self.param_dtype, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.param_dtype, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.param_dtype, name="v_proj")(x)
+        q = Linear(c.num_heads * c.head_dim, c.qkv_bias, self.param_dtype, ("heads", "embed"), name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.param_dtype, ("kv_heads", "embed"), name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, c.qkv_bias, self.param_dtype, ("kv_heads", "embed"), name="v_proj")(x)
         q = apply_rotary(q.reshape(batch, seq, c.num_kv_heads, group, c.head_dim), cos, sin)
         k = apply_rotary(k.reshape(batch, seq, c.num_kv_heads, c.head_dim), cos, sin)
         # Head-major layout: queries [b, kv, group * t, d], keys [b, kv, d, t], values [b, kv, t, d].
@@ -246,7 +257,7 @@ class Attention(nn.Module):
         out = constrain(ATTENTION_FUNCTIONS[c.attention](q, blocks), HEAD_MAJOR)  # [b, kv, group * t, d]
         out = out.reshape(batch, c.num_kv_heads, group, seq, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
-        return Linear(c.hidden_size, c.o_bias, self.param_dtype, name="o_proj")(out), (k, v)
+        return Linear(c.hidden_size, c.o_bias, self.param_dtype, ("embed", "heads"), name="o_proj")(out), (k, v)
 
 
 class MLP(nn.Module):
@@ -256,10 +267,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        gate = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, name="gate_proj")(x)
-        up = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, name="up_proj")(x)
+        gate = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, ("mlp", "embed"), name="gate_proj")(x)
+        up = Linear(c.intermediate_size, c.mlp_bias, self.param_dtype, ("mlp", "embed"), name="up_proj")(x)
         inner = constrain(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
-        return Linear(c.hidden_size, c.mlp_bias, self.param_dtype, name="down_proj")(inner)
+        return Linear(c.hidden_size, c.mlp_bias, self.param_dtype, ("embed", "mlp"), name="down_proj")(inner)
 
 
 class DecoderLayer(nn.Module):
@@ -401,6 +412,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
             length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},  # the stacked layer axis, first, in every layer weight's axes
         )(c, self.param_dtype, output_hidden_states, cache is not None, name="layers")
         layer_caches = None if masks.cache is None else (cache.key, cache.value)
         layer_prefixes = None if prefix is None else (prefix.key, prefix.value)  # the blocks, not the length
@@ -421,15 +433,27 @@ class Transformer(nn.Module):
         return ModelOutput(last_hidden_state=h_final, hidden_states=hidden_states, logits=logits, cache=cache)
 
 
-def init_params(config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
-    """Random parameters (for tests and shape inference); real ones come from `dro_jax.loading`."""
+def _boxed_params(config: ModelConfig, rng: jax.Array, dtype: Any) -> Params:
+    """Random parameters, each in a box that carries its logical axes."""
     ids = jnp.zeros((1, 2), jnp.int32)
     return Transformer(config, param_dtype=dtype).init(rng, ids, output_logits=True)["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters (for tests and shape inference); real ones come from `dro_jax.loading`."""
+    return nn.unbox(_boxed_params(config, rng, dtype))
 
 
 def param_shapes(config: ModelConfig, dtype: Any = jnp.float32) -> Params:
     """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
+
+
+def param_axes(config: ModelConfig) -> Params:
+    """A tree like the parameters with each one's logical axes (a tuple, one name or None per dimension), as its
+    module declares them; without allocating anything."""
+    boxed = jax.eval_shape(lambda: _boxed_params(config, jax.random.key(0), jnp.float32))
+    return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def forward(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.models.partitioning import PARAM_AXES, param_shardings
+from dro_jax.models.partitioning import logical_axes, param_shardings
 from dro_jax.parallel.mesh import MeshShape, data_mesh, make_mesh
 from dro_jax.parallel.sharding import logical_spec
 from jax.sharding import PartitionSpec as P
@@ -59,8 +59,11 @@ def test_every_parameter_has_partition_rules(tiny_model_dir, name):
     shardings = param_shardings(model.config, data_mesh())
     import jax
 
-    paths = {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(model.params)[0]}
-    assert paths <= set(PARAM_AXES)
+    ndims = {tuple(k.key for k in path): leaf.ndim for path, leaf in jax.tree_util.tree_flatten_with_path(model.params)[0]}
+    declared = logical_axes(model.config)  # as the modules declare them beside each weight
+    assert {path: len(axes) for path, axes in declared.items()} == ndims  # one axis per dimension of every loaded weight
+    assert declared["layers", "self_attn", "q_proj", "weight"] == ("layers", "heads", "embed")
+    assert declared["layers", "mlp", "down_proj", "weight"] == ("layers", "embed", "mlp")
     assert jax.tree.structure(shardings) == jax.tree.structure(model.params)
 
 
