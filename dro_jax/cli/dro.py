@@ -22,6 +22,12 @@ BASELINE_OPTIONS = {
 }
 # The options that mean nothing without --baseline (--epochs and --response-tokens have uses or defaults of their own).
 BASELINE_ONLY = ("pt_paper", "pt_responses", "pt_samples", "pt_negatives", "pt_token_mean", "unlikelihood_weight")
+# `dro-jax train` options that say where and how it computes, not what (results the same within float rounding) and
+# the command's own plumbing: `--resume` may change them.
+EXECUTION_OPTIONS = (
+    "command", "run", "out", "resume", "attention", "batch_size_eval", "compilation_cache", "precision", "mesh", "dcn_mesh", "microbatch",
+    "coordinator", "num_processes", "process_id",
+)
 
 
 def _add_anchor_args(parser: argparse.ArgumentParser) -> None:
@@ -163,11 +169,9 @@ def _run_anchor(args: argparse.Namespace) -> None:
 
 
 def _run_settings(args: argparse.Namespace) -> dict:
-    """Everything that must stay the same for --resume to continue a run."""
-    keys = ("model", "dtype", "harmful", "harmless", "field", "settings", "openings", "label", "num_samples", "num_components", "folds",
-            "refusal_fit", "anchors", "init_prompt", "init_random", "epochs", "batch_size", "lr", "seed", "loss_weights", "refusal_score",
-            "ablate", "baseline", "response_tokens", "checkpoint_every", "remat", "judge_model", "judge_template", *BASELINE_ONLY)
-    return {key: getattr(args, key) for key in keys}
+    """Everything that must stay the same for --resume to continue a run: every option but those that say where
+    and how the run computes (`EXECUTION_OPTIONS`), so that an option added later counts without being listed."""
+    return {key: value for key, value in vars(args).items() if key not in EXECUTION_OPTIONS}
 
 
 def baseline_config(args: argparse.Namespace):
@@ -272,8 +276,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from dro_jax.common.tables import write_tables
     from dro_jax.data.queries import read_queries
     from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
-    from dro_jax.evaluation.rows import EvalRow, results_markdown
     from dro_jax.evaluation.measure import judge_note
+    from dro_jax.evaluation.rows import EvalRow, results_markdown
     from dro_jax.inference.batched import Batching
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting

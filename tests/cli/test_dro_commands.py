@@ -58,7 +58,9 @@ def test_resume_after_sigterm_and_sigkill_ends_with_the_uninterrupted_prompt(tin
     assert process.returncode == -signal.SIGKILL
     assert not (run / "soft_prompt.safetensors").exists()  # it was stopped mid-run
     assert main(_train_args(directory, anchors, query_files, run)) == 2  # no silent restart over a run
-    assert main(_train_args(directory, anchors, query_files, run, "--resume")) == 0
+    assert main(_train_args(directory, anchors, query_files, run, "--resume", "--seed", "7")) == 2  # what it computes may not change
+    # how it computes may change (here a batch size of the anchor stage, which the given anchors skip)
+    assert main(_train_args(directory, anchors, query_files, run, "--resume", "--batch-size-eval", "3")) == 0
     np.testing.assert_array_equal(load_soft_prompt(run / "soft_prompt.safetensors"), want)
     assert _steps(run) == list(range(1, 61))
 
