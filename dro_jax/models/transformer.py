@@ -8,6 +8,7 @@ layers run under `nn.scan`, which keeps compile time flat in depth).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -444,14 +445,16 @@ def init_params(config: ModelConfig, rng: jax.Array, dtype: Any = jnp.float32) -
     return nn.unbox(_boxed_params(config, rng, dtype))
 
 
+@functools.lru_cache(maxsize=None)  # traced once per config: every placement of the weights asks again
 def param_shapes(config: ModelConfig, dtype: Any = jnp.float32) -> Params:
-    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating anything (shared: do not change it)."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0), dtype))
 
 
+@functools.lru_cache(maxsize=None)
 def param_axes(config: ModelConfig) -> Params:
     """A tree like the parameters with each one's logical axes (a tuple, one name or None per dimension), as its
-    module declares them; without allocating anything."""
+    module declares them; without allocating anything (shared: do not change it)."""
     boxed = jax.eval_shape(lambda: _boxed_params(config, jax.random.key(0), jnp.float32))
     return jax.tree.map(lambda box: tuple(box.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
