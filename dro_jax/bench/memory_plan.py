@@ -28,7 +28,8 @@ holds the soft prompt, as `dro_jax.dro.training_set` lays real training out;
 the frozen weights in `--dtype`, split by `dro_jax.models.partitioning`, and
 the anchors, soft prompt and AdamW state (float32) replicated. Generation is
 greedy decoding of `--max-new-tokens` after prompts of `--tokens` own tokens
-behind the same prefix, the KV cache inside the program.
+behind the same prefix, padded as evaluation pads it (to a multiple of 128
+tokens, `PREFIX_BUCKET`), the KV cache inside the program.
 """
 
 from __future__ import annotations
@@ -185,13 +186,18 @@ def _frozen_params(config: ModelConfig, dtype: Any, mesh: Any) -> Any:
     return jax.tree.map(lambda shape, sharding: _abstract(shape.shape, dtype, sharding), param_shapes(config, dtype), param_shardings(config, mesh))
 
 
-def _prefix(request: PlanRequest, mesh: Any) -> Any:
+def _prefix(request: PlanRequest, mesh: Any, bucket: int | None) -> Any:
+    """The shared prefix as a pass takes it: training as it is (`bucket` None), the evaluation's passes padded to a
+    multiple of `bucket` tokens (see `padded_prefix`)."""
+    import jax
     import jax.numpy as jnp
+    import numpy as np
 
-    from dro_jax.models.inputs import SharedPrefix
+    from dro_jax.models.inputs import padded_prefix
     from dro_jax.parallel.sharding import replicated
 
-    return SharedPrefix(_abstract((request.prefix_tokens,), jnp.int32, replicated(mesh)), _abstract((), jnp.int32, replicated(mesh)))
+    prefix = padded_prefix(np.zeros(request.prefix_tokens, np.int32), request.soft_offset, bucket)
+    return jax.tree.map(lambda part: _abstract(np.shape(part), jnp.int32, replicated(mesh)), prefix)
 
 
 def _compile(jitted: Any, args: tuple, mesh: Any) -> StepMemory:
@@ -245,7 +251,7 @@ def compile_train_step(request: PlanRequest, mesh: Any, params: Any) -> StepMemo
         reply_ids=_abstract((rows, 0), jnp.int32, split), reply_mask=_abstract((rows, 0), jnp.int32, split),
     )
     frozen = Frozen(
-        params, _prefix(request, mesh), _abstract((hidden,), jnp.float32, copied),
+        params, _prefix(request, mesh, None), _abstract((hidden,), jnp.float32, copied),
         _abstract((hidden, NUM_COMPONENTS), jnp.float32, copied), _abstract((NUM_COMPONENTS,), jnp.float32, copied),
         _abstract((NUM_COMPONENTS,), jnp.float32, copied), None,
     )
@@ -259,7 +265,7 @@ def compile_generation(request: PlanRequest, mesh: Any, params: Any) -> StepMemo
 
     from dro_jax.inference.generate import _generate
     from dro_jax.inference.sampling import SamplingConfig
-    from dro_jax.models.inputs import ModelInputs
+    from dro_jax.models.inputs import PREFIX_BUCKET, ModelInputs
     from dro_jax.parallel.sharding import batch_sharded, replicated
 
     rows, copied, split = request.rows, replicated(mesh), batch_sharded(mesh)
@@ -267,7 +273,7 @@ def compile_generation(request: PlanRequest, mesh: Any, params: Any) -> StepMemo
     inputs = ModelInputs(
         _abstract((rows, request.tokens), jnp.int32, split), _abstract((rows, request.tokens), jnp.int32, split),
         _abstract((request.soft_tokens, request.config.hidden_size), jnp.float32, copied), _abstract((rows,), jnp.int32, split),
-        _prefix(request, mesh),
+        _prefix(request, mesh, PREFIX_BUCKET),
     )
     args = (
         params, request.config, inputs, _abstract((1,), jnp.int32, copied), _abstract(keys.shape, keys.dtype, split),
