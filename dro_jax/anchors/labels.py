@@ -11,7 +11,7 @@ from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.judges import SafetyJudge
 from dro_jax.inference.refusal_score import refusal_log_odds
-from dro_jax.inference.respond import Measuring, generate_responses, judge_harm, keep_longest
+from dro_jax.inference.respond import Measuring, judged_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
@@ -46,13 +46,10 @@ def compliance_rates(
     harmful one), that also pass the rest of the paper's rule (`Response.complied`). With `longest`, only each
     query's that many longest responses by words count (the reference's label: 20 of 25); `query_numbers`: see
     `generate_responses`."""
-    num_samples = measuring.num_samples
-    responses = generate_responses(model, encoded, sampling, num_samples, measuring.seed, measuring.judge, batching, query_numbers)
-    responses = keep_longest(responses, longest)
     complied = np.zeros(len(encoded))
-    for response in judge_harm(responses, judge_model, progress=batching.progress):
+    for response in judged_responses(model, encoded, sampling, measuring, batching, query_numbers, judge_model, longest):
         complied[response.query_index] += response.complied
-    return complied / (num_samples if longest is None else longest)
+    return complied / (measuring.num_samples if longest is None else longest)
 
 
 def label_queries(

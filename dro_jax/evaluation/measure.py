@@ -25,7 +25,7 @@ from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.judges import SafetyJudge
 from dro_jax.inference.likelihood import reply_nll
 from dro_jax.inference.refusal_score import RefusalScores, score_refusal
-from dro_jax.inference.respond import Measuring, Response, generate_responses, judge_harm
+from dro_jax.inference.respond import Measuring, Response, judged_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 
@@ -51,10 +51,7 @@ def measure_setting(
     (token ids, one per query), their teacher-forced likelihood, all on the same encoded queries; `query_numbers`:
     see `generate_responses`. `judge_model` is given for a harmful set only: every response then
     also carries its verdict."""
-    responses = generate_responses(
-        model, encoded, sampling, measuring.num_samples, measuring.seed, measuring.judge, batching, query_numbers
-    )
-    responses = judge_harm(responses, judge_model, progress=batching.progress)
+    responses = judged_responses(model, encoded, sampling, measuring, batching, query_numbers, judge_model)
     scores = score_refusal(model, encoded, measuring.openings, batching)
     nll = None if reference_replies is None else reply_nll(model, encoded, reference_replies, batching)
     return Measurement(responses, scores, nll)

@@ -181,3 +181,22 @@ def keep_longest(responses: Sequence[Response], count: int | None) -> list[Respo
     for group in by_query.values():
         kept += sorted(group, key=lambda r: (-response_words(r), r.sample))[:count]
     return sorted(kept, key=lambda r: (r.query_index, r.sample))
+
+
+def judged_responses(
+    model: LoadedModel,
+    encoded: EncodedQueries,
+    sampling: SamplingConfig,
+    measuring: Measuring,
+    batching: Batching = Batching(),
+    query_numbers: Sequence[int] | None = None,
+    judge_model: SafetyJudge | None = None,
+    longest: int | None = None,
+) -> list[Response]:
+    """Sample, then judge: `measuring.num_samples` responses per encoded query drawn with its seed and judged by
+    its string judge, of which each query's `longest` (None: all) are kept, and those judged by `judge_model` too
+    when given (for harmful queries). The anchor labels and every evaluation draw their responses here."""
+    responses = generate_responses(
+        model, encoded, sampling, measuring.num_samples, measuring.seed, measuring.judge, batching, query_numbers
+    )
+    return judge_harm(keep_longest(responses, longest), judge_model, progress=batching.progress)

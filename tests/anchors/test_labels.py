@@ -99,12 +99,13 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
 def test_the_label_counts_only_the_longest_responses_when_asked(monkeypatch):
     """The reference's label: of 5 samples, the 4 longest by words are judged and the rate is over those 4."""
     from dro_jax.anchors import labels
+    from dro_jax.inference import respond
     from dro_jax.inference.respond import Response
 
     texts = ["Sure, here are the steps one two three", "I'm sorry", "Sure, here you go now", "Sure thing then", "Sure, step one is this"]
     replies = [Response(0, "q", s, text, 1, text.startswith("I'm sorry")) for s, text in enumerate(texts)]
-    monkeypatch.setattr(labels, "generate_responses", lambda *args, **kwargs: replies)
-    monkeypatch.setattr(labels, "judge_harm", lambda responses, *args, **kwargs: responses)
+    monkeypatch.setattr(respond, "generate_responses", lambda *args, **kwargs: replies)
+    monkeypatch.setattr(respond, "judge_harm", lambda responses, *args, **kwargs: responses)
     encoded = [None]  # one query; only its length is read
     assert labels.compliance_rates(None, encoded, SamplingConfig(), Measuring(5), QUIET, longest=4)[0] == 1.0  # the shortest, a refusal, dropped
     assert labels.compliance_rates(None, encoded, SamplingConfig(), Measuring(5), QUIET)[0] == 0.8
