@@ -121,7 +121,7 @@ def run_sweep(
                         judge_model = config.judge_model if harmful[name] else None
                         rows.append(_measure(model, spec, setting, whole, config, mesh, measurers, judge_model))
                     bar.update(1)
-            del model  # free it before the next one loads
+            del model, measurers  # free it (the measurers hold it too) before the next one loads
     return rows
 
 

@@ -190,6 +190,31 @@ def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference
     assert (out / "sweep.csv").read_text(encoding="utf-8").count("\n") == 1 + len(rows)
 
 
+def test_each_model_is_freed_before_the_next_one_loads(setup, monkeypatch):
+    """A sweep holds one model at a time (two large ones would not fit): nothing of the sweep keeps the last one."""
+    import gc
+    import weakref
+
+    import dro_jax.evaluation.sweep as sweep
+    from dro_jax.inference.settings import PromptSetting
+
+    loaded, alive_at_each_load = [], []
+
+    def load(*args, **kwargs):
+        gc.collect()
+        alive_at_each_load.append([ref() is not None for ref in loaded])
+        model = load_model(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(sweep, "load_model", load)
+    directory = str(setup[2]["directory"])
+    rows = sweep.run_sweep([directory, directory], [PromptSetting.from_text("short")], {"q": QUERIES[:2]}, SweepConfig(EvalConfig(GREEDY)),
+                           progress=False)
+    assert [row.error for row in rows] == [None, None]
+    assert alive_at_each_load == [[], [False]]
+
+
 def test_a_reference_format_soft_prompt_works_everywhere(setup, reference, tmp_path):
     """Own embeddings of the short prompt, written with plain safetensors, reproduce the short prompt."""
     files, out = setup[2], reference[1]
