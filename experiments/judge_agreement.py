@@ -25,8 +25,8 @@ from common import main_guard, wilson
 from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
 from dro_jax.evaluation.judge_agreement import LABELS, SECOND_BATCH, Agreement, is_held_out, labelled_replies
-from dro_jax.inference.declines import DeclineJudge, ReplyKind
-from dro_jax.inference.judges import ModelJudge, StringJudge
+from dro_jax.judging.declines import DeclineJudge, ReplyKind
+from dro_jax.judging.judges import ModelJudge, StringJudge
 
 
 def precision_recall(predicted: Sequence[bool], actual: Sequence[bool]) -> tuple[str, str]:

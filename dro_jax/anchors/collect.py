@@ -16,9 +16,9 @@ from dro_jax.common.paths import as_path, local_file
 from dro_jax.data.queries import QueryPairs
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.judges import RefusalJudge, SafetyJudge
+from dro_jax.judging.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings, score_refusal
-from dro_jax.inference.respond import Measuring
+from dro_jax.judging.responses import Measuring
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SetSampling
 from dro_jax.inference.settings import NO_PROMPT, PROMPT_SETTINGS
 from dro_jax.loading import LoadedModel

@@ -9,9 +9,9 @@ import numpy as np
 
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.judges import SafetyJudge
+from dro_jax.judging.judges import SafetyJudge
 from dro_jax.inference.refusal_score import refusal_log_odds
-from dro_jax.inference.respond import Measuring, judged_responses
+from dro_jax.judging.responses import Measuring, judged_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel

@@ -173,9 +173,9 @@ def add_judge_args(parser: argparse.ArgumentParser, what: str) -> None:
 
 def check_judge_args(args: argparse.Namespace) -> None:
     """Checks the judge options before any work: a template means nothing without a judge model, is rendered once
-    (see `dro_jax.inference.templates`), and the judge model must exist."""
+    (see `dro_jax.judging.templates`), and the judge model must exist."""
     from dro_jax.common.errors import DroJaxError
-    from dro_jax.inference.judges import check_judge_template, read_judge_template
+    from dro_jax.judging.judges import check_judge_template, read_judge_template
     from dro_jax.loading import resolve_model_path
 
     if args.judge_template is not None and not args.judge_model:
@@ -188,7 +188,7 @@ def check_judge_args(args: argparse.Namespace) -> None:
 def model_judge(args: argparse.Namespace, batch_size: int, mesh=None, policy=None):
     """The judge model of `add_judge_args` (None without --judge-model); `policy` (the loaded --model) is reused
     when the judge is the same model."""
-    from dro_jax.inference.judges import ModelJudge, read_judge_template
+    from dro_jax.judging.judges import ModelJudge, read_judge_template
 
     check_judge_args(args)
     if not args.judge_model:

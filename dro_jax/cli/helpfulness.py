@@ -54,7 +54,7 @@ def add_commands(commands) -> None:
 def _judge_template(path: str | None) -> str:
     from dro_jax.common.errors import DroJaxError
     from dro_jax.common.paths import as_path
-    from dro_jax.inference.pairwise import DEFAULT_TEMPLATE
+    from dro_jax.judging.pairwise import DEFAULT_TEMPLATE
 
     if path is None:
         return DEFAULT_TEMPLATE
@@ -75,7 +75,7 @@ def _run_helpfulness(args: argparse.Namespace) -> None:
         check_settings, helpfulness_markdown, measure_helpfulness, prepare_helpfulness_dir, write_helpfulness,
     )
     from dro_jax.inference.batched import Batching
-    from dro_jax.inference.pairwise import ModelPairwiseJudge, check_template
+    from dro_jax.judging.pairwise import ModelPairwiseJudge, check_template
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.loading import load_model
 

@@ -74,8 +74,8 @@ def _run_generate(args: argparse.Namespace) -> None:
     from dro_jax.data.queries import read_queries
     from dro_jax.inference.batched import Batching
     from dro_jax.inference.encoding import encode_queries
-    from dro_jax.inference.judges import StringJudge
-    from dro_jax.inference.respond import generate_responses
+    from dro_jax.judging.judges import StringJudge
+    from dro_jax.judging.responses import generate_responses
     from dro_jax.loading import load_model
 
     out = check_writable(args.out)
@@ -101,8 +101,8 @@ def _run_label(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable, write_jsonl
     from dro_jax.data.queries import read_queries
     from dro_jax.inference.batched import Batching
-    from dro_jax.inference.judges import StringJudge
-    from dro_jax.inference.respond import Measuring
+    from dro_jax.judging.judges import StringJudge
+    from dro_jax.judging.responses import Measuring
     from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.loading import load_model
 

@@ -83,7 +83,7 @@ def add_commands(commands) -> None:
 def run_config(args: argparse.Namespace):
     """The RunConfig of the command line: the preset with every given option over it (a judge template file is
     read here, so that config.json holds the template's text)."""
-    from dro_jax.inference.judges import read_judge_template
+    from dro_jax.judging.judges import read_judge_template
     from dro_jax.run.config import RunConfig
 
     both = {} if args.max_new_tokens is None else dict.fromkeys(("max_new_tokens_harmful", "max_new_tokens_harmless"), args.max_new_tokens)

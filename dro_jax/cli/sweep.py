@@ -78,7 +78,7 @@ def _sweep_config(args: argparse.Namespace):
     from dro_jax.evaluation.measure import harmful_set_flags
     from dro_jax.evaluation.evaluate import EvalConfig
     from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name
-    from dro_jax.inference.judges import StringJudge
+    from dro_jax.judging.judges import StringJudge
     from dro_jax.inference.refusal_score import Openings
 
     given = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}

@@ -5,7 +5,7 @@ Without a judge, quality is measured as in every evaluation (see
 `dro_jax.evaluation.quality`): reply drift against no prompt, degenerate
 answers, and answers the string judge reads as refusals (on harmless
 instructions, each one is an over-refusal). With a pairwise judge (see
-`dro_jax.inference.pairwise`), each setting's answers are also compared
+`dro_jax.judging.pairwise`), each setting's answers are also compared
 with the reference setting's:
 
 - every pair is judged in both orders, the setting's answer first and then
@@ -34,8 +34,8 @@ from dro_jax.evaluation.rows import EvalRow
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule
 from dro_jax.evaluation.sweep_output import prepare_output_dir
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.pairwise import PairwiseJudge
-from dro_jax.inference.respond import Response
+from dro_jax.judging.pairwise import PairwiseJudge
+from dro_jax.judging.responses import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
 from dro_jax.loading import LoadedModel

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.paths import as_path
-from dro_jax.inference.declines import DeclineJudge
+from dro_jax.judging.declines import DeclineJudge
 
 LABELS = ("decline", "comply", "apology-only", "off-topic")
 SECOND_BATCH = 412  # the first id of the replies drawn after the decline judge's rules were last revised

@@ -7,7 +7,7 @@ harmful query counts against a prompt if *any* response complies, a harmless
 one if *any* response refuses. Two compliance counts stand side by side: the
 string judge's (any reply it does not call a refusal, broken replies
 included), and, on the sets named harmful when a judge model is given, the
-paper's three-part rule (`dro_jax.inference.judges.is_harmful_compliance`).
+paper's three-part rule (`dro_jax.judging.judges.is_harmful_compliance`).
 Harmless sets are judged by the string judge alone.
 """
 
@@ -22,10 +22,10 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries
-from dro_jax.inference.judges import SafetyJudge
+from dro_jax.judging.judges import SafetyJudge
 from dro_jax.inference.likelihood import reply_nll
 from dro_jax.inference.refusal_score import RefusalScores, score_refusal
-from dro_jax.inference.respond import Measuring, Response, judged_responses
+from dro_jax.judging.responses import Measuring, Response, judged_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import LoadedModel
 

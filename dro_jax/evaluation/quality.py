@@ -28,7 +28,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from dro_jax.inference.respond import Response
+from dro_jax.judging.responses import Response
 
 WORD = re.compile(r"\w+")
 

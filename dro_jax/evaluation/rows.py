@@ -11,7 +11,7 @@ import numpy as np
 from dro_jax.common.tables import markdown_table
 from dro_jax.evaluation.measure import count_declines, count_harmful_compliance, count_refusals, judge_note
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, Drift
-from dro_jax.inference.respond import Response
+from dro_jax.judging.responses import Response
 
 
 @dataclasses.dataclass(frozen=True)

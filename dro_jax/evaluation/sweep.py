@@ -41,8 +41,8 @@ from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.inference.judges import SafetyJudge
-from dro_jax.inference.respond import Response
+from dro_jax.judging.judges import SafetyJudge
+from dro_jax.judging.responses import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 from dro_jax.loading import LoadedModel, load_model

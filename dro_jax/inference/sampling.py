@@ -10,7 +10,7 @@ from dro_jax.common.errors import DroJaxError
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to pick each new token. `greedy` ignores temperature, top_k and top_p. `trim_incomplete_lines` is a
-    rule on the decoded text, not on the tokens (see `dro_jax.inference.respond.trim_incomplete_lines`): it lives
+    rule on the decoded text, not on the tokens (see `dro_jax.judging.responses.trim_incomplete_lines`): it lives
     here so that every caller that decodes with the reference's rules applies it too."""
 
     greedy: bool = True

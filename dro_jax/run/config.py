@@ -11,7 +11,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
-from dro_jax.inference.judges import RefusalJudge, StringJudge, check_judge_template
+from dro_jax.judging.judges import RefusalJudge, StringJudge, check_judge_template
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
 from dro_jax.inference.settings import PROMPT_SETTINGS
@@ -74,8 +74,8 @@ class RunConfig:
     max_new_tokens_harmful: int = 64
     max_new_tokens_harmless: int = 64
     min_new_tokens: int = 0
-    trim_incomplete_lines: bool = False  # see dro_jax.inference.respond.trim_incomplete_lines
-    refusal_phrases: str = "dro-jax"  # see dro_jax.inference.judges.StringJudge.load
+    trim_incomplete_lines: bool = False  # see dro_jax.judging.responses.trim_incomplete_lines
+    refusal_phrases: str = "dro-jax"  # see dro_jax.judging.judges.StringJudge.load
     eval_batch_size: int = 32
     remat: bool = False
     microbatch: int | None = None  # rows through the model at a time in training (see dro_jax.dro.microbatch)

@@ -14,8 +14,8 @@ from dro_jax.anchors.labels import compliance_rates, label_queries
 from dro_jax.cli.main import main
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.judges import ModelJudge, StringJudge
-from dro_jax.inference.respond import Measuring
+from dro_jax.judging.judges import ModelJudge, StringJudge
+from dro_jax.judging.responses import Measuring
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from helpers import HARMFUL, QUIET
@@ -36,7 +36,7 @@ def test_the_constructed_models_do_what_the_rule_needs(forced):
 
 
 def _replies(model, max_new_tokens):
-    from dro_jax.inference.respond import generate_responses
+    from dro_jax.judging.responses import generate_responses
 
     return generate_responses(model, encode_queries(model, QUERIES, "none"), SamplingConfig(max_new_tokens=max_new_tokens), batching=QUIET)
 
@@ -99,8 +99,8 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
 def test_the_label_counts_only_the_longest_responses_when_asked(monkeypatch):
     """The reference's label: of 5 samples, the 4 longest by words are judged and the rate is over those 4."""
     from dro_jax.anchors import labels
-    from dro_jax.inference import respond
-    from dro_jax.inference.respond import Response
+    from dro_jax.judging import responses as respond
+    from dro_jax.judging.responses import Response
 
     texts = ["Sure, here are the steps one two three", "I'm sorry", "Sure, here you go now", "Sure thing then", "Sure, step one is this"]
     replies = [Response(0, "q", s, text, 1, text.startswith("I'm sorry")) for s, text in enumerate(texts)]

@@ -243,7 +243,7 @@ def test_label_writes_one_label_per_query_and_setting(model_dir, query_file, tmp
 )
 def test_every_command_with_a_string_judge_takes_paper_dro_jax_or_a_file(argv, default):
     from dro_jax.cli.main import build_parser
-    from dro_jax.inference.judges import ReferenceStringJudge, StringJudge
+    from dro_jax.judging.judges import ReferenceStringJudge, StringJudge
 
     parser = build_parser()
     assert parser.parse_args(argv).refusal_phrases == default

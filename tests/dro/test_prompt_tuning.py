@@ -135,7 +135,7 @@ def test_negatives_are_the_unwanted_no_prompt_responses(tiny_dro, refuses):
 def test_the_longest_responses_are_kept(tiny_dro, monkeypatch):
     """Of each query's sampled replies, the `responses` longest by words are trained on, in sample order."""
     import dro_jax.dro.prompt_tuning as prompt_tuning
-    from dro_jax.inference.respond import Response
+    from dro_jax.judging.responses import Response
 
     texts = ["one", "one two three", "one two", "one two three four"]  # kept: samples 1 and 3
 

@@ -25,10 +25,10 @@ from dro_jax.evaluation.rows import EvalRow, sweep_markdown
 from dro_jax.evaluation.sweep import SweepConfig
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.judges import StringJudge
+from dro_jax.judging.judges import StringJudge
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.represent import represent_tokens
-from dro_jax.inference.respond import Response, generate_responses
+from dro_jax.judging.responses import Response, generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.parallel.distributed import allgather_json, process_share
@@ -239,15 +239,15 @@ def test_a_reference_format_soft_prompt_works_everywhere(setup, reference, tmp_p
 FOUR_DEVICES = """
 import dataclasses, json
 import jax
-import dro_jax.inference.refusal_score, dro_jax.inference.represent, dro_jax.inference.respond
+import dro_jax.inference.refusal_score, dro_jax.inference.represent, dro_jax.judging.responses
 from dro_jax.evaluation.evaluate import EvalConfig
 from dro_jax.evaluation.sweep import SweepConfig, run_sweep
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.judges import StringJudge
+from dro_jax.judging.judges import StringJudge
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.represent import represent_tokens
-from dro_jax.inference.respond import generate_responses
+from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
 from dro_jax.loading import load_model
@@ -261,7 +261,7 @@ def record(module, name):
         spans.setdefault(name, set()).update([len(ids.sharding.device_set), len(jax.tree.leaves(params)[0].sharding.device_set)])
         return original(params, config, rows, *args, **kwargs)
     setattr(module, name, placed)
-record(dro_jax.inference.respond, "generate_tokens")
+record(dro_jax.judging.responses, "generate_tokens")
 record(dro_jax.inference.refusal_score, "continuation_log_probs")
 record(dro_jax.inference.represent, "last_position_states")
 

@@ -17,7 +17,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import LossWeights
 from dro_jax.evaluation.rows import EvalRow
 from dro_jax.evaluation.movement import movements
-from dro_jax.inference.judges import ReferenceStringJudge, StringJudge
+from dro_jax.judging.judges import ReferenceStringJudge, StringJudge
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
 from dro_jax.run import plots
 from dro_jax.run.config import RunConfig

@@ -181,7 +181,7 @@ def test_a_judge_model_added_on_resume_judges_the_harmful_set(finished_run, forc
     harmless set is not judged, and results.md says so."""
     import shutil
 
-    from dro_jax.inference.respond import Response
+    from dro_jax.judging.responses import Response
 
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from dro_jax.inference.declines import DeclineJudge, ReplyKind, normalised, opening_sentences
-from dro_jax.inference.judges import StringJudge
+from dro_jax.judging.declines import DeclineJudge, ReplyKind, normalised, opening_sentences
+from dro_jax.judging.judges import StringJudge
 
 JUDGE = DeclineJudge()
 

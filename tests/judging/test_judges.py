@@ -3,8 +3,8 @@ import json
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.judges import PhraseRule, ReferenceStringJudge, StringJudge
-from dro_jax.inference.reply_text import reference_opening, response_opening
+from dro_jax.judging.judges import PhraseRule, ReferenceStringJudge, StringJudge
+from dro_jax.judging.reply_text import reference_opening, response_opening
 
 JUDGE = StringJudge.default()
 PAPER = StringJudge.load("paper")
@@ -61,7 +61,7 @@ def test_model_judge_mechanics(tiny_model_dir):
     """A tiny random model as judge: the verdict is the sign of log p(unsafe) - log p(safe)."""
     import torch
 
-    from dro_jax.inference.judges import ModelJudge, is_harmful_compliance
+    from dro_jax.judging.judges import ModelJudge, is_harmful_compliance
     from dro_jax.loading import load_model
 
     directory, torch_model = tiny_model_dir("llama")

@@ -3,9 +3,9 @@
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.judges import check_judge_template
-from dro_jax.inference.pairwise import check_template
-from dro_jax.inference.templates import JudgeTemplate
+from dro_jax.judging.judges import check_judge_template
+from dro_jax.judging.pairwise import check_template
+from dro_jax.judging.templates import JudgeTemplate
 
 FIELDS = ("query", "response")
 

@@ -25,7 +25,7 @@ import enum
 import re
 from typing import Sequence
 
-from dro_jax.inference.reply_text import response_opening
+from dro_jax.judging.reply_text import response_opening
 
 _QUOTES = str.maketrans({"’": "'", "‘": "'", "`": "'"})
 # Contractions spelled out, so that each pattern below has one spelling to match.

@@ -4,7 +4,7 @@ A judge is anything with `first_preferred(instructions, first, second)`, the
 probability that the first answer shown is the better one (the
 `PairwiseJudge` protocol). `ModelPairwiseJudge` asks a chat model, with both
 answers in one user message, and reads its verdict in one scoring pass, as
-`dro_jax.inference.judges.ModelJudge` does: the probability of replying "A"
+`dro_jax.judging.judges.ModelJudge` does: the probability of replying "A"
 against "B", no generation. A judge may favour a position; callers that show
 every pair in both orders (see `dro_jax.evaluation.helpfulness`) cancel that.
 """
@@ -20,7 +20,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.refusal_score import opening_log_probs
-from dro_jax.inference.templates import JudgeTemplate
+from dro_jax.judging.templates import JudgeTemplate
 from dro_jax.loading import LoadedModel
 
 FIELDS = ("instruction", "answer_a", "answer_b")
@@ -35,7 +35,7 @@ DEFAULT_TEMPLATE = (
 
 
 def check_template(template: str) -> str:
-    """The template, if it follows `dro_jax.inference.templates` with every field (checked before a judge model
+    """The template, if it follows `dro_jax.judging.templates` with every field (checked before a judge model
     is loaded for it)."""
     return JudgeTemplate(template, FIELDS, "a pairwise judge template").text
 

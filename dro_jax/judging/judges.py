@@ -12,7 +12,7 @@ exceptions that cancel it. Both phrase lists are data in `dro_jax/data/`;
 (the `SafetyJudge` protocol); `is_harmful_compliance` is the paper's rule that
 combines that verdict with the string judge's for replies to harmful queries.
 The rule is applied where the query set is known to be harmful (see
-`dro_jax.inference.respond.judge_harm`), so that a reply to a harmless query is
+`dro_jax.judging.responses.judge_harm`), so that a reply to a harmless query is
 judged by the string judge alone.
 """
 
@@ -30,10 +30,10 @@ from jax.sharding import Mesh
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.paths import as_path
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.declines import DeclineJudge
+from dro_jax.judging.declines import DeclineJudge
 from dro_jax.inference.refusal_score import score_openings
-from dro_jax.inference.reply_text import reference_opening, response_opening
-from dro_jax.inference.templates import JudgeTemplate
+from dro_jax.judging.reply_text import reference_opening, response_opening
+from dro_jax.judging.templates import JudgeTemplate
 from dro_jax.loading import LoadedModel, load_model
 
 FIELDS = ("query", "response")  # of a safety judge's template
@@ -77,7 +77,7 @@ class StringJudge:
     @staticmethod
     def load(spec: str | Path | None) -> "StringJudge | ReferenceStringJudge | DeclineJudge":
         """The string judge a `--refusal-phrases` value names: `decline` (explicit declines only, see
-        `dro_jax.inference.declines`), `paper` (the reference's rule), `dro-jax` or None (the packaged phrases of
+        `dro_jax.judging.declines`), `paper` (the reference's rule), `dro-jax` or None (the packaged phrases of
         this project), else a JSON phrase file read by `from_file`. A name wins over a file of the same name in
         the working directory."""
         if spec is None or spec == "dro-jax":
@@ -223,7 +223,7 @@ class ModelJudge:
 
 def check_judge_template(template: str | None) -> None:
     """A judge template must have the places where the query and the response go, as plain fields (see
-    `dro_jax.inference.templates`); it is rendered once here, so that a bad one fails before any work."""
+    `dro_jax.judging.templates`); it is rendered once here, so that a bad one fails before any work."""
     if template is not None:
         JudgeTemplate(template, FIELDS)
 
