@@ -57,9 +57,9 @@ from dro_jax.dro.task import TrainingTask
 from dro_jax.dro.train import TrainingFiles, train_soft_prompt
 from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.batched import Batching
-from dro_jax.judging.declines import DeclineJudge
 from dro_jax.inference.settings import load_soft_prompt
 from dro_jax.inference.settings import NO_PROMPT, PROMPT_SETTINGS, PromptSetting
+from dro_jax.judging.declines import DeclineJudge
 from dro_jax.loading import LoadedModel, load_model
 from dro_jax.run.config import QuerySets, RunConfig
 from dro_jax.run.pipeline import evaluate_prompts, input_key, stage_inputs, train_stage

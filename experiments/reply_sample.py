@@ -24,10 +24,10 @@ from dro_jax.common.files import write_jsonl
 from dro_jax.data.queries import read_queries
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
 from dro_jax.inference.settings import load_soft_prompt
 from dro_jax.inference.settings import PROMPT_SETTINGS, PromptSetting
+from dro_jax.judging.responses import generate_responses
 from dro_jax.loading import load_model
 
 DECODINGS = {"greedy": SamplingConfig(max_new_tokens=64), "sampled": dataclasses.replace(REFERENCE_SAMPLING, max_new_tokens=64)}

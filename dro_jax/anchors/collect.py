@@ -16,11 +16,11 @@ from dro_jax.common.paths import as_path, local_file
 from dro_jax.data.queries import QueryPairs
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.judging.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.refusal_score import Openings, score_refusal
-from dro_jax.judging.responses import Measuring
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SetSampling
 from dro_jax.inference.settings import NO_PROMPT, PROMPT_SETTINGS
+from dro_jax.judging.judges import RefusalJudge, SafetyJudge
+from dro_jax.judging.responses import Measuring, judged_responses
 from dro_jax.loading import LoadedModel
 
 LABELS = ("logodds", "sampled")
@@ -140,7 +140,9 @@ def _sampled_compliance(
     )
     measuring = Measuring(config.num_samples, config.seed, judge)
     return np.concatenate([
-        compliance_rates(model, encoded.select(rows), sampling, measuring, batching, rows, set_judge, config.keep_longest)
+        compliance_rates(
+            judged_responses(model, encoded.select(rows), sampling, measuring, batching, rows, set_judge, config.keep_longest), len(rows)
+        )
         for sampling, rows, set_judge in parts
     ]).astype(np.float32)
 

@@ -8,12 +8,12 @@ from typing import Sequence
 import numpy as np
 
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.judging.judges import SafetyJudge
+from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import refusal_log_odds
-from dro_jax.judging.responses import Measuring, judged_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting, as_prompt_setting
+from dro_jax.judging.judges import SafetyJudge
+from dro_jax.judging.responses import Measuring, Response, judged_responses
 from dro_jax.loading import LoadedModel
 
 
@@ -31,25 +31,13 @@ class Label:
     refusal_log_odds: float
 
 
-def compliance_rates(
-    model: LoadedModel,
-    encoded: EncodedQueries,
-    sampling: SamplingConfig,
-    measuring: Measuring,
-    batching: Batching = Batching(),
-    query_numbers: Sequence[int] | None = None,
-    judge_model: SafetyJudge | None = None,
-    longest: int | None = None,
-) -> np.ndarray:
-    """[n] share of each encoded query's sampled responses (`measuring.num_samples`) that comply: that the
-    string judge does not call a refusal and, when `judge_model` is given (every query is then a
-    harmful one), that also pass the rest of the paper's rule (`Response.complied`). With `longest`, only each
-    query's that many longest responses by words count (the reference's label: 20 of 25); `query_numbers`: see
-    `generate_responses`."""
-    complied = np.zeros(len(encoded))
-    for response in judged_responses(model, encoded, sampling, measuring, batching, query_numbers, judge_model, longest):
-        complied[response.query_index] += response.complied
-    return complied / (measuring.num_samples if longest is None else longest)
+def compliance_rates(responses: Sequence[Response], num_queries: int) -> np.ndarray:
+    """[num_queries] share of each query's judged responses (from `judged_responses`: the kept ones only, e.g. the
+    reference's 20 longest of 25) that comply (`Response.complied`: not a refusal and, where the judge model gave a
+    verdict, the rest of the paper's rule)."""
+    queries = np.array([response.query_index for response in responses], dtype=int)
+    complied = np.bincount(queries, [response.complied for response in responses], minlength=num_queries)
+    return complied / np.maximum(np.bincount(queries, minlength=num_queries), 1)
 
 
 def label_queries(
@@ -71,7 +59,8 @@ def label_queries(
         log_odds = refusal_log_odds(model, encoded, measuring.openings, batching)
         compliance: list[float | None] = [None] * len(queries)
         if measuring.num_samples > 0:
-            compliance = list(compliance_rates(model, encoded, sampling, measuring, batching, judge_model=judge_model))
+            judged = judged_responses(model, encoded, sampling, measuring, batching, judge_model=judge_model)
+            compliance = list(compliance_rates(judged, len(queries)))
         labels += [
             Label(i, q, setting.name, measuring.num_samples, compliance[i], float(log_odds[i])) for i, q in enumerate(queries)
         ]

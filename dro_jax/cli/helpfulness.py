@@ -75,8 +75,8 @@ def _run_helpfulness(args: argparse.Namespace) -> None:
         check_settings, helpfulness_markdown, measure_helpfulness, prepare_helpfulness_dir, write_helpfulness,
     )
     from dro_jax.inference.batched import Batching
-    from dro_jax.judging.pairwise import ModelPairwiseJudge, check_template
     from dro_jax.inference.sampling import SamplingConfig
+    from dro_jax.judging.pairwise import ModelPairwiseJudge, check_template
     from dro_jax.loading import load_model
 
     out = prepare_helpfulness_dir(args.out)

@@ -101,9 +101,9 @@ def _run_label(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable, write_jsonl
     from dro_jax.data.queries import read_queries
     from dro_jax.inference.batched import Batching
+    from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.judging.judges import StringJudge
     from dro_jax.judging.responses import Measuring
-    from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.loading import load_model
 
     out = check_writable(args.out)

@@ -75,11 +75,11 @@ def _sweep_config(args: argparse.Namespace):
     """The SweepConfig of the command line, without the judge model, which loads later; its options are checked here."""
     import dataclasses
 
-    from dro_jax.evaluation.measure import harmful_set_flags
     from dro_jax.evaluation.evaluate import EvalConfig
+    from dro_jax.evaluation.measure import harmful_set_flags
     from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name
-    from dro_jax.judging.judges import StringJudge
     from dro_jax.inference.refusal_score import Openings
+    from dro_jax.judging.judges import StringJudge
 
     given = {name: getattr(args, name) for name in SAMPLING_OPTIONS if getattr(args, name) is not None}
     if args.num_samples is None and given:

@@ -26,9 +26,9 @@ from dro_jax.dro.loss import Frozen, Objective, weighted_mean
 from dro_jax.dro.microbatch import map_microbatches
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.settings import NO_PROMPT, PromptSetting, resolve_system_prompt
 from dro_jax.judging.judges import RefusalJudge
 from dro_jax.judging.responses import Response, generate_responses, keep_longest
-from dro_jax.inference.settings import NO_PROMPT, PromptSetting, resolve_system_prompt
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix, input_embeddings, prefix_cache, row_positions

@@ -23,9 +23,9 @@ from dro_jax.inference.batching import bucket_length
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import Openings, RefusalScores, score_refusal
 from dro_jax.inference.represent import represent_tokens
-from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting
+from dro_jax.judging.responses import generate_responses
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import SharedPrefix
 

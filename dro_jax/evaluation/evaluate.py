@@ -20,12 +20,12 @@ from dro_jax.evaluation.quality import DegenerationRule, ReplyReference
 from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.judging.judges import RefusalJudge, SafetyJudge
 from dro_jax.inference.likelihood import reply_nll
 from dro_jax.inference.refusal_score import Openings
-from dro_jax.judging.responses import Measuring, Response, keep_longest
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting
+from dro_jax.judging.judges import RefusalJudge, SafetyJudge
+from dro_jax.judging.responses import Measuring, Response, keep_longest
 from dro_jax.loading import LoadedModel
 
 GREEDY = SamplingConfig(max_new_tokens=64)

@@ -30,14 +30,14 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.files import write_jsonl
 from dro_jax.common.tables import markdown_table, write_tables
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
-from dro_jax.evaluation.rows import EvalRow
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.evaluation.sweep_output import prepare_output_dir
 from dro_jax.inference.batched import Batching
-from dro_jax.judging.pairwise import PairwiseJudge
-from dro_jax.judging.responses import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.pairwise import PairwiseJudge
+from dro_jax.judging.responses import Response
 from dro_jax.loading import LoadedModel
 
 FILE_NAMES = ("helpfulness.md", "helpfulness.csv", "helpfulness.json", "answers.jsonl")

@@ -22,11 +22,11 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries
-from dro_jax.judging.judges import SafetyJudge
 from dro_jax.inference.likelihood import reply_nll
 from dro_jax.inference.refusal_score import RefusalScores, score_refusal
-from dro_jax.judging.responses import Measuring, Response, judged_responses
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.judging.judges import SafetyJudge
+from dro_jax.judging.responses import Measuring, Response, judged_responses
 from dro_jax.loading import LoadedModel
 
 

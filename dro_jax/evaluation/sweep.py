@@ -41,10 +41,10 @@ from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
-from dro_jax.judging.judges import SafetyJudge
-from dro_jax.judging.responses import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import NO_PROMPT, PromptSetting
+from dro_jax.judging.judges import SafetyJudge
+from dro_jax.judging.responses import Response
 from dro_jax.loading import LoadedModel, load_model
 from dro_jax.parallel.distributed import allgather_json, process_share, shows_progress
 from dro_jax.parallel.mesh import process_count

@@ -30,8 +30,8 @@ from jax.sharding import Mesh
 from dro_jax.common.errors import DroJaxError
 from dro_jax.common.paths import as_path
 from dro_jax.inference.batched import Batching
-from dro_jax.judging.declines import DeclineJudge
 from dro_jax.inference.refusal_score import score_openings
+from dro_jax.judging.declines import DeclineJudge
 from dro_jax.judging.reply_text import reference_opening, response_opening
 from dro_jax.judging.templates import JudgeTemplate
 from dro_jax.loading import LoadedModel, load_model

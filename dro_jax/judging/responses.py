@@ -13,12 +13,12 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching, PassInfo, check_context, run_batched
 from dro_jax.inference.batching import PaddedBatch
 from dro_jax.inference.chat import stop_token_ids
-from dro_jax.judging.declines import DeclineJudge
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.generate import generate_tokens
-from dro_jax.judging.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.judging.declines import DeclineJudge
+from dro_jax.judging.judges import RefusalJudge, SafetyJudge, StringJudge, is_harmful_compliance
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import ModelInputs
 from dro_jax.parallel.sharding import on_mesh, shard_batch

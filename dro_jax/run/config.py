@@ -11,10 +11,10 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
-from dro_jax.judging.judges import RefusalJudge, StringJudge, check_judge_template
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
 from dro_jax.inference.settings import PROMPT_SETTINGS
+from dro_jax.judging.judges import RefusalJudge, StringJudge, check_judge_template
 from dro_jax.loading.registry import DEFAULT_MODEL
 from dro_jax.run.stages import text_digest
 

@@ -32,8 +32,8 @@ from dro_jax.dro.training_set import dro_task
 from dro_jax.evaluation.evaluate import EvalConfig, Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.batched import Batching
-from dro_jax.judging.judges import ModelJudge, RefusalJudge, SafetyJudge
 from dro_jax.inference.settings import PromptSetting, load_soft_prompt
+from dro_jax.judging.judges import ModelJudge, RefusalJudge, SafetyJudge
 from dro_jax.loading import LoadedModel, load_model, resolve_model_path
 from dro_jax.parallel.distributed import barrier, is_writer, process_zero_decides
 from dro_jax.parallel.mesh import data_mesh

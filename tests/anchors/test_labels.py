@@ -14,9 +14,9 @@ from dro_jax.anchors.labels import compliance_rates, label_queries
 from dro_jax.cli.main import main
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.judging.judges import ModelJudge, StringJudge
-from dro_jax.judging.responses import Measuring
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.judging.judges import ModelJudge, StringJudge
+from dro_jax.judging.responses import Measuring, Response, judged_responses
 from dro_jax.loading import load_model
 from helpers import HARMFUL, QUIET
 
@@ -55,7 +55,7 @@ def test_each_part_of_the_paper_rule_decides_the_label(forced, verdict, phrases,
     judge, judge_model = StringJudge(phrases), ModelJudge(load_model(forced[verdict], progress=False))
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     encoded = encode_queries(policy, QUERIES, "none")
-    rates = compliance_rates(policy, encoded, sampling, Measuring(1, judge=judge), QUIET, judge_model=judge_model)
+    rates = compliance_rates(judged_responses(policy, encoded, sampling, Measuring(1, judge=judge), QUIET, judge_model=judge_model), 3)
     np.testing.assert_array_equal(rates, [complied] * 3)
     labels = label_queries(policy, QUERIES, ["none", "short"], sampling, Measuring(1, judge=judge), judge_model, batching=QUIET)
     assert [label.compliance_rate for label in labels] == [complied] * 6
@@ -83,10 +83,12 @@ def test_the_sampled_anchor_label_decodes_each_kind_of_query_with_its_own_sampli
     calls = []
 
     def recorded(model, encoded, sampling, measuring, batching, query_numbers, judge_model, longest):
+        """Ten responses per query, of which max_new_tokens / 100 comply: the rate tells which sampling served the row."""
         calls.append((encoded.queries, sampling.max_new_tokens, measuring.num_samples, measuring.judge, list(query_numbers), longest))
-        return np.full(len(encoded), sampling.max_new_tokens / 1000)
+        complying = sampling.max_new_tokens // 100
+        return [Response(q, "", s, "", 1, refusal=s >= complying) for q in range(len(encoded)) for s in range(10)]
 
-    monkeypatch.setattr(collect, "compliance_rates", recorded)
+    monkeypatch.setattr(collect, "judged_responses", recorded)
     model = load_model(tiny_model_dir("llama")[0], progress=False)
     sampling = SetSampling(SamplingConfig(max_new_tokens=300), SamplingConfig(max_new_tokens=200))
     config = collect.AnchorConfig(settings=("none",), label="sampled", num_samples=25, keep_longest=20, sampling=sampling)
@@ -100,12 +102,12 @@ def test_the_label_counts_only_the_longest_responses_when_asked(monkeypatch):
     """The reference's label: of 5 samples, the 4 longest by words are judged and the rate is over those 4."""
     from dro_jax.anchors import labels
     from dro_jax.judging import responses as respond
-    from dro_jax.judging.responses import Response
 
     texts = ["Sure, here are the steps one two three", "I'm sorry", "Sure, here you go now", "Sure thing then", "Sure, step one is this"]
     replies = [Response(0, "q", s, text, 1, text.startswith("I'm sorry")) for s, text in enumerate(texts)]
     monkeypatch.setattr(respond, "generate_responses", lambda *args, **kwargs: replies)
     monkeypatch.setattr(respond, "judge_harm", lambda responses, *args, **kwargs: responses)
     encoded = [None]  # one query; only its length is read
-    assert labels.compliance_rates(None, encoded, SamplingConfig(), Measuring(5), QUIET, longest=4)[0] == 1.0  # the shortest, a refusal, dropped
-    assert labels.compliance_rates(None, encoded, SamplingConfig(), Measuring(5), QUIET)[0] == 0.8
+    kept = respond.judged_responses(None, encoded, SamplingConfig(), Measuring(5), QUIET, longest=4)
+    assert labels.compliance_rates(kept, 1)[0] == 1.0  # the shortest, a refusal, dropped
+    assert labels.compliance_rates(respond.judged_responses(None, encoded, SamplingConfig(), Measuring(5), QUIET), 1)[0] == 0.8

@@ -9,8 +9,8 @@ import pytest
 from dro_jax.cli.main import main
 from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.helpfulness import WinRate, measure_helpfulness, pairwise_preferences, win_rate
-from dro_jax.judging.pairwise import ModelPairwiseJudge
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.pairwise import ModelPairwiseJudge
 from helpers import HARMLESS, QUIET
 
 INSTRUCTIONS = ["Bake bread.", "Write a poem.", "Explain a lock.", "Say hello."]

@@ -19,14 +19,14 @@ from dro_jax.cli.main import main
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
-from dro_jax.evaluation.rows import results_markdown
 from dro_jax.evaluation.measure import count_harmful_compliance, harmful_set_flags, judge_note
-from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name, run_sweep
+from dro_jax.evaluation.rows import results_markdown
 from dro_jax.evaluation.rows import sweep_markdown
-from dro_jax.judging.judges import ModelJudge, read_judge_template
-from dro_jax.judging.responses import Response, judge_harm
+from dro_jax.evaluation.sweep import SweepConfig, harmful_by_name, run_sweep
 from dro_jax.inference.sampling import SamplingConfig, SetSampling
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.judges import ModelJudge, read_judge_template
+from dro_jax.judging.responses import Response, judge_harm
 from dro_jax.loading import load_model
 from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 

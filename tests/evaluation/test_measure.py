@@ -9,10 +9,10 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.evaluation.measure import count_refusals
 from dro_jax.inference.chat import ChatFormatter
-from dro_jax.judging.responses import keep_longest, response_words
-from dro_jax.judging.responses import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.responses import keep_longest, response_words
+from dro_jax.judging.responses import Response
 from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 
 

@@ -7,9 +7,9 @@ import pytest
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.evaluation.quality import DegenerationCounts, DegenerationRule, ReplyReference
 from dro_jax.inference.batched import Batching
-from dro_jax.judging.responses import Response
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.responses import Response
 from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 
 RULE = DegenerationRule()

@@ -9,9 +9,9 @@ from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.judging.judges import StringJudge
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.judges import StringJudge
 from helpers import HARMFUL, QUIET, TINY_OPENINGS
 
 QUERIES = HARMFUL[:3]

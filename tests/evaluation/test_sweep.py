@@ -19,17 +19,17 @@ from safetensors.numpy import save_file
 from dro_jax.cli.main import main
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.soft_prompt import initial_soft_prompt
-from dro_jax.evaluation.quality import Drift
 from dro_jax.evaluation.evaluate import EvalConfig
+from dro_jax.evaluation.quality import Drift
 from dro_jax.evaluation.rows import EvalRow, sweep_markdown
 from dro_jax.evaluation.sweep import SweepConfig
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.judging.judges import StringJudge
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.represent import represent_tokens
-from dro_jax.judging.responses import Response, generate_responses
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.judging.judges import StringJudge
+from dro_jax.judging.responses import Response, generate_responses
 from dro_jax.loading import load_model
 from dro_jax.parallel.distributed import allgather_json, process_share
 from helpers import QUIET
@@ -244,12 +244,12 @@ from dro_jax.evaluation.evaluate import EvalConfig
 from dro_jax.evaluation.sweep import SweepConfig, run_sweep
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.judging.judges import StringJudge
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.represent import represent_tokens
-from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.judges import StringJudge
+from dro_jax.judging.responses import generate_responses
 from dro_jax.loading import load_model
 from dro_jax.parallel.mesh import local_mesh
 

@@ -9,9 +9,9 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.inference.refusal_score import OPENING_SETS, Openings
-from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.responses import generate_responses
 from dro_jax.loading import load_model
 from helpers import QUIET
 

@@ -25,9 +25,9 @@ from dro_jax.inference.batching import shared_prefix_length
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.represent import represent_tokens
-from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
+from dro_jax.judging.responses import generate_responses
 from dro_jax.loading import load_model
 from dro_jax.parity.torch_dro import whole_sequences
 

@@ -10,9 +10,9 @@ from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.refusal_score import refusal_log_odds
 from dro_jax.inference.represent import represent_queries
-from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting, SAFETY_PROMPTS
+from dro_jax.judging.responses import generate_responses
 from dro_jax.loading import load_model
 from helpers import QUIET, TEMPLATES, TINY_OPENINGS
 

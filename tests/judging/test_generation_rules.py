@@ -3,11 +3,11 @@
 import pytest
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.judging import responses as respond
 from dro_jax.inference.chat import end_of_turn_ids, stop_token_ids
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.judging.responses import ends_a_sentence, generate_responses, trim_incomplete_lines
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.judging import responses as respond
+from dro_jax.judging.responses import ends_a_sentence, generate_responses, trim_incomplete_lines
 from dro_jax.loading import load_model
 from helpers import HARMFUL, QUIET, TEMPLATES, tiny_tokenizer
 

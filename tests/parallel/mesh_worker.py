@@ -15,10 +15,10 @@ from dro_jax.dro.train import TrainConfig, TrainingFiles, model_fingerprint, tra
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
-from dro_jax.inference.refusal_score import score_refusal
-from dro_jax.judging.responses import generate_responses
 from dro_jax.inference.generate import _generate
+from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.sampling import SamplingConfig
+from dro_jax.judging.responses import generate_responses
 from dro_jax.loading import load_model
 from dro_jax.models.partitioning import place_params
 from dro_jax.parallel.mesh import describe_mesh, make_mesh

@@ -15,10 +15,10 @@ from dro_jax.cli.main import main
 from dro_jax.cli.run import add_commands, run_config
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import LossWeights
-from dro_jax.evaluation.rows import EvalRow
 from dro_jax.evaluation.movement import movements
-from dro_jax.judging.judges import ReferenceStringJudge, StringJudge
+from dro_jax.evaluation.rows import EvalRow
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
+from dro_jax.judging.judges import ReferenceStringJudge, StringJudge
 from dro_jax.run import plots
 from dro_jax.run.config import RunConfig
 from dro_jax.run.report import LOSS_CURVES, results_text
