@@ -41,7 +41,7 @@ def main() -> None:
         if not target.soft_prompt.exists():
             ablated = dataclasses.replace(config, loss_weights=weights)
             print(f"ablation: DRO without the {term} term (weights {list(weights)})")
-            train_stage(model, ablated, sets, run.anchor_data, run.anchors, target, resume=True)
+            train_stage(model, ablated, sets.train, run.anchors, target, resume=True, data=run.anchor_data)
         prompts[f"DRO without {term}"] = target.soft_prompt
     rows, coords, log_odds = evaluate_extra_prompts(model, run, prompts)
     rows, moved = comparison(run, rows, coords, log_odds)

@@ -198,7 +198,7 @@ class Experiment:
             self._prompt_tuning(config, files)
         else:
             data, anchors = self.anchors(config)
-            train_stage(self.model, config, QuerySets.read(config), data, anchors, files, resume=True)
+            train_stage(self.model, config, QuerySets.read(config).train, anchors, files, resume=True, data=data)
         return files.soft_prompt
 
     def _prompt_tuning(self, config: RunConfig, files: TrainingFiles) -> None:

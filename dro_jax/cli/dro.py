@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ BASELINE_OPTIONS = {
 }
 # The options that mean nothing without --baseline (--epochs and --response-tokens have uses or defaults of their own).
 BASELINE_ONLY = ("pt_paper", "pt_responses", "pt_samples", "pt_negatives", "pt_token_mean", "unlikelihood_weight")
+# `dro-jax anchor` / `train` option -> RunConfig field, where the names differ.
+RUN_FIELDS = {"harmful": "harmful_train", "harmless": "harmless_train", "num_samples": "label_samples", "batch_size_eval": "eval_batch_size",
+              "lr": "learning_rate"}
 # `dro-jax train` options that say where and how it computes, not what (results the same within float rounding) and
 # the command's own plumbing: `--resume` may change them.
 EXECUTION_OPTIONS = (
@@ -72,7 +76,7 @@ def add_commands(commands) -> None:
     train.add_argument("--epochs", type=positive_int, help=f"(default: {PAPER_TRAINING.epochs}; --baseline: 5, the paper's)")
     train.add_argument("--batch-size", type=positive_int, default=PAPER_TRAINING.batch_size, help="(default: %(default)s)")
     train.add_argument("--lr", type=float, default=PAPER_TRAINING.learning_rate, help="AdamW learning rate (default: %(default)s)")
-    train.add_argument("--seed", type=int, default=42, help="data order and random init (default: %(default)s)")
+    train.add_argument("--seed", type=int, default=42, help="data order, random init and the sampled label's samples (default: %(default)s)")
     train.add_argument(
         "--loss-weights", type=float, nargs=len(terms), metavar=tuple(t.upper() for t in terms), default=list(LossWeights().as_tuple()),
         help=f"weights of the {', '.join(terms)} terms (default: %(default)s, the paper's)",
@@ -135,24 +139,38 @@ def add_commands(commands) -> None:
     evaluate.set_defaults(run=_run_evaluate)
 
 
-def _anchor_config(args: argparse.Namespace):
-    from dro_jax.anchors.collect import AnchorConfig
-    from dro_jax.anchors.space import FitConfig
-    from dro_jax.inference.refusal_score import Openings
+def stage_config(args: argparse.Namespace, **resolved):
+    """The main job's config of what `dro-jax anchor` or `train` was told (`resolved`: values worked out from several
+    options), so that these commands build the anchor space and train through the main job's own stages. Options
+    named alike are the same field; a command's missing ones keep RunConfig's defaults, which its stages do not
+    read. A sampled label keeps these commands' decoding (`LABEL_SAMPLING`: 10 to 64 new tokens)."""
+    from dro_jax.anchors.collect import LABEL_SAMPLING
+    from dro_jax.judging.judges import read_judge_template
+    from dro_jax.run.config import RunConfig
 
-    fit = FitConfig(num_components=args.num_components, folds=args.folds, refusal_fit=args.refusal_fit)
-    return AnchorConfig(settings=tuple(args.settings), label=args.label, num_samples=args.num_samples, fit=fit, openings=Openings.load(args.openings))
+    fields = {field.name for field in dataclasses.fields(RunConfig)}
+    given = {RUN_FIELDS.get(name, name): value for name, value in vars(args).items()}
+    given = {name: tuple(value) if isinstance(value, list) else value for name, value in given.items() if name in fields}
+    decoding = dict(max_new_tokens_harmful=LABEL_SAMPLING.max_new_tokens, max_new_tokens_harmless=LABEL_SAMPLING.max_new_tokens,
+                    min_new_tokens=LABEL_SAMPLING.min_new_tokens)
+    return RunConfig(**{**decoding, **given, "judge_template": read_judge_template(args.judge_template), **resolved})
 
 
-def _build_anchors(args: argparse.Namespace, model, pairs, out: Path, mesh=None):
+def train_run_config(args: argparse.Namespace, baseline=None):
+    """`stage_config` of `dro-jax train`: the epochs trained (the baseline's own, else --epochs or the paper's) and
+    the loss weights with the --ablate terms at 0."""
+    weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
+    epochs = baseline.epochs if baseline else args.epochs or PAPER_TRAINING.epochs
+    return stage_config(args, epochs=epochs, loss_weights=weights.as_tuple())
+
+
+def _build_anchors(args: argparse.Namespace, config, model, pairs, out: Path, mesh=None):
     from dro_jax.anchors.collect import check_judged_label
-    from dro_jax.inference.batched import Batching
-    from dro_jax.run.pipeline import write_anchor_space
+    from dro_jax.run.pipeline import anchor_stage
 
-    config = _anchor_config(args)
-    check_judged_label(config, bool(args.judge_model))
+    check_judged_label(config.anchor_config(), bool(args.judge_model))
     judge_model = model_judge(args, args.batch_size_eval, mesh, policy=model)
-    return write_anchor_space(model, pairs, config, Batching(args.batch_size_eval, mesh), out, judge_model=judge_model)[0]
+    return anchor_stage(model, config, pairs, out, mesh=mesh, judge_model=judge_model)[0]
 
 
 def _run_anchor(args: argparse.Namespace) -> None:
@@ -163,8 +181,9 @@ def _run_anchor(args: argparse.Namespace) -> None:
     out = check_writable(args.out)
     pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
     check_judge_args(args)
+    config = stage_config(args)
     model = load_model(args.model, args.dtype, attention=args.attention)
-    _build_anchors(args, model, pairs, out)
+    _build_anchors(args, config, model, pairs, out)
     print(f"wrote {out}", file=sys.stderr)
 
 
@@ -200,21 +219,14 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_objective
     from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
     from dro_jax.dro.task import TrainingTask
-    from dro_jax.dro.train import TrainConfig, TrainingFiles, train_soft_prompt
-    from dro_jax.dro.training_set import dro_task
+    from dro_jax.dro.train import TrainingFiles, train_soft_prompt
     from dro_jax.inference.batched import Batching
-    from dro_jax.inference.refusal_score import Openings
     from dro_jax.loading import load_model, resolve_model_path
     from dro_jax.parallel.distributed import is_writer, process_zero_decides
+    from dro_jax.run.pipeline import train_stage
 
-    weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
     baseline = baseline_config(args)
-    config = TrainConfig(
-        epochs=baseline.epochs if baseline else args.epochs or PAPER_TRAINING.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-        loss_weights=weights,
-        refusal_score=args.refusal_score, openings=Openings.load(args.openings), checkpoint_every=args.checkpoint_every, remat=args.remat,
-        microbatch=args.microbatch,
-    )
+    config = train_run_config(args, baseline)
     pairs = QueryPairs.read(args.harmful, args.harmless, args.field)
     if args.batch_size > len(pairs):
         raise DroJaxError(f"batch size {args.batch_size} is larger than the {len(pairs)} training queries")
@@ -234,13 +246,13 @@ def _run_train(args: argparse.Namespace) -> None:
             print(f"prompt-tuning baseline: {baseline.describe()}", file=sys.stderr)
         data = prepare_response_set(model, pairs, base_prompt, len(initial), baseline, args.seed, Batching(mesh=mesh))
         task = TrainingTask(initial, data, prompt_tuning_objective(model.config, baseline, args.remat, args.microbatch))
+        result = train_soft_prompt(model, task, config.train_config(), files, args.resume, mesh=mesh)
     else:
         if anchors is None:
             anchor_path = files.root / "anchors.safetensors"
             built = process_zero_decides(anchor_path.exists)  # before process 0 may write it
-            anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, model, pairs, anchor_path, mesh)
-        task = dro_task(model, pairs, anchors, initial, base_prompt, config, batching=Batching(mesh=mesh))
-    result = train_soft_prompt(model, task, config, files, args.resume, mesh=mesh)
+            anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, config, model, pairs, anchor_path, mesh)
+        result = train_stage(model, config, pairs, anchors, files, args.resume, mesh, start=(initial, base_prompt))
     if not is_writer():
         return
     last = result.metrics[-1] if result.metrics else {}

@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+import jax
 from jax.sharding import Mesh
 
-from dro_jax.anchors.collect import AnchorConfig, AnchorData, build_anchor_space
+from dro_jax.anchors.collect import AnchorData, build_anchor_space
 from dro_jax.anchors.space import AnchorSpace, save_anchor_space
 from dro_jax.common.compiles import count_compiles
 from dro_jax.common.errors import DroJaxError
@@ -27,13 +28,13 @@ from dro_jax.common.paths import as_path
 from dro_jax.common.run_directory import claim_run_directory
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
-from dro_jax.dro.train import TrainingFiles, train_soft_prompt
+from dro_jax.dro.train import TrainingFiles, TrainResult, train_soft_prompt
 from dro_jax.dro.training_set import dro_task
 from dro_jax.evaluation.evaluate import EvalConfig, Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.settings import PromptSetting, load_soft_prompt
-from dro_jax.judging.judges import ModelJudge, RefusalJudge, SafetyJudge
+from dro_jax.judging.judges import ModelJudge, SafetyJudge
 from dro_jax.loading import LoadedModel, load_model, resolve_model_path
 from dro_jax.parallel.distributed import barrier, is_writer, process_zero_decides
 from dro_jax.parallel.mesh import data_mesh
@@ -108,20 +109,21 @@ def fit_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_anchor_space(
+def anchor_stage(
     model: LoadedModel,
+    config: RunConfig,
     pairs: QueryPairs,
-    config: AnchorConfig,
-    batching: Batching,
     out: Path,
-    judge: RefusalJudge | None = None,
-    judge_model: SafetyJudge | None = None,
     data_out: Path | None = None,
+    mesh: Mesh | None = None,
+    judge_model: SafetyJudge | None = None,
 ) -> tuple[AnchorSpace, AnchorData]:
-    """Builds the anchor space of `pairs` (a sampled label judged by `judge` and `judge_model`, see
-    `build_anchor_space`), writes it to `out` with its report beside it and, with `data_out`, the anchor inputs' rows there, and
-    says how well it fits. The main job's anchor stage, `dro-jax anchor` and `dro-jax train` build it here."""
-    space, report, data = build_anchor_space(model, pairs, config, judge, judge_model, batching)
+    """Builds the anchor space of `pairs` as `config` says (a sampled label judged by its string judge and by
+    `judge_model`, see `build_anchor_space`), writes it to `out` with its report beside it and, with `data_out`,
+    the anchor inputs' rows there, and says how well it fits. The main job, `dro-jax anchor` and `dro-jax train`
+    build it here."""
+    batching = Batching(config.eval_batch_size, mesh)
+    space, report, data = build_anchor_space(model, pairs, config.anchor_config(), config.string_judge(), judge_model, batching)
     if is_writer():
         if data_out is not None:
             data.save(data_out)
@@ -130,27 +132,25 @@ def write_anchor_space(
     return space, data
 
 
-def anchor_stage(
-    model: LoadedModel, config: RunConfig, sets: QuerySets, paths: RunPaths, mesh: Mesh | None = None, judge_model: SafetyJudge | None = None
-) -> None:
-    write_anchor_space(
-        model, sets.train, config.anchor_config(), Batching(config.eval_batch_size, mesh), paths.anchors,
-        config.string_judge(), judge_model, paths.anchor_data,
-    )
-
-
 def train_stage(
-    model: LoadedModel, config: RunConfig, sets: QuerySets, data: AnchorData, anchors: AnchorSpace, target: TrainingFiles, resume: bool,
+    model: LoadedModel,
+    config: RunConfig,
+    pairs: QueryPairs,
+    anchors: AnchorSpace,
+    target: TrainingFiles,
+    resume: bool,
     mesh: Mesh | None = None,
-) -> Path:
-    """Trains the soft prompt on `anchors` into `target` (the run itself, or e.g. an experiment's directory beside
-    it), with the base and reference states from the anchor stage's `data` where it covered the init prompt and
-    no prompt; returns the exported prompt."""
-    initial = initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
+    data: AnchorData | None = None,
+    start: tuple[jax.Array, str] | None = None,
+) -> TrainResult:
+    """Trains a DRO soft prompt on `pairs` and `anchors` as `config` says, into `target` (a run, `dro-jax train`'s
+    directory, or an experiment's beside a run), with the base and reference states from the anchor stage's `data`
+    where it covered them; `start` is (initial prompt, the setting its base states are taken under), default
+    `config.init_prompt`'s embeddings (the prompt is exported to `target.soft_prompt`)."""
+    initial, base_prompt = start or (initial_soft_prompt(model.params, model.tokenizer, config.init_prompt), config.init_prompt)
     train = config.train_config()
-    task = dro_task(model, sets.train, anchors, initial, config.init_prompt, train, data, Batching(mesh=mesh))
-    train_soft_prompt(model, task, train, target, resume, mesh=mesh)
-    return target.soft_prompt
+    task = dro_task(model, pairs, anchors, initial, base_prompt, train, data, Batching(mesh=mesh))
+    return train_soft_prompt(model, task, train, target, resume, mesh=mesh)
 
 
 def evaluate_prompts(
@@ -232,9 +232,9 @@ def run_pipeline(
     stages = [
         Stage("anchors", "anchor space (representations, refusal labels, PCA, probes)",
               [paths.anchors, paths.anchor_report, paths.anchor_data],
-              lambda m: anchor_stage(m, config, sets, paths, mesh, judge() if config.judges_labels else None)),
+              lambda m: anchor_stage(m, config, sets.train, paths.anchors, paths.anchor_data, mesh, judge() if config.judges_labels else None)),
         Stage("train", "DRO training", [paths.soft_prompt, paths.metrics],
-              lambda m: train_stage(m, config, sets, AnchorData.load(paths.anchor_data), AnchorSpace.load(paths.anchors), paths, resume, mesh)),
+              lambda m: train_stage(m, config, sets.train, AnchorSpace.load(paths.anchors), paths, resume, mesh, AnchorData.load(paths.anchor_data))),
         Stage("evaluate", "evaluation on the held-out sets", [paths.evaluation, paths.responses],
               lambda m: evaluate_stage(m, config, sets, paths, mesh, judge()), redo_on_resume=True),
     ]

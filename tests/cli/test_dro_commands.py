@@ -175,3 +175,26 @@ def test_baseline_options_without_the_baseline_are_refused(option):
 
     with pytest.raises(DroJaxError, match=f"{option[0].replace('no-', '')} shapes the prompt-tuning baseline"):
         baseline_config(_parsed(*option))
+
+
+def test_the_train_command_trains_through_the_main_jobs_config():
+    """`dro-jax train`'s options become the RunConfig the main job's stages read: renamed options land in their
+    fields, its own defaults (the paper's schedule, apologies openings) are kept, not RunConfig's, ablated terms
+    weigh 0, and a sampled label keeps the anchor commands' 10 to 64 new tokens."""
+    from dro_jax.anchors.collect import LABEL_SAMPLING
+    from dro_jax.cli.dro import train_run_config
+    from dro_jax.inference.refusal_score import Openings
+    from dro_jax.inference.sampling import SetSampling
+    from dro_jax.run.config import PAPER_TRAINING
+
+    args = _parsed("--harmful", "h.txt", "--harmless", "l.txt", "--label", "sampled", "--num-samples", "3", "--batch-size-eval", "7",
+                   "--lr", "0.02", "--seed", "5", "--settings", "none", "short", "--ablate", "harmfulness")
+    config = train_run_config(args)
+    assert (config.harmful_train, config.harmless_train, config.label_samples, config.eval_batch_size) == ("h.txt", "l.txt", 3, 7)
+    assert (config.learning_rate, config.seed, config.settings, config.epochs) == (0.02, 5, ("none", "short"), PAPER_TRAINING.epochs)
+    assert (config.batch_size, config.refusal_score, config.openings) == (PAPER_TRAINING.batch_size, "probe", None)
+    train = config.train_config()
+    assert train.loss_weights.harmfulness == 0 and train.loss_weights.refusal == 1 and train.openings == Openings()
+    assert train.checkpoint_every == 10 and train_run_config(_parsed("--epochs", "3")).epochs == 3
+    label = config.anchor_config()
+    assert (label.num_samples, label.seed, label.sampling) == (3, 5, SetSampling.same(LABEL_SAMPLING))
