@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.bench.common import best_of, work_gflop
+from dro_jax.bench.common import best_of
 from dro_jax.bench.device import DTYPES, bench_device
 from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"dro-jax vs transformers: refusal log-odds max abs diff {log_odds_diff:.1e}, states min cosine {cosine:.6f}")
     print(f"matmul peak ({device.limits_from}): {device.peak_gflops:.0f} GFLOP/s\n")
     # The prompts' forward work (the openings' few tokens left out): dro-jax's with each setting's shared prefix once per batch.
-    whole = sum(work_gflop(model.config, np.array([len(s) for s in e.sequences])) for e in encoded.values())
-    shared_once = sum(work_gflop(model.config, np.array([len(s) for s in e.sequences]), e.prefix_length, args.batch_size) for e in encoded.values())
+    whole = sum(model.config.pass_flops(np.array([len(s) for s in e.sequences])) / 1e9 for e in encoded.values())
+    shared_once = sum(model.config.pass_flops(np.array([len(s) for s in e.sequences]), e.prefix_length, args.batch_size) / 1e9 for e in encoded.values())
     rows, figures = [], []
     for name, work, note in (
         ("dro-jax", shared_once, f"shared prefix once per batch; compile {max(first - min(timings['dro-jax']), 0):.1f} s on the first call"),

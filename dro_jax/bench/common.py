@@ -47,17 +47,3 @@ def layer_matmuls_gflops(config, rows: int, dtype: str = "float32", repeats: int
     seconds = best_of(repeats, lambda: jax.block_until_ready(projections(x, weights)))
     flops = 2.0 * rows * config.num_layers * sum(a * b for a, b in shapes)
     return flops / seconds / 1e9
-
-
-def work_gflop(config, lengths, prefix_length: int = 0, batch_size: int = 1) -> float:
-    """GFLOP of one forward pass over sequences of `lengths` tokens (matmuls plus causal attention, no padding).
-
-    With a shared prefix, its `prefix_length` tokens run once per batch of
-    `batch_size`, and each sequence's remaining tokens attend to them.
-    """
-    batches = -(-len(lengths) // batch_size)
-    flops = batches * config.forward_flops(prefix_length, prefix_length * (prefix_length + 1) // 2) if prefix_length else 0.0
-    for n in lengths:
-        own = int(n) - prefix_length
-        flops += config.forward_flops(own, own * prefix_length + own * (own + 1) // 2)
-    return flops / 1e9

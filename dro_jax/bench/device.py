@@ -5,7 +5,7 @@ the same device in the same precision: on a GPU both run there in bfloat16
 (transformers on CUDA), on a CPU both in float32. Each row's fraction of the
 chip's limit is read against its compute peak (matmul FLOP/s in that dtype) or
 its memory bandwidth: the vendors' dense figures for known accelerators,
-measured here otherwise (always on CPUs, whose figures vary by machine).
+measured here otherwise (always on CPUs, whose figures vary by machine; the datasheets: `dro_jax.parallel.chips`).
 """
 
 from __future__ import annotations
@@ -16,25 +16,9 @@ import jax.numpy as jnp
 
 from dro_jax.bench.common import best_of
 from dro_jax.common.errors import DroJaxError
+from dro_jax.parallel.chips import datasheet
 
-# device_kind fragment -> (dense bfloat16 TFLOP/s, memory TB/s), the vendors' datasheet figures; the first match wins.
-DATASHEETS = {
-    "H100 PCIe": (756.0, 2.0),
-    "H100": (989.0, 3.35),
-    "H200": (989.0, 4.8),
-    "A100": (312.0, 2.0),
-    "L4": (121.0, 0.3),
-    "TPU v4": (275.0, 1.2),
-    "TPU v5 lite": (197.0, 0.82),
-    "TPU v5": (459.0, 2.76),
-    "TPU v6 lite": (918.0, 1.64),
-}
 DTYPES = ("bfloat16", "float32")
-
-
-def datasheet(kind: str) -> tuple[float, float] | None:
-    """(bfloat16 TFLOP/s, TB/s) of a known accelerator by jax's `device_kind`, or None."""
-    return next((figures for fragment, figures in DATASHEETS.items() if fragment in kind), None)
 
 
 def matmul_peak_gflops(dtype: str = "float32", sizes: tuple[int, ...] = (1024, 2048, 3072), repeats: int = 5) -> float:

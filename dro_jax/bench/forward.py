@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.bench.common import best_of, layer_matmuls_gflops, work_gflop
+from dro_jax.bench.common import best_of, layer_matmuls_gflops
 from dro_jax.bench.device import DTYPES, bench_device
 from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
     sequences, shared = encoded.sequences, encoded.prefix_length
     whole = EncodedQueries(sequences, prefix_length=0)
     lengths = np.array([len(s) for s in sequences])
-    plain_work = work_gflop(config, lengths)
+    plain_work = config.pass_flops(lengths) / 1e9
     print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters; {device.describe()}")
     print(f"{len(sequences)} queries, {lengths.sum()} tokens (mean {lengths.mean():.0f}, {shared} shared by all), batch "
           f"{args.batch_size}; XLA sees {os.cpu_count()} cores, PyTorch {args.threads} threads")
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
                         "gflops": work / seconds, "of_peak": work / seconds / peak, "note": note})
 
     jax_seconds = statistics.median(timings["jax"])
-    row("dro-jax, jit, batched", jax_seconds, work_gflop(config, lengths, shared, args.batch_size),
+    row("dro-jax, jit, batched", jax_seconds, config.pass_flops(lengths, shared, args.batch_size) / 1e9,
         f"shared prefix run once per batch; compiling its shapes cost {max(first_call - min(timings['jax']), 0):.1f} s on the first call")
     row("dro-jax, jit, batched, every query whole", statistics.median(timings["whole"]), plain_work, "the same work as transformers")
     row("transformers, batched", statistics.median(timings["torch"]), plain_work,

@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dro_jax.bench.common import work_gflop
 from dro_jax.bench.device import DTYPES, bench_device
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import QueryPairs, read_queries
@@ -161,7 +160,7 @@ def run(args: argparse.Namespace) -> None:
     from dro_jax.anchors.space import AnchorSpace, LinearProbe, complete_basis, fit_pca
     from dro_jax.common.errors import DroJaxError
     from dro_jax.dro.loss import LossWeights, check_refusal_score, dro_objective
-    from dro_jax.inference.refusal_score import OpeningTree, Openings, encode_openings
+    from dro_jax.inference.refusal_score import Openings
     from dro_jax.dro.soft_prompt import initial_soft_prompt
     from dro_jax.dro.train import TrainConfig, batch_indices, frozen_inputs, make_optimizer, make_train_step, place_frozen
     from dro_jax.dro.training_set import REPLY_TOKENS, prepare_training_set
@@ -201,8 +200,7 @@ def run(args: argparse.Namespace) -> None:
 
     shared = 0 if data.prefix is None else len(data.prefix.tokens)
     real = shared + batch.attention_mask[: len(index)].sum(axis=1).astype(np.int64)  # whole inputs
-    forward_flops = work_gflop(config, real) * 1e9
-    shared_flops = work_gflop(config, real, shared, len(index)) * 1e9
+    forward_flops = config.pass_flops(real)
     print(f"model {model.source}: {config.num_parameters / 1e6:.1f}M parameters; {device.describe()}; soft prompt {init.shape[0]} "
           f"rows (float32) from the {args.init_prompt!r} prompt")
     print(f"batch {len(index)} of {len(data)} training queries: {real.sum()} real tokens; dro-jax runs their shared prefix of {shared} tokens once and each row's own part "
@@ -226,12 +224,15 @@ def run(args: argparse.Namespace) -> None:
 
     # dro-jax: the training loop's own jitted step, state replicated and batch sharded as there, per refusal score.
     optimizer = make_optimizer(train_config)
-    frozen = place_frozen(frozen_inputs(model, anchors, data.prefix, openings), config, mesh)
+    unplaced = frozen_inputs(model, anchors, data.prefix, openings)
+    frozen = place_frozen(unplaced, config, mesh)
     jax_batch = shard_batch(batch, mesh)
     weights = dataclasses.replace(LossWeights(), preserve=args.preserve, replies=args.replies)
-    jax_metrics = {}
+    jax_metrics, step_flops = {}, {}
     for score in args.refusal_scores:
-        loss_fn = dro_objective(config, weights, refusal_score=score).loss
+        objective = dro_objective(config, weights, refusal_score=score)
+        step_flops[score] = objective.step_flops(batch, unplaced)  # the training loop's own count
+        loss_fn = objective.loss
         step_fn = make_train_step(loss_fn, optimizer, mesh)
         state = {"prompt": replicate(jnp.asarray(init), mesh)}
         state["opt"] = replicate(optimizer.init(state["prompt"]), mesh)
@@ -273,14 +274,6 @@ def run(args: argparse.Namespace) -> None:
 
     peak = device.peak_gflops
     table = []
-    nodes = OpeningTree.of(encode_openings(model.tokenizer, openings.refusal + openings.compliant)).token_ids.shape[0]
-    tree_flops = work_gflop(config, real + nodes, shared, len(index)) * 1e9  # the openings' tree: `nodes` more tokens per row
-    # The replies term: one more pass over each row's query and its reply (the probe and head scores take their states from it).
-    replies = batch.reply_mask[: len(index)].sum(axis=1).astype(np.int64)
-    replies_flops = work_gflop(config, real + replies, shared, len(index)) * 1e9 if args.replies else 0.0
-
-    def jax_work(score: str) -> float:
-        return (tree_flops if score == "openings" else 0.0 if args.replies else shared_flops) + replies_flops
 
     labels = {
         "torch_step": ("PyTorch training step, paper's loss", 2 * forward_flops,
@@ -289,8 +282,8 @@ def run(args: argparse.Namespace) -> None:
     }
     for score in args.refusal_scores:
         weighted = f"refusal score {score}, preserve weight {args.preserve:g}" + (f", replies weight {args.replies:g}" if args.replies else "")
-        labels[f"jax_step:{score}"] = (f"dro-jax training step, {weighted}", 2 * jax_work(score), "jit; value_and_grad + optax clip/AdamW")
-        labels[f"jax_forward:{score}"] = (f"dro-jax loss, forward only, {weighted}", jax_work(score), "jit")
+        labels[f"jax_step:{score}"] = (f"dro-jax training step, {weighted}", step_flops[score], "jit; value_and_grad + optax clip/AdamW")
+        labels[f"jax_forward:{score}"] = (f"dro-jax loss, forward only, {weighted}", step_flops[score] / 2, "jit")
     median = {key: statistics.median(result["times"]) for key, result in results.items()}
     order = [f"jax_step:{s}" for s in args.refusal_scores] + ["torch_step"] + [f"jax_forward:{s}" for s in args.refusal_scores] + ["torch_forward"]
     for key in order:

@@ -7,7 +7,9 @@ building the parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig
 from dro_jax.inference.settings import PROMPT_SETTINGS
@@ -238,8 +240,8 @@ def add_host_args(parser: argparse.ArgumentParser) -> None:
     hosts.add_argument("--process-id", type=non_negative_int, help="this process's index; only process 0 writes files")
 
 
-def add_mesh_args(parser: argparse.ArgumentParser, microbatch: bool = False) -> None:
-    """--mesh (and, for training, --microbatch), and the multi-host options."""
+def add_mesh_args(parser: argparse.ArgumentParser, training: bool = False) -> None:
+    """--mesh (and, for training, --microbatch and --profile), and the multi-host options."""
     parser.add_argument(
         "--mesh", metavar="AXIS=N,...",
         help="how the devices of every process are used: sizes of the data, fsdp and model axes, e.g. fsdp=8 or "
@@ -250,12 +252,31 @@ def add_mesh_args(parser: argparse.ArgumentParser, microbatch: bool = False) -> 
         help="how much of each --mesh axis spans TPU slices (elsewhere: processes), which talk over the slower "
         "data-centre network, e.g. data=2 for two slices; the rest of each axis stays within one (default: laid out by the topology alone)",
     )
-    if microbatch:
+    if training:
         parser.add_argument(
             "--microbatch", type=positive_int, metavar="B",
             help="run B rows through the model at a time and accumulate: the same update as the whole batch, less memory",
         )
+        parser.add_argument(
+            "--profile", metavar="DIR", type=profile_directory,
+            help="write a jax.profiler trace of a few training steps into DIR, a local directory (view it in TensorBoard's "
+            "profile plugin, or its trace.json.gz in ui.perfetto.dev)",
+        )
     add_host_args(parser)
+
+
+def profile_directory(text: str) -> Path:
+    """--profile's directory, checked as the command line is read: local (the profiler writes through the local
+    file system), and a writable directory or one that can be made there (the trace makes it)."""
+    from dro_jax.common.paths import as_path, is_remote
+
+    path = as_path(text)
+    if is_remote(path):
+        raise argparse.ArgumentTypeError(f"{text}: the profiler writes local directories only; copy the trace afterwards")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not a writable directory")
+    return path
 
 
 def start_job(args: argparse.Namespace):

@@ -30,7 +30,7 @@ RUN_FIELDS = {"harmful": "harmful_train", "harmless": "harmless_train", "num_sam
 # the command's own plumbing: `--resume` may change them.
 EXECUTION_OPTIONS = (
     "command", "run", "out", "resume", "attention", "batch_size_eval", "compilation_cache", "precision", "mesh", "dcn_mesh", "microbatch",
-    "coordinator", "num_processes", "process_id",
+    "profile", "coordinator", "num_processes", "process_id",
 )
 
 
@@ -110,7 +110,7 @@ def add_commands(commands) -> None:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--out", required=True, help="run directory: anchors, checkpoints/, metrics.jsonl, soft_prompt.safetensors "
                        "(with several processes, one directory every process reaches)")
-    add_mesh_args(train, microbatch=True)
+    add_mesh_args(train, training=True)
     train.set_defaults(run=_run_train)
 
     export = commands.add_parser("export", help="write a checkpoint's soft prompt as safetensors (tensor 'soft_prompt' [N, hidden])")
@@ -217,13 +217,12 @@ def _run_train(args: argparse.Namespace) -> None:
     from dro_jax.common.run_directory import claim_run_directory
     from dro_jax.data.queries import QueryPairs
     from dro_jax.dro.prompt_tuning import prepare_response_set, prompt_tuning_objective
-    from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
     from dro_jax.dro.task import TrainingTask
     from dro_jax.dro.train import TrainingFiles, train_soft_prompt
     from dro_jax.inference.batched import Batching
     from dro_jax.loading import load_model, resolve_model_path
     from dro_jax.parallel.distributed import is_writer, process_zero_decides
-    from dro_jax.run.pipeline import train_stage
+    from dro_jax.run.pipeline import starting_prompt, train_stage
 
     baseline = baseline_config(args)
     config = train_run_config(args, baseline)
@@ -235,16 +234,14 @@ def _run_train(args: argparse.Namespace) -> None:
     resolve_model_path(args.model)  # every input checked before the run directory is made
     mesh = start_job(args)
     settings = {**_run_settings(args), "epochs": config.epochs}  # the count trained: DRO runs made while 40 was --epochs' default resume
-    files = TrainingFiles(process_zero_decides(lambda: str(claim_run_directory(args.out, settings, args.resume, _training_in_progress))))
+    claimed = process_zero_decides(lambda: str(claim_run_directory(args.out, settings, args.resume, _training_in_progress)))
+    files = TrainingFiles(claimed, args.profile)
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
-    if args.init_random:
-        initial, base_prompt = random_soft_prompt(model.params, args.init_random, args.seed), "none"
-    else:
-        initial, base_prompt = initial_soft_prompt(model.params, model.tokenizer, args.init_prompt), args.init_prompt
     if baseline:
         if is_writer():
             print(f"prompt-tuning baseline: {baseline.describe()}", file=sys.stderr)
-        data = prepare_response_set(model, pairs, base_prompt, len(initial), baseline, args.seed, Batching(mesh=mesh))
+        initial = starting_prompt(model, config)
+        data = prepare_response_set(model, pairs, config.base_prompt, len(initial), baseline, args.seed, Batching(mesh=mesh))
         task = TrainingTask(initial, data, prompt_tuning_objective(model.config, baseline, args.remat, args.microbatch))
         result = train_soft_prompt(model, task, config.train_config(), files, args.resume, mesh=mesh)
     else:
@@ -252,7 +249,7 @@ def _run_train(args: argparse.Namespace) -> None:
             anchor_path = files.root / "anchors.safetensors"
             built = process_zero_decides(anchor_path.exists)  # before process 0 may write it
             anchors = AnchorSpace.load(anchor_path) if built else _build_anchors(args, config, model, pairs, anchor_path, mesh)
-        result = train_stage(model, config, pairs, anchors, files, args.resume, mesh, start=(initial, base_prompt))
+        result = train_stage(model, config, pairs, anchors, files, args.resume, mesh)
     if not is_writer():
         return
     last = result.metrics[-1] if result.metrics else {}

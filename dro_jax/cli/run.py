@@ -19,7 +19,7 @@ OVERRIDES = {
     "model": "model", "dtype": "dtype", "harmful": "harmful_train", "harmless": "harmless_train", "harmful_test": "harmful_test",
     "harmless_test": "harmless_test", "field": "field", "settings": "settings", "label": "label", "label_samples": "label_samples",
     "label_keep_longest": "label_keep_longest", "openings": "openings",
-    "refusal_fit": "refusal_fit", "init_prompt": "init_prompt", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
+    "refusal_fit": "refusal_fit", "init_prompt": "init_prompt", "init_random": "init_random", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
     "seed": "seed", "loss_weights": "loss_weights", "refusal_score": "refusal_score", "eval_samples": "eval_samples",
     "max_new_tokens_harmful": "max_new_tokens_harmful", "max_new_tokens_harmless": "max_new_tokens_harmless",
     "min_new_tokens": "min_new_tokens", "trim_incomplete_lines": "trim_incomplete_lines", "refusal_phrases": "refusal_phrases",
@@ -54,7 +54,10 @@ def add_commands(commands) -> None:
     run.add_argument("--label-keep-longest", type=positive_int, metavar="N",
                      help="judge only each input's N longest sampled responses, by words (default: all; --paper: 20)")
     add_refusal_fit_arg(run, None)
-    run.add_argument("--init-prompt", help="the human prompt the soft prompt starts from (default: short; --paper: default)")
+    init = run.add_mutually_exclusive_group()
+    init.add_argument("--init-prompt", help="the human prompt the soft prompt starts from (default: short; --paper: default)")
+    init.add_argument("--init-random", type=positive_int, metavar="N",
+                      help="start from N random vocabulary embeddings instead (drawn with --seed; the shifts start from no prompt)")
     run.add_argument("--epochs", type=positive_int, help="(default: 8; --paper: 40)")
     run.add_argument("--batch-size", type=positive_int, help="(default: 25; --paper: 50)")
     run.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-3; --paper: 1e-3)")
@@ -76,7 +79,7 @@ def add_commands(commands) -> None:
     add_phrases_arg(run, None)
     run.add_argument("--remat", action="store_true", default=None, help="recompute activations in the backward pass (less memory)")
     add_judge_args(run, "a response to a harmful query (in the sampled label and the evaluation's harmful set)")
-    add_mesh_args(run, microbatch=True)
+    add_mesh_args(run, training=True)
     run.set_defaults(run=_run)
 
 
@@ -105,7 +108,7 @@ def _run(args: argparse.Namespace) -> None:
         return
     mesh = start_job(args)
     try:
-        results = run_pipeline(config, args.out, args.resume, mesh, args.attention)
+        results = run_pipeline(config, args.out, args.resume, mesh, args.attention, args.profile)
     except KeyboardInterrupt:
         print(f"stopped; `dro-jax run --out {args.out} --resume` (same options) continues", file=sys.stderr)
         raise

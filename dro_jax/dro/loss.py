@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dro_jax.common.errors import DroJaxError
@@ -231,11 +232,44 @@ def dro_loss(
 @dataclasses.dataclass(frozen=True)
 class Objective:
     """What a training run minimises: `loss(soft_prompt, batch, frozen) -> (total, metrics)`, pure; its
-    `name` (progress bars, messages); and the metric names worth showing while it trains."""
+    `name` (progress bars, messages); the metric names worth showing while it trains; and `step_flops(batch,
+    frozen)`, the model FLOPs of one step on a batch of host values (the throughput figures of `metrics.jsonl`)."""
 
     name: str
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
     shown: tuple[str, ...]
+    step_flops: Callable[[Any, Frozen], float]
+
+
+def training_flops(config: ModelConfig, passes: Sequence[tuple[np.ndarray, int]], frozen: Frozen, head_positions: int = 0) -> float:
+    """Model FLOPs of one training step that runs a forward pass per (each real row's own tokens, positions the
+    output head reads) of `passes` after the shared prefix (run once), and the head on `head_positions` more;
+    forward and backward to the soft prompt (`ModelConfig.pass_flops`). Recomputation (`remat`) is not counted,
+    as model FLOP utilisation does not count it."""
+    prefix = 0 if frozen.prefix is None else len(frozen.prefix.tokens)
+    passes_flops = sum(
+        config.pass_flops(prefix + own, prefix, logit_positions=logits, backward=backward) for own, logits in passes for backward in (False, True)
+    )
+    return passes_flops + 2 * 2.0 * config.embedding_parameters * head_positions  # the head's forward and backward
+
+
+def dro_step_flops(config: ModelConfig, weights: LossWeights, refusal_score: str, batch: QueryBatch, frozen: Frozen) -> float:
+    """`training_flops` of `dro_loss`'s passes: the replies' (the head on each reply token), the openings'
+    (the tree's nodes as more tokens of each row, the head on each node and the last prompt token) or the
+    plain pass to the final states; the head on the two states the preservation term compares."""
+    real = np.asarray(batch.weights) > 0
+    own = np.asarray(batch.attention_mask)[real].sum(axis=1)
+    rows = int(real.sum())
+    passes = []
+    if weights.replies > 0:
+        reply = np.asarray(batch.reply_mask)[real].sum(axis=1)
+        passes.append((own + reply, int(reply.sum())))
+    if refusal_score == "openings":
+        nodes = frozen.readout.tree.token_ids.shape[0]
+        passes.append((own + nodes, rows * (nodes + 1)))
+    elif not passes:
+        passes.append((own, 0))
+    return training_flops(config, passes, frozen, head_positions=2 * rows)
 
 
 def check_refusal_score(name: str) -> str:
@@ -251,4 +285,5 @@ def dro_objective(
     loss = functools.partial(
         dro_loss, config=config, weights=weights, remat=remat, refusal_score=check_refusal_score(refusal_score), microbatch=microbatch
     )
-    return Objective("DRO training", loss, ("loss", *LossWeights.terms()))
+    flops = functools.partial(dro_step_flops, config, weights, refusal_score)
+    return Objective("DRO training", loss, ("loss", *LossWeights.terms()), flops)

@@ -22,7 +22,7 @@ import numpy as np
 from dro_jax.anchors.collect import LABEL_SAMPLING
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.queries import QueryPairs
-from dro_jax.dro.loss import Frozen, Objective, weighted_mean
+from dro_jax.dro.loss import Frozen, Objective, training_flops, weighted_mean
 from dro_jax.dro.microbatch import map_microbatches
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
@@ -257,4 +257,11 @@ def prompt_tuning_objective(
         prompt_tuning_loss, config=config, remat=remat, microbatch=microbatch, token_mean=settings.token_mean,
         unlikelihood_weight=settings.unlikelihood_weight,
     )
-    return Objective("prompt tuning", loss, ("loss", "likelihood", "unlikelihood"))
+    return Objective("prompt tuning", loss, ("loss", "likelihood", "unlikelihood"), functools.partial(prompt_tuning_step_flops, config))
+
+
+def prompt_tuning_step_flops(config: ModelConfig, batch: ResponseBatch, frozen: Frozen) -> float:
+    """`training_flops` of the baseline's one pass over each row's own tokens (query and response after the
+    shared prefix), the head on every one of them but the last."""
+    own = np.asarray(batch.attention_mask)[np.asarray(batch.weights) > 0].sum(axis=1)
+    return training_flops(config, [(own, int((own - 1).sum()))], frozen)

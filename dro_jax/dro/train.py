@@ -39,6 +39,7 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import SharedPrefix
 from dro_jax.models.partitioning import place_params
+from dro_jax.parallel.chips import bfloat16_peak_tflops
 from dro_jax.parallel.distributed import is_writer, process_zero_decides, shows_progress
 from dro_jax.parallel.mesh import batch_devices, data_mesh
 from dro_jax.parallel.preemption import Stopped, steps_may_finish, stop_requested
@@ -191,9 +192,11 @@ def _check_resumable(record: dict, fingerprint: dict, config: TrainConfig, direc
 
 @dataclasses.dataclass(frozen=True)
 class TrainingFiles:
-    """Where a training run keeps its state: checkpoints/, metrics.jsonl and the exported soft prompt."""
+    """Where a training run keeps its state: checkpoints/, metrics.jsonl and the exported soft prompt; and, with
+    `profile`, where a jax.profiler trace of a few of its steps goes (`StepTrace`)."""
 
     root: AnyPath  # a local directory or one in an object store (gs://...)
+    profile: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", as_path(self.root))
@@ -201,6 +204,33 @@ class TrainingFiles:
     checkpoints = property(lambda self: self.root / "checkpoints")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     soft_prompt = property(lambda self: self.root / "soft_prompt.safetensors")
+
+
+class StepTrace:
+    """A jax.profiler trace of `steps` training steps into `directory` (None: no trace), from the second step this
+    run takes (the first compiles); with several processes, each writes its own `process_N` folder there."""
+
+    def __init__(self, directory: Path | None, start: int, total: int, steps: int = 3):
+        first = start + 1 if total - start > 1 else start
+        self.window = range(first, min(first + steps, total)) if directory is not None else range(0)
+        if directory is not None and jax.process_count() > 1:
+            directory = directory / f"process_{jax.process_index()}"
+        self.directory, self.running = directory, False
+
+    def before(self, step: int) -> None:
+        if self.window and step == self.window.start:
+            jax.profiler.start_trace(str(self.directory))
+            self.running = True
+
+    def after(self, step: int) -> None:
+        """Called once the step's results are on the host, so the trace holds all of its device work."""
+        if self.running and step + 1 == self.window.stop:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running = False
 
 
 def train_soft_prompt(
@@ -242,7 +272,9 @@ def train_soft_prompt(
         start = record["step"]
         history = process_zero_decides(lambda: _read_history(files.metrics, start))
     saved = start  # the last step checkpointed, kept here rather than read back from storage
-    frozen = place_frozen(frozen_inputs(model, task.anchors, data.prefix, config.openings), model.config, mesh)
+    unplaced = frozen_inputs(model, task.anchors, data.prefix, config.openings)  # (its host values count each step's FLOPs)
+    frozen = place_frozen(unplaced, model.config, mesh)
+    peak = bfloat16_peak_tflops(np.dtype(model.params["embed_tokens"]["weight"].dtype).name)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
 
     def save(step: int) -> None:
@@ -257,9 +289,11 @@ def train_soft_prompt(
         saved = step
 
     bar = tqdm(total=total, initial=start, desc=objective.name, unit="step", disable=not shows_progress(progress))
+    trace = StepTrace(files.profile, start, total)
     with bar, steps_may_finish():
         try:
             for step in range(start, total):
+                trace.before(step)
                 index = batch_indices(len(data), config, step)
                 weights = np.zeros(rows, np.float32)
                 weights[: len(index)] = 1
@@ -271,8 +305,8 @@ def train_soft_prompt(
                     new_prompt, new_state, metrics = step_fn(soft_prompt, opt_state, batch, frozen)
                 metrics = {k: float(v) for k, v in tree_to_host(metrics).items()}
                 seconds = time.perf_counter() - began  # the first step's includes compiling it
-                tokens = int(np.asarray(host_batch.attention_mask)[: len(index)].sum())  # the real rows' own tokens
-                throughput = {"step_seconds": seconds, "tokens_per_second": tokens / seconds}
+                trace.after(step)
+                throughput = step_throughput(seconds, host_batch, objective.step_flops(host_batch, unplaced), peak)
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     raise DroJaxError(
                         f"the loss or its gradient became {metrics['loss']} / {metrics['grad_norm']} at step {step + 1}; "
@@ -281,7 +315,7 @@ def train_soft_prompt(
                     )
                 soft_prompt, opt_state = new_prompt, new_state
                 history.append({"step": step + 1, **metrics, **throughput})
-                bar.set_postfix({**{k: f"{metrics[k]:.4g}" for k in objective.shown if k in metrics}, "tok/s": f"{throughput['tokens_per_second']:.0f}"})
+                bar.set_postfix({**{k: f"{metrics[k]:.4g}" for k in objective.shown if k in metrics}, **shown_throughput(throughput)})
                 bar.update(1)
                 if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
                     save(step + 1)
@@ -294,11 +328,29 @@ def train_soft_prompt(
                 save(done)
             raise
         finally:
+            trace.stop()
             checkpoints.close()
     result = TrainResult(to_host(soft_prompt), total, history, objective)
     if is_writer():
         save_soft_prompt(files.soft_prompt, result.soft_prompt, {"model": model.source, "steps": str(total)})
     return result
+
+
+def step_throughput(seconds: float, batch, flops: float, peak_tflops: float | None) -> dict[str, float]:
+    """A step's figures for `metrics.jsonl`: its seconds, the real rows' own tokens per second, the model's
+    TFLOP/s (`Objective.step_flops`) and, where the chip's bfloat16 peak is known (`dro_jax.parallel.chips`), the
+    model FLOP utilisation (`mfu`, a fraction of that peak)."""
+    tokens = int((np.asarray(batch.attention_mask) * (np.asarray(batch.weights) > 0)[:, None]).sum())
+    figures = {"step_seconds": seconds, "tokens_per_second": tokens / seconds, "model_tflop_per_second": flops / seconds / 1e12}
+    if peak_tflops is not None:
+        figures["mfu"] = figures["model_tflop_per_second"] / peak_tflops
+    return figures
+
+
+def shown_throughput(figures: dict[str, float]) -> dict[str, str]:
+    """The progress bar's part of `step_throughput`: tokens/s, and the utilisation where known, else TFLOP/s."""
+    rate = {"MFU": f"{figures['mfu']:.0%}"} if "mfu" in figures else {"TFLOP/s": f"{figures['model_tflop_per_second']:.3g}"}
+    return {"tok/s": f"{figures['tokens_per_second']:.0f}", **rate}
 
 
 def _read_history(metrics_path: Path, last_step: int) -> list[dict]:

@@ -8,7 +8,7 @@ sliding window and the rotary scaling. They all map onto `ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from dro_jax.common.errors import DroJaxError
 
@@ -110,18 +110,39 @@ class ModelConfig:
         mlp = 3 * self.hidden_size * self.intermediate_size
         return attention + mlp + 2 * self.hidden_size
 
-    def forward_flops(self, num_tokens: int, attended_pairs: int, with_logits: bool = False) -> float:
+    def forward_flops(self, num_tokens: int, attended_pairs: int, with_logits: bool = False, attention_factor: float = 1.0) -> float:
         """FLOPs of one forward pass: 2 per multiply-add in the matmuls.
 
         `attended_pairs` is the number of (query, key) pairs that attention
-        scores, summed over the batch (n(n+1)/2 for a causal sequence of n).
+        scores, summed over the batch (n(n+1)/2 for a causal sequence of n);
+        `attention_factor` scales their part (2 for a backward pass, below).
         """
         matmul_params = self.layer_parameters * self.num_layers
         flops = 2.0 * matmul_params * num_tokens
-        flops += 4.0 * self.num_layers * self.num_heads * self.head_dim * attended_pairs
+        flops += attention_factor * 4.0 * self.num_layers * self.num_heads * self.head_dim * attended_pairs
         if with_logits:
             flops += 2.0 * self.embedding_parameters * num_tokens
         return flops
+
+    def pass_flops(
+        self, lengths: Sequence[int], prefix_length: int = 0, batch_size: int | None = None, logit_positions: int = 0, backward: bool = False
+    ) -> float:
+        """FLOPs of one forward pass over sequences of `lengths` tokens (matmuls plus causal attention, padding not
+        counted). With a shared prefix, its `prefix_length` tokens run once per batch of `batch_size` sequences
+        (default: all in one batch) and each sequence's own tokens attend to them; `logit_positions`: how many
+        positions, over all sequences, the output head is applied to. With `backward`, those of the backward pass
+        to the inputs alone (frozen weights: no weight gradient): as many as the forward's in the projections and
+        the head, twice as many in attention (the gradients of its queries, keys and values)."""
+        factor = 2.0 if backward else 1.0
+        lengths = [int(n) for n in lengths]
+        batches = -(-len(lengths) // (batch_size or max(len(lengths), 1)))
+        flops = 0.0
+        if prefix_length:
+            flops += batches * self.forward_flops(prefix_length, prefix_length * (prefix_length + 1) // 2, attention_factor=factor)
+        for n in lengths:
+            own = n - prefix_length
+            flops += self.forward_flops(own, own * prefix_length + own * (own + 1) // 2, attention_factor=factor)
+        return flops + 2.0 * self.embedding_parameters * logit_positions
 
     @classmethod
     def from_hf_dict(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":

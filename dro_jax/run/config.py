@@ -13,7 +13,7 @@ from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
-from dro_jax.inference.settings import PROMPT_SETTINGS
+from dro_jax.inference.settings import NO_PROMPT, PROMPT_SETTINGS
 from dro_jax.judging.judges import RefusalJudge, StringJudge, check_judge_template
 from dro_jax.loading.registry import DEFAULT_MODEL
 from dro_jax.run.stages import text_digest
@@ -62,6 +62,7 @@ class RunConfig:
     folds: int = 10
     refusal_fit: str = "logistic"  # see dro_jax.anchors.space.REFUSAL_FITS
     init_prompt: str = "short"
+    init_random: int | None = None  # start from this many random vocabulary embeddings instead (base states: no prompt)
     epochs: int = 8
     batch_size: int = 25
     learning_rate: float = 5e-3
@@ -104,6 +105,8 @@ class RunConfig:
                      "max_new_tokens_harmless", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise DroJaxError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.init_random is not None and self.init_random < 1:
+            raise DroJaxError(f"init-random must be at least 1 row, got {self.init_random}")
         if self.eval_samples < 0:
             raise DroJaxError(f"eval-samples must be 0 (greedy) or more, got {self.eval_samples}")
         if self.eval_keep_longest is not None and not 1 <= self.eval_keep_longest <= max(self.eval_samples, 1):
@@ -149,6 +152,12 @@ class RunConfig:
     def judge_settings(self) -> dict:
         """The judge model and template, as stage inputs (empty without one, so that runs without a judge keep their keys)."""
         return {} if self.judge_model is None else {"judge_model": self.judge_model, "judge_template": self.judge_template}
+
+    @property
+    def base_prompt(self) -> str:
+        """The setting whose states the refusal and harmfulness shifts start from: the init prompt's, or no prompt
+        for random rows."""
+        return NO_PROMPT if self.init_random else self.init_prompt
 
     def objective_name(self) -> str:
         """What the training stage optimised, in words for reports: "DRO, paper objective" for the paper's probe

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from dro_jax.anchors.collect import AnchorData, build_anchor_space
@@ -27,7 +27,7 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.common.paths import as_path
 from dro_jax.common.run_directory import claim_run_directory
 from dro_jax.data.queries import QueryPairs
-from dro_jax.dro.soft_prompt import initial_soft_prompt
+from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
 from dro_jax.dro.train import TrainingFiles, TrainResult, train_soft_prompt
 from dro_jax.dro.training_set import dro_task
 from dro_jax.evaluation.evaluate import EvalConfig, Evaluation, evaluate_settings
@@ -44,6 +44,8 @@ from dro_jax.run.report import write_report
 from dro_jax.run.stages import StageRecords, input_key
 
 DRO_SETTING = "DRO"
+# Settings added after runs were made: left out of a stage's inputs while unset, so that those runs keep their keys.
+LATER_SETTINGS = ("init_random",)
 
 
 def prepare_run_dir(config: RunConfig, root: str | Path, resume: bool) -> RunPaths:
@@ -65,7 +67,7 @@ def stage_settings(config: RunConfig) -> dict[str, tuple[str, ...]]:
                "num_components", "folds", "refusal_fit", "seed")
     if config.label == "sampled":
         anchors += generation + judge
-    train = ("init_prompt", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "refusal_score", "openings",
+    train = ("init_prompt", "init_random", "epochs", "batch_size", "learning_rate", "seed", "loss_weights", "refusal_score", "openings",
              "checkpoint_every", "remat")
     evaluate = ("harmful_test", "harmless_test", "eval_samples", "eval_keep_longest", "openings", "seed", *generation, *judge)
     return {"anchors": anchors, "train": train, "evaluate": evaluate}
@@ -84,7 +86,8 @@ def stage_inputs(config: RunConfig, sets: QuerySets) -> dict[str, dict]:
               "refusal_phrases": dataclasses.asdict(config.string_judge())}
     inputs, before = {}, None
     for stage, names in stage_settings(config).items():
-        inputs[stage] = {**({} if before is None else {"after": input_key(inputs[before])}), **{name: values[name] for name in names}}
+        read = {name: values[name] for name in names if not (name in LATER_SETTINGS and values[name] is None)}
+        inputs[stage] = {**({} if before is None else {"after": input_key(inputs[before])}), **read}
         before = stage
     return inputs
 
@@ -141,16 +144,21 @@ def train_stage(
     resume: bool,
     mesh: Mesh | None = None,
     data: AnchorData | None = None,
-    start: tuple[jax.Array, str] | None = None,
 ) -> TrainResult:
     """Trains a DRO soft prompt on `pairs` and `anchors` as `config` says, into `target` (a run, `dro-jax train`'s
     directory, or an experiment's beside a run), with the base and reference states from the anchor stage's `data`
-    where it covered them; `start` is (initial prompt, the setting its base states are taken under), default
-    `config.init_prompt`'s embeddings (the prompt is exported to `target.soft_prompt`)."""
-    initial, base_prompt = start or (initial_soft_prompt(model.params, model.tokenizer, config.init_prompt), config.init_prompt)
+    where it covered them (the prompt is exported to `target.soft_prompt`)."""
     train = config.train_config()
-    task = dro_task(model, pairs, anchors, initial, base_prompt, train, data, Batching(mesh=mesh))
+    task = dro_task(model, pairs, anchors, starting_prompt(model, config), config.base_prompt, train, data, Batching(mesh=mesh))
     return train_soft_prompt(model, task, train, target, resume, mesh=mesh)
+
+
+def starting_prompt(model: LoadedModel, config: RunConfig) -> np.ndarray:
+    """The soft prompt's first values: `config.init_random` random vocabulary embeddings (drawn with its seed), else
+    the init prompt's token embeddings."""
+    if config.init_random:
+        return random_soft_prompt(model.params, config.init_random, config.seed)
+    return initial_soft_prompt(model.params, model.tokenizer, config.init_prompt)
 
 
 def evaluate_prompts(
@@ -213,10 +221,12 @@ class Stage:
 
 
 def run_pipeline(
-    config: RunConfig, out: str | Path, resume: bool = False, mesh: Mesh | None = None, attention: str = "reference"
+    config: RunConfig, out: str | Path, resume: bool = False, mesh: Mesh | None = None, attention: str = "reference",
+    profile: Path | None = None,
 ) -> Path | None:
     """Runs (or continues) the main job in `out` on `mesh` (default: every device on data); returns the path of
-    `results.md` (None on processes other than 0, which write nothing).
+    `results.md` (None on processes other than 0, which write nothing). With `profile`, a jax.profiler trace of a
+    few training steps is written there.
 
     `mesh` and `attention` (how the model computes attention, see `load_model`)
     are not among the run's settings: they give the same results within float
@@ -224,7 +234,7 @@ def run_pipeline(
     sets = QuerySets.read(config)  # every input is read and checked before anything is written
     for spec in filter(None, (config.model, config.judge_model)):
         resolve_model_path(spec)
-    paths = prepare_run_dir(config, out, resume)
+    paths = dataclasses.replace(prepare_run_dir(config, out, resume), profile=profile)
     records = StageRecords(paths.root)
     inputs = stage_inputs(config, sets)
     model = functools.cache(lambda: load_model(config.model, config.dtype, attention=attention, mesh=mesh))

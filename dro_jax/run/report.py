@@ -107,12 +107,13 @@ def results_text(
         "logit, that logit's shift and the shifts along the refusal direction read about 0 by construction, not as a "
         "measurement (`--refusal-fit regression` fits the direction to the refusal log-odds themselves)."
     )
+    start = f"{config.init_random} random embedding rows" if config.init_random else f"`{config.init_prompt}`"
     return "\n".join([
         f"# {config.objective_name()} on {config.model}",
         "",
         f"Anchor space: {len(config.settings)} prompt settings ({', '.join(config.settings)}), label `{config.label}`; "
         f"PCA explained variance {explained}; held-out refusal probe {probe('refusal')}; harmfulness probe {probe('harmfulness')}.",
-        f"Training (the `DRO` rows: {config.objective_name()}): init `{config.init_prompt}`, refusal score `{config.refusal_score}`, refusal fit `{config.refusal_fit}`, "
+        f"Training (the `DRO` rows: {config.objective_name()}): init {start}, refusal score `{config.refusal_score}`, refusal fit `{config.refusal_fit}`, "
         f"loss weights {dict(zip(LossWeights.terms(), config.loss_weights))}, {config.epochs} epochs at batch {config.batch_size}, "
         f"lr {config.learning_rate}, {last.get('step', 0)} steps; last step: {terms}.",
         f"Evaluation: held-out sets, {decoding}, {new_tokens_text(config)}, string judge `{config.refusal_phrases}`"

@@ -10,7 +10,8 @@ from helpers import HARMFUL, HARMLESS
 
 from dro_jax.bench import device as bench_device_module
 from dro_jax.bench.__main__ import main as bench
-from dro_jax.bench.device import bench_device, datasheet
+from dro_jax.bench.device import bench_device
+from dro_jax.parallel.chips import datasheet
 from dro_jax.common.errors import DroJaxError
 
 

@@ -39,8 +39,11 @@ def test_training_lowers_the_loss_and_only_moves_the_prompt(tiny_dro, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 11))
     own_tokens = int(np.asarray(data.attention_mask).sum())  # the full batch: every row's own tokens per step
+    step_flops = config.dro_objective(model.config).step_flops(data.rows(np.arange(12), np.ones(12, np.float32)), frozen)
     for line in lines:
         assert line["step_seconds"] > 0 and line["tokens_per_second"] == pytest.approx(own_tokens / line["step_seconds"])
+        assert line["model_tflop_per_second"] == pytest.approx(step_flops / line["step_seconds"] / 1e12)
+        assert "mfu" not in line  # a CPU's peak is not a datasheet figure
     np.testing.assert_array_equal(load_soft_prompt(tmp_path / "run" / "soft_prompt.safetensors"), result.soft_prompt)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["10"]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, model.params), before)
@@ -57,7 +60,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_dro, tmp_
         return jnp.where(moved, jnp.nan, total), metrics
 
     with pytest.raises(DroJaxError, match="last good checkpoint is step 1"):
-        breaking = dataclasses.replace(tiny_dro.task, objective=Objective("breaks", breaks_after_one_step, dro.shown))
+        breaking = dataclasses.replace(tiny_dro.task, objective=Objective("breaks", breaks_after_one_step, dro.shown, dro.step_flops))
         train_soft_prompt(model, breaking, TRAIN, TrainingFiles(tmp_path / "ck"), progress=False)
     assert sorted(p.name for p in (tmp_path / "ck" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 

@@ -215,3 +215,17 @@ def test_evaluation_only_settings_leave_the_earlier_stages_keys_alone():
         assert new["evaluate"] != keys["evaluate"] or name in ("eval_batch_size", "microbatch"), name
     sampled = RunConfig(label="sampled")
     assert "max_new_tokens_harmful" not in pipeline.evaluation_only_settings(sampled)  # the sampled label generates too
+
+
+def test_a_setting_added_later_keeps_the_keys_of_the_runs_made_before_it():
+    """`init_random` unset leaves the training stage's inputs as runs made before it had them; set, it is one of
+    them (so that --resume cannot add it to a trained run)."""
+    import dataclasses
+
+    from dro_jax.run.config import QuerySets, RunConfig
+
+    config = RunConfig()
+    before = pipeline.stage_inputs(config, QuerySets.read(config))
+    assert "init_random" not in before["train"] and "init_random" not in pipeline.evaluation_only_settings(config)
+    after = pipeline.stage_inputs(dataclasses.replace(config, init_random=3), QuerySets.read(config))
+    assert after["train"]["init_random"] == 3 and after["anchors"] == before["anchors"]
