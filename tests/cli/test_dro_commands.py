@@ -200,28 +200,24 @@ def test_the_train_command_trains_through_the_main_jobs_config():
     assert (label.num_samples, label.seed, label.sampling) == (3, 5, SetSampling.same(LABEL_SAMPLING))
 
 
-def test_profile_writes_a_trace_of_a_few_training_steps(tiny_dro, tmp_path, query_files, capsys):
-    anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
-    args = _train_args(tiny_dro.directory, anchors, query_files, tmp_path / "run", "--profile", str(tmp_path / "trace"))
-    args[args.index("--epochs") + 1] = "1"
-    assert main(args) == 0
-    assert len(list((tmp_path / "trace").rglob("*.xplane.pb"))) == 1  # one trace, of steps 2 and 3
-    with pytest.raises(SystemExit) as refused:
-        main(_train_args(tiny_dro.directory, anchors, query_files, tmp_path / "other", "--profile", "gs://bucket/trace"))
-    assert refused.value.code == 2 and "the profiler writes local directories only" in capsys.readouterr().err
-    assert not (tmp_path / "other").exists()
-
-
-def test_init_random_trains_that_many_rows_from_random_embeddings(tiny_dro, tmp_path, query_files):
+def test_random_rows_and_a_profile_of_a_few_steps(tiny_dro, tmp_path, query_files, capsys):
+    """--init-random trains that many rows from random embeddings; --profile writes one trace (steps 2 and 3 of 3)
+    into a local directory, and refuses an object store before anything is written."""
     from dro_jax.dro.soft_prompt import random_soft_prompt
     from dro_jax.run.config import RunConfig
     from dro_jax.run.pipeline import starting_prompt
 
     anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
-    args = _train_args(tiny_dro.directory, anchors, query_files, tmp_path / "run", "--init-random", "3", "--seed", "5")
+    args = _train_args(tiny_dro.directory, anchors, query_files, tmp_path / "run", "--init-random", "3", "--seed", "5",
+                       "--profile", str(tmp_path / "trace"))
     args[args.index("--epochs") + 1] = "1"
     assert main(args) == 0
     assert load_soft_prompt(tmp_path / "run" / "soft_prompt.safetensors").shape == (3, tiny_dro.model.config.hidden_size)
+    assert len(list((tmp_path / "trace").rglob("*.xplane.pb"))) == 1
+    with pytest.raises(SystemExit) as refused:
+        main(_train_args(tiny_dro.directory, anchors, query_files, tmp_path / "other", "--profile", "gs://bucket/trace"))
+    assert refused.value.code == 2 and "the profiler writes local directories only" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
     config = RunConfig(init_random=3, seed=5)
     np.testing.assert_array_equal(starting_prompt(tiny_dro.model, config), random_soft_prompt(tiny_dro.model.params, 3, 5))
     assert config.base_prompt == "none" and RunConfig().base_prompt == "short"
