@@ -272,8 +272,9 @@ def train_soft_prompt(
         start = record["step"]
         history = process_zero_decides(lambda: _read_history(files.metrics, start))
     saved = start  # the last step checkpointed, kept here rather than read back from storage
-    unplaced = frozen_inputs(model, task.anchors, data.prefix, config.openings)  # (its host values count each step's FLOPs)
+    unplaced = frozen_inputs(model, task.anchors, data.prefix, config.openings)
     frozen = place_frozen(unplaced, model.config, mesh)
+    counted = unplaced._replace(params=None, prefix=data.prefix)  # the host prefix: counting FLOPs reads nothing back per step
     peak = bfloat16_peak_tflops(np.dtype(model.params["embed_tokens"]["weight"].dtype).name)
     total = config.epochs * steps_per_epoch(len(data), config.batch_size)
 
@@ -306,7 +307,7 @@ def train_soft_prompt(
                 metrics = {k: float(v) for k, v in tree_to_host(metrics).items()}
                 seconds = time.perf_counter() - began  # the first step's includes compiling it
                 trace.after(step)
-                throughput = step_throughput(seconds, host_batch, objective.step_flops(host_batch, unplaced), peak)
+                throughput = step_throughput(seconds, host_batch, objective.step_flops(host_batch, counted), peak)
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     raise DroJaxError(
                         f"the loss or its gradient became {metrics['loss']} / {metrics['grad_norm']} at step {step + 1}; "
