@@ -120,7 +120,7 @@ def add_openings_arg(parser: argparse.ArgumentParser) -> None:
         help="reply openings of the refusal log-odds (labels, the openings refusal score, the log-odds column): apologies "
         "(\"I'm sorry\", \"I cannot\", ...), declines (first words that say no without apologising), decline-replies (whole "
         'short declines), or a JSON file {"refusal": [...], "compliant": [...]} (default: `run` decline-replies, --paper '
-        "and the anchor and train commands apologies, the paper's)",
+        "and the anchor, train and evaluate commands apologies, the paper's)",
     )
 
 

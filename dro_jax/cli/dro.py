@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from dro_jax.cli.args import (
-    add_field_arg, add_judge_args, add_mesh_args, add_model_args, add_openings_arg, add_refusal_fit_arg, add_refusal_score_arg,
-    add_suffix_arg, check_judge_args, model_judge, positive_int, start_job, suffix_of,
+    add_field_arg, add_judge_args, add_mesh_args, add_model_args, add_openings_arg, add_phrases_arg, add_refusal_fit_arg,
+    add_refusal_score_arg, add_suffix_arg, check_judge_args, model_judge, positive_int, start_job, suffix_of,
 )
 from dro_jax.common.errors import DroJaxError
 from dro_jax.dro.loss import TERM_ALIASES, LossWeights
@@ -23,7 +23,7 @@ BASELINE_OPTIONS = {
 }
 # The options that mean nothing without --baseline (--epochs and --response-tokens have uses or defaults of their own).
 BASELINE_ONLY = ("pt_paper", "pt_responses", "pt_samples", "pt_negatives", "pt_token_mean", "unlikelihood_weight")
-# `dro-jax anchor` / `train` option -> RunConfig field, where the names differ.
+# `dro-jax anchor` / `train` option -> RunConfig field, where the names differ (`evaluate` names its options' fields).
 RUN_FIELDS = {"harmful": "harmful_train", "harmless": "harmless_train", "num_samples": "label_samples", "batch_size_eval": "eval_batch_size",
               "lr": "learning_rate"}
 # `dro-jax train` options that say where and how it computes, not what (results the same within float rounding) and
@@ -121,8 +121,9 @@ def add_commands(commands) -> None:
 
     evaluate = commands.add_parser("evaluate", help="greedy refusals, refusal log-odds and refusal-direction shift per prompt setting")
     add_model_args(evaluate)
-    evaluate.add_argument("--harmful", default="harmful_test", help="held-out harmful queries (default: %(default)s)")
-    evaluate.add_argument("--harmless", default="harmless_test", help="held-out harmless queries (default: %(default)s)")
+    # Named as the main job's fields (see `stage_config`): the evaluation is the main job's, on these sets.
+    evaluate.add_argument("--harmful", dest="harmful_test", default="harmful_test", help="held-out harmful queries (default: %(default)s)")
+    evaluate.add_argument("--harmless", dest="harmless_test", default="harmless_test", help="held-out harmless queries (default: %(default)s)")
     add_field_arg(evaluate)
     evaluate.add_argument(
         "--settings", nargs="+", default=list(PROMPT_SETTINGS),
@@ -132,7 +133,9 @@ def add_commands(commands) -> None:
     evaluate.add_argument("--anchors", help="anchor file: adds the mean refusal-probe logit and its shift against no prompt")
     add_suffix_arg(evaluate)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy response length (default: %(default)s)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="(default: %(default)s)")
+    evaluate.add_argument("--batch-size", dest="eval_batch_size", type=positive_int, default=32, help="(default: %(default)s)")
+    add_openings_arg(evaluate)
+    add_phrases_arg(evaluate)
     add_judge_args(evaluate, "a response to a --harmful query (harmless ones: the string judge alone)")
     evaluate.add_argument("--out", required=True, help="output .md table; a .csv and a .json with the same rows are written next to it")
     add_mesh_args(evaluate)
@@ -140,8 +143,9 @@ def add_commands(commands) -> None:
 
 
 def stage_config(args: argparse.Namespace, **resolved):
-    """The main job's config of what `dro-jax anchor` or `train` was told (`resolved`: values worked out from several
-    options), so that these commands build the anchor space and train through the main job's own stages. Options
+    """The main job's config of what `dro-jax anchor`, `train` or `evaluate` was told (`resolved`: values worked out
+    from several options), so that these commands build the anchor space, train and evaluate as the main job's own
+    stages do. Options
     named alike are the same field; a command's missing ones keep RunConfig's defaults, which its stages do not
     read. A sampled label keeps these commands' decoding (`LABEL_SAMPLING`: 10 to 64 new tokens)."""
     from dro_jax.anchors.collect import LABEL_SAMPLING
@@ -162,6 +166,13 @@ def train_run_config(args: argparse.Namespace, baseline=None):
     weights = LossWeights.from_sequence(args.loss_weights).ablate(*args.ablate)
     epochs = baseline.epochs if baseline else args.epochs or PAPER_TRAINING.epochs
     return stage_config(args, epochs=epochs, loss_weights=weights.as_tuple())
+
+
+def evaluate_run_config(args: argparse.Namespace):
+    """`stage_config` of `dro-jax evaluate`: the main job's evaluation of its sets, one greedy reply of
+    --max-new-tokens per query."""
+    both = dict.fromkeys(("max_new_tokens_harmful", "max_new_tokens_harmless"), args.max_new_tokens)
+    return stage_config(args, **both, min_new_tokens=0)
 
 
 def _build_anchors(args: argparse.Namespace, config, model, pairs, out: Path, mesh=None):
@@ -284,11 +295,10 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     from dro_jax.common.files import check_writable
     from dro_jax.common.tables import write_tables
     from dro_jax.data.queries import read_queries
-    from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
+    from dro_jax.evaluation.evaluate import evaluate_settings
     from dro_jax.evaluation.measure import judge_note
     from dro_jax.evaluation.rows import EvalRow, results_markdown
     from dro_jax.inference.batched import Batching
-    from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.inference.settings import SOFT_PREFIX, parse_prompt_setting
     from dro_jax.loading import load_model
     from dro_jax.parallel.distributed import is_writer
@@ -299,21 +309,20 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     for suffix in (".csv", ".json"):
         check_writable(out.with_suffix(suffix))
     settings = [parse_prompt_setting(spec) for spec in args.settings + [SOFT_PREFIX + p for p in args.soft_prompt]]
-    datasets = {"harmful": read_queries(args.harmful, args.field), "harmless": read_queries(args.harmless, args.field)}
+    check_judge_args(args)
+    config = evaluate_run_config(args)
+    datasets = {"harmful": read_queries(config.harmful_test, args.field), "harmless": read_queries(config.harmless_test, args.field)}
     anchors = AnchorSpace.load(args.anchors) if args.anchors else None
     suffix = suffix_of(args)
     if suffix is not None:
         suffix.per_set(datasets)  # a wrong count of per-query suffixes fails before the model loads
-    check_judge_args(args)
     mesh = start_job(args)
     model = load_model(args.model, args.dtype, attention=args.attention, mesh=mesh)
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    judge_model = model_judge(args, args.batch_size, mesh, policy=model)
-    harmful = ("harmful",)
-    config = EvalConfig(sampling, harmful_sets=harmful, suffix=suffix)
-    rows = evaluate_settings(model, datasets, settings, config, anchors, judge_model=judge_model, batching=Batching(args.batch_size, mesh)).rows
+    judge_model = model_judge(args, config.eval_batch_size, mesh, policy=model)
+    evaluation = config.evaluation(suffix)
+    rows = evaluate_settings(model, datasets, settings, evaluation, anchors, judge_model=judge_model, batching=Batching(config.eval_batch_size, mesh)).rows
     if not is_writer():
         return
-    table = results_markdown(rows) + "\n\n" + judge_note(args.judge_model, harmful)
+    table = results_markdown(rows) + "\n\n" + judge_note(args.judge_model, evaluation.harmful_sets)
     write_tables(out, rows, EvalRow, table)
     print(table)

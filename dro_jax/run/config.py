@@ -8,9 +8,11 @@ from typing import Any
 from dro_jax.anchors.collect import AnchorConfig
 from dro_jax.anchors.space import FitConfig
 from dro_jax.common.errors import DroJaxError
+from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.data.queries import QueryPairs, read_queries
 from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
+from dro_jax.evaluation.evaluate import EvalConfig
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import REFERENCE_SAMPLING, SamplingConfig, SetSampling
 from dro_jax.inference.settings import NO_PROMPT, PROMPT_SETTINGS
@@ -192,6 +194,16 @@ class RunConfig:
         if self.eval_samples == 0:
             return self.decoding(SamplingConfig()), 1
         return self.decoding(REFERENCE_SAMPLING), self.eval_samples
+
+    def evaluation(self, suffix: QuerySuffix | None = None) -> EvalConfig:
+        """How the held-out sets are measured (the main job's evaluation stage and `dro-jax evaluate`): their
+        decoding and responses per query, the longest judged, the string judge and reply openings; a judge model
+        judges the harmful set; `suffix`: every query read with it (`dro-jax evaluate --suffix-file`)."""
+        sampling, num_samples = self.evaluation_sampling()
+        return EvalConfig(
+            sampling.by_name(), num_samples, self.eval_keep_longest, self.seed, self.string_judge(), self.reply_openings(),
+            harmful_sets=(HARMFUL_SET,), suffix=suffix,
+        )
 
     def resolved(self) -> dict:
         """What the run will do, as `--show-config` prints it: the settings, and the decoding and judging of each

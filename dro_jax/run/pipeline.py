@@ -30,7 +30,7 @@ from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt, random_soft_prompt
 from dro_jax.dro.train import TrainingFiles, TrainResult, train_soft_prompt
 from dro_jax.dro.training_set import dro_task
-from dro_jax.evaluation.evaluate import EvalConfig, Evaluation, evaluate_settings
+from dro_jax.evaluation.evaluate import Evaluation, evaluate_settings
 from dro_jax.evaluation.quality import ReplyReference
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.settings import PromptSetting, load_soft_prompt
@@ -38,7 +38,7 @@ from dro_jax.judging.judges import ModelJudge, SafetyJudge
 from dro_jax.loading import LoadedModel, load_model, resolve_model_path
 from dro_jax.parallel.distributed import barrier, is_writer, process_zero_decides
 from dro_jax.parallel.mesh import data_mesh
-from dro_jax.run.config import HARMFUL_SET, QuerySets, RunConfig
+from dro_jax.run.config import QuerySets, RunConfig
 from dro_jax.run.outputs import RunOutputs, RunPaths, write_evaluation
 from dro_jax.run.report import write_report
 from dro_jax.run.stages import StageRecords, input_key
@@ -174,13 +174,8 @@ def evaluate_prompts(
     """The run's held-out evaluation of `settings`: its decoding, openings and seed, batches over `mesh` (default:
     all devices on data); reply drift on `references` when given (a run's, so that added settings compare with its rows);
     `judge_model`, when given, judges the harmful set's responses."""
-    sampling, num_samples = config.evaluation_sampling()
-    evaluation = EvalConfig(
-        sampling.by_name(), num_samples, config.eval_keep_longest, config.seed, config.string_judge(), config.reply_openings(),
-        harmful_sets=(HARMFUL_SET,),
-    )
     return evaluate_settings(
-        model, sets.test, settings, evaluation, anchors, references, judge_model, Batching(config.eval_batch_size, mesh or data_mesh())
+        model, sets.test, settings, config.evaluation(), anchors, references, judge_model, Batching(config.eval_batch_size, mesh or data_mesh())
     )
 
 

@@ -221,3 +221,28 @@ def test_random_rows_and_a_profile_of_a_few_steps(tiny_dro, tmp_path, query_file
     config = RunConfig(init_random=3, seed=5)
     np.testing.assert_array_equal(starting_prompt(tiny_dro.model, config), random_soft_prompt(tiny_dro.model.params, 3, 5))
     assert config.base_prompt == "none" and RunConfig().base_prompt == "short"
+
+
+def test_the_evaluate_command_measures_as_the_main_job_does():
+    """`dro-jax evaluate`'s options become the RunConfig whose evaluation the main job runs: its sets, batch size,
+    one greedy reply of --max-new-tokens (no minimum length) per query, and the string judge and openings chosen."""
+    from dro_jax.cli.dro import evaluate_run_config
+    from dro_jax.cli.main import build_parser
+    from dro_jax.inference.refusal_score import Openings
+    from dro_jax.inference.sampling import SamplingConfig
+    from dro_jax.judging.declines import DeclineJudge
+    from dro_jax.judging.judges import StringJudge
+
+    def evaluation(*extra):
+        args = build_parser().parse_args(["evaluate", "--out", "e.md", "--harmful", "h.txt", "--harmless", "l.txt", *extra])
+        config = evaluate_run_config(args)
+        assert (config.harmful_test, config.harmless_test) == ("h.txt", "l.txt")
+        return config, config.evaluation()
+
+    config, plain = evaluation("--batch-size", "7", "--max-new-tokens", "9")
+    assert config.eval_batch_size == 7
+    assert plain.sampling == {"harmful": SamplingConfig(max_new_tokens=9), "harmless": SamplingConfig(max_new_tokens=9)}
+    assert (plain.num_samples, plain.longest, plain.harmful_sets, plain.suffix) == (1, None, ("harmful",), None)
+    assert plain.openings == Openings() and plain.judge == StringJudge.default()
+    _, chosen = evaluation("--openings", "declines", "--refusal-phrases", "decline")
+    assert chosen.openings == Openings.load("declines") and chosen.openings != Openings() and isinstance(chosen.judge, DeclineJudge)
