@@ -31,7 +31,9 @@ Step = Callable[[Params, ModelInputs, PaddedBatch], Any]
 @dataclasses.dataclass(frozen=True)
 class Batching:
     """How a pass runs: at most `batch_size` rows per batch, split over `mesh`, with a progress bar or not. Every
-    pass, and every stage made of passes (anchors, labels, evaluation), takes it whole rather than the three apart."""
+    pass, and every stage made of passes (anchors, labels, evaluation), takes it whole rather than the three apart.
+    It holds no model: one batching serves the policy and its judge model, and the sweep's models one after another
+    (each placed on the mesh by `run_batched`)."""
 
     batch_size: int = 32
     mesh: Mesh | None = None
