@@ -26,25 +26,25 @@ from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import ModelInputs, input_embeddings, prefix_cache, row_positions
 from dro_jax.models.transformer import Params, compute_logits, forward
-from dro_jax.parallel.sharding import on_mesh, shard_batch, to_host
+from dro_jax.parallel.sharding import on_mesh, shard_batch
 
 OPENING_TOKENS = 8
 
 
-@functools.partial(jax.jit, static_argnames=("config", "tail"))
+@functools.partial(jax.jit, static_argnames=("config",))
 def token_log_likelihoods(
     params: Params,
     config: ModelConfig,
     inputs: ModelInputs,
     scored: jax.Array,
-    tail: int,
 ) -> jax.Array:
-    """[b, tail] log p(token_ids[:, j] | everything before it) for the rows' last `tail` tokens j (tail < t), where
-    `scored` [b, tail] is set, else 0.
+    """[b, r] log p(token_ids[:, j] | everything before it) for the rows' last r tokens j, where `scored` [b, r]
+    is set, else 0.
 
     Rows are left-padded (the rows' own parts after `prefix`, when given), so the replies are their last tokens:
-    only the tail's positions go through the vocabulary projection. The logits are [b, tail, vocab], not
-    [b, t, vocab] (batch 32 of 400 tokens on a 128k vocabulary: 6.6 GB of float32 for the whole rows).
+    only these positions go through the vocabulary projection. The logits are [b, r, vocab], not [b, t, vocab]
+    (batch 32 of 400 tokens on a 128k vocabulary: 6.6 GB of float32 for the whole rows). A row's first token
+    is never scored (nothing of the row precedes it).
     """
     token_ids, attention_mask, soft_prompt, soft_offsets, prefix = inputs
     shared = prefix_cache(params, config, prefix, soft_prompt)
@@ -53,9 +53,11 @@ def token_log_likelihoods(
         params, config, inputs_embeds=embeds, attention_mask=attention_mask,
         positions=row_positions(attention_mask, prefix), prefix=shared,
     )
+    tail = min(scored.shape[1], token_ids.shape[1] - 1)
     logits = compute_logits(params, config, out.last_hidden_state[:, -tail - 1 : -1])  # position j predicts token j + 1
     picked = jnp.take_along_axis(logits, token_ids[:, -tail:, None], axis=-1)[..., 0]
-    return jnp.where(scored, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
+    log_probs = jnp.pad(picked - jax.nn.logsumexp(logits, axis=-1), ((0, 0), (scored.shape[1] - tail, 0)))
+    return jnp.where(scored, log_probs, 0.0)
 
 
 def reply_nll(
@@ -75,20 +77,19 @@ def reply_nll(
         encoded.queries, f"{encoded.source} with their replies", encoded.prefix_length,
     )
     lengths = np.array([len(reply) for reply in replies])
-    longest = max(int(lengths.max()), 1)  # one tail for the whole pass: one compiled shape per batch width
+    longest = max(int(lengths.max()), 1)  # the replies right-aligned in `longest` columns, for every batch
 
-    def step(params, inputs: ModelInputs, batch: PaddedBatch) -> np.ndarray:
-        """[b, 2] the batch's summed log-likelihoods: whole replies, first tokens (summed on the host in float64)."""
-        tail = min(longest, batch.token_ids.shape[1] - 1)  # a row's first token is never scored: nothing precedes it
+    def step(params, inputs: ModelInputs, batch: PaddedBatch) -> jax.Array:
+        """[b, longest] the batch's token log-likelihoods, left on the device so that the next batch is dispatched
+        before these are fetched (see `run_batched`)."""
         counts = lengths[np.where(batch.index >= 0, batch.index, 0)]
-        scored = np.arange(tail)[None, :] >= tail - counts[:, None]  # the replies are the rows' last tokens
+        scored = np.arange(longest)[None, :] >= longest - counts[:, None]
         with on_mesh(batching.mesh):
-            log_probs = token_log_likelihoods(params, model.config, inputs, shard_batch(scored, batching.mesh), tail)
-        log_probs = to_host(log_probs).astype(np.float64)
-        opening = np.arange(tail)[None, :] < tail - counts[:, None] + OPENING_TOKENS
-        return np.stack([log_probs.sum(axis=1), (log_probs * opening).sum(axis=1)], axis=1)
+            return token_log_likelihoods(params, model.config, inputs, shard_batch(scored, batching.mesh))
 
-    totals = -run_batched(model, joined, step, PassInfo("reply likelihood", "reply"), batching)
+    log_probs = run_batched(model, joined, step, PassInfo("reply likelihood", "reply"), batching).astype(np.float64)
+    opening = np.arange(longest)[None, :] < longest - lengths[:, None] + OPENING_TOKENS
+    totals = -np.stack([log_probs.sum(axis=1), (log_probs * opening).sum(axis=1)], axis=1)  # summed in float64
     counted = np.stack([lengths, np.minimum(lengths, OPENING_TOKENS)], axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counted > 0, totals / np.maximum(counted, 1), np.nan)
