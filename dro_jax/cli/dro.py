@@ -145,9 +145,8 @@ def add_commands(commands) -> None:
 def stage_config(args: argparse.Namespace, **resolved):
     """The main job's config of what `dro-jax anchor`, `train` or `evaluate` was told (`resolved`: values worked out
     from several options), so that these commands build the anchor space, train and evaluate as the main job's own
-    stages do. Options
-    named alike are the same field; a command's missing ones keep RunConfig's defaults, which its stages do not
-    read. A sampled label keeps these commands' decoding (`LABEL_SAMPLING`: 10 to 64 new tokens)."""
+    stages do. Options named alike are the same field; a command's missing ones keep RunConfig's defaults, which
+    its stages do not read. A sampled label keeps these commands' decoding (`LABEL_SAMPLING`: 10 to 64 new tokens)."""
     from dro_jax.anchors.collect import LABEL_SAMPLING
     from dro_jax.judging.judges import read_judge_template
     from dro_jax.run.config import RunConfig

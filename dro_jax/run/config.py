@@ -8,8 +8,8 @@ from typing import Any
 from dro_jax.anchors.collect import AnchorConfig
 from dro_jax.anchors.space import FitConfig
 from dro_jax.common.errors import DroJaxError
-from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.data.queries import QueryPairs, read_queries
+from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.dro.loss import LossWeights, check_refusal_score
 from dro_jax.dro.train import TrainConfig
 from dro_jax.evaluation.evaluate import EvalConfig
