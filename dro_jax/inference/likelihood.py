@@ -20,7 +20,7 @@ import numpy as np
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching, PassInfo, run_batched
-from dro_jax.inference.batching import PaddedBatch
+from dro_jax.inference.batching import PaddedBatch, bucket_length
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
@@ -77,7 +77,9 @@ def reply_nll(
         encoded.queries, f"{encoded.source} with their replies", encoded.prefix_length,
     )
     lengths = np.array([len(reply) for reply in replies])
-    longest = max(int(lengths.max()), 1)  # the replies right-aligned in `longest` columns, for every batch
+    # The replies right-aligned in `longest` columns for every batch, bucketed like the rows' lengths, so that passes
+    # whose longest replies differ a little (each setting's own replies) share a compiled program.
+    longest = bucket_length(int(lengths.max()))
 
     def step(params, inputs: ModelInputs, batch: PaddedBatch) -> jax.Array:
         """[b, longest] the batch's token log-likelihoods, left on the device so that the next batch is dispatched
