@@ -1,8 +1,11 @@
 """How far does `run_pipeline`'s config travel?  A static data-flow walk over dro_jax (stdlib `ast` only).
 
-Usage: python tools/config_walk.py ROOT [--object] [--trace]   ROOT holds the package dro_jax/; --trace prints the walk;
+Usage: python tools/config_walk.py ROOT [--object | --read] [--trace]   ROOT holds the package dro_jax/; --trace
+       prints the walk; without an option the walk follows everything derived from the config (rules below).
        --object follows the config object itself: a name carries it only when bound to it or to a name that does,
        and a call is followed only when the object is an argument as it is (not a value read from it) or the receiver.
+       --read follows the values read from the config (`config.x`, `config.m()`, `config.x + 1`) but not what a
+       call computes from them: in `model = load(config.model)` the call is followed, `model` carries nothing.
 
 Rules
  1. Start: `run_pipeline` in dro_jax/run/pipeline.py with its parameter `config` tainted.
@@ -55,6 +58,7 @@ def decorators(fn):
 
 
 OBJECT_ONLY = False  # --object: follow the config object itself, not values read from it
+READ_ONLY = False  # --read: follow values read from the config, not what calls compute from them
 
 
 def carries(node, tainted):
@@ -62,11 +66,21 @@ def carries(node, tainted):
     if OBJECT_ONLY:
         node = node.value if isinstance(node, ast.Starred) else node
         return isinstance(node, ast.Name) and node.id in tainted
-    return bool(names_in(node) & tainted)
+    return bool((read_names(node) if READ_ONLY else names_in(node)) & tainted)
 
 
 def names_in(node):
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def read_names(node):
+    """The names an expression's value is read from: a call's arguments are left out (its result is new), its
+    receiver is not (`config.evaluation()` is still the config's)."""
+    if isinstance(node, ast.Call):
+        return read_names(node.func)
+    if isinstance(node, ast.Name):
+        return {node.id}
+    return set().union(set(), *map(read_names, ast.iter_child_nodes(node)))
 
 
 def parse_str(node):
@@ -434,9 +448,18 @@ def check_layers(root):
 
 
 def main(argv):
-    global OBJECT_ONLY
-    OBJECT_ONLY = "--object" in argv
-    root, (mod, name, params) = Path(argv[1]), START
+    global OBJECT_ONLY, READ_ONLY
+    OBJECT_ONLY, READ_ONLY = "--object" in argv, "--read" in argv
+    args = [a for a in argv[1:] if not a.startswith("--")]
+    if "--help" in argv:
+        return print(__doc__)
+    if len(args) != 1:
+        sys.exit(__doc__.split("\n\n")[1])
+    if OBJECT_ONLY and READ_ONLY:
+        sys.exit("--object and --read are two definitions of what carries the config: give one")
+    root, (mod, name, params) = Path(args[0]), START
+    if not (root / START[0].replace(".", "/")).with_suffix(".py").is_file():
+        sys.exit(f"{root}: no {START[0].replace('.', '/')}.py there; ROOT is the folder that holds dro_jax/")
     sys.setrecursionlimit(20000)
     check_layers(root)
     walk = Walk(Index(root))
