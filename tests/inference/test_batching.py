@@ -31,8 +31,10 @@ def test_batches_cover_every_sequence_once_left_padded():
 
 
 def test_batch_size_must_be_positive():
-    with pytest.raises(ValueError):
-        list(left_padded_batches([[1]], batch_size=0))
+    """Zero and negative batch sizes are refused by the batcher itself (a negative one would otherwise give no batches)."""
+    for batch_size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            list(left_padded_batches([[1]], batch_size=batch_size))
 
 
 def test_the_representation_pass_compiles_once_per_length_bucket(tiny_model_dir):
