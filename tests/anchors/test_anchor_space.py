@@ -42,9 +42,13 @@ def test_anchor_file_and_report_round_trip(tiny_dro, tmp_path):
     anchors, report = tiny_dro.anchors, tiny_dro.report
     path = save_anchor_space(anchors, report, tmp_path / "a.safetensors")
     loaded = AnchorSpace.load(path)
-    np.testing.assert_array_equal(loaded.basis, anchors.basis)
-    np.testing.assert_array_equal(loaded.refusal.weight, anchors.refusal.weight)
-    assert loaded.harmfulness.bias == anchors.harmfulness.bias and loaded.num_components == 4
+    for name in ("mean", "basis"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(anchors, name), err_msg=name)
+    for probe in ("refusal", "harmfulness"):
+        np.testing.assert_array_equal(getattr(loaded, probe).weight, getattr(anchors, probe).weight, err_msg=probe)
+        assert getattr(loaded, probe).bias == getattr(anchors, probe).bias, probe
+    assert loaded.num_components == anchors.num_components == 4
+    assert loaded.metadata == json.loads(json.dumps(anchors.metadata))
     assert loaded.metadata["report"] == json.loads(json.dumps(report))
     assert loaded.metadata["num_harmful"] == len(tiny_dro.pairs.harmful) and loaded.metadata["settings"] == ["none", "short"]
     assert set(report["refusal"]) >= {"accuracy", "auc", "bce"}
@@ -58,8 +62,8 @@ def test_anchor_data_file_round_trip(tmp_path):
                       np.array([1.0, -2.0, 0.5, -1.5], np.float32), np.array([0, 1, 0, 1], np.float32), ["none", "none", "short", "short"])
     data.save(tmp_path / "d.npz")
     loaded = AnchorData.load(tmp_path / "d.npz")
-    np.testing.assert_array_equal(loaded.states, data.states)
-    np.testing.assert_array_equal(loaded.compliance, data.compliance)
+    for name in ("states", "compliance", "refusal_log_odds", "harmless"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(data, name), err_msg=name)
     assert loaded.settings == data.settings
     np.testing.assert_array_equal(loaded.rows_of("short"), [2, 3])
     assert len(loaded.rows_of("default")) == 0
