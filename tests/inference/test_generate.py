@@ -97,11 +97,15 @@ def test_filtered_sampling_matches_its_distribution():
     temperature, top_k, top_p = 0.7, 5, 0.8
     scaled = np.asarray(logits[0]) / temperature
     order = np.argsort(-scaled)
-    kept = order[:top_k]
-    probs = np.exp(scaled[kept] - scaled[kept].max())
-    probs /= probs.sum()
-    cumulative_before = np.cumsum(probs) - probs
-    kept = kept[cumulative_before < top_p]
+
+    def expected_kept(k, p):
+        """The k highest tokens (all without top-k), then the head of their softmax whose mass before each is below p."""
+        head = order[: k or 8]
+        probs = np.exp(scaled[head] - scaled[head].max())
+        probs /= probs.sum()
+        return head[np.cumsum(probs) - probs < p]
+
+    kept = expected_kept(top_k, top_p)
     expected = np.zeros(8)
     expected[kept] = np.exp(scaled[kept] - scaled[kept].max())
     expected /= expected.sum()
@@ -113,11 +117,12 @@ def test_filtered_sampling_matches_its_distribution():
     observed = np.bincount(draws, minlength=8) / len(keys)
     assert set(np.flatnonzero(observed)) == set(kept)
     np.testing.assert_allclose(observed, expected, atol=0.012)
+    assert len(expected_kept(0, 0.8)) < 8  # so top-p alone has tokens to drop
     for k, p in ((0, 0.8), (0, 1.0), (3, 1.0)):  # top-p alone sorts everything; no filter keeps everything
         scores, ids = candidates(logits, temperature, k, p)
         assert scores.shape == (1, k or 8)
         kept_ids = set(np.asarray(ids[0])[np.isfinite(np.asarray(scores[0]))])
-        assert kept_ids == set(order[: k or 8][: None if p == 1.0 else len(kept_ids)])
+        assert kept_ids == set(expected_kept(k, p)), (k, p)
 
 
 @pytest.mark.parametrize(
