@@ -84,12 +84,26 @@ def test_microbatches_keep_row_order():
     np.testing.assert_array_equal(out[1], np.arange(24.0).reshape(12, 2).sum(axis=1))
 
 
-def test_training_with_microbatches_takes_the_same_steps(tiny_dro, tmp_path):
+def test_training_with_microbatches_takes_the_same_steps(tiny_dro, tmp_path, monkeypatch):
+    """The same steps, and the microbatched run does split its batches: the sizes the loss asked
+    `map_microbatches` for (it is looked up when the step is traced) are recorded per run."""
+    import dro_jax.dro.loss
+
+    sizes = []
+
+    def recording(fn, rows, size):
+        sizes.append((jax.tree.leaves(rows)[0].shape[0], size))
+        return map_microbatches(fn, rows, size)
+
+    monkeypatch.setattr(dro_jax.dro.loss, "map_microbatches", recording)
     model = tiny_dro.model
     config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100)
     whole = train_soft_prompt(model, tiny_dro.task, config, TrainingFiles(tmp_path / "whole"), progress=False)
+    assert sizes and set(sizes) == {(6, None)}, sizes  # the whole batch in one pass
+    sizes.clear()
     config = TrainConfig(epochs=2, batch_size=6, learning_rate=1e-2, checkpoint_every=100, microbatch=2)
     accumulated = train_soft_prompt(model, tiny_dro.task, config, TrainingFiles(tmp_path / "micro"), progress=False)
+    assert sizes and set(sizes) == {(6, 2)}, sizes  # the batch of 6 run 2 rows at a time
     np.testing.assert_allclose([m["loss"] for m in accumulated.metrics], [m["loss"] for m in whole.metrics], rtol=1e-6)
     # Four Adam steps carry the gradients' float32 reduction noise (1e-6) into the prompt, a few times larger.
     np.testing.assert_allclose(accumulated.soft_prompt, whole.soft_prompt, rtol=0, atol=1e-5 * np.abs(whole.soft_prompt).max())
