@@ -92,31 +92,50 @@ def test_reply_likelihood_matches_transformers_on_the_whole_sequences(tiny_model
         assert opening == pytest.approx(np.mean(token_nll[:OPENING_TOKENS]), abs=1e-4)
 
 
-def test_evaluation_reports_drift_and_degeneration_beside_refusals(tiny_dro):
+def test_evaluation_reports_drift_and_degeneration_beside_refusals(tiny_dro, monkeypatch):
+    import dro_jax.evaluation.evaluate as evaluate
+    from dro_jax.inference.encoding import encode_queries
+    from dro_jax.inference.likelihood import reply_nll
+
+    measured = []  # the sets' settings measured afresh (the reference's own pass goes through measure_reference)
+    original = evaluate.measure_setting
+
+    def counting(model, encoded, *args, **kwargs):
+        measured.append(encoded.source)
+        return original(model, encoded, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "measure_setting", counting)
     datasets = {"harmful": HARMFUL[:3], "harmless": HARMLESS[:3]}
     settings = [PromptSetting.from_text("none"), PromptSetting.from_text("short")]
     evaluation = evaluate_settings(
         tiny_dro.model, datasets, settings, EvalConfig(SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS), tiny_dro.anchors, batching=QUIET
     )
+    # Greedy, one reply per query: `none` is the reference's own measurement, reused; only `short` runs, once per set.
+    assert len(measured) == 2
     rows = {(r.setting, r.dataset): r for r in evaluation.rows}
     none = rows[("none", "harmless")]
     assert none.reply_drift == none.reply_drift_opening == none.reply_surprise == 0.0  # the reference replies are its own
     short = rows[("short", "harmless")]
     assert short.reply_drift is not None and short.reply_drift != 0.0 and short.reply_drift_opening != 0.0
     # Reply surprise: short's own replies under no prompt, against no prompt's own, by hand.
-    from dro_jax.inference.encoding import encode_queries
-    from dro_jax.inference.likelihood import reply_nll
-
     own = [r.token_ids for o in evaluation.outcomes if (o.setting, o.dataset) == ("short", "harmless") for r in o.responses]
     plain = encode_queries(tiny_dro.model, HARMLESS[:3], "none")
     expected = np.mean(reply_nll(tiny_dro.model, plain, own, batching=QUIET)[:, 0]) - np.mean(evaluation.references["harmless"].nll[:, 0])
     assert short.reply_surprise == pytest.approx(expected, abs=1e-6)
     assert all(r.degenerate_responses is not None and r.degenerate_responses <= r.num_responses for r in evaluation.rows)
     none_replies = [r.token_ids for o in evaluation.outcomes if (o.setting, o.dataset) == ("none", "harmless") for r in o.responses]
-    assert evaluation.references["harmless"].token_ids == none_replies  # the greedy no-prompt replies, reused
-    # Given the references, a second evaluation of another setting measures drift on the same replies.
+    assert evaluation.references["harmless"].token_ids == none_replies  # the greedy no-prompt replies
+    # Given references (other replies than the model's own), a second evaluation measures drift on those replies.
+    given_ids = [(5, 9, 33), (7, 40), tuple(range(100, 112))]  # the last one longer than its opening
+    assert given_ids != [tuple(ids) for ids in none_replies]
+    given = ReplyReference(given_ids, reply_nll(tiny_dro.model, plain, given_ids, batching=QUIET))
+    measured.clear()
     again = evaluate_settings(
         tiny_dro.model, datasets, settings[1:], EvalConfig(SamplingConfig(max_new_tokens=6), openings=TINY_OPENINGS), tiny_dro.anchors,
-        evaluation.references, batching=QUIET,
+        {"harmful": evaluation.references["harmful"], "harmless": given}, batching=QUIET,
     )
-    assert again.rows[1].reply_drift == pytest.approx(short.reply_drift, abs=1e-6)
+    assert again.references["harmless"] is given and len(measured) == 2
+    prompted = reply_nll(tiny_dro.model, encode_queries(tiny_dro.model, HARMLESS[:3], "short"), given_ids, batching=QUIET)
+    assert again.rows[1].reply_drift == pytest.approx(np.mean(prompted[:, 0] - given.nll[:, 0]), abs=1e-6)
+    assert again.rows[1].reply_drift_opening == pytest.approx(np.mean(prompted[:, 1] - given.nll[:, 1]), abs=1e-6)
+    assert again.rows[0].reply_drift == pytest.approx(rows[("short", "harmful")].reply_drift, abs=1e-6)  # its own reference
