@@ -128,7 +128,15 @@ def test_remat_gives_the_same_gradient(tiny_model_dir):
         out = forward(model.params, model.config, inputs_embeds=x, attention_mask=mask, remat=remat)
         return jnp.sum(out.last_hidden_state[:, -1] ** 2)
 
-    plain = jax.jit(jax.grad(lambda x: loss(x, False)))(embeds)
-    remat = jax.jit(jax.grad(lambda x: loss(x, True)))(embeds)
+    plain = jax.jit(jax.grad(lambda x: loss(x, False))).trace(embeds)
+    remat = jax.jit(jax.grad(lambda x: loss(x, True))).trace(embeds)
+    # The remat model's gradient recomputes the layer (a checkpoint primitive, printed "remat2" by older JAX, in
+    # its program); the plain one's does not.
+    def checkpoints(traced):
+        text = str(traced.jaxpr)
+        return "checkpoint" in text or "remat" in text
+
+    assert checkpoints(remat) and not checkpoints(plain)
+    plain, remat = (traced.lower().compile()(embeds) for traced in (plain, remat))
     # Recomputation fuses differently, so float32 rounding differs slightly (gradients are O(1)).
     np.testing.assert_allclose(np.asarray(plain), np.asarray(remat), atol=1e-4, rtol=1e-4)
