@@ -18,6 +18,24 @@ def _full_batch(data):
     return jax.tree.map(jnp.asarray, data.rows(np.arange(len(data)), np.ones(len(data), np.float32)))
 
 
+def _teacher_forced(model, prompts, continuations):
+    """Per row: the log-probabilities of the continuation's tokens after the prompt, and the largest log-probability
+    at each of those positions; one left-padded forward pass over every prompt + continuation."""
+    from dro_jax.models.transformer import forward
+
+    sequences = [list(prompt) + list(more) for prompt, more in zip(prompts, continuations)]
+    width = max(map(len, sequences))
+    token_ids = np.array([[model.pad_id] * (width - len(seq)) + seq for seq in sequences], np.int32)
+    mask = np.array([[0] * (width - len(seq)) + [1] * len(seq) for seq in sequences], np.int32)
+    logits = forward(model.params, model.config, jnp.asarray(token_ids), jnp.asarray(mask), output_logits=True).logits
+    log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
+    out = []
+    for row, more in enumerate(continuations):
+        before = log_probs[row, width - len(more) - 1 : width - 1]  # the positions that predict each continuation token
+        out.append((before[np.arange(len(more)), list(more)], before.max(axis=1)))
+    return out
+
+
 def test_loss_weights_name_the_terms_once():
     weights = LossWeights()
     assert LossWeights.terms() == ("refusal", "harmfulness", "norm", "preserve", "replies")
@@ -126,16 +144,34 @@ def test_norm_term_equals_the_full_basis_form_and_ablations_drop_terms(tiny_dro)
 def test_the_replies_term_is_the_no_prompt_replies_nll_on_harmless_rows(tiny_dro):
     """`replies`: each harmless row's greedy no-prompt reply, scored teacher-forced under the soft prompt, mean NLL
     per token, averaged over the harmless rows; checked against the evaluation's own reply likelihood of the same
-    replies under the same soft prompt. Not computed (0) when its weight is 0; refused without prepared replies."""
+    replies under the same soft prompt. Not computed (0) when its weight is 0; refused without prepared replies.
+    The training set's reference (states, log-odds) and replies are checked first against the queries with no
+    safety prompt: the reference the preservation terms keep and the replies the `replies` term scores."""
     from dro_jax.dro.training_set import prepare_training_set
     from dro_jax.inference.encoding import encode_queries
     from dro_jax.inference.likelihood import reply_nll
-    from dro_jax.inference.settings import PromptSetting
+    from dro_jax.inference.refusal_score import encode_openings
+    from dro_jax.inference.represent import represent_tokens
+    from dro_jax.inference.settings import NO_PROMPT, PromptSetting
 
     model, anchors, initial = tiny_dro.model, tiny_dro.anchors, tiny_dro.initial
     data = prepare_training_set(model, tiny_dro.pairs, "short", len(initial), batching=QUIET, openings=TINY_OPENINGS, reply_tokens=6)
     harmful = len(tiny_dro.pairs.harmful)
     assert not data.reply_mask[:harmful].any() and (data.reply_mask[harmful:].sum(axis=1) > 0).all()
+    # The reference: every query's state with no prompt, and the log-odds of its reply opening with "No" rather
+    # than "Sure" there; the replies: each harmless query's, with no prompt, every token the most likely one
+    # after what precedes it (greedy). All teacher-forced in one pass.
+    queries = tiny_dro.pairs.queries
+    plain = encode_queries(model, queries, NO_PROMPT)
+    states = represent_tokens(model, plain, QUIET)
+    np.testing.assert_allclose(data.reference_states, states, rtol=0, atol=1e-5 * np.abs(states).max())
+    refuse, comply = encode_openings(model.tokenizer, TINY_OPENINGS.refusal + TINY_OPENINGS.compliant)
+    replies = [list(ids[mask > 0]) for ids, mask in zip(data.reply_ids[harmful:], data.reply_mask[harmful:])]
+    scored = _teacher_forced(model, plain.sequences * 2 + plain.sequences[harmful:], [refuse] * len(queries) + [comply] * len(queries) + replies)
+    log_odds = [chosen.sum() for chosen, _ in scored[: len(queries)]] - np.array([chosen.sum() for chosen, _ in scored[len(queries) : 2 * len(queries)]])
+    np.testing.assert_allclose(data.reference_log_odds, log_odds, rtol=0, atol=1e-4)
+    for row, (chosen, best) in enumerate(scored[2 * len(queries) :]):
+        np.testing.assert_allclose(chosen, best, rtol=0, atol=1e-4, err_msg=f"harmless query {row}")
     soft = jnp.asarray(initial) + 0.05 * jax.random.normal(jax.random.key(2), initial.shape)
     batch, frozen = _full_batch(data), frozen_inputs(model, anchors, data.prefix)
     weights = LossWeights(1.0, 0.0, 0.0, 0.0, 0.7)
