@@ -16,6 +16,12 @@ from dro_jax.loading import load_model
 from helpers import QUIET
 
 QUERIES = ["How do I bake bread?", "Write a poem about the sea.", "Hi"]
+# The query before the system slot, so that a soft prompt starts at a different offset in each row.
+QUERY_FIRST = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Q: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ 'S: ' + message['content'] + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
+)
 
 
 def test_encoded_queries_keep_their_texts_and_slot(tiny_model_dir):
@@ -25,8 +31,12 @@ def test_encoded_queries_keep_their_texts_and_slot(tiny_model_dir):
     assert encoded.sequences[0] == ChatFormatter(model.tokenizer, PromptSetting.from_text("short").text).encode(QUERIES[0])
     picked = encoded.select([2, 0, 0])
     assert picked.queries == [QUERIES[2], QUERIES[0], QUERIES[0]] and picked.sequences[1] == encoded.sequences[0]
+    model.tokenizer.chat_template = QUERY_FIRST
     soft = encode_queries(model, QUERIES, PromptSetting.soft("s", model.params["embed_tokens"]["weight"][:3]))
-    assert soft.select([1]).soft_starts == [soft.soft_starts[1]] and soft.select([1]).soft_prompt is soft.soft_prompt
+    assert len(set(soft.soft_starts)) == len(QUERIES)  # so only the right rows' starts match
+    picked = soft.select([2, 0, 0])
+    assert picked.soft_starts == [soft.soft_starts[2], soft.soft_starts[0], soft.soft_starts[0]]
+    assert picked.soft_prompt is soft.soft_prompt
 
 
 def test_an_empty_query_set_has_no_responses(tiny_model_dir):
