@@ -3,16 +3,18 @@
 import json
 
 import numpy as np
+import pytest
 
 from dro_jax.cli.main import main
 from dro_jax.data.suffixes import QuerySuffix
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
 from dro_jax.judging.judges import StringJudge
-from helpers import HARMFUL, QUIET, TINY_OPENINGS
+from helpers import HARMFUL, HARMLESS, QUIET, TINY_OPENINGS
 
 QUERIES = HARMFUL[:3]
 SUFFIX = QuerySuffix("attack", ("about the sea and the wind",), per_query=False)
@@ -55,17 +57,39 @@ def test_evaluation_generates_from_the_suffix_and_judges_the_original_query(tiny
 
 
 def test_sweep_and_evaluate_take_a_suffix_file(tiny_dro, tmp_path, query_files, capsys):
+    """Both commands score query + suffix (the refusal log-odds by hand, from the joined texts) and name the rows by it."""
     directory = tiny_dro.directory
     suffix = tmp_path / "gcg.json"
-    suffix.write_text(json.dumps({"suffix": ["!! now"] * len(HARMFUL)}), encoding="utf-8")
+    texts = [f"!! now {i}" for i in range(len(HARMFUL))]  # one per query, each its own
+    suffix.write_text(json.dumps({"suffix": texts}), encoding="utf-8")
+    openings = tmp_path / "openings.json"
+    openings.write_text(json.dumps({"refusal": list(TINY_OPENINGS.refusal), "compliant": list(TINY_OPENINGS.compliant)}), encoding="utf-8")
+
+    def mean_log_odds(queries, suffixed):
+        joined = [f"{q} {t}" for q, t in zip(queries, texts)] if suffixed else queries
+        return float(np.mean(score_refusal(tiny_dro.model, encode_queries(tiny_dro.model, joined, "none"), TINY_OPENINGS, QUIET).log_odds))
+
     out = tmp_path / "sweep"
-    assert main(["sweep", "--models", str(directory), "--prompts", "none", "--datasets", str(query_files[0]),
-                 "--max-new-tokens", "4", "--suffix-file", str(suffix), "--out", str(out)]) == 0
+    assert main(["sweep", "--models", str(directory), "--prompts", "none", "--datasets", str(query_files[0]), "--max-new-tokens", "4",
+                 "--suffix-file", str(suffix), "--openings", str(openings), "--out", str(out)]) == 0
     rows = json.loads((out / "sweep.json").read_text())
     assert [(r["setting"], r["error"]) for r in rows] == [("none + suffix gcg", None)]
+    attacked = mean_log_odds(HARMFUL, True)
+    assert rows[0]["mean_refusal_log_odds"] == pytest.approx(attacked, abs=1e-4)
+    assert attacked != pytest.approx(mean_log_odds(HARMFUL, False), abs=1e-3)  # the suffix shows in the value
+    capsys.readouterr()
+    eval_md = tmp_path / "eval.md"
+    assert main(["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
+                 "--settings", "none", "--max-new-tokens", "4", "--suffix-file", str(suffix), "--openings", str(openings),
+                 "--out", str(eval_md)]) == 0
+    rows = {r["dataset"]: r for r in json.loads(eval_md.with_suffix(".json").read_text())}
+    assert {name: r["setting"] for name, r in rows.items()} == {"harmful": "none + suffix gcg", "harmless": "none + suffix gcg"}
+    assert rows["harmful"]["mean_refusal_log_odds"] == pytest.approx(attacked, abs=1e-4)
+    assert rows["harmless"]["mean_refusal_log_odds"] == pytest.approx(mean_log_odds(HARMLESS, True), abs=1e-4)
     suffix.write_text(json.dumps(["one", "two"]), encoding="utf-8")
+    eval_md.unlink()
     code = main(["evaluate", "--model", str(directory), "--harmful", str(query_files[0]), "--harmless", str(query_files[1]),
-                 "--settings", "none", "--suffix-file", str(suffix), "--out", str(tmp_path / "eval.md")])
+                 "--settings", "none", "--suffix-file", str(suffix), "--out", str(eval_md)])
     assert code == 2
     assert f"gcg: 2 suffixes, one per query, but harmful has {len(HARMFUL)} queries" in capsys.readouterr().err
-    assert not (tmp_path / "eval.md").exists()
+    assert not eval_md.exists()
