@@ -158,6 +158,13 @@ def test_evaluate_command_with_and_without_a_judge_model(forced, query_files, tm
     assert read_judge_template(str(template)).startswith("Query: {query}") and read_judge_template("{query} {response}") == "{query} {response}"
 
 
+def judged_column(table):
+    """The judged-compliance cell of each row of a sweep table, in order."""
+    lines = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+    column = lines[0].index("queries with any judged compliance")
+    return [cells[column] for cells in lines[2:]]  # after the header and its rule
+
+
 def test_sweep_rows_and_table(models, forced, query_files, tmp_path, capsys):
     datasets = {str(path): DATASETS[name] for name, path in query_files.items()}
     harmful = harmful_by_name(list(datasets))
@@ -168,9 +175,9 @@ def test_sweep_rows_and_table(models, forced, query_files, tmp_path, capsys):
     assert [r.queries_any_harmful_compliance for r in rows] == [2, None]
     assert [r.queries_any_compliance for r in rows] == [2, 2]
     table = sweep_markdown(rows, "J", harmful)
-    assert "queries with any judged compliance" in table and "| 2 (100.0%) |" in table and "judge model J" in table
-    assert "n/a, no judge model" in sweep_markdown([dataclasses.replace(rows[0], harmful_compliant_responses=None,
-                                                                          queries_any_harmful_compliance=None)])
+    assert judged_column(table) == ["2 (100.0%)", "n/a"] and "judge model J" in table  # the harmless set: n/a
+    unjudged = sweep_markdown([dataclasses.replace(rows[0], harmful_compliant_responses=None, queries_any_harmful_compliance=None)])
+    assert judged_column(unjudged) == ["n/a"] and "n/a, no judge model" in unjudged
     base = ["sweep", "--models", str(forced["policy"]), "--prompts", "none", "--datasets", *datasets, "--max-new-tokens", str(FOUR_LINES)]
     assert main([*base, "--judge-model", str(forced["safe"]), "--out", str(tmp_path / "s")]) == 0
     saved = json.loads((tmp_path / "s" / "sweep.json").read_text())
