@@ -90,20 +90,29 @@ from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.batched import Batching
 from dro_jax.loading import load_model
 from dro_jax.parallel.mesh import data_mesh
+import dro_jax.dro.train
 assert len(jax.devices()) == 4
+shard_batch, batches = dro_jax.dro.train.shard_batch, []
+def recording(batch, mesh):  # (rows, devices holding them) of every batch training places, as train.py looks it up
+    sharded = shard_batch(batch, mesh)
+    batches.append((len(sharded.token_ids), len(sharded.token_ids.sharding.device_set)))
+    return sharded
+dro_jax.dro.train.shard_batch = recording
 model = load_model({model!r}, progress=False)
 anchors = AnchorSpace.load({anchors!r})
 initial = initial_soft_prompt(model.params, model.tokenizer, "short")
 data = prepare_training_set(model, QueryPairs({harmful!r}, {harmless!r}), "short", len(initial), batching=Batching(progress=False))
 config = TrainConfig(epochs=2, batch_size=5, learning_rate=1e-2, checkpoint_every=100)
-results = []
+results, placed = [], []
 for count in (1, 4):
     mesh = data_mesh(jax.devices()[:count])
+    batches.clear()
     out = train_soft_prompt(model, TrainingTask(initial, data, anchors=anchors), config, TrainingFiles({tmp!r} + f"/ck{{count}}"), progress=False, mesh=mesh)
     results.append(out)
+    placed.append(sorted(set(batches)))
 np.save({tmp!r} + "/one.npy", results[0].soft_prompt)
 np.save({tmp!r} + "/four.npy", results[1].soft_prompt)
-print(json.dumps([[m["loss"] for m in r.metrics] for r in results]))
+print(json.dumps([[[m["loss"] for m in r.metrics] for r in results], placed]))
 """
 
 
@@ -116,7 +125,8 @@ def test_four_devices_give_the_single_device_result(tiny_dro, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", script], env=device_env(4), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    one_losses, four_losses = json.loads(done.stdout.strip().splitlines()[-1])
+    (one_losses, four_losses), (one_batches, four_batches) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert one_batches == [[5, 1]] and four_batches == [[8, 4]]  # each run split its batches over the mesh it was given
     np.testing.assert_allclose(four_losses, one_losses, rtol=1e-5)
     one, four = np.load(tmp_path / "one.npy"), np.load(tmp_path / "four.npy")
     assert np.abs(one - tiny_dro.initial).max() > 1e-3  # it trained

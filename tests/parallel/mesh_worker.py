@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 
+import dro_jax.dro.train
 from dro_jax.anchors.collect import AnchorConfig, build_anchor_space
 from dro_jax.data.queries import QueryPairs
 from dro_jax.dro.soft_prompt import initial_soft_prompt
@@ -55,6 +56,26 @@ def weight_gathers(model, encoded, mesh, sampling, serving: bool) -> int:
     return sum("all-gather(" in line or "all-gather-start(" in line for line in compiled.as_text().splitlines())
 
 
+def record_training_layout() -> dict:
+    """What training places on its mesh, as `train_soft_prompt` looks its helpers up: the largest share of the
+    frozen q_proj weight and of a batch that one device holds."""
+    used = {}
+    place_frozen, shard_batch = dro_jax.dro.train.place_frozen, dro_jax.dro.train.shard_batch
+
+    def placing(frozen, config, mesh):
+        placed = place_frozen(frozen, config, mesh)
+        used["q_proj"] = device_share(_leaf(placed.params, WATCHED["q_proj"]))
+        return placed
+
+    def sharding(batch, mesh):
+        sharded = shard_batch(batch, mesh)
+        used["batch"] = device_share(sharded.token_ids)
+        return sharded
+
+    dro_jax.dro.train.place_frozen, dro_jax.dro.train.shard_batch = placing, sharding
+    return used
+
+
 def main(directory: str, out: str) -> None:
     assert len(jax.devices()) == 8
     model = load_model(directory, progress=False)
@@ -67,10 +88,13 @@ def main(directory: str, out: str) -> None:
     encoded = encode_queries(model, HARMFUL + HARMLESS, "short")
     greedy = SamplingConfig(greedy=True, max_new_tokens=8)
     results = {}
+    used = record_training_layout()
     for name, (count, shape) in MESHES.items():
         mesh = make_mesh(shape, jax.devices()[:count])
         placed = type(model)(model.config, place_params(model.params, model.config, mesh), model.tokenizer, model.source)
+        used.clear()
         trained = train_soft_prompt(placed, TrainingTask(initial, data, anchors=anchors), config, TrainingFiles(f"{out}/{name}"), progress=False, mesh=mesh)
+        trained_on = dict(used)
         responses = generate_responses(placed, encoded, greedy, batching=Batching(12, mesh, False))
         results[name] = {
             "losses": [m["loss"] for m in trained.metrics],
@@ -78,6 +102,7 @@ def main(directory: str, out: str) -> None:
             "tokens": [list(r.token_ids) for r in responses],
             "log_odds": score_refusal(placed, encoded, TINY_OPENINGS, batching=Batching(12, mesh, False)).log_odds.tolist(),
             "share": {key: device_share(_leaf(placed.params, path)) for key, path in WATCHED.items()},
+            "trained_on": trained_on,
             "fingerprint": model_fingerprint(placed),
             "mesh": describe_mesh(mesh),
         }

@@ -90,6 +90,11 @@ def test_eight_device_meshes_give_the_single_device_results(tiny_model_dir, tmp_
     assert set(one["share"].values()) == {1.0}
     assert results["fsdp=8"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 8))
     assert results["data=2,model=4"]["share"] == pytest.approx(dict.fromkeys(one["share"], 1 / 4))
+    # Training runs on the mesh it is given: a device's share of the frozen q_proj weight and of each batch (6 rows,
+    # padded to 8 where the batch is split 8 ways).
+    assert one["trained_on"] == {"q_proj": 1.0, "batch": 1.0}
+    assert results["fsdp=8"]["trained_on"] == pytest.approx({"q_proj": 1 / 8, "batch": 1 / 8})
+    assert results["data=2,model=4"]["trained_on"] == pytest.approx({"q_proj": 1 / 4, "batch": 1 / 2})
     # Generation takes the weights whole along the fsdp axis: its compiled program gathers none, where FSDP's layout
     # would gather them in the prefill and at every decoded token.
     assert results["fsdp=8"]["weight_gathers"]["serving"] == 0 and results["fsdp=8"]["weight_gathers"]["fsdp"] > 0
