@@ -38,6 +38,9 @@ def test_loops_are_repeated_word_trigrams():
     above = " ".join(words + words[:12])  # 30 trigrams, 10 repeats: 0.33
     assert RULE.repeated_share(below) == pytest.approx(0.2) and not RULE.loops(below)
     assert RULE.repeated_share(above) == pytest.approx(1 / 3) and RULE.loops(above)
+    # At the threshold exactly ("at least"): 20 trigrams, 5 of them repeats, is 0.25 with no rounding.
+    at = " ".join(words[:15] + words[:7])
+    assert RULE.repeated_share(at) == 0.25 and DegenerationRule(loop_share=0.25).loops(at) and not RULE.loops(at)
     assert not RULE.loops("sorry sorry sorry sorry sorry")  # too short to judge (fewer than 12 words)
 
 
