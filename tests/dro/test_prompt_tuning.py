@@ -137,11 +137,14 @@ def test_the_longest_responses_are_kept(tiny_dro, monkeypatch):
     import dro_jax.dro.prompt_tuning as prompt_tuning
     from dro_jax.judging.responses import Response
 
-    texts = ["one", "one two three", "one two", "one two three four"]  # kept: samples 1 and 3
+    # By words samples 2 and 0 are the longest; by characters 3 and 1; by the token counts reported, 0 and 1.
+    texts = ["a b c d", "extraordinarily", "x y z w v", "internationalization"]  # kept: samples 0 and 2
+    num_tokens = [9, 8, 1, 2]
 
     def sampled(model, encoded, sampling, samples, seed, *_):
         assert samples == len(texts)
-        return [Response(q, encoded.queries[q], s, text, len(text), False) for q in range(len(encoded.queries)) for s, text in enumerate(texts)]
+        return [Response(q, encoded.queries[q], s, text, num_tokens[s], False)
+                for q in range(len(encoded.queries)) for s, text in enumerate(texts)]
 
     monkeypatch.setattr(prompt_tuning, "generate_responses", sampled)
     pairs = QueryPairs(tiny_dro.pairs.harmful[:1], tiny_dro.pairs.harmless[:1])
@@ -149,7 +152,7 @@ def test_the_longest_responses_are_kept(tiny_dro, monkeypatch):
     data = prepare_response_set(tiny_dro.model, pairs, "short", len(tiny_dro.initial), settings, batching=QUIET)
     trained = [data.token_ids[row][data.response_mask[row] == 1].tolist() for row in range(len(data))]
     encode = lambda text: tiny_dro.model.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    assert trained == [encode(texts[1]), encode(texts[3])] * 2
+    assert trained == [encode(texts[0]), encode(texts[2])] * 2
 
 
 def test_negatives_need_a_human_init_prompt(tiny_dro):
