@@ -132,11 +132,23 @@ import dataclasses, json, sys
 import jax, numpy as np
 sys.path[:0] = [{tests!r}, {helpers!r}]
 from test_shared_prefix import QUERIES, _passes
-from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.encoding import EncodedQueries, encode_queries
 from dro_jax.loading import load_model
 from dro_jax.parallel.mesh import data_mesh
 import dro_jax.inference.represent as represent
 assert len(jax.devices()) == 4
+splits = []  # per batch: the devices its token ids are on, the rows on each, the rows in all
+def recording(model_inputs):
+    def recorded(self, batch, mesh=None):
+        inputs = model_inputs(self, batch, mesh)
+        ids = inputs.token_ids
+        if isinstance(ids, jax.Array):
+            splits.append([len(ids.sharding.device_set), ids.sharding.shard_shape(ids.shape)[0], ids.shape[0]])
+        else:  # left on the host: one device takes it whole
+            splits.append([1, ids.shape[0], ids.shape[0]])
+        return inputs
+    return recorded
+EncodedQueries.model_inputs = recording(EncodedQueries.model_inputs)
 model = load_model({model!r}, progress=False)
 mesh = data_mesh()
 def on_mesh(fn):
@@ -146,7 +158,7 @@ def on_mesh(fn):
 import test_shared_prefix as t
 t.score_refusal, t.represent_tokens, t.generate_responses = map(on_mesh, (t.score_refusal, t.represent_tokens, t.generate_responses))
 encoded = encode_queries(model, QUERIES, "short")
-out = {{"shared": _passes(model, encoded), "whole": _passes(model, dataclasses.replace(encoded, prefix_length=0))}}
+out = {{"shared": _passes(model, encoded), "whole": _passes(model, dataclasses.replace(encoded, prefix_length=0)), "splits": splits}}
 print(json.dumps(jax.tree.map(lambda x: x.tolist() if hasattr(x, "tolist") else x, out)))
 """
 
@@ -158,6 +170,8 @@ def test_four_devices_give_the_single_device_result(tiny_model_dir):
     done = subprocess.run([sys.executable, "-c", script], env=device_env(4), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     four = json.loads(done.stdout.strip().splitlines()[-1])
+    # Every batch of every pass had its rows split over the four devices, a quarter on each.
+    assert four["splits"] and all(devices == 4 and rows == 4 * each for devices, each, rows in four["splits"]), four["splits"]
     model = load_model(directory, progress=False)
     one = _passes(model, dataclasses.replace(encode_queries(model, QUERIES, "short"), prefix_length=0))
     for path in ("shared", "whole"):
