@@ -175,25 +175,34 @@ def test_resume_may_change_what_only_the_evaluation_reads(finished_run, run_args
     assert "learning_rate: 0.005 -> 0.1" in err and "with --resume only" in err and "judge_template" in err
 
 
-def test_a_judge_model_added_on_resume_judges_the_harmful_set(finished_run, forced, run_args, tmp_path):
-    """End to end, the tiny run continued with the always-unsafe judge model (an evaluation-only setting, so only
-    the evaluation runs again): the harmful set is judged and its counts follow the rule on the very replies, the
-    harmless set is not judged, and results.md says so."""
+def test_a_judge_model_added_on_resume_judges_the_harmful_set(finished_run, forced, run_args, tmp_path, monkeypatch):
+    """End to end, the tiny run continued with a judge model (an evaluation-only setting, so only the evaluation runs
+    again): the harmful set is judged, the harmless set is not, and results.md says so. The evaluation's policy is
+    the forced one (same architecture, so the trained prompt fits), whose replies are "x", newline, ... (four lines
+    in 8 new tokens, no refusal): with the always-unsafe judge every harmful reply complies by the paper's rule,
+    with the always-safe judge none does. Two samples per query tell responses from queries."""
     import shutil
 
     from dro_jax.judging.responses import Response
 
+    real_load = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda spec, *args, **kwargs: real_load(forced["policy"], *args, **kwargs))
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
-    assert main(run_args(out, "--judge-model", str(forced["unsafe"]), "--resume")) == 0
-    assert json.loads((out / "config.json").read_text())["judge_model"] == str(forced["unsafe"])
-    lines = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    responses = [Response(**{k: v for k, v in r.items() if k not in ("setting", "dataset", "kind")}) for r in lines]
-    assert {(r["dataset"], reply.unsafe) for r, reply in zip(lines, responses)} == {("harmful", True), ("harmless", None)}
-    for row in json.loads((out / "results.json").read_text())["rows"]:
-        mine = [reply for r, reply in zip(lines, responses) if (r["dataset"], r["setting"]) == (row["dataset"], row["setting"])]
-        assert row["harmful_compliant_responses"] == (sum(r.harmful_compliance for r in mine) if row["dataset"] == "harmful" else None)
-    assert f"string judge `dro-jax` and judge model {forced['unsafe']} (harmful set)" in (out / "results.md").read_text()
+    evaluation = ["--eval-samples", "2", "--max-new-tokens-harmful", "8", "--resume"]
+    for verdict, complies in (("unsafe", True), ("safe", False)):
+        assert main(run_args(out, "--judge-model", str(forced[verdict]), *evaluation)) == 0
+        assert json.loads((out / "config.json").read_text())["judge_model"] == str(forced[verdict])
+        lines = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+        responses = [Response(**{k: v for k, v in r.items() if k not in ("setting", "dataset", "kind")}) for r in lines]
+        assert {(r["dataset"], reply.unsafe) for r, reply in zip(lines, responses)} == {("harmful", complies), ("harmless", None)}
+        assert all(r.text.strip().count("\n") == 3 and not r.refusal for r, line in zip(responses, lines) if line["dataset"] == "harmful")
+        rows = json.loads((out / "results.json").read_text())["rows"]
+        assert [(r["dataset"], r["num_queries"], r["num_responses"]) for r in rows] == [("harmful", 3, 6)] * 3 + [("harmless", 3, 6)] * 3
+        for row in rows:
+            judged = ((6, 3) if complies else (0, 0)) if row["dataset"] == "harmful" else (None, None)
+            assert (row["harmful_compliant_responses"], row["queries_any_harmful_compliance"]) == judged, row
+        assert f"string judge `dro-jax` and judge model {forced[verdict]} (harmful set)" in (out / "results.md").read_text()
 
 
 def test_evaluation_only_settings_leave_the_earlier_stages_keys_alone():
