@@ -1,6 +1,7 @@
 """`dro-jax represent`, `generate` and `label`: their outputs, soft prompts from files, and one clear error line
 (exit code 2, no output file) per bad input."""
 
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.inference.chat import ChatFormatter
 from dro_jax.inference.settings import save_soft_prompt
 from dro_jax.inference.settings import SAFETY_PROMPTS
+from dro_jax.judging.reply_text import response_opening
 from dro_jax.loading import load_model
 from helpers import save_tiny_model
 
@@ -174,6 +176,18 @@ def test_generate_writes_one_judged_response_per_sample(model_dir, query_file, t
     again = tmp_path / "again.jsonl"
     assert main(_generate_args(model_dir, query_file, again, "--num-samples", "3", "--seed", "5", "--batch-size", "2")) == 0
     assert again.read_text(encoding="utf-8") == out.read_text(encoding="utf-8")
+    # The refusal field is the string judge's verdict: a phrase file whose one phrase is in some replies' openings
+    # (the part the judge reads, lower-cased) and not in others marks exactly those replies as refusals.
+    openings = [response_opening(r["response"]).lower() for r in records]
+    words = sorted({word for text in openings for word in re.findall(r"[a-z]{2,}", text)})
+    phrase = next(word for word in words if 0 < sum(word in text for text in openings) < len(openings))
+    phrases = tmp_path / "phrases.json"
+    phrases.write_text(json.dumps({"refusal": [phrase]}), encoding="utf-8")
+    judged = tmp_path / "judged.jsonl"
+    assert main(_generate_args(model_dir, query_file, judged, "--num-samples", "3", "--seed", "5", "--refusal-phrases", str(phrases))) == 0
+    rejudged = [json.loads(line) for line in judged.read_text(encoding="utf-8").splitlines()]
+    assert [r["response"] for r in rejudged] == [r["response"] for r in records]
+    assert [r["refusal"] for r in rejudged] == [phrase in text for text in openings]
 
 
 @pytest.mark.parametrize(
