@@ -44,9 +44,13 @@ def test_experiments_write_their_tables_and_plots(finished_run):
     assert [r["setting"] for r in rows if r["dataset"] == "harmful"] == ["none", "short", "DRO", "prompt tuning"]
 
 
-def test_the_objectives_experiment_trains_every_variant_and_seed_once(finished_run, tmp_path):
+def test_the_objectives_experiment_trains_every_variant_and_seed_once(finished_run, tmp_path, monkeypatch):
     """On the validation sets by default; the base configuration is the run's (read, not recomputed); what is
-    trained and evaluated is kept, so a re-run only reads it; counts come with their Wilson intervals."""
+    trained and evaluated is kept, so a re-run only reads it (training there fails the test); counts come with their
+    Wilson intervals."""
+    from dro_jax.dro import train
+    from dro_jax.run import pipeline
+
     out = tmp_path / "objectives"
     config = json.loads((finished_run / "config.json").read_text())  # the tiny model's context is too short for the packaged sets
     args = ("--out", str(out), "--variants", "paper", "prompt-tuning", "--seeds", "1", "2",
@@ -58,9 +62,17 @@ def test_the_objectives_experiment_trains_every_variant_and_seed_once(finished_r
     assert [r["seed"] for r in data["results"]["paper"]] == [1, 2]
     assert data["results"]["paper"][0]["harmful declined"][1] == 3  # (declined, of) the 3 held-out queries
     kept = out / "evaluated" / "val" / "paper_seed_2.json"
-    stamp = kept.stat().st_mtime_ns
+    prompts = sorted((out / "trained").glob("*/seed_*/soft_prompt.safetensors"))
+    assert [p.relative_to(out / "trained").parts[:2] for p in prompts] == [(v, f"seed_{s}") for v in ("paper", "prompt-tuning") for s in (1, 2)]
+    stamps = [path.stat().st_mtime_ns for path in [kept, *prompts]]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept soft prompt was trained again")
+
+    monkeypatch.setattr(pipeline, "train_stage", no_training)
+    monkeypatch.setattr(train, "train_soft_prompt", no_training)
     assert _experiment("objectives.py", finished_run, *args) == 0  # a re-run only reads what it kept
-    assert kept.stat().st_mtime_ns == stamp
+    assert [path.stat().st_mtime_ns for path in [kept, *prompts]] == stamps
     assert (out / "objectives_val.png").read_bytes().startswith(PNG_MAGIC)
     text = (out / "objectives_val.md").read_text()
     assert "targets missed" in text and "(CI " in text
