@@ -84,11 +84,12 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes_without_redoing_stages(run_arg
     assert main(run_args(out)) == 2
     assert "unfinished run (stopped in: evaluate)" in capsys.readouterr().err
 
-    def no_anchor_stage(*args, **kwargs):
+    def finished_stage(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
     monkeypatch.setattr(pipeline, "evaluate_stage", real_evaluate)
-    monkeypatch.setattr(pipeline, "anchor_stage", no_anchor_stage)
+    monkeypatch.setattr(pipeline, "anchor_stage", finished_stage)
+    monkeypatch.setattr(pipeline, "train_stage", finished_stage)
     assert main(run_args(out, "--resume")) == 0
     assert (out / "results.md").is_file()
 
