@@ -228,15 +228,24 @@ def test_soft_prompt_files_work_in_every_command(model_dir, query_file, tmp_path
 
 
 def test_label_writes_one_label_per_query_and_setting(model_dir, query_file, tmp_path):
+    """The compliance rate is the share of replies the string judge does not call refusals: 1 with a phrase no
+    reply holds, 0 with the empty phrase, which every reply holds."""
     import json
 
+    phrases = {}
+    for name, phrase in (("never", "no reply of four tokens says this"), ("always", "")):
+        phrases[name] = tmp_path / f"{name}.json"
+        phrases[name].write_text(json.dumps({"refusal": [phrase]}), encoding="utf-8")
     out = tmp_path / "labels.jsonl"
     args = ["label", "--model", str(model_dir), "--queries", str(query_file), "--settings", "none", "short",
-            "--num-samples", "2", "--max-new-tokens", "4", "--out", str(out)]
+            "--refusal-phrases", str(phrases["never"]), "--num-samples", "2", "--max-new-tokens", "4", "--out", str(out)]
     assert main(args) == 0
     labels = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [(l["setting"], l["query_index"]) for l in labels] == [(s, i) for s in ("none", "short") for i in range(len(QUERIES))]
-    assert all(l["num_samples"] == 2 and l["compliance_rate"] in (0.0, 0.5, 1.0) for l in labels)
+    assert all(l["num_samples"] == 2 and l["compliance_rate"] == 1.0 for l in labels)
+    refused = tmp_path / "refused.jsonl"
+    assert main([*args[:-2], "--refusal-phrases", str(phrases["always"]), "--out", str(refused)]) == 0
+    assert [l["compliance_rate"] for l in map(json.loads, refused.read_text(encoding="utf-8").splitlines())] == [0.0] * len(labels)
     assert all(np.isfinite(l["refusal_log_odds"]) for l in labels)
     assert labels[0]["refusal_log_odds"] != labels[len(QUERIES)]["refusal_log_odds"]  # the prompt changes the score
     only_scores = tmp_path / "scores.jsonl"
