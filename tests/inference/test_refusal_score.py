@@ -34,9 +34,26 @@ def test_opening_log_probs_match_transformers(tiny_model_dir):
 
 
 def test_refusal_scores_carry_the_representations_of_the_same_pass(tiny_model_dir):
-    directory, _ = tiny_model_dir("llama")
+    """Each prompt's log-odds and state are those of that prompt (checked against transformers), whatever the
+    batch size, and the state is the one the representation pass gives."""
+    directory, torch_model = tiny_model_dir("llama")
     model = load_model(directory, progress=False)
     prompts = [ChatFormatter(model.tokenizer, "Be careful.").encode(q) for q in QUERIES]
     scores = score_refusal(model, prompts, OPENINGS, batching=Batching(2, progress=False))
     np.testing.assert_allclose(scores.states, represent_tokens(model, prompts, batching=Batching(2, progress=False)), atol=1e-5)
     np.testing.assert_allclose(scores.log_odds, refusal_log_odds(model, prompts, OPENINGS, batching=Batching(3, progress=False)), atol=1e-5)
+    openings = [[model.tokenizer.encode(t, add_special_tokens=False) for t in group] for group in (OPENINGS.refusal, OPENINGS.compliant)]
+    for p, prompt in enumerate(prompts):
+        with torch.no_grad():
+            out = torch_model(torch.tensor([prompt]), output_hidden_states=True)
+        np.testing.assert_allclose(scores.states[p], out.hidden_states[-1][0, -1].numpy(), atol=1e-4, err_msg=QUERIES[p])
+        group_log_probs = []
+        for group in openings:
+            log_probs = []
+            for opening in group:
+                with torch.no_grad():
+                    logits = torch_model(torch.tensor([prompt + opening])).logits[0]
+                steps = torch.log_softmax(logits, dim=-1)
+                log_probs.append(sum(steps[len(prompt) - 1 + i, token].item() for i, token in enumerate(opening)))
+            group_log_probs.append(np.logaddexp.reduce(log_probs))
+        assert abs(scores.log_odds[p] - (group_log_probs[0] - group_log_probs[1])) < 1e-4, QUERIES[p]
