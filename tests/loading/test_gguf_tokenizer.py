@@ -93,9 +93,10 @@ SENTENCEPIECE_CORPUS = [
 ]
 
 
-def write_sentencepiece_gguf(path: Path, *, add_space_prefix: bool = True, with_merges: bool = False) -> None:
+def write_sentencepiece_gguf(path: Path, *, add_space_prefix: bool = True, with_merges: bool = False) -> list[str]:
     """A SentencePiece-style vocabulary as llama.cpp writes Llama-2's: <unk> <s> </s>, 256 byte tokens, then
-    pieces with "▁" for spaces, each scored by its merge rank (higher = merged earlier), no merges listed."""
+    pieces with "▁" for spaces, each scored by its merge rank (higher = merged earlier), no merges listed
+    (unless `with_merges`). Returns the learned merges ("left right"), in rank order."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     trainer = trainers.BpeTrainer(vocab_size=200, show_progress=False, special_tokens=[])
@@ -131,6 +132,7 @@ def write_sentencepiece_gguf(path: Path, *, add_space_prefix: bool = True, with_
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return merges
 
 
 SENTENCEPIECE_TEXTS = [
@@ -162,10 +164,16 @@ def test_sentencepiece_without_a_space_prefix_follows_the_file(tmp_path):
 
 
 def test_sentencepiece_merges_from_the_file_agree_with_merges_from_scores(tmp_path):
+    """A file that lists its merges is tokenized with those merges, in the file's order; one without them gets
+    merges from the scores that tokenize the same."""
+    import json
+
     with_merges, without = tmp_path / "with.gguf", tmp_path / "without.gguf"
-    write_sentencepiece_gguf(with_merges, with_merges=True)
+    written = write_sentencepiece_gguf(with_merges, with_merges=True)
     write_sentencepiece_gguf(without)
     a, b = ours(with_merges), ours(without)
+    used = json.loads(a.backend_tokenizer.to_str())["model"]["merges"]
+    assert [m if isinstance(m, str) else " ".join(m) for m in used] == written
     for text in SENTENCEPIECE_TEXTS:
         assert a(text)["input_ids"] == b(text)["input_ids"], repr(text)
 
