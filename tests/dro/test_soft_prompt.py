@@ -46,9 +46,14 @@ def test_initial_rows_are_the_prompt_tokens_embeddings_and_random_rows_are_vocab
 
 
 def test_prompt_settings_from_specs(tmp_path):
-    path = save_soft_prompt(tmp_path / "p.safetensors", np.ones((2, 8), np.float32))
+    """A `soft:` spec carries the file's rows and is checked against the model's width; the rest are text."""
+    rows = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
+    path = save_soft_prompt(tmp_path / "p.safetensors", rows)
     soft = parse_prompt_setting(f"soft:{path}", hidden_size=8)
-    assert soft.name == f"soft:{path}" and soft.text is None and soft.soft_prompt.shape == (2, 8)
+    assert soft.name == f"soft:{path}" and soft.text is None
+    np.testing.assert_array_equal(soft.soft_prompt, rows)
+    with pytest.raises(DroJaxError, match="hidden size is 16"):
+        parse_prompt_setting(f"soft:{path}", hidden_size=16)
     assert parse_prompt_setting("short").text == SAFETY_PROMPTS["short"]
     assert parse_prompt_setting("none").text is None
     assert parse_prompt_setting("Be kind.").text == "Be kind."
