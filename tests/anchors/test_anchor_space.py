@@ -18,7 +18,11 @@ def test_basis_is_orthonormal_and_starts_with_the_pca_axes():
     np.testing.assert_allclose(basis.T @ basis, np.eye(16), atol=1e-5)
     np.testing.assert_allclose(basis[:, :4], components, atol=1e-6)
     np.testing.assert_allclose(mean, states.mean(axis=0), atol=1e-5)
-    assert np.all(np.diff(explained) <= 0)
+    centred = states.astype(np.float64) - states.mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)
+    np.testing.assert_allclose(np.abs(eigenvectors[:, ::-1][:, :4].T @ components), np.eye(4), atol=1e-4)  # the top axes, in order
+    share = (centred @ components.astype(np.float64)).var(axis=0) / centred.var(axis=0).sum()  # each axis's share of the variance
+    np.testing.assert_allclose(explained, share, rtol=1e-5)
 
 
 def test_probe_recovers_a_known_direction():
