@@ -9,6 +9,8 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.evaluation.evaluate import EvalConfig, evaluate_settings
 from dro_jax.evaluation.measure import count_refusals
 from dro_jax.inference.chat import ChatFormatter
+from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.inference.settings import PromptSetting
 from dro_jax.judging.responses import keep_longest, response_words
@@ -43,6 +45,8 @@ def test_counts_follow_the_paper():
 
 
 def test_evaluation_encodes_each_set_once_per_setting(tiny_dro, monkeypatch):
+    """Generation and scoring share one encoding of each set per setting (`none`'s is the reference's own); the rows'
+    log-odds and compliance logits match a separate scoring pass of each set under each setting."""
     encoded = []
     original = ChatFormatter.encode
 
@@ -57,10 +61,23 @@ def test_evaluation_encodes_each_set_once_per_setting(tiny_dro, monkeypatch):
         tiny_dro.model, datasets, settings, EvalConfig(SamplingConfig(max_new_tokens=3), openings=TINY_OPENINGS), tiny_dro.anchors, batching=QUIET
     )
     assert len(encoded) == 2 * 2 * 3  # settings x sets x queries: generation and scoring share one encoding
+    assert encoded == [q for queries in datasets.values() for _ in settings for q in queries]
+    monkeypatch.undo()
     assert [(r.setting, r.dataset) for r in evaluation.rows] == [(s, d) for d in datasets for s in ("none", "short")]
-    assert [r.compliance_shift for r in evaluation.rows if r.setting == "none"] == [0.0, 0.0]
-    for row, outcome in zip(evaluation.rows, evaluation.outcomes):
-        assert row.mean_refusal_log_odds == pytest.approx(float(np.mean(outcome.log_odds)))
+    rows = {(r.setting, r.dataset): r for r in evaluation.rows}
+    anchors = tiny_dro.anchors
+    for name, queries in datasets.items():
+        logits = {}
+        for setting in settings:
+            scores = score_refusal(tiny_dro.model, encode_queries(tiny_dro.model, queries, setting, name), TINY_OPENINGS, QUIET)
+            logits[setting.name] = float(np.mean(anchors.refusal.logits(anchors.leading(scores.states))))
+            row = rows[setting.name, name]
+            assert row.mean_refusal_log_odds == pytest.approx(float(np.mean(scores.log_odds)), abs=1e-4)
+            assert row.compliance_logit == pytest.approx(logits[setting.name], abs=1e-4)
+        assert logits["short"] != pytest.approx(logits["none"], abs=1e-3)  # (so the shift below is not zero by chance)
+        assert rows["short", name].compliance_shift == pytest.approx(logits["short"] - logits["none"], abs=1e-4)
+        assert rows["none", name].compliance_shift == 0.0
+    for outcome in evaluation.outcomes:
         assert outcome.coords.shape == (3, 4) and len(outcome.responses) == 3
 
 
