@@ -165,7 +165,9 @@ def test_sample_keys_follow_the_index_in_the_whole_set(setup):
 
 
 def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference):
-    _, responses, files, _ = setup
+    """The good model's rows hold its own measurements (as its replies and scores, taken here, give them) beside the
+    error rows of a missing and a broken model."""
+    model, responses, files, _ = setup
     code, out, stderr = reference
     assert code == 0
     warnings = [line for line in stderr.splitlines() if line.startswith("dro-jax: warning: ")]
@@ -176,10 +178,14 @@ def test_a_failing_model_gives_error_rows_and_the_others_finish(setup, reference
     ]
     good, failed = rows[:2], rows[2:]
     judge = StringJudge.from_file(files["phrases"])
-    for row in good:
+    refused = sum(map(judge.is_refusal, (r.text for r in responses)))
+    assert 1 <= refused < len(QUERIES)  # (so that neither count below is 0 or all by construction)
+    log_odds = score_refusal(model, encode_queries(model, QUERIES, "short"), batching=QUIET).log_odds
+    for row in good:  # (the soft prompt is the short prompt's own embeddings: the same replies and scores)
         assert row["error"] is None and row["num_queries"] == row["num_responses"] == len(QUERIES)
-        assert row["refused_responses"] == sum(map(judge.is_refusal, (r.text for r in responses))) >= 1
-        assert row["queries_any_refusal"] + row["queries_any_compliance"] == len(QUERIES)
+        assert row["refused_responses"] == row["queries_any_refusal"] == refused  # one reply per query
+        assert row["queries_any_compliance"] == len(QUERIES) - refused
+        assert row["mean_refusal_log_odds"] == pytest.approx(float(np.mean(log_odds)), abs=1e-5)
         assert row["reply_drift"] is not None and 0 <= row["degenerate_responses"] <= row["num_responses"]
     for row in failed:
         assert row["num_responses"] is None and row["mean_refusal_log_odds"] is None
