@@ -1,5 +1,7 @@
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from dro_jax.common.errors import DroJaxError
@@ -80,6 +82,12 @@ def test_model_judge_mechanics(tiny_model_dir):
             want.append(sum(log_probs[len(prompt) - 1 + i, t].item() for i, t in enumerate(ids)))
         assert abs(score - (want[0] - want[1])) < 1e-4
     assert judge.is_unsafe(queries, responses) == [bool(s > 0) for s in scores]
+    # The same judge with the words swapped: every score changes sign, so the verdicts must too (a constant verdict
+    # cannot match both, whatever signs the random model gives).
+    swapped = dataclasses.replace(judge, unsafe_word="safe", safe_word="unsafe")
+    np.testing.assert_allclose(swapped.unsafe_log_odds(queries, responses), -np.asarray(scores), atol=1e-4)
+    assert all(abs(s) > 1e-3 for s in scores)
+    assert swapped.is_unsafe(queries, responses) == [bool(s < 0) for s in scores]
     with pytest.raises(DroJaxError, match="{query}"):
         ModelJudge(judge.model, template="no fields")
     assert is_harmful_compliance("a\nb\nc", refusal=False, unsafe=True)
