@@ -9,9 +9,9 @@ from dro_jax.evaluation.judge_agreement import SECOND_BATCH, Agreement, decline_
 
 
 def test_agreement_counts_hits_against_what_was_said_and_what_is():
-    agreement = Agreement.of([True, True, False, False], [True, False, True, False])
-    assert (agreement.hits, agreement.said, agreement.real) == (1, 2, 2)
-    assert agreement.precision == 0.5 and agreement.recall == 0.5
+    agreement = Agreement.of([True, True, True, False, False], [True, False, False, True, False])
+    assert (agreement.hits, agreement.said, agreement.real) == (1, 3, 2)
+    assert agreement.precision == pytest.approx(1 / 3) and agreement.recall == 0.5  # (unequal: a swap shows)
     assert Agreement.of([False], [True]).precision is None and Agreement.of([True], [False]).recall is None
 
 
