@@ -200,13 +200,28 @@ def test_the_train_command_trains_through_the_main_jobs_config():
     assert (label.num_samples, label.seed, label.sampling) == (3, 5, SetSampling.same(LABEL_SAMPLING))
 
 
-def test_random_rows_and_a_profile_of_a_few_steps(tiny_dro, tmp_path, query_files, capsys):
+def test_random_rows_and_a_profile_of_a_few_steps(tiny_dro, tmp_path, query_files, capsys, monkeypatch):
     """--init-random trains that many rows from random embeddings; --profile writes one trace (steps 2 and 3 of 3)
     into a local directory, and refuses an object store before anything is written."""
+    import jax
+
+    import dro_jax.dro.train as train
     from dro_jax.dro.soft_prompt import random_soft_prompt
     from dro_jax.run.config import RunConfig
     from dro_jax.run.pipeline import starting_prompt
 
+    # which steps the trace spans: the profiler's start and stop among the steps begun (the trace is still written)
+    events = []
+
+    def recorded(function, event):
+        def wrapper(*args):
+            events.append(event(*args))
+            return function(*args)
+        return wrapper
+
+    monkeypatch.setattr(jax.profiler, "start_trace", recorded(jax.profiler.start_trace, lambda *_: "start"))
+    monkeypatch.setattr(jax.profiler, "stop_trace", recorded(jax.profiler.stop_trace, lambda *_: "stop"))
+    monkeypatch.setattr(train, "batch_indices", recorded(train.batch_indices, lambda n, config, step: step + 1))
     anchors = tiny_dro.anchors.save(tmp_path / "anchors.safetensors")
     args = _train_args(tiny_dro.directory, anchors, query_files, tmp_path / "run", "--init-random", "3", "--seed", "5",
                        "--profile", str(tmp_path / "trace"))
@@ -214,6 +229,7 @@ def test_random_rows_and_a_profile_of_a_few_steps(tiny_dro, tmp_path, query_file
     assert main(args) == 0
     assert load_soft_prompt(tmp_path / "run" / "soft_prompt.safetensors").shape == (3, tiny_dro.model.config.hidden_size)
     assert len(list((tmp_path / "trace").rglob("*.xplane.pb"))) == 1
+    assert events == [1, "start", 2, 3, "stop"]  # not the first step, which compiles
     with pytest.raises(SystemExit) as refused:
         main(_train_args(tiny_dro.directory, anchors, query_files, tmp_path / "other", "--profile", "gs://bucket/trace"))
     assert refused.value.code == 2 and "the profiler writes local directories only" in capsys.readouterr().err
