@@ -255,24 +255,57 @@ def test_label_writes_one_label_per_query_and_setting(model_dir, query_file, tmp
     assert [l["refusal_log_odds"] for l in scored] == [l["refusal_log_odds"] for l in labels]
 
 
+class _Measured(Exception):
+    """Stops a command where it hands its judge on."""
+
+
+def _judge_used(argv, monkeypatch):
+    """The string judge `argv`'s command measures with: generate's and label's as handed to their measuring (the
+    command stops there), sweep's and run's from the configuration they run."""
+    import dro_jax.anchors.labels
+    import dro_jax.judging.responses
+    from dro_jax.cli.main import build_parser
+    from dro_jax.cli.run import run_config
+    from dro_jax.cli.sweep import _sweep_config
+
+    def stop(judge):
+        raise _Measured(judge)
+
+    monkeypatch.setattr(dro_jax.judging.responses, "generate_responses", lambda *args: stop(args[5]))
+    monkeypatch.setattr(dro_jax.anchors.labels, "label_queries", lambda *args: stop(args[4].judge))
+    if argv[0] in ("generate", "label"):
+        with pytest.raises(_Measured) as measured:
+            main(argv)
+        return measured.value.args[0]
+    args = build_parser().parse_args(argv)
+    return _sweep_config(args).evaluation.judge if argv[0] == "sweep" else run_config(args).string_judge()
+
+
 @pytest.mark.parametrize(
     "argv, default",
     [
-        (["generate", "--queries", "q.txt", "--out", "o.jsonl"], "dro-jax"),
-        (["label", "--queries", "q.txt", "--out", "o.jsonl"], "dro-jax"),
+        (["generate", "--out", "o.jsonl"], "dro-jax"),
+        (["label", "--settings", "none", "--out", "o.jsonl"], "dro-jax"),
         (["sweep", "--models", "m", "--out", "o"], "dro-jax"),
         (["run"], None),  # the preset decides: dro-jax by default, paper under --paper
     ],
 )
-def test_every_command_with_a_string_judge_takes_paper_dro_jax_or_a_file(argv, default):
+def test_every_command_with_a_string_judge_takes_paper_dro_jax_or_a_file(argv, default, model_dir, query_file, tmp_path, monkeypatch):
+    """Each command measures with the judge its --refusal-phrases names, not only parses it."""
+    import json
+
     from dro_jax.cli.main import build_parser
     from dro_jax.judging.judges import ReferenceStringJudge, StringJudge
 
-    parser = build_parser()
-    assert parser.parse_args(argv).refusal_phrases == default
-    for spec, judge in (("paper", ReferenceStringJudge), ("dro-jax", StringJudge)):
-        chosen = parser.parse_args([*argv, "--refusal-phrases", spec]).refusal_phrases
-        assert isinstance(StringJudge.load(chosen), judge)
+    if argv[0] in ("generate", "label"):
+        argv = [*argv, "--model", str(model_dir), "--queries", str(query_file)]
+    assert build_parser().parse_args(argv).refusal_phrases == default
+    phrases = tmp_path / "phrases.json"
+    phrases.write_text(json.dumps({"refusal": ["I refuse"], "not_refusal": ["I refuse to stop"]}), encoding="utf-8")
+    named = {"paper": ReferenceStringJudge.packaged(), "dro-jax": StringJudge.default(),
+             str(phrases): StringJudge(("I refuse",), ("I refuse to stop",))}
+    for spec, judge in named.items():
+        assert _judge_used([*argv, "--refusal-phrases", spec], monkeypatch) == judge, spec
 
 
 def test_precision_and_compilation_cache_options(capsys, tmp_path, monkeypatch):
