@@ -206,15 +206,23 @@ def test_generate_bad_settings(model_dir, query_file, tmp_path, capsys, extra, f
 
 
 def test_soft_prompt_files_work_in_every_command(model_dir, query_file, tmp_path, capsys):
+    import json
+
     model = load_model(model_dir, progress=False)
     prompt_file = save_soft_prompt(tmp_path / "short.safetensors", initial_soft_prompt(model.params, model.tokenizer, "short"))
     common = ["--model", str(model_dir), "--queries", str(query_file)]
     assert main(["represent", *common, "--soft-prompt", str(prompt_file), "--out", str(tmp_path / "soft.npy")]) == 0
     assert main(["represent", *common, "--system-prompt", "short", "--out", str(tmp_path / "plain.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "soft.npy"), np.load(tmp_path / "plain.npy"), atol=1e-5)
-    out = tmp_path / "gen.jsonl"
-    assert main(["generate", *common, "--soft-prompt", str(prompt_file), "--greedy", "--max-new-tokens", "4", "--out", str(out)]) == 0
-    assert '"setting": "soft:' in out.read_text()
+    # Greedy replies under the short prompt's own embeddings are its text's replies, which differ from no prompt's.
+    replies = {}
+    for name, setting in (("soft", ["--soft-prompt", str(prompt_file)]), ("short", ["--system-prompt", "short"]), ("none", [])):
+        out = tmp_path / f"gen-{name}.jsonl"
+        assert main(["generate", *common, *setting, "--greedy", "--max-new-tokens", "4", "--out", str(out)]) == 0
+        replies[name] = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert all(r["setting"] == f"soft:{prompt_file}" for r in replies["soft"])
+    assert [r["response"] for r in replies["soft"]] == [r["response"] for r in replies["short"]]
+    assert [r["response"] for r in replies["soft"]] != [r["response"] for r in replies["none"]]
     capsys.readouterr()
 
     wide = save_soft_prompt(tmp_path / "wide.safetensors", np.zeros((3, 32), np.float32))
