@@ -35,8 +35,10 @@ def test_run_writes_the_whole_run_directory(finished_run):
     assert "![anchor space](anchor_space.png)" in text and "| DRO | harmful (3) |" in text
     # Each stage's executables, as counted: a stage may build none when earlier tests of this process compiled the
     # same programs (the prompt settings share them); the cold benchmark run counts every stage's (test_main_job_bench).
-    compiles = results["stage_compiles"]
-    assert set(compiles) == {"anchors", "train", "evaluate"} and all(c["compiles"] >= 0 and c["compile_seconds"] >= 0 for c in compiles.values())
+    # Training jits its step anew in every run, so it builds at least that (a read from the persistent cache counts).
+    compiles, seconds = results["stage_compiles"], results["stage_seconds"]
+    assert set(compiles) == {"anchors", "train", "evaluate"} and compiles["train"]["compiles"] >= 1
+    assert all(c["compiles"] >= 0 and 0 <= c["compile_seconds"] <= seconds[name] + 0.1 for name, c in compiles.items())
     assert f"train {results['stage_seconds']['train'] / 60:.1f} min ({compiles['train']['compiles']} XLA compiles, " in text
     assert load_soft_prompt(finished_run / "soft_prompt.safetensors").shape[0] > 0
 
