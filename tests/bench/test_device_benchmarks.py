@@ -38,12 +38,23 @@ def test_a_gpu_runs_both_sides_there_in_bfloat16(monkeypatch):
         bench_device(without_cuda)
 
 
-def test_the_cpu_measures_its_own_limits():
+def test_the_cpu_measures_its_own_limits(monkeypatch):
+    """The limits are the timings taken here read as rates: 2 n^3 FLOPs per n x n matmul (the best of n = 1024, 2048,
+    3072), then 512 MiB read per matrix-vector product."""
     import torch
 
+    timings, measured = [], bench_device_module.best_of
+
+    def timed(repeats, fn):
+        timings.append(measured(repeats, fn))
+        return timings[-1]
+
+    monkeypatch.setattr(bench_device_module, "best_of", timed)
     device = bench_device(torch)
     assert (device.platform, device.dtype, device.torch_device, device.limits_from) == ("cpu", "float32", "cpu", "measured")
-    assert device.peak_gflops > 0 and device.bandwidth_gbs > 0
+    assert len(timings) == 4 and all(seconds > 0 for seconds in timings)
+    assert device.peak_gflops == pytest.approx(max(2 * n**3 / seconds / 1e9 for n, seconds in zip((1024, 2048, 3072), timings)))
+    assert device.bandwidth_gbs == pytest.approx(512 * 2**20 / timings[3] / 1e9)
     with pytest.raises(DroJaxError, match="dtype must be one of"):
         bench_device(torch, "float16")
 
