@@ -45,9 +45,10 @@ def test_experiments_write_their_tables_and_plots(finished_run):
 
 
 def test_the_objectives_experiment_trains_every_variant_and_seed_once(finished_run, tmp_path, monkeypatch):
-    """On the validation sets by default; the base configuration is the run's (read, not recomputed); what is
-    trained and evaluated is kept, so a re-run only reads it (training there fails the test); counts come with their
-    Wilson intervals."""
+    """Files named for the validation sets by default (--sets; the run's own held-out files stand in for the packaged
+    sets, too long for the tiny model's context); the base configuration is the run's config.json, field by field;
+    what is trained and evaluated is kept, so a re-run only reads it (training there fails the test);
+    counts come with their Wilson intervals."""
     from dro_jax.dro import train
     from dro_jax.run import pipeline
 
@@ -58,6 +59,7 @@ def test_the_objectives_experiment_trains_every_variant_and_seed_once(finished_r
     assert _experiment("objectives.py", finished_run, *args) == 0
     data = json.loads((out / "objectives_val.json").read_text())
     assert data["sets"] == [config["harmful_test"], config["harmless_test"]] and list(data["human"]) == ["none", "short"]
+    assert data["base"] == config  # every field, the run's one epoch included
     assert list(data["results"]) == ["paper", "prompt-tuning"]
     assert [r["seed"] for r in data["results"]["paper"]] == [1, 2]
     assert data["results"]["paper"][0]["harmful declined"][1] == 3  # (declined, of) the 3 held-out queries
