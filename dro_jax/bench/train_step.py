@@ -137,7 +137,7 @@ class PeakMemory:
 def whole_inputs_batch(batch, prefix):
     """The batch as a plain implementation runs it: every whole input (prefix and own part) left-padded to the
     longest, with no shared part (a `QueryBatch` without prefix, for the PyTorch side)."""
-    from dro_jax.inference.batching import left_pad
+    from dro_jax.inference.padding import left_pad
     from dro_jax.parity.torch_dro import whole_sequences
 
     token_ids, mask, offsets = whole_sequences(batch, prefix)

@@ -11,7 +11,7 @@ import numpy as np
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching, PassInfo, check_context, run_batched
-from dro_jax.inference.batching import PaddedBatch
+from dro_jax.inference.padding import PaddedBatch
 from dro_jax.inference.chat import stop_token_ids
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.generate import generate_tokens

@@ -3,7 +3,7 @@ import pytest
 
 from dro_jax.common.compiles import count_compiles
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.batching import bucket_length, left_padded_batches
+from dro_jax.inference.padding import bucket_length, left_padded_batches
 
 
 def test_bucket_lengths_waste_little_and_stay_few():
