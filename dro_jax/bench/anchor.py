@@ -31,8 +31,8 @@ from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import read_queries
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.padding import left_padded_batches
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.padding import left_padded_batches
 from dro_jax.inference.refusal_score import Openings, score_refusal
 from dro_jax.inference.settings import PROMPT_SETTINGS
 from dro_jax.loading import load_model

@@ -28,8 +28,8 @@ from dro_jax.common.files import write_text
 from dro_jax.common.tables import markdown_table
 from dro_jax.data.queries import everyday_queries, read_queries
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.padding import left_padded_batches
 from dro_jax.inference.encoding import EncodedQueries, encode_queries
+from dro_jax.inference.padding import left_padded_batches
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.loading import load_model
 from dro_jax.parity.torch_models import import_torch, load_torch_model

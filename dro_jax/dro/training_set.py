@@ -19,8 +19,8 @@ from dro_jax.dro.loss import QueryBatch
 from dro_jax.dro.task import TrainingTask
 from dro_jax.dro.train import TrainConfig
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.padding import bucket_length
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.padding import bucket_length
 from dro_jax.inference.refusal_score import Openings, RefusalScores, score_refusal
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.inference.sampling import SamplingConfig

@@ -13,8 +13,8 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dro_jax.common.errors import DroJaxError
-from dro_jax.inference.padding import PaddedBatch
 from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.inference.padding import PaddedBatch
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import ModelInputs
 from dro_jax.models.partitioning import place_params

@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.data.suffixes import append_suffix
-from dro_jax.inference.padding import PaddedBatch, left_pad, left_padded_batches, shared_prefix_length
 from dro_jax.inference.chat import SLOT_PLACEHOLDER, ChatFormatter
+from dro_jax.inference.padding import PaddedBatch, left_pad, left_padded_batches, shared_prefix_length
 from dro_jax.inference.settings import PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import PREFIX_BUCKET, ModelInputs, SharedPrefix, padded_prefix

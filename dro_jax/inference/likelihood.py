@@ -20,8 +20,8 @@ import numpy as np
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching, PassInfo, run_batched
-from dro_jax.inference.padding import PaddedBatch, bucket_length
 from dro_jax.inference.encoding import EncodedQueries
+from dro_jax.inference.padding import PaddedBatch, bucket_length
 from dro_jax.loading import LoadedModel
 from dro_jax.models.config import ModelConfig
 from dro_jax.models.inputs import ModelInputs, input_embeddings, prefix_cache, row_positions

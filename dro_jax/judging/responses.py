@@ -11,10 +11,10 @@ import numpy as np
 
 from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.batched import Batching, PassInfo, check_context, run_batched
-from dro_jax.inference.padding import PaddedBatch
 from dro_jax.inference.chat import stop_token_ids
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.generate import generate_tokens
+from dro_jax.inference.padding import PaddedBatch
 from dro_jax.inference.refusal_score import Openings
 from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.judging.declines import DeclineJudge

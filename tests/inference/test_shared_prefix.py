@@ -21,8 +21,8 @@ from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import frozen_inputs
 from dro_jax.dro.training_set import prepare_training_set
 from dro_jax.inference.batched import Batching
-from dro_jax.inference.padding import shared_prefix_length
 from dro_jax.inference.encoding import encode_queries
+from dro_jax.inference.padding import shared_prefix_length
 from dro_jax.inference.refusal_score import score_refusal
 from dro_jax.inference.represent import represent_tokens
 from dro_jax.inference.sampling import SamplingConfig

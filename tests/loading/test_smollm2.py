@@ -85,9 +85,9 @@ def test_smollm2_template_inserts_its_own_system_message(smollm2):
 
 def test_greedy_generation_equals_transformers_generate(smollm2, torch_smollm2):
     """20 chat-formatted prompts x 32 new tokens, one left-padded batch, token for token."""
-    from dro_jax.inference.padding import left_padded_batches
     from dro_jax.inference.encoding import encode_queries
     from dro_jax.inference.generate import generate_tokens
+    from dro_jax.inference.padding import left_padded_batches
     from dro_jax.inference.sampling import SamplingConfig
     from dro_jax.models.inputs import ModelInputs
 
