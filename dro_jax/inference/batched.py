@@ -1,6 +1,6 @@
 """One loop for every batched pass over encoded queries (representations, opening scores, reply likelihood,
-generation): the context check, padded batches in few shapes, their split over a mesh, the progress bar, and
-the results put back in input order. A pass is a step on one batch."""
+generation): the context check, the shared prefix run once for all batches, padded batches in few shapes, their
+split over a mesh, the progress bar, and the results put back in input order. A pass is a step on one batch."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ from dro_jax.common.errors import DroJaxError
 from dro_jax.inference.encoding import EncodedQueries
 from dro_jax.inference.padding import PaddedBatch
 from dro_jax.loading import LoadedModel
-from dro_jax.models.inputs import ModelInputs
+from dro_jax.models.config import ModelConfig
+from dro_jax.models.inputs import ModelInputs, prefix_cache
 from dro_jax.models.partitioning import place_params
-from dro_jax.models.transformer import Params
+from dro_jax.models.transformer import KVCache, Params
 from dro_jax.parallel.distributed import shows_progress
-from dro_jax.parallel.sharding import rows_per_batch, tree_to_host
+from dro_jax.parallel.sharding import on_mesh, replicate, rows_per_batch, tree_to_host
 
 # (placed params, the batch's inputs on the mesh, the batch itself) -> a pytree of [batch, ...] arrays. A step
 # enters the mesh context (`on_mesh`) around its jitted call only: a value made inside it (a PRNG key, a mask)
@@ -60,6 +61,20 @@ def check_context(model: LoadedModel, encoded: EncodedQueries, info: PassInfo) -
             raise DroJaxError(f"{encoded.source}: query {number} is {len(ids)} tokens{beyond} the model's context of {limit}")
 
 
+_prefix_cache = jax.jit(prefix_cache, static_argnames=("config", "remat"))
+
+
+def run_prefix(params: Params, config: ModelConfig, encoded: EncodedQueries, mesh: Mesh | None = None) -> KVCache | None:
+    """The shared prefix of `encoded` run once, for every batch of a pass to attend to (None: they share none).
+    A soft prompt goes in only when it sits in the prefix, so that the settings without one there share a program."""
+    prefix = encoded.prefix()
+    if prefix is None:
+        return None
+    soft_prompt = jax.device_put(encoded.soft_prompt) if encoded.soft_in_prefix else None
+    with on_mesh(mesh):
+        return _prefix_cache(params, config, replicate(jax.device_put(prefix), mesh), replicate(soft_prompt, mesh))
+
+
 def run_batched(
     model: LoadedModel, encoded: EncodedQueries, step: Step, info: PassInfo, batching: Batching = Batching(), serving: bool = False
 ) -> Any:
@@ -70,6 +85,7 @@ def run_batched(
     check_context(model, encoded, info)
     mesh = batching.mesh
     params = place_params(model.params, model.config, mesh, serving)
+    prefilled = run_prefix(params, model.config, encoded, mesh)
     longest = model.config.max_position_embeddings - info.added_tokens
     gathered = None
 
@@ -88,7 +104,7 @@ def run_batched(
     pending = None
     with tqdm(total=len(encoded), desc=info.desc, unit=info.unit, disable=not shows_progress(batching.progress)) as bar:
         for batch in encoded.batches(rows_per_batch(batching.batch_size, len(encoded), mesh), model.pad_id, longest):
-            running = (batch, step(params, encoded.model_inputs(batch, mesh), batch))
+            running = (batch, step(params, encoded.model_inputs(batch, mesh, prefilled), batch))
             if pending is not None:
                 collect(*pending)
             pending = running

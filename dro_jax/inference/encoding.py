@@ -24,6 +24,7 @@ from dro_jax.inference.padding import PaddedBatch, left_pad, left_padded_batches
 from dro_jax.inference.settings import PromptSetting, as_prompt_setting
 from dro_jax.loading import LoadedModel
 from dro_jax.models.inputs import PREFIX_BUCKET, ModelInputs, SharedPrefix, padded_prefix
+from dro_jax.models.transformer import KVCache
 from dro_jax.parallel.sharding import replicate, shard_batch
 
 
@@ -109,13 +110,16 @@ class EncodedQueries:
         rows = self.rows
         return left_pad(rows, max(map(len, rows)) if length is None else length, pad_id, self.row_soft_starts)
 
-    def model_inputs(self, batch: PaddedBatch, mesh: Mesh | None = None) -> ModelInputs:
+    def model_inputs(self, batch: PaddedBatch, mesh: Mesh | None = None, prefilled: KVCache | None = None) -> ModelInputs:
         """The model functions' inputs for one batch: with a mesh, the rows are split over its devices and
-        the soft prompt and the prefix are on every device."""
+        the soft prompt and the prefix are on every device. `prefilled`: the prefix's keys and values, computed
+        once for every batch (see `dro_jax.inference.batched.run_prefix`), in place of its tokens."""
         # jax.device_put, not jnp.asarray: on host values the latter compiles a small program per new shape
         soft_prompt = None if self.soft_prompt is None else jax.device_put(self.soft_prompt)
         offsets = None if self.soft_prompt is None else jax.device_put(batch.soft_offsets)
         token_ids, mask, offsets = shard_batch((batch.token_ids, batch.attention_mask, offsets), mesh)
+        if prefilled is not None:
+            return ModelInputs(token_ids, mask, replicate(soft_prompt, mesh), offsets, prefilled)
         prefix = self.prefix()
         prefix = None if prefix is None else jax.device_put(prefix)
         return ModelInputs(token_ids, mask, replicate(soft_prompt, mesh), offsets, replicate(prefix, mesh))

@@ -69,7 +69,7 @@ class ModelInputs(NamedTuple):
     attention_mask: jax.Array  # [b, t]
     soft_prompt: jax.Array | None = None  # [N, hidden]
     soft_offsets: jax.Array | None = None  # [b] where the soft prompt starts in a row's part (-1: in the prefix)
-    prefix: SharedPrefix | None = None
+    prefix: SharedPrefix | KVCache | None = None  # its tokens, or their keys and values already computed
 
 
 def embed_tokens(params: Params, token_ids: jax.Array) -> jax.Array:
@@ -101,13 +101,20 @@ def input_embeddings(params: Params, token_ids: jax.Array, soft_prompt: jax.Arra
 
 
 def prefix_cache(
-    params: Params, config: ModelConfig, prefix: SharedPrefix | None, soft_prompt: jax.Array | None = None, remat: bool = False
+    params: Params,
+    config: ModelConfig,
+    prefix: SharedPrefix | KVCache | None,
+    soft_prompt: jax.Array | None = None,
+    remat: bool = False,
 ) -> KVCache | None:
-    """The prefix's keys and values at batch 1 (None without a prefix, or for an empty one).
+    """The prefix's keys and values at batch 1 (None without a prefix, or for an empty one; a `KVCache` is
+    a prefix computed before, e.g. once for every batch of a pass, and is returned as it is).
 
     Differentiable: the gradient of every row's output reaches a soft prompt
     inside the prefix through these keys and values, summed over the rows.
     """
+    if isinstance(prefix, KVCache):
+        return prefix
     if prefix is None or prefix.token_ids.shape[0] == 0:
         return None
     slots = prefix.token_ids.shape[0]
@@ -140,9 +147,12 @@ def prefix_cache(
     return cache.replace(length=prefix.length)
 
 
-def row_positions(attention_mask: jax.Array, prefix: SharedPrefix | None) -> jax.Array:
+def row_positions(attention_mask: jax.Array, prefix: SharedPrefix | KVCache | None) -> jax.Array:
     """Positions of the rows' own tokens [b, t]: they continue the prefix, counting real tokens only."""
-    start = 0 if prefix is None else prefix.token_ids.shape[0] if prefix.length is None else prefix.length
+    if isinstance(prefix, KVCache):
+        start = prefix.filled
+    else:
+        start = 0 if prefix is None else prefix.token_ids.shape[0] if prefix.length is None else prefix.length
     return start + positions_from_mask(attention_mask)
 
 

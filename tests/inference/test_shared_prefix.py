@@ -20,6 +20,7 @@ from dro_jax.dro.loss import dro_loss
 from dro_jax.dro.soft_prompt import initial_soft_prompt
 from dro_jax.dro.train import frozen_inputs
 from dro_jax.dro.training_set import prepare_training_set
+import dro_jax.inference.batched as batched
 from dro_jax.inference.batched import Batching
 from dro_jax.inference.encoding import encode_queries
 from dro_jax.inference.padding import shared_prefix_length
@@ -95,6 +96,21 @@ def test_a_soft_prompt_in_the_rows(tiny_model_dir):
     _assert_same(_passes(model, encoded), _passes(model, dataclasses.replace(encoded, prefix_length=0)))
 
 
+def test_the_prefix_runs_once_for_every_batch_of_a_pass(tiny_model_dir, monkeypatch):
+    """Four batches of a pass attend to one computation of the prefix, and give what the whole inputs give."""
+    model = load_model(tiny_model_dir("llama")[0], progress=False)
+    encoded = encode_queries(model, QUERIES, "short")
+    calls = []
+    real = batched._prefix_cache
+    monkeypatch.setattr(batched, "_prefix_cache", lambda *args, **kwargs: calls.append(args[2]) or real(*args, **kwargs))
+    small = Batching(2, progress=False)
+    states = represent_tokens(model, encoded, small)
+    assert len(calls) == 1 and int(calls[0].length) == encoded.prefix_length
+    whole = represent_tokens(model, dataclasses.replace(encoded, prefix_length=0), small)
+    assert len(calls) == 1  # nothing shared: nothing run ahead
+    np.testing.assert_allclose(states, whole, atol=2e-5, rtol=0)
+
+
 def _loss_and_gradient(model, data, anchors, prompt, shared: bool):
     rows = data.rows(np.arange(len(data)), np.ones(len(data), np.float32))
     if shared:
@@ -139,8 +155,8 @@ import dro_jax.inference.represent as represent
 assert len(jax.devices()) == 4
 splits = []  # per batch: the devices its token ids are on, the rows on each, the rows in all
 def recording(model_inputs):
-    def recorded(self, batch, mesh=None):
-        inputs = model_inputs(self, batch, mesh)
+    def recorded(self, batch, mesh=None, prefilled=None):
+        inputs = model_inputs(self, batch, mesh, prefilled)
         ids = inputs.token_ids
         if isinstance(ids, jax.Array):
             splits.append([len(ids.sharding.device_set), ids.sharding.shard_shape(ids.shape)[0], ids.shape[0]])
