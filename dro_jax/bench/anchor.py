@@ -7,7 +7,7 @@ last position and the log-probability of each reply opening. Both sides do the
 same thing: one batched pass over the prompts with a KV cache, the openings
 continued from that cache (transformers: `DynamicCache.batch_repeat_interleave`).
 dro-jax runs the part every input of a setting shares (template head and safety
-prompt) once per batch; transformers runs every input whole, padded to its
+prompt) once per pass; transformers runs every input whole, padded to its
 batch's longest. The figures are inputs per second, median of the repeats,
 which alternate between the two sides, and the fraction of the device's
 matmul peak each side's work reaches; both sides run on the device JAX uses,
@@ -121,12 +121,12 @@ def run(args: argparse.Namespace) -> None:
                         / np.linalg.norm(torch_out[n][0], axis=1)).min()) for n in encoded)
     print(f"dro-jax vs transformers: refusal log-odds max abs diff {log_odds_diff:.1e}, states min cosine {cosine:.6f}")
     print(f"matmul peak ({device.limits_from}): {device.peak_gflops:.0f} GFLOP/s\n")
-    # The prompts' forward work (the openings' few tokens left out): dro-jax's with each setting's shared prefix once per batch.
+    # The prompts' forward work (the openings' few tokens left out): dro-jax's with each setting's shared prefix once.
     whole = sum(model.config.pass_flops(np.array([len(s) for s in e.sequences])) / 1e9 for e in encoded.values())
-    shared_once = sum(model.config.pass_flops(np.array([len(s) for s in e.sequences]), e.prefix_length, args.batch_size) / 1e9 for e in encoded.values())
+    shared_once = sum(model.config.pass_flops(np.array([len(s) for s in e.sequences]), e.prefix_length) / 1e9 for e in encoded.values())
     rows, figures = [], []
     for name, work, note in (
-        ("dro-jax", shared_once, f"shared prefix once per batch; compile {max(first - min(timings['dro-jax']), 0):.1f} s on the first call"),
+        ("dro-jax", shared_once, f"shared prefix once per setting; compile {max(first - min(timings['dro-jax']), 0):.1f} s on the first call"),
         ("transformers", whole, f"{torch_model.config._attn_implementation} attention, each input whole, padded to its batch's longest"),
     ):
         seconds = statistics.median(timings[name])

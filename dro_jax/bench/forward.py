@@ -2,8 +2,8 @@
 
 Each row runs the same chat-formatted queries to the last layer's final-norm
 hidden states (no logits). dro-jax runs the tokens every query shares (the
-template head and the safety prompt) once per batch; the "every query whole"
-row turns that off and does the same work as transformers. "Work" counts the
+template head and the safety prompt) once for all batches; the "every query
+whole" row turns that off and does the same work as transformers. "Work" counts the
 matmul FLOPs of the real (unpadded) tokens each row computes plus causal
 attention, so padding is a cost, not a credit; GFLOP/s is that work per
 second, also given as a fraction of the device's matmul peak in the dtype
@@ -117,8 +117,8 @@ def run(args: argparse.Namespace) -> None:
                         "gflops": work / seconds, "of_peak": work / seconds / peak, "note": note})
 
     jax_seconds = statistics.median(timings["jax"])
-    row("dro-jax, jit, batched", jax_seconds, config.pass_flops(lengths, shared, args.batch_size) / 1e9,
-        f"shared prefix run once per batch; compiling its shapes cost {max(first_call - min(timings['jax']), 0):.1f} s on the first call")
+    row("dro-jax, jit, batched", jax_seconds, config.pass_flops(lengths, shared) / 1e9,
+        f"shared prefix run once for all batches; compiling its shapes cost {max(first_call - min(timings['jax']), 0):.1f} s on the first call")
     row("dro-jax, jit, batched, every query whole", statistics.median(timings["whole"]), plain_work, "the same work as transformers")
     row("transformers, batched", statistics.median(timings["torch"]), plain_work,
         f"{torch_model.config._attn_implementation} attention, padded to each batch's longest")

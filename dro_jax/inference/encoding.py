@@ -34,7 +34,7 @@ class EncodedQueries:
 
     `queries` are the texts the sequences came from (None for sequences given
     as token ids only); `source` names the set in error messages.
-    `prefix_length` tokens, the same in every sequence, run once per batch
+    `prefix_length` tokens, the same in every sequence, run once per pass
     (default: all that the sequences share; 0 runs every sequence whole).
     """
 
