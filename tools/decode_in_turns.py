@@ -7,8 +7,8 @@ Usage: python tools/decode_in_turns.py TAG=TREE[:BUCKET] ... [--batch N] [--new-
 Separate benchmark runs on a shared 2-core machine drift by 10% and more between runs, which hides a change of
 that size. Here every tree is imported into one process (each from its own path, its modules dropped before the
 next import), loads SmolLM2 in float32 and compiles its generation once; then each repeat times one call of
-every tree in turn (64 new tokens by default, no stop token), so drift hits them alike. Printed: each tree's tokens/s and
-its speed relative to the first tree (median and range over the repeats).
+every tree in turn (64 new tokens by default, no stop token), so drift hits them alike. Printed: each tree's
+tokens/s and its speed relative to the first tree (median and range over the repeats).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """`tools/decode_in_turns.py`: two dro_jax trees imported into one process, each timed on its own generation."""
 
 import re
+import shutil
 import subprocess
 import sys
 
@@ -13,9 +14,7 @@ def test_two_trees_are_loaded_apart_and_timed_in_turns(tmp_path):
     # A copy of the package whose generation makes no tokens: if the tool ran the first tree's code for both,
     # both would take as long.
     copy = tmp_path / "copy"
-    subprocess.run(f"git -C {REPO} archive HEAD dro_jax | tar -x -C {tmp_path} && mv {tmp_path}/dro_jax {tmp_path}/pkg", shell=True, check=True)
-    copy.mkdir()
-    (tmp_path / "pkg").rename(copy / "dro_jax")
+    shutil.copytree(REPO / "dro_jax", copy / "dro_jax", ignore=shutil.ignore_patterns("__pycache__"))
     generate = copy / "dro_jax" / "inference" / "generate.py"
     generate.write_text(generate.read_text().replace("max_new = sampling.max_new_tokens", "max_new = 1"))
     done = subprocess.run(
