@@ -67,12 +67,12 @@ _prefix_cache = jax.jit(prefix_cache, static_argnames=("config", "remat"))
 def run_prefix(params: Params, config: ModelConfig, encoded: EncodedQueries, mesh: Mesh | None = None) -> KVCache | None:
     """The shared prefix of `encoded` run once, for every batch of a pass to attend to (None: they share none).
     A soft prompt goes in only when it sits in the prefix, so that the settings without one there share a program."""
-    prefix = encoded.prefix()
+    prefix = encoded.placed_prefix(mesh)
     if prefix is None:
         return None
     soft_prompt = jax.device_put(encoded.soft_prompt) if encoded.soft_in_prefix else None
     with on_mesh(mesh):
-        return _prefix_cache(params, config, replicate(jax.device_put(prefix), mesh), replicate(soft_prompt, mesh))
+        return _prefix_cache(params, config, prefix, replicate(soft_prompt, mesh))
 
 
 def run_batched(

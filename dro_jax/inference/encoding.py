@@ -118,11 +118,13 @@ class EncodedQueries:
         soft_prompt = None if self.soft_prompt is None else jax.device_put(self.soft_prompt)
         offsets = None if self.soft_prompt is None else jax.device_put(batch.soft_offsets)
         token_ids, mask, offsets = shard_batch((batch.token_ids, batch.attention_mask, offsets), mesh)
-        if prefilled is not None:
-            return ModelInputs(token_ids, mask, replicate(soft_prompt, mesh), offsets, prefilled)
+        prefix = self.placed_prefix(mesh) if prefilled is None else prefilled
+        return ModelInputs(token_ids, mask, replicate(soft_prompt, mesh), offsets, prefix)
+
+    def placed_prefix(self, mesh: Mesh | None = None) -> SharedPrefix | None:
+        """The shared tokens (padded, see `prefix`) on every device of `mesh`, or None when there are none."""
         prefix = self.prefix()
-        prefix = None if prefix is None else jax.device_put(prefix)
-        return ModelInputs(token_ids, mask, replicate(soft_prompt, mesh), offsets, replicate(prefix, mesh))
+        return None if prefix is None else replicate(jax.device_put(prefix), mesh)
 
 
 def encode_queries(
