@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dro_jax.models.config import ModelConfig
-from dro_jax.models.transformer import KVCache, Params, compute_logits, forward, positions_from_mask
+from dro_jax.models.transformer import PREFIX_CHUNK, KVCache, Params, compute_logits, forward, positions_from_mask
 
 
 class SharedPrefix(NamedTuple):
@@ -43,12 +43,11 @@ class SharedPrefix(NamedTuple):
 
 
 # A shared prefix is padded to a multiple of this many tokens: one shape for the system prompts of a run (chat
-# templates and safety prompts are mostly under 128 tokens), at the cost of each row attending to at most 127
-# masked keys.
+# templates and safety prompts are mostly under 128 tokens). The padding costs little: the prefix is run
+# PREFIX_CHUNK slots at a time up to its last real token (a 24-token chat template costs one 32-token forward, not
+# a 128-token one), and attention reads it only up to the narrowest of 32, 64 or 128 slots that holds its tokens
+# (`prefix_widths`). A multiple of PREFIX_CHUNK.
 PREFIX_BUCKET = 128
-# A padded prefix is run this many slots at a time, up to its last real token only: a 24-token chat template
-# then costs one 32-token forward, not a 128-token one. Divides PREFIX_BUCKET.
-PREFIX_CHUNK = 32
 
 
 def padded_prefix(token_ids: np.ndarray, soft_offset: int, bucket: int | None = PREFIX_BUCKET) -> SharedPrefix:

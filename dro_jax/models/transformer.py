@@ -9,7 +9,7 @@ layers run under `nn.scan`, which keeps compile time flat in depth).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -220,6 +220,42 @@ def _token_major(array: jax.Array, batch: int, axes: tuple[int, ...]) -> jax.Arr
 # ModelConfig.attention -> the function computing attention (see config.ATTENTION_IMPLEMENTATIONS for why each).
 ATTENTION_FUNCTIONS = {"reference": attend, "fused": attend_fused}
 
+# A shared prefix padded past its tokens is read only up to the first of the widths PREFIX_CHUNK, 2 x PREFIX_CHUNK,
+# 4 x PREFIX_CHUNK, ... that holds its tokens (see `attend_filled_prefix`).
+PREFIX_CHUNK = 32
+
+
+def prefix_widths(slots: int) -> list[int]:
+    """The widths a padded prefix of `slots` slots may be read at: doubling from PREFIX_CHUNK, then `slots`."""
+    widths = [PREFIX_CHUNK]
+    while widths[-1] * 2 < slots:
+        widths.append(widths[-1] * 2)
+    return widths + [slots] if widths[-1] < slots else widths
+
+
+def attend_filled_prefix(
+    attention: Callable[[jax.Array, list[KeyBlock]], jax.Array], query: jax.Array, blocks: list[KeyBlock], filled: jax.Array
+) -> jax.Array:
+    """`attention(query, blocks)` where blocks[0] is a shared prefix whose slots from `filled` on are padding: only
+    its first `prefix_widths` width that holds the filled slots is read.
+
+    A padded prefix lets prompts of different lengths share one compiled
+    program, but every query would then attend to all its slots (128 for a
+    24-token chat template). One `lax.switch` branch per width, all in the
+    same program, picks the narrowest at run time; doubling widths keep the
+    branches (each compiled) few.
+    """
+    prefix, rest = blocks[0], blocks[1:]
+    widths = prefix_widths(prefix.key_t.shape[-1])
+
+    def cut(width: int):
+        return lambda query, prefix, rest: attention(
+            query, [KeyBlock(prefix.key_t[..., :width], prefix.value[..., :width, :], prefix.allowed[..., :width]), *rest]
+        )
+
+    branch = jnp.minimum(jnp.searchsorted(jnp.asarray(widths), filled), len(widths) - 1)  # the first width >= filled
+    return jax.lax.switch(branch, [cut(width) for width in widths], query, prefix, rest)
+
 
 class Attention(nn.Module):
     config: ModelConfig
@@ -255,7 +291,12 @@ class Attention(nn.Module):
         if masks.cache is not None:
             blocks.append(KeyBlock(layer_cache[0].astype(x.dtype), layer_cache[1].astype(x.dtype), masks.cache))
         blocks.append(KeyBlock(k, v, masks.own))
-        out = constrain(ATTENTION_FUNCTIONS[c.attention](q, blocks), HEAD_MAJOR)  # [b, kv, group * t, d]
+        attention = ATTENTION_FUNCTIONS[c.attention]
+        if masks.prefix_filled is None:
+            out = attention(q, blocks)
+        else:
+            out = attend_filled_prefix(attention, q, blocks, masks.prefix_filled)
+        out = constrain(out, HEAD_MAJOR)  # [b, kv, group * t, d]
         out = out.reshape(batch, c.num_kv_heads, group, seq, c.head_dim).transpose(0, 3, 1, 2, 4)
         out = out.reshape(batch, seq, c.num_heads * c.head_dim)
         return Linear(c.hidden_size, c.o_bias, self.param_dtype, ("embed", "heads"), name="o_proj")(out), (k, v)
@@ -306,6 +347,7 @@ class AttentionMasks(NamedTuple):
     prefix: jax.Array | None
     cache: jax.Array | None
     own: jax.Array
+    prefix_filled: jax.Array | None = None  # [] the prefix's real slots, when it is padded past them
 
 
 def attention_masks(
@@ -357,7 +399,8 @@ def attention_masks(
         prefix = jnp.broadcast_to(keys < prefix_length, (positions.shape[0], steps, slots))
         if inside is not None:
             prefix &= inside(keys)
-    return AttentionMasks(prefix, cache, own)
+    cut_to_filled = padded and slots > PREFIX_CHUNK
+    return AttentionMasks(prefix, cache, own, prefix_length if cut_to_filled else None)
 
 
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:

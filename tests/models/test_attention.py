@@ -19,8 +19,8 @@ from dro_jax.inference.sampling import SamplingConfig
 from dro_jax.loading import load_model
 from dro_jax.models import KVCache, ModelConfig, compute_logits, forward
 from dro_jax.models.config import ATTENTION_IMPLEMENTATIONS
-from dro_jax.models.inputs import ModelInputs, SharedPrefix, final_states
-from dro_jax.models.transformer import ATTENTION_FUNCTIONS, KeyBlock, attend, attend_fused
+from dro_jax.models.inputs import ModelInputs, SharedPrefix, final_states, padded_prefix, prefix_cache, row_positions
+from dro_jax.models.transformer import ATTENTION_FUNCTIONS, PREFIX_CHUNK, KeyBlock, attend, attend_filled_prefix, attend_fused, prefix_widths
 
 pytestmark = pytest.mark.heavy  # among the longest files: started first (tests/conftest.py)
 
@@ -87,6 +87,49 @@ def test_a_query_that_sees_no_key_attends_to_every_key():
     np.testing.assert_allclose(out[1], attend(query, [KeyBlock(key_t, value, allowed)])[1], atol=1e-6, rtol=0)
     grad = jax.grad(lambda q: attend_fused(q, [KeyBlock(key_t, value, allowed)]).sum())(query)
     assert np.isfinite(np.asarray(grad)).all()
+
+
+@pytest.mark.parametrize("name", ATTENTION_IMPLEMENTATIONS)
+@pytest.mark.parametrize(("slots", "filled"), [(128, 24), (128, 40), (128, 97), (384, 130)])
+def test_a_prefix_is_read_only_up_to_the_first_width_that_holds_its_tokens(name, slots, filled):
+    """A shared prefix padded past its tokens, read by one query per row: the slots past the first of
+    `prefix_widths` that holds its tokens are NaN (masked, but 0 x NaN is NaN for a path that reads them), yet
+    the result is that of the unpadded prefix (which it would not be if a width that cuts a token were read)."""
+    rng = np.random.default_rng(1)
+    batch, kv_heads, group, dim, own = 2, 2, 3, 8, 5
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    query, prefix_key_t, prefix_value = normal(batch, kv_heads, group, dim), normal(kv_heads, dim, slots), normal(kv_heads, slots, dim)
+    cut = min(width for width in prefix_widths(slots) if width >= filled)
+    prefix_key_t, prefix_value = prefix_key_t.at[..., cut:].set(jnp.nan), prefix_value.at[:, cut:].set(jnp.nan)
+    own_block = KeyBlock(normal(batch, kv_heads, dim, own), normal(batch, kv_heads, own, dim), jnp.ones((batch, 1, own), bool))
+    allowed = jnp.broadcast_to(jnp.arange(slots) < filled, (batch, 1, slots))
+    attention = ATTENTION_FUNCTIONS[name]
+
+    out = attend_filled_prefix(attention, query, [KeyBlock(prefix_key_t, prefix_value, allowed), own_block], jnp.int32(filled))
+    unpadded = KeyBlock(prefix_key_t[..., :filled], prefix_value[:, :filled], None)
+    np.testing.assert_allclose(out, attention(query, [unpadded, own_block]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ("llama", "mistral"))
+def test_the_rows_after_a_padded_prefix_read_only_the_width_that_holds_it(tiny_model_dir, name):
+    """`forward` of the rows' own tokens (3 rows of 4, left-padded) after a prefix of 40 tokens padded to 128
+    slots, whose slots from 64 on are poisoned with NaN: the states equal those after the unpadded prefix
+    (mistral's window of 5 lets the rows' first tokens see the prefix's last ones). Fails when a pass reads the
+    prefix's padding past the first width that holds it."""
+    model = load_model(tiny_model_dir(name)[0], with_tokenizer=False, progress=False)
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(3, 320, size=PREFIX_CHUNK + 8).astype(np.int32)
+    padded = prefix_cache(model.params, model.config, padded_prefix(tokens, -1))
+    assert padded.key.shape[-1] == 128
+    poisoned = padded.replace(key=padded.key.at[..., 64:].set(jnp.nan), value=padded.value.at[..., 64:, :].set(jnp.nan))
+    unpadded = prefix_cache(model.params, model.config, SharedPrefix(jnp.asarray(tokens), jnp.int32(-1)))
+    ids, mask = (jnp.asarray(a) for a in _left_padded(seed=5, pads=(0, 1, 3), length=4))
+
+    def states(prefix):
+        positions = row_positions(mask, prefix)
+        return jit_forward(model.params, model.config, ids, mask, positions=positions, prefix=prefix).last_hidden_state
+
+    np.testing.assert_allclose(np.asarray(states(poisoned)), np.asarray(states(unpadded)), atol=FLOAT32_ATOL, rtol=0)
 
 
 def _prefill_and_decode(params, config, ids, mask, tokens):
