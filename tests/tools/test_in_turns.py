@@ -1,4 +1,4 @@
-"""`tools/decode_in_turns.py`: two dro_jax trees imported into one process, each timed on its own generation."""
+"""`tools/in_turns.py`: two dro_jax trees imported into one process, each timed on its own pass."""
 
 import re
 import shutil
@@ -18,7 +18,7 @@ def test_two_trees_are_loaded_apart_and_timed_in_turns(tmp_path):
     generate = copy / "dro_jax" / "inference" / "generate.py"
     generate.write_text(generate.read_text().replace("max_new = sampling.max_new_tokens", "max_new = 1"))
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "decode_in_turns.py"), f"here={REPO}", f"one_token={copy}:none", "--repeats", "2", "--new-tokens", "16"],
+        [sys.executable, str(REPO / "tools" / "in_turns.py"), f"here={REPO}", f"one_token={copy}:none", "--repeats", "2", "--new-tokens", "16"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
@@ -26,3 +26,33 @@ def test_two_trees_are_loaded_apart_and_timed_in_turns(tmp_path):
     assert [tag for tag, _, _ in lines] == ["here", "one_token"]
     assert float(lines[0][2]) == 1.0
     assert float(lines[1][2]) > 3  # one decoded token instead of 16
+
+
+@pytest.mark.real_model
+def test_the_score_pass_of_each_tree_is_timed(tmp_path):
+    # A copy whose refusal-score pass first waits a second, against a pass of four queries that takes far less.
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "dro_jax", copy / "dro_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    scoring = copy / "dro_jax" / "inference" / "refusal_score.py"
+    text = scoring.read_text()
+    marker = '    """Refusal log-odds and representations of every prompt, from one forward pass each."""\n'
+    assert marker in text
+    scoring.write_text(text.replace(marker, marker + "    __import__('time').sleep(1.0)\n"))
+    queries = tmp_path / "queries.txt"
+    queries.write_text("How do I bake bread?\nWhat is a prime number?\nName a colour.\nWhy is the sky blue?\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "in_turns.py"), f"here={REPO}", f"waits={copy}", "--pass", "score",
+         "--setting", "default", "--batch", "4", "--repeats", "2", "--queries", str(queries)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = re.findall(r"^(\w+): ([\d.]+) queries/s .* median ([\d.]+), range", done.stdout, re.M)
+    assert [tag for tag, _, _ in lines] == ["here", "waits"]
+    assert float(lines[1][2]) < 0.7  # a second longer than a pass of four queries
+
+
+def test_a_prefix_bucket_is_refused_outside_decode():
+    done = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "in_turns.py"), f"here={REPO}:32", "--pass", "score"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "applies to --pass decode only" in done.stderr
