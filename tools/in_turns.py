@@ -23,9 +23,15 @@ import inspect
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
+
+
+# The project this tool belongs to: its packaged queries are the default work of every tree (an older tree's
+# harmful_test may hold other queries, and fewer).
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def _fresh_import(tree: str, name: str):
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="rows per call (decode) or per batch (score) (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode: tokens per row and call (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=15, help="timed turns (default: %(default)s)")
-    parser.add_argument("--queries", help="one query per line (default: the first tree's packaged harmful_test)")
+    parser.add_argument("--queries", help="one query per line (default: this project's packaged harmful_test)")
     args = parser.parse_args(argv)
     specs = {}
     for spec in args.trees:
@@ -102,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.queries) as handle:
             queries = [line.strip() for line in handle if line.strip()]
     else:
-        queries = _fresh_import(next(iter(specs.values()))[0], "dro_jax.data.queries").read_queries("harmful_test")
+        queries = _fresh_import(str(PROJECT), "dro_jax.data.queries").read_queries("harmful_test")
+    print(f"{len(queries)} queries ({args.queries or 'harmful_test'}), setting {args.setting or 'none'}, batch {args.batch}, {args.timed} pass")
     if args.timed == "decode":
         calls = {tag: decode_call(tree, queries, args.setting, args.batch, args.new_tokens, bucket) for tag, (tree, bucket) in specs.items()}
         work, unit = args.batch * args.new_tokens, "tokens/s"

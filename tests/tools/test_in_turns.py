@@ -8,24 +8,30 @@ import sys
 import pytest
 from processes import REPO
 
+from dro_jax.data.queries import read_queries
+
 
 @pytest.mark.real_model
 def test_two_trees_are_loaded_apart_and_timed_in_turns(tmp_path):
     # A copy of the package whose generation makes no tokens: if the tool ran the first tree's code for both,
-    # both would take as long.
+    # both would take as long. Its packaged test queries are three: the work comes from this project's, whichever
+    # tree is first.
     copy = tmp_path / "copy"
     shutil.copytree(REPO / "dro_jax", copy / "dro_jax", ignore=shutil.ignore_patterns("__pycache__"))
     generate = copy / "dro_jax" / "inference" / "generate.py"
     generate.write_text(generate.read_text().replace("max_new = sampling.max_new_tokens", "max_new = 1"))
+    copied_queries = copy / "dro_jax" / "data" / "queries" / "harmful_test.txt"
+    copied_queries.write_text("".join(copied_queries.read_text().splitlines(keepends=True)[:3]))
     done = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "in_turns.py"), f"here={REPO}", f"one_token={copy}:none", "--repeats", "2", "--new-tokens", "16"],
+        [sys.executable, str(REPO / "tools" / "in_turns.py"), f"one_token={copy}:none", f"here={REPO}", "--repeats", "2", "--new-tokens", "16"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(f"{len(read_queries('harmful_test'))} queries (harmful_test), setting none, batch 1, decode pass\n")
     lines = re.findall(r"^(\w+): ([\d.]+) tokens/s .* median ([\d.]+), range", done.stdout, re.M)
-    assert [tag for tag, _, _ in lines] == ["here", "one_token"]
+    assert [tag for tag, _, _ in lines] == ["one_token", "here"]
     assert float(lines[0][2]) == 1.0
-    assert float(lines[1][2]) > 3  # one decoded token instead of 16
+    assert float(lines[1][2]) < 1 / 3  # 16 decoded tokens instead of one
 
 
 @pytest.mark.real_model
