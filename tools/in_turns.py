@@ -1,10 +1,11 @@
 """The speed of two or more dro_jax trees on one pass, timed in turns inside one process.
 
 Usage: python tools/in_turns.py TAG=TREE[:BUCKET] ... [--pass decode|score] [--setting NAME] [--batch N]
-                                [--new-tokens T] [--repeats R] [--queries FILE]
+                                [--new-tokens T] [--sample] [--repeats R] [--queries FILE]
        TREE holds the package dro_jax/ (e.g. a `git archive` of an older commit). `decode` (the default): one greedy
        generation of --batch rows, T new tokens each (no stop token); BUCKET pads its shared prefix to a multiple of
-       that many tokens ("none": not padded; default: the tree's own choice). `score`: the anchor stage's pass,
+       that many tokens ("none": not padded; default: the tree's own choice); --sample decodes with the paper's
+       sampling (temperature 1, top-p 0.9, top-k 50) instead of greedily. `score`: the anchor stage's pass,
        `score_refusal` (refusal log-odds and representations) over every query in batches of --batch, the shared
        prefix run as the tree runs it. --setting: the prompt setting of the queries (default: none).
 
@@ -51,8 +52,15 @@ def _load(tree: str, queries: list[str], setting: str | None):
     return model, _fresh_import(tree, "dro_jax.inference.encoding").encode_queries(model, queries, setting)
 
 
-def decode_call(tree: str, queries: list[str], setting: str | None, rows: int, new_tokens: int, bucket: str | None) -> Callable[[], object]:
-    """One compiled greedy generation of `rows` queries with the dro_jax under `tree`, ready to time."""
+# --sample: the paper's sampling (the work per token of the run's sampled labels and evaluation).
+SAMPLED = {"greedy": False, "temperature": 1.0, "top_p": 0.9, "top_k": 50}
+
+
+def decode_call(
+    tree: str, queries: list[str], setting: str | None, rows: int, new_tokens: int, bucket: str | None, sample: bool
+) -> Callable[[], object]:
+    """One compiled generation of `rows` queries with the dro_jax under `tree` (greedy, or sampled as SAMPLED),
+    ready to time."""
     model, encoded = _load(tree, queries, setting)
     prompts = encoded.select([i % len(queries) for i in range(rows)])
     inputs = prompts.model_inputs(next(prompts.batches(rows, model.pad_id)))
@@ -61,7 +69,7 @@ def decode_call(tree: str, queries: list[str], setting: str | None, rows: int, n
         shared = inputs.prefix
         inputs = inputs._replace(prefix=padded_prefix(shared.tokens, int(shared.soft_offset), None if bucket == "none" else int(bucket)))
     generate_tokens = _fresh_import(tree, "dro_jax.inference.generate").generate_tokens
-    sampling = _fresh_import(tree, "dro_jax.inference.sampling").SamplingConfig(max_new_tokens=new_tokens)
+    sampling = _fresh_import(tree, "dro_jax.inference.sampling").SamplingConfig(max_new_tokens=new_tokens, **(SAMPLED if sample else {}))
     if "inputs" in inspect.signature(generate_tokens).parameters:
         call = lambda: generate_tokens(model.params, model.config, inputs, [], sampling, pad_id=model.pad_id)  # noqa: E731
     else:  # trees from before `ModelInputs` was passed whole
@@ -92,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setting", help="the queries' prompt setting, e.g. default (default: none)")
     parser.add_argument("--batch", type=int, default=1, help="rows per call (decode) or per batch (score) (default: %(default)s)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode: tokens per row and call (default: %(default)s)")
+    parser.add_argument("--sample", action="store_true", help="decode: sampled as the paper samples, not greedy")
     parser.add_argument("--repeats", type=int, default=15, help="timed turns (default: %(default)s)")
     parser.add_argument("--queries", help="one query per line (default: this project's packaged harmful_test)")
     args = parser.parse_args(argv)
@@ -104,14 +113,17 @@ def main(argv: list[str] | None = None) -> None:
         if bucket and args.timed != "decode":
             parser.error(f"{spec}: a prefix bucket applies to --pass decode only")
         specs[tag] = (tree, bucket or None)
+    if args.sample and args.timed != "decode":
+        parser.error("--sample applies to --pass decode only")
     if args.queries:
         with open(args.queries) as handle:
             queries = [line.strip() for line in handle if line.strip()]
     else:
         queries = _fresh_import(str(PROJECT), "dro_jax.data.queries").read_queries("harmful_test")
-    print(f"{len(queries)} queries ({args.queries or 'harmful_test'}), setting {args.setting or 'none'}, batch {args.batch}, {args.timed} pass")
+    print(f"{len(queries)} queries ({args.queries or 'harmful_test'}), setting {args.setting or 'none'}, batch {args.batch}, {args.timed} pass"
+          + (", sampled (temperature 1, top-p 0.9, top-k 50)" if args.sample else ""))
     if args.timed == "decode":
-        calls = {tag: decode_call(tree, queries, args.setting, args.batch, args.new_tokens, bucket) for tag, (tree, bucket) in specs.items()}
+        calls = {tag: decode_call(tree, queries, args.setting, args.batch, args.new_tokens, bucket, args.sample) for tag, (tree, bucket) in specs.items()}
         work, unit = args.batch * args.new_tokens, "tokens/s"
     else:
         calls = {tag: score_call(tree, queries, args.setting, args.batch) for tag, (tree, _) in specs.items()}
