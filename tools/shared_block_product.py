@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import numpy as np
 from dro_jax.models.transformer import _times_shared
 
 
-def products(times_block) -> jax.stages.Wrapped:
+def products(times_block: Callable[[jax.Array, jax.Array], jax.Array]) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     """Scores of the rows against the block's keys, softmax, the weighted sum of its values: one compiled function."""
 
     def both(query: jax.Array, key_t: jax.Array, value: jax.Array) -> jax.Array:
